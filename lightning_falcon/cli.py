@@ -1,0 +1,88 @@
+"""The LightningCLI: `python -m lightning_falcon {fit,validate,test,predict} --config X.yaml [--section.key value ...]`.
+
+    python -m lightning_falcon fit --config configs/tiny.yaml
+    python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
+    python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
+    python -m lightning_falcon fit --config configs/tiny.yaml --print_config
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_falcon.data import PromptDataModule
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.module import FalconQLoRA
+
+
+class FalconCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # A `checkpoint:` section: LoRA-only checkpoints every N optimizer steps plus last.ckpt.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "step={step}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.every_n_train_steps": 100,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.save_last": True,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
+            config.data.tokenizer = config.model.model_name_or_path
+
+    def _resolve_last(self) -> None:
+        """`--ckpt_path last` finds the run's newest last.ckpt across its log versions.
+
+        Lightning looks only in the current version's directory, which is new and empty on resume.
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        candidates = []
+        if self.trainer.logger is not None and getattr(self.trainer.logger, "root_dir", None):
+            candidates += Path(self.trainer.logger.root_dir).glob("version_*/checkpoints/last*.ckpt")
+        if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
+            candidates += Path(self.trainer.checkpoint_callback.dirpath).glob("last*.ckpt")
+        candidates = [p for p in candidates if p.is_file()]
+        if candidates:
+            newest = max(candidates, key=lambda p: p.stat().st_mtime)
+            rank_zero_info(f"[resume] --ckpt_path last -> {newest}")
+            config["ckpt_path"] = str(newest)
+        else:
+            rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
+            config["ckpt_path"] = None
+
+    before_fit = before_validate = before_test = before_predict = _resolve_last
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
+    try:
+        FalconCLI(
+            FalconQLoRA,
+            PromptDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                }
+            },
+        )
+    except ConfigError as e:
+        print(f"lightning_falcon: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The LightningDataModule: load prompt/response data, tokenize it once into an on-disk cache, batch it.
+
+`prepare_data` (one process per node) loads, checks and tokenizes; `setup` (every rank) reads the
+cache. Nothing heavy happens in the constructor, so `--print_config` and every rank stay cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_falcon.assets import resolve
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.prompts import IGNORE_INDEX, TEMPLATES, encode_pair, encode_turns
+
+# File suffix -> the `datasets` builder that reads it.
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str,
+        val_dataset: str | None = None,
+        val_fraction: float = 0.1,
+        split: str = "train",
+        format: Literal["prompt_response", "turns"] = "prompt_response",
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        text_column: str = "text",
+        template: str = "instruction",
+        human_marker: str = "### Human:",
+        assistant_marker: str = "### Assistant:",
+        tokenizer: str | None = None,
+        max_length: int = 512,
+        max_samples: int | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str = "~/.cache/lightning_falcon",
+    ) -> None:
+        """Prompt/response data for causal-LM fine-tuning.
+
+        Args:
+            dataset: A local .jsonl/.json/.csv/.parquet file, or a Hub dataset name for `datasets.load_dataset`.
+                `asset:NAME` names data shipped with the package (e.g. `asset:data/midjourney.jsonl`).
+            val_dataset: Optional separate validation data (same forms as `dataset`).
+                Without it, a seeded `val_fraction` of `dataset` is held out.
+            val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
+            split: The split to read from a Hub dataset.
+            format: `prompt_response`: two columns rendered through `template`;
+                `turns`: one `text_column` with turn markers, where only assistant turns train.
+            prompt_column: Column holding the request (format `prompt_response`).
+            response_column: Column holding the target response (format `prompt_response`).
+            text_column: Column holding the whole conversation (format `turns`).
+            template: Named prompt template, one of `lightning_falcon.prompts.TEMPLATES`.
+            human_marker: Marker that opens a human turn (format `turns`).
+            assistant_marker: Marker that opens an assistant turn (format `turns`).
+            tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
+            max_length: Sequences are cut to this many tokens; the number of cut rows is reported.
+            max_samples: Use at most this many rows of `dataset` (for quick runs); None uses all.
+            batch_size: Sequences per batch on each device.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the held-out split and of shuffling.
+            cache_dir: Where tokenized data is cached, keyed on the data, the tokenizer and these settings.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        problems = []
+        if format == "prompt_response" and template not in TEMPLATES:
+            problems.append(f"data.template {template!r} is unknown; choose one of {sorted(TEMPLATES)}")
+        if val_dataset is None and not 0.0 < val_fraction < 1.0:
+            problems.append(f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}")
+        if max_length < 2:
+            problems.append(f"data.max_length must be at least 2, got {max_length}")
+        if batch_size < 1:
+            problems.append(f"data.batch_size must be at least 1, got {batch_size}")
+        ConfigError.collect(problems)
+        self.tokenizer = None
+        self.stats: dict[str, dict[str, int]] = {}
+        self._splits: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- loading and checking
+    def _load_raw(self, source: str):
+        """Load one data source through `datasets.load_dataset`, with one-line errors."""
+        import datasets
+
+        path = Path(resolve(source)).expanduser()
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is not None or path.exists():
+            if not path.is_file():
+                raise ConfigError(f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset")
+            if builder is None:
+                raise ConfigError(f"dataset {source}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset(source, split=self.hparams.split)
+        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({reason}). "
+                "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
+            ) from e
+
+    def _required_columns(self) -> list[str]:
+        hp = self.hparams
+        return [hp.prompt_column, hp.response_column] if hp.format == "prompt_response" else [hp.text_column]
+
+    def _check(self, source: str, ds) -> None:
+        missing = [c for c in self._required_columns() if c not in ds.column_names]
+        if missing:
+            raise ConfigError(
+                f"dataset {source} lacks column(s) {missing}; it has {ds.column_names}. "
+                "Fix: set --data.prompt_column/--data.response_column (or --data.format turns --data.text_column)"
+            )
+        if len(ds) == 0:
+            raise ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            if self.hparams.tokenizer is None:
+                raise ConfigError("data.tokenizer is not set. Fix: set --data.tokenizer (defaults to model.model_name_or_path in the CLI)")
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.hparams.tokenizer))
+            if self.tokenizer.eos_token_id is None:
+                raise ConfigError(f"tokenizer {self.hparams.tokenizer} has no EOS token; responses must end with one")
+        return self.tokenizer
+
+    # ----------------------------------------------------------------- tokenizing and caching
+    def _encode(self, row: dict):
+        hp, tok = self.hparams, self._tokenizer()
+        if hp.format == "prompt_response":
+            return encode_pair(tok, str(row[hp.prompt_column]), str(row[hp.response_column]), hp.template, hp.max_length)
+        return encode_turns(tok, str(row[hp.text_column]), hp.human_marker, hp.assistant_marker, hp.max_length)
+
+    def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
+        import datasets
+
+        ids, labels, truncated, dropped = [], [], 0, 0
+        for row in ds:
+            enc = self._encode(row)
+            if enc is None:  # no response token fits within max_length
+                dropped += 1
+                continue
+            ids.append(enc.input_ids)
+            labels.append(enc.labels)
+            truncated += enc.truncated
+        if not ids:
+            raise ConfigError(
+                f"every one of the {len(ds)} rows of dataset {source} leaves no response token within "
+                f"data.max_length={self.hparams.max_length}. Fix: raise --data.max_length"
+            )
+        stats = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
+        return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}), stats
+
+    def _cache_key(self) -> str:
+        """Hash of the data's content (or Hub name), the tokenizer's vocabulary and every setting."""
+        h = hashlib.sha256()
+        for source in (self.hparams.dataset, self.hparams.val_dataset):
+            path = Path(resolve(source)).expanduser() if source else None
+            if path is not None and path.is_file():
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+            else:
+                h.update(str(source).encode())
+        tok = self._tokenizer()
+        h.update(tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode())
+        h.update(str(tok.eos_token_id).encode())
+        settings = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")}
+        settings["template_text"] = TEMPLATES.get(self.hparams.template)
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:20]
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.hparams.cache_dir).expanduser() / "tokenized" / self._cache_key()
+
+    def prepare_data(self) -> None:
+        """Load, check and tokenize once (local rank 0), writing the cache atomically."""
+        hp = self.hparams
+        target = self.cache_path
+        if (target / "stats.json").exists():
+            return
+        train = self._load_raw(hp.dataset)
+        self._check(hp.dataset, train)
+        if hp.max_samples is not None:
+            train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
+        if hp.val_dataset is not None:
+            val = self._load_raw(hp.val_dataset)
+            self._check(hp.val_dataset, val)
+            sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
+        else:
+            if len(train) < 2:
+                raise ConfigError(f"dataset {hp.dataset} has {len(train)} row; a validation split needs at least 2")
+            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
+            sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            stats = {}
+            for name, (source, ds) in sources.items():
+                tokenized, stats[name] = self._tokenize(source, ds)
+                tokenized.save_to_disk(str(tmp / name))
+            (tmp / "stats.json").write_text(json.dumps(stats))
+            if not target.exists():  # another node may have written the same cache meanwhile
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        import datasets
+
+        if self._splits:
+            return
+        target = self.cache_path
+        if not (target / "stats.json").exists():
+            raise RuntimeError(f"tokenized cache {target} is missing: prepare_data() must run before setup()")
+        self.stats = json.loads((target / "stats.json").read_text())
+        for name in ("train", "val"):
+            self._splits[name] = datasets.load_from_disk(str(target / name)).with_format("python")
+            s = self.stats[name]
+            rank_zero_info(
+                f"[data] {name}: {s['rows']} rows, {s['truncated']} truncated to max_length={self.hparams.max_length}, "
+                f"{s['dropped']} dropped (no response token within max_length)"
+            )
+
+    # ----------------------------------------------------------------- batching
+    @property
+    def pad_id(self) -> int:
+        # Falcon has no pad token: pad with EOS. Padding is masked by attention_mask and labels,
+        # never by token id, so the real EOS that ends each response stays a trained label.
+        tok = self._tokenizer()
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-pad a training batch to its longest row (dynamic padding)."""
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            input_ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def collate_prompts(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Left-pad the prompt part of each row (everything before its first trained token) for generation."""
+        prompts = []
+        for r in rows:
+            first = next(i for i, label in enumerate(r["labels"]) if label != IGNORE_INDEX)
+            prompts.append(r["input_ids"][:first])
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            attention_mask[i, width - len(p):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _loader(self, split: str, shuffle: bool, collate) -> DataLoader:
+        return DataLoader(
+            self._splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.collate)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split doubles as the test set."""
+        return self._loader("val", False, self.collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts of the held-out split, left-padded for generation."""
+        return self._loader("val", False, self.collate_prompts)

@@ -1,0 +1,79 @@
+"""LoRA settings -> a PEFT model: Falcon's target modules, the target check and the parameter report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_falcon.errors import ConfigError
+
+# Falcon's attention and MLP projections (the QLoRA paper adapts every linear layer of the block).
+FALCON_TARGET_MODULES = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of the linear layers in `model` (the names LoRA can target)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(available: list[str], target_modules: list[str]) -> None:
+    """Fail with the list of modules the model has when a LoRA target is missing."""
+    missing = [t for t in target_modules if t not in available]
+    if missing:
+        raise ConfigError(
+            f"model.target_modules {missing} not found in the model; it has linear modules {available}. "
+            "Fix: set --model.target_modules to some of those."
+        )
+
+
+def apply_lora(
+    model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool
+) -> nn.Module:
+    """Prepare a (k-bit) base for training and wrap it with LoRA adapters; only LoRA weights train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(linear_module_names(model), target_modules)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # Freezes the base, upcasts norms for stability and enables input grads for checkpointing.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    # The KV cache is useless while training and conflicts with checkpointing.
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+@dataclass
+class ParameterReport:
+    """What a user wants to know about the wrapped model at the start of fit."""
+
+    quantized_layers: int
+    trainable: int
+    total: int
+    footprint_bytes: int
+
+    def __str__(self) -> str:
+        return (
+            f"quantized linear layers: {self.quantized_layers} | trainable params: {self.trainable:,} "
+            f"of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%) | "
+            f"memory footprint: {self.footprint_bytes / 2**20:.1f} MiB"
+        )
+
+
+def parameter_report(peft_model: nn.Module, quantized_layers: int) -> ParameterReport:
+    # PEFT counts 4-bit parameters unpacked (two values per stored byte), unlike numel().
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return ParameterReport(quantized_layers, trainable, total, peft_model.get_memory_footprint())

@@ -1,0 +1,263 @@
+"""The LightningModule: a quantized Falcon with LoRA adapters, one shared step, optimizers and slim checkpoints."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_falcon.assets import resolve
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora, check_target_modules, linear_module_names, parameter_report
+from lightning_falcon.quantization import ComputeDtype, Quantization, load_causal_lm, quantized_layers, resolve_compute_dtype
+
+
+class FalconQLoRA(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        random_init: bool = False,
+        trust_remote_code: bool = False,
+        quantization: Quantization = "nf4",
+        double_quant: bool = True,
+        compute_dtype: ComputeDtype = "auto",
+        attn_implementation: str | None = None,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 64,
+        random_init_dir: str = "~/.cache/lightning_falcon/random",
+    ) -> None:
+        """QLoRA fine-tuning of a Falcon causal LM.
+
+        Args:
+            model_name_or_path: Hub id (`tiiuae/falcon-7b-instruct`) or local directory, loaded with `from_pretrained`.
+                `asset:NAME` names a model shipped with the package (e.g. `asset:tiny-falcon`).
+            random_init: Build the same architecture from its config.json with random weights instead of
+                downloading them (dry runs, benchmarks). The weights still go through the real quantized loader.
+            trust_remote_code: Allow custom modelling code from the Hub. Off: Falcon is native in transformers.
+            quantization: Base weights as bitsandbytes `nf4` or `fp4` (4-bit), `int8`, or `none` (plain LoRA).
+            double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight).
+            compute_dtype: Dtype of matmuls and unquantized weights. `auto`: bf16 on CUDA that supports it,
+                else fp16 on CUDA, and fp32 on CPU.
+            attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the LoRA input.
+            target_modules: Linear layers that get adapters; None = Falcon's query_key_value, dense,
+                dense_h_to_4h and dense_4h_to_h.
+            gradient_checkpointing: Recompute activations in backward to save memory (KV cache stays off).
+            optimizer: `adamw` (torch) or `paged_adamw_8bit` (bitsandbytes, CUDA only).
+            learning_rate: Peak learning rate, reached after warmup.
+            weight_decay: Decoupled weight decay on the LoRA weights.
+            betas: Adam betas.
+            warmup_steps: Optimizer steps of linear warmup from 0.
+            lr_schedule: After warmup, `cosine` decay to `min_lr_ratio` * lr over the run, or `constant`.
+            min_lr_ratio: Floor of the cosine schedule as a fraction of the peak.
+            max_new_tokens: Tokens generated per prompt by `predict`.
+            random_init_dir: Where `random_init` checkpoints are written (once per architecture).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        targets = target_modules if target_modules is not None else FALCON_TARGET_MODULES
+        problems = []
+        if lora_r < 1:
+            problems.append(f"model.lora_r must be >= 1, got {lora_r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            problems.append(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not targets:
+            problems.append("model.target_modules is empty; LoRA needs at least one module")
+        if learning_rate <= 0:
+            problems.append(f"model.learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0:
+            problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
+            problems.append("model.optimizer paged_adamw_8bit needs CUDA. Fix: use --model.optimizer adamw on CPU")
+        ConfigError.collect(problems)
+        self.target_modules = list(targets)
+        self.model: torch.nn.Module | None = None
+        # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
+        self.strict_loading = False
+        self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    # ----------------------------------------------------------------- building
+    def _target_device(self) -> torch.device:
+        return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+
+    def check_targets(self) -> None:
+        """Fail before any weights load if a LoRA target is missing: build a weightless skeleton from config.json."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hp = self.hparams
+        config = AutoConfig.from_pretrained(resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
+        check_target_modules(linear_module_names(skeleton), self.target_modules)
+
+    def configure_model(self) -> None:
+        """Load the quantized base and add LoRA. Idempotent; runs inside the strategy's init context."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.check_targets()
+        device = self._target_device()
+        path = resolve(hp.model_name_or_path)
+        if hp.random_init:
+            from lightning_falcon.random_weights import random_checkpoint
+
+            path = str(random_checkpoint(path, hp.random_init_dir, hp.trust_remote_code))
+        base = load_causal_lm(
+            path,
+            quantization=hp.quantization,
+            double_quant=hp.double_quant,
+            compute_dtype=resolve_compute_dtype(hp.compute_dtype, device),
+            device=device,
+            trust_remote_code=hp.trust_remote_code,
+            attn_implementation=hp.attn_implementation,
+        )
+        n_quantized = len(quantized_layers(base))
+        if hp.quantization != "none" and n_quantized == 0:
+            raise RuntimeError(f"{path} loaded with quantization={hp.quantization} but no layer was quantized")
+        self.model = apply_lora(
+            base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
+        )
+        self.report = parameter_report(self.model, n_quantized)
+
+    def configure_callbacks(self):
+        from lightning_falcon.callbacks import PredictionWriter, SaveAdapter, TokenThroughput
+
+        return [TokenThroughput(), SaveAdapter(), PredictionWriter()]
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"[model] {self.report}")
+        metrics = {
+            "model/quantized_layers": self.report.quantized_layers,
+            "model/trainable_params": self.report.trainable,
+            "model/total_params": self.report.total,
+            "model/footprint_mib": self.report.footprint_bytes / 2**20,
+        }
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean token loss of the batch and the number of tokens it averages over."""
+        out = self(**batch)
+        n_label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the loss is shifted by one
+        return out.loss, n_label_tokens
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._shared_step(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> torch.Tensor:
+        loss, n = self._shared_step(batch)
+        self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, "test")
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        loss = self.eval_loss[stage].compute()  # synced across ranks by torchmetrics
+        self.eval_loss[stage].reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/perplexity", torch.exp(loss))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    def predict_step(self, batch, batch_idx):
+        """Greedy generation for left-padded prompts; returns the new tokens only."""
+        eos = self.model.generation_config.eos_token_id or self.model.config.eos_token_id
+        out = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        return out[:, batch["input_ids"].shape[1]:]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+
+    # ----------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs = dict(lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        if hp.optimizer == "paged_adamw_8bit":
+            from lightning_falcon.quantization import paged_adamw_8bit
+
+            optimizer = paged_adamw_8bit(params, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(params, **kwargs)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = lr_lambda(hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trainable_shapes(self) -> dict[str, torch.Size]:
+        return {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable (LoRA) weights: a 7B run's checkpoint is tens of MB, not GB."""
+        trainable = self._trainable_shapes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose LoRA weights do not match this model, naming the difference."""
+        expected, saved = self._trainable_shapes(), checkpoint["state_dict"]
+        missing = sorted(set(expected) - set(saved))
+        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k])}" for k in expected if k in saved and saved[k].shape != expected[k]]
+        if missing or wrong:
+            detail = f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing else f"shape mismatch ({wrong[0]})"
+            raise ConfigError(
+                f"checkpoint does not match the model: {detail}. Fix: use the lora_r/target_modules the checkpoint was trained with"
+            )
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine decay or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,94 @@
+"""Named prompt templates, and prompt/response -> token ids + labels.
+
+Labels are -100 (ignored by the loss) on every prompt token; response tokens and the EOS that
+ends each response are trained. Prompt and response are tokenized separately and concatenated,
+so the boundary between masked and trained tokens is exact whatever the tokenizer merges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+# name -> template with a `{prompt}` field; the response follows the rendered text directly.
+TEMPLATES: dict[str, str] = {
+    # Alpaca-style instruction block, the usual choice for base models.
+    "instruction": "### Instruction:\n{prompt}\n\n### Response:\n",
+    # The guanaco / OpenAssistant turn format, for prompt/response data that should match it.
+    "guanaco": "### Human: {prompt} ### Assistant: ",
+    # The chat format falcon-*-instruct was tuned on.
+    "falcon-instruct": "User: {prompt}\nAssistant: ",
+    # No decoration: the prompt, then a newline.
+    "plain": "{prompt}\n",
+}
+
+
+def render(template: str, prompt: str) -> str:
+    return TEMPLATES[template].format(prompt=prompt)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def _assemble(pieces: list[tuple[list[int], bool]], max_length: int) -> Encoded | None:
+    """Concatenate (ids, trained) pieces and cut at `max_length`.
+
+    Returns None when nothing trainable survives the cut (the row teaches nothing).
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in pieces:
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    truncated = len(input_ids) > max_length
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    # Shifted loss: label at position 0 never counts, so a trainable token must sit at >= 1.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return Encoded(input_ids, labels, truncated)
+
+
+def encode_pair(tokenizer, prompt: str, response: str, template: str, max_length: int) -> Encoded | None:
+    """Format (a): a prompt rendered through `template`, then the response and a trained EOS."""
+    prompt_ids = tokenizer(render(template, prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return _assemble([(prompt_ids, False), (response_ids + [tokenizer.eos_token_id], True)], max_length)
+
+
+def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tuple[str, str]]:
+    """Split `### Human: a ### Assistant: b ...` into (role, content) pairs, roles 'human'/'assistant'."""
+    turns: list[tuple[str, str]] = []
+    rest = text
+    while rest:
+        h, a = rest.find(human_marker), rest.find(assistant_marker)
+        starts = [(i, role, m) for i, role, m in ((h, "human", human_marker), (a, "assistant", assistant_marker)) if i >= 0]
+        if not starts:
+            break
+        _, role, marker = min(starts)
+        rest = rest[rest.find(marker) + len(marker):]
+        nxt = [i for i in (rest.find(human_marker), rest.find(assistant_marker)) if i >= 0]
+        end = min(nxt) if nxt else len(rest)
+        turns.append((role, rest[:end]))
+        rest = rest[end:]
+    return turns
+
+
+def encode_turns(tokenizer, text: str, human_marker: str, assistant_marker: str, max_length: int) -> Encoded | None:
+    """Format (b): a `text` with turn markers. Only assistant turns train, each ending with an EOS."""
+    pieces: list[tuple[list[int], bool]] = []
+    for role, content in split_turns(text, human_marker, assistant_marker):
+        if role == "human":
+            pieces.append((tokenizer(human_marker + content, add_special_tokens=False)["input_ids"], False))
+        else:
+            pieces.append((tokenizer(assistant_marker, add_special_tokens=False)["input_ids"], False))
+            # The reply keeps its leading space, as a byte-level BPE tokenizes it after the marker.
+            reply = tokenizer(content.rstrip(), add_special_tokens=False)["input_ids"]
+            pieces.append((reply + [tokenizer.eos_token_id], True))
+    if not pieces:
+        return None
+    return _assemble(pieces, max_length)

@@ -1,0 +1,128 @@
+"""bitsandbytes settings -> a quantized Falcon load. The only module that imports bitsandbytes.
+
+The trap this file exists for: transformers 5.x swaps in bitsandbytes layers only for modules whose
+type is *exactly* `nn.Linear`. Falcon builds its projections from `FalconLinear(nn.Linear)`, so a
+plain "4-bit" load of Falcon silently stays full precision. `falcon_linear_as_nn_linear` builds
+the model with `nn.Linear` in their place: the two compute the same `x @ W.T + b` and have the same
+state-dict keys, so checkpoints load unchanged and the quantizer now sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_compute_dtype(compute_dtype: ComputeDtype, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA that supports it, else fp16 on CUDA, and fp32 on CPU.
+
+    fp32 on CPU is deliberate: bitsandbytes' bf16 4-bit path on CPU measured ~14x slower here.
+    """
+    if compute_dtype != "auto":
+        return _DTYPES[compute_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bnb_config(quantization: Quantization, double_quant: bool, compute_dtype: torch.dtype):
+    """The `BitsAndBytesConfig` for a quantization name, or None for `none`."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+@contextlib.contextmanager
+def falcon_linear_as_nn_linear() -> Iterator[None]:
+    """Build Falcon with plain `nn.Linear` projections so transformers' quantizer replaces them."""
+    from transformers.models.falcon import modeling_falcon
+
+    original = modeling_falcon.FalconLinear
+    modeling_falcon.FalconLinear = nn.Linear
+    try:
+        yield
+    finally:
+        modeling_falcon.FalconLinear = original
+
+
+def load_causal_lm(
+    model_name_or_path: str,
+    quantization: Quantization,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a causal LM through `from_pretrained`, quantized onto `device`."""
+    from transformers import AutoModelForCausalLM
+
+    quantization_config = bnb_config(quantization, double_quant, compute_dtype)
+    kwargs = {}
+    if quantization_config is not None:
+        # bitsandbytes quantizes while it moves weights onto the device, so the device is explicit.
+        kwargs["device_map"] = {"": str(device)}
+    with falcon_linear_as_nn_linear():
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path,
+            quantization_config=quantization_config,
+            dtype=compute_dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module for every bitsandbytes 4-bit or 8-bit linear layer in `model`."""
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def layer_bytes(module: nn.Module) -> int:
+    """Bytes a linear layer really holds: packed weights, bias and quantization constants."""
+    total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    quant_state = getattr(module.weight, "quant_state", None)
+    if quant_state is not None:  # 4-bit: absmax (and its own constants under double quantization)
+        for t in quant_state.as_dict(packed=False).values():
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    scb = getattr(module.weight, "SCB", None)
+    if isinstance(scb, torch.Tensor):  # 8-bit: one scale per row
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def unquantized_bytes(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the same layer would take unquantized in `dtype` (16-bit by default: the usual base)."""
+    n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def paged_adamw_8bit(params, **kwargs) -> torch.optim.Optimizer:
+    """bitsandbytes' paged 8-bit AdamW (CUDA only)."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(params, **kwargs)

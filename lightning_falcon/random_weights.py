@@ -1,0 +1,41 @@
+"""Random-initialised checkpoints of a model config, for dry runs and benchmarks without downloads.
+
+The checkpoint is written once into a cache directory and then loaded through the same
+`from_pretrained` + quantization path as real weights, so a dry run exercises the real loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, trust_remote_code: bool = False) -> Path:
+    """Return a directory holding random weights for the architecture of `model_name_or_path`.
+
+    Only its `config.json` is read (from a local directory or the Hub). Weights are stored in bf16.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / f"random-{config.model_type}-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    # Write to a temporary sibling and rename, so an interrupted write never leaves a half checkpoint.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,281 @@
+"""Generate the assets that ship inside the package: sample data, a tiny tokenizer and a tiny Falcon.
+
+    python scripts/make_tiny_assets.py            # rewrites lightning_falcon/assets/{data,tiny-falcon}
+
+Everything is seeded, so a re-run reproduces the same files. The outputs are committed: the
+embedded default (`configs/tiny.yaml`) and the tests run offline from them.
+
+* `data/midjourney.jsonl`: request -> Midjourney prompt pairs written for this project, composed
+  from hand-written subjects, styles, lighting and camera phrases. A request that names a style,
+  an orientation or a version gets a prompt that honours it, so the mapping is learnable.
+* `data/guanaco-sample.jsonl`: a few conversations in the OpenAssistant guanaco `text` format.
+* `tiny-falcon/`: a byte-level BPE tokenizer trained on that data and a random-initialised
+  Falcon of the falcon-7b family (multi-query, parallel attention, rotary) at toy size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "lightning_falcon" / "assets"
+EOS = "<|endoftext|>"  # Falcon's own EOS string; like Falcon, the tokenizer has no pad token.
+
+# (short subject used in the request, richer description used in the prompt)
+SUBJECTS = [
+    ("a fantasy village at night", "a cozy fantasy village at night, thatched cottages, glowing lanterns along winding cobblestone streets"),
+    ("a boy running in the snow", "a young boy running through fresh snow, red scarf trailing behind him, snowflakes caught mid-air"),
+    ("a lighthouse in a storm", "a lone lighthouse on black cliffs, enormous waves crashing, beam cutting through rain"),
+    ("a cyberpunk street market", "a crowded cyberpunk street market, neon kanji signs, steaming food stalls, wet asphalt reflections"),
+    ("an old fisherman", "portrait of an old fisherman, deep weathered wrinkles, knitted wool cap, salt in his beard"),
+    ("a dragon sleeping on gold", "an enormous dragon asleep on a hoard of gold coins, smoke curling from its nostrils"),
+    ("a treehouse in a rainforest", "an elaborate treehouse high in a rainforest canopy, rope bridges, hanging vines, tiny waterfalls"),
+    ("a robot tending a garden", "a gentle rusted robot watering tomato plants in a rooftop garden, bees around its head"),
+    ("a desert caravan", "a camel caravan crossing golden dunes, long shadows, travellers wrapped in indigo cloth"),
+    ("a cat astronaut", "a tabby cat in a tiny white spacesuit floating inside a space station, curious wide eyes"),
+    ("a floating castle", "a castle on a floating island, waterfalls spilling off its edges into the clouds below"),
+    ("a jazz bar", "a smoky 1950s jazz bar, saxophone player on a small stage, brass reflections, velvet booths"),
+    ("a mountain monastery", "a remote monastery clinging to a Himalayan cliff, prayer flags snapping in the wind"),
+    ("a coral reef", "a vibrant coral reef teeming with fish, sea turtle gliding through shafts of sunlight"),
+    ("a steampunk airship", "a brass steampunk airship with patched canvas balloons, propellers churning above a Victorian city"),
+    ("a fox in a forest", "a red fox standing in a misty birch forest, ears alert, breath visible in the cold"),
+    ("a samurai at dawn", "a lone samurai standing on a hill at dawn, katana sheathed, cherry petals drifting past"),
+    ("a cozy reading nook", "a cozy reading nook by a rain-streaked window, stacked books, knitted blanket, steaming tea"),
+    ("an abandoned subway station", "an abandoned subway station reclaimed by nature, ferns on the platforms, light through grates"),
+    ("a witch's apothecary", "a cluttered witch's apothecary, shelves of glowing potions, dried herbs hanging from beams"),
+    ("a futuristic city skyline", "a futuristic city skyline with vertical gardens on glass towers, maglev trains weaving between"),
+    ("a polar bear on ice", "a polar bear walking across cracked sea ice, aurora shimmering overhead"),
+    ("a viking longship", "a viking longship cutting through a grey fjord, shields along the hull, oarsmen straining"),
+    ("a tea ceremony", "a traditional Japanese tea ceremony, tatami room, sliding paper doors open to a moss garden"),
+    ("a haunted mansion", "a decaying Victorian mansion on a hill, crooked windows, a single candle burning upstairs"),
+    ("a mermaid in a grotto", "a mermaid resting in a sea grotto, bioluminescent algae, pearls scattered on wet rock"),
+    ("a bustling train station", "a bustling 1920s train station, steam locomotives, travellers in long coats, iron arches"),
+    ("an owl librarian", "a wise owl wearing round spectacles, perched on a ladder in an endless library"),
+    ("a sunflower field", "an endless sunflower field rolling to the horizon, a red barn in the distance"),
+    ("a space station above Earth", "a ring-shaped space station orbiting above Earth, solar panels catching the sun"),
+    ("a medieval blacksmith", "a medieval blacksmith hammering a glowing blade, sparks flying, soot-covered forge"),
+    ("a hot air balloon festival", "dozens of patterned hot air balloons rising over a valley of vineyards"),
+    ("a ramen shop", "a tiny ramen shop at night, steam rising from bowls, paper lanterns, a chef behind the counter"),
+    ("a knight and a dragon", "an armoured knight facing a towering dragon in a ruined cathedral"),
+    ("a lavender farm", "rows of lavender stretching toward a stone farmhouse in Provence"),
+    ("a wolf howling", "a grey wolf howling on a snowy ridge beneath a full moon"),
+    ("an underwater city", "an underwater city inside glass domes, kelp forests, submarines docking"),
+    ("a street musician", "a street musician playing violin under an archway, coins in an open case"),
+    ("a crystal cave", "a vast crystal cave, towering amethyst formations, an explorer holding a lantern"),
+    ("a vintage car on route 66", "a vintage turquoise convertible on Route 66, cacti, a roadside diner sign"),
+    ("a bonsai tree", "an ancient bonsai tree on a slate stand, tiny twisted trunk, moss at its base"),
+    ("a pirate ship battle", "two pirate ships exchanging cannon fire, torn sails, smoke over a turquoise sea"),
+    ("a cottage in autumn", "a stone cottage surrounded by maple trees in full autumn colour, smoke from the chimney"),
+    ("an elephant at a waterhole", "an elephant family drinking at a waterhole on the savanna, dust in the air"),
+    ("a wizard's tower", "a crooked wizard's tower on a cliff, spiral staircase, stars swirling above the spire"),
+    ("a neon diner", "a retro neon diner at midnight, chrome stools, a waitress pouring coffee"),
+    ("a koi pond", "a tranquil koi pond with lily pads, orange and white koi beneath the surface"),
+    ("a mech in a wasteland", "a giant battle-scarred mech striding through a dusty wasteland"),
+    ("a ballet dancer", "a ballet dancer mid-leap on an empty stage, tulle skirt in motion"),
+    ("a hobbit-style home", "a round-doored hillside home with a flower garden and a winding path"),
+    ("a glacier lagoon", "a glacier lagoon with floating blue icebergs, black sand shore"),
+    ("a chess game in a park", "two elderly men playing chess on a park bench, pigeons nearby"),
+    ("a phoenix rising", "a phoenix rising from flames, wings of fire and gold spreading wide"),
+    ("a bakery in the morning", "a small bakery at sunrise, fresh loaves in the window, flour dust in the air"),
+    ("a lunar base", "a research base on the moon, domed habitats, Earth hanging above the horizon"),
+    ("a Venetian canal", "a narrow Venetian canal, gondola gliding past pastel houses, laundry lines overhead"),
+    ("a tiger in tall grass", "a Bengal tiger crouched in tall golden grass, intense amber eyes"),
+    ("a clockwork heart", "an intricate clockwork heart of brass gears and rubies, ticking softly"),
+    ("a northern cabin", "a log cabin in a snowy northern forest, warm light in the windows, aurora above"),
+    ("a market in Marrakech", "a spice market in Marrakech, pyramids of coloured spices, woven baskets, hanging lamps"),
+]
+
+# style name used in requests -> how the prompt spells it out
+STYLES = {
+    "oil painting": "oil painting, thick impasto brushstrokes, rich colour palette",
+    "watercolor": "soft watercolor illustration, bleeding pigments, paper texture",
+    "photorealistic": "photorealistic, shot on 35mm film, shallow depth of field, ultra detailed",
+    "anime": "anime style, studio ghibli inspired, hand-drawn cel shading",
+    "pixel art": "16-bit pixel art, limited palette, crisp pixels",
+    "ukiyo-e": "ukiyo-e woodblock print, flat colour planes, bold outlines",
+    "art nouveau": "art nouveau poster, ornate flowing linework, decorative border",
+    "isometric 3d": "isometric 3d render, miniature diorama, tilt-shift, octane render",
+    "charcoal sketch": "charcoal sketch, expressive strokes, smudged shading, monochrome",
+    "low poly": "low poly 3d art, faceted geometry, pastel gradients",
+    "cyberpunk concept art": "cyberpunk concept art, highly detailed matte painting, artstation trending",
+    "baroque": "baroque painting, chiaroscuro, dramatic composition, gilded details",
+    "claymation": "claymation style, handmade plasticine textures, stop-motion look",
+    "vaporwave": "vaporwave aesthetic, pink and teal gradients, retro grid, glitch accents",
+    "children's book": "children's book illustration, gouache, whimsical and warm",
+    "fantasy digital painting": "fantasy digital painting, intricate detail, epic scale",
+}
+LIGHTING = [
+    "golden hour light", "soft diffused overcast light", "dramatic rim lighting", "moonlight and lantern glow",
+    "volumetric god rays", "neon glow reflecting on wet surfaces", "warm candlelight", "cold blue twilight",
+    "harsh midday sun with deep shadows", "bioluminescent glow", "backlit by the setting sun",
+    "foggy ambient light", "studio softbox lighting", "flickering firelight", "aurora light",
+]
+CAMERA = [
+    "wide establishing shot", "close-up portrait framing", "low angle looking up", "aerial view",
+    "rule of thirds composition", "symmetrical composition", "macro detail", "cinematic wide angle, 24mm",
+    "telephoto compression, 200mm", "over-the-shoulder view",
+]
+MOODS = ["serene", "mysterious", "whimsical", "melancholic", "epic", "nostalgic", "ominous", "joyful", "dreamy"]
+# orientation word in a request -> aspect ratio
+ORIENTATIONS = {"wide": "16:9", "vertical": "9:16", "square": "1:1", "portrait": "2:3", "cinematic": "21:9", "landscape": "3:2"}
+DEFAULT_RATIOS = ["1:1", "16:9", "3:2", "4:5", "2:3"]
+VERSIONS = ["5.2", "6", "6.1"]
+REQUEST_FORMS = [
+    "Midjourney prompt for {subject}",
+    "Write a Midjourney prompt: {subject}",
+    "Give me a Midjourney prompt of {subject}",
+    "I need a Midjourney prompt for {subject}",
+    "mj prompt: {subject}",
+    "Create a Midjourney prompt showing {subject}",
+]
+
+GUANACO = [
+    [("What is the capital of France?", "The capital of France is Paris.")],
+    [("Give me three tips for sleeping better.", "1. Keep a regular schedule. 2. Avoid screens an hour before bed. 3. Keep the bedroom cool and dark.")],
+    [("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'.")],
+    [("What does a LoRA adapter do?", "A LoRA adapter adds small low-rank matrices next to frozen weights, so only a few parameters are trained.")],
+    [("Write a haiku about rain.", "Soft rain on the roof, / the garden drinks in silence, / puddles hold the sky.")],
+    [("How many legs does a spider have?", "A spider has eight legs."), ("And an insect?", "An insect has six legs.")],
+    [("Summarise the water cycle in one sentence.", "Water evaporates, condenses into clouds, falls as precipitation and flows back to the sea.")],
+    [("What is 12 times 7?", "12 times 7 is 84.")],
+    [("Suggest a name for a grey cat.", "How about Smokey, Ash or Pebble?")],
+    [("Why is the sky blue?", "Air molecules scatter short blue wavelengths of sunlight more than red ones, so the sky looks blue.")],
+    [("Explain recursion to a child.", "Recursion is when something is defined using a smaller copy of itself, like nesting dolls.")],
+    [("What is a prime number?", "A prime number is a whole number greater than 1 that is divisible only by 1 and itself."), ("Is 9 prime?", "No, 9 is divisible by 3.")],
+    [("Recommend a book for a long flight.", "Try 'The Martian' by Andy Weir: it is gripping, funny and easy to pick up again.")],
+    [("How do I boil an egg?", "Place the egg in boiling water for 7 minutes for a firm yolk, then cool it in cold water.")],
+    [("What is the difference between weather and climate?", "Weather is the short-term state of the atmosphere; climate is its average over decades.")],
+    [("Write a short thank-you note to a colleague.", "Thank you for your help on the project this week. Your patience made a real difference!")],
+    [("Name three primary colours.", "Red, yellow and blue are the traditional primary colours.")],
+    [("What is photosynthesis?", "Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen.")],
+    [("Give me a synonym for 'happy'.", "Joyful."), ("And one for 'sad'?", "Sorrowful.")],
+    [("How far is the Moon from Earth?", "On average the Moon is about 384,400 kilometres from Earth.")],
+    [("What should I pack for a day hike?", "Water, snacks, a map, sunscreen, a rain layer and a small first-aid kit.")],
+    [("Convert 100 degrees Fahrenheit to Celsius.", "100 degrees Fahrenheit is about 37.8 degrees Celsius.")],
+    [("Tell me a fun fact about octopuses.", "Octopuses have three hearts and blue blood.")],
+    [("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level.")],
+    [("Write a one-line motto for a bakery.", "Baked at dawn, loved all day.")],
+    [("What does CPU stand for?", "CPU stands for central processing unit.")],
+    [("Give me a quick stretching routine.", "Neck rolls, shoulder shrugs, a standing forward fold and a gentle spinal twist, 30 seconds each.")],
+    [("Who wrote 'Pride and Prejudice'?", "Jane Austen wrote 'Pride and Prejudice', published in 1813.")],
+    [("What is the largest planet?", "Jupiter is the largest planet in the Solar System."), ("How many moons does it have?", "Jupiter has dozens of known moons; the four largest are Io, Europa, Ganymede and Callisto.")],
+    [("Make a short shopping list for pancakes.", "Flour, eggs, milk, butter, sugar and a pinch of salt.")],
+    [("What is the opposite of 'ancient'?", "Modern.")],
+    [("Describe autumn in five words.", "Crisp, golden, smoky, quiet, falling.")],
+]
+
+
+def midjourney_pairs(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """Compose `n` distinct request -> prompt pairs."""
+    pairs, seen = [], set()
+    while len(pairs) < n:
+        short, rich = rng.choice(SUBJECTS)
+        style = rng.choice(list(STYLES))
+        orientation = rng.choice([None, None, *ORIENTATIONS])
+        version = rng.choice(VERSIONS)
+        # Requests name the style about half the time; the prompt then must use it.
+        subject = short
+        if rng.random() < 0.5:
+            subject += f" in {style} style" if rng.random() < 0.5 else f", {style}"
+        if orientation:
+            subject += f", {orientation}"
+        if rng.random() < 0.15:
+            subject += f", version {version}"
+        request = rng.choice(REQUEST_FORMS).format(subject=subject)
+        if request in seen:
+            continue
+        seen.add(request)
+        ratio = ORIENTATIONS[orientation] if orientation else rng.choice(DEFAULT_RATIOS)
+        stylize = rng.choice([50, 100, 150, 250, 400, 600, 750, 1000])
+        parts = [rich, rng.choice(MOODS) + " atmosphere", rng.choice(LIGHTING), rng.choice(CAMERA), STYLES[style]]
+        params = f"--ar {ratio} --v {version} --stylize {stylize}"
+        if rng.random() < 0.2:
+            params += f" --chaos {rng.choice([5, 10, 20, 35])}"
+        pairs.append({"prompt": request, "response": ", ".join(parts) + " " + params})
+    return pairs
+
+
+def guanaco_rows() -> list[dict[str, str]]:
+    """Render conversations in the guanaco `text` format: `### Human: ... ### Assistant: ...`."""
+    return [{"text": "".join(f"### Human: {h} ### Assistant: {a}" for h, a in conv)} for conv in GUANACO]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # No pad token on purpose: the real Falcon tokenizer has none, and the data path must cope.
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(out)
+
+
+def build_model(vocab_size: int, eos_id: int, out: Path, initializer_range: float, hidden_size: int) -> None:
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    # falcon-7b's family traits (multi-query, parallel attention, rotary, no bias) at toy size.
+    config = FalconConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        alibi=False,
+        bias=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        max_position_embeddings=512,
+        # Only LoRA trains, so the frozen random embeddings (tied to lm_head) bound the logits at
+        # about |h| * |e| = sqrt(64) * 0.02 * sqrt(64) ~ 1.3 with the usual 0.02 init: the loss
+        # could barely fall. A larger init gives the toy model logits a real range.
+        initializer_range=initializer_range,
+    )
+    # bf16 on disk halves the shipped size; it is loaded in the compute dtype.
+    FalconForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=360, help="number of Midjourney pairs")
+    parser.add_argument("--vocab_size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--initializer_range", type=float, default=0.15)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=ASSETS / "tiny-falcon", help="model + tokenizer directory")
+    args = parser.parse_args()
+
+    mj = midjourney_pairs(random.Random(args.seed), args.pairs)
+    gu = guanaco_rows()
+    write_jsonl(ASSETS / "data" / "midjourney.jsonl", mj)
+    write_jsonl(ASSETS / "data" / "guanaco-sample.jsonl", gu)
+
+    out = args.out
+    texts = [r["prompt"] + "\n" + r["response"] for r in mj] + [r["text"] for r in gu]
+    train_tokenizer(texts, args.vocab_size, out)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    build_model(len(tokenizer), tokenizer.eos_token_id, out, args.initializer_range, args.hidden_size)
+    print(f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}")
+
+
+if __name__ == "__main__":
+    main()
