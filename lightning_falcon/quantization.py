@@ -91,7 +91,23 @@ def load_causal_lm(
         )
     if quantization_config is None:
         model.to(device)
+    keep_4bit_layout_trainable(model)
     return model
+
+
+def keep_4bit_layout_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` on its first eval-mode forward
+    without grad (Lightning's sanity check, any validation). After that, backward through the layer
+    returns no input gradient, so every LoRA adapter below it silently stops learning.
+    `tests/test_quantization.py` checks the gradient.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,80 @@
+"""FalconQLoRA builds a 4-bit base with LoRA where only the adapters train, and refuses bad settings early."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from lightning_falcon import FalconQLoRA
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.module import lr_lambda
+
+
+@pytest.fixture(scope="module")
+def module():
+    m = FalconQLoRA(model_name_or_path=TINY, lora_r=4)
+    m.configure_model()
+    return m
+
+
+def test_only_lora_parameters_train(module):
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # every targeted projection of every block got an adapter pair
+    assert len(trainable) == 2 * 4 * module.model.config.num_hidden_layers
+    assert module.report.quantized_layers == 4 * module.model.config.num_hidden_layers
+    assert 0 < module.report.trainable < module.report.total
+
+
+def test_configure_model_is_idempotent(module):
+    model = module.model
+    module.configure_model()
+    assert module.model is model
+
+
+def test_one_training_step_moves_only_lora_weights(module):
+    module.train()
+    # .data, not .detach(): Params4bit.detach() reports the unpacked shape of its packed storage
+    before = {n: p.data.clone() for n, p in module.named_parameters()}
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, module.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = module(ids, torch.ones_like(ids), ids).loss
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.data)}
+    assert changed and all(".lora_" in n for n in changed)
+    # B starts at zero; after one step it moved, so the adapter now changes the output
+    assert any(".lora_B." in n for n in changed)
+
+
+def test_missing_target_module_lists_what_the_model_has():
+    m = FalconQLoRA(model_name_or_path=TINY, target_modules=["q_proj", "dense"])
+    with pytest.raises(ConfigError) as e:
+        m.configure_model()
+    msg = str(e.value)
+    assert "['q_proj']" in msg and "query_key_value" in msg and "dense_4h_to_h" in msg
+    assert m.model is None  # failed before loading any weights
+
+
+def test_bad_settings_are_all_listed_at_once():
+    with pytest.raises(ConfigError) as e:
+        FalconQLoRA(model_name_or_path=TINY, lora_r=0, lora_dropout=1.5, learning_rate=-1)
+    assert str(e.value).count(";") == 2
+
+
+def test_checkpoint_holds_only_lora_weights_and_refuses_other_shapes(module):
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)  # its own checkpoint is accepted
+
+    other = FalconQLoRA(model_name_or_path=TINY, lora_r=8)
+    other.configure_model()
+    with pytest.raises(ConfigError, match="shape mismatch"):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_lambda(warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert lr_lambda(5, 100, "constant", 0.0)(50) == 1.0

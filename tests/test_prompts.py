@@ -1,0 +1,29 @@
+"""Masking: labels are -100 exactly on prompt and padding, and every response's EOS is trained."""
+
+from lightning_falcon.prompts import IGNORE_INDEX, encode_pair, encode_turns, render, split_turns
+
+
+def test_pair_masks_prompt_and_trains_response_and_eos(tokenizer):
+    enc = encode_pair(tokenizer, "a fox", "red fox, misty forest --ar 16:9", "instruction", max_length=256)
+    prompt_len = len(tokenizer(render("instruction", "a fox"), add_special_tokens=False)["input_ids"])
+    response = tokenizer("red fox, misty forest --ar 16:9", add_special_tokens=False)["input_ids"]
+    assert enc.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert enc.labels[prompt_len:] == response + [tokenizer.eos_token_id]
+    assert enc.input_ids[-1] == tokenizer.eos_token_id
+    assert not enc.truncated
+
+
+def test_pair_truncation_is_reported_and_a_prompt_filling_max_length_is_dropped(tokenizer):
+    enc = encode_pair(tokenizer, "a fox", "word " * 100, "instruction", max_length=40)
+    assert enc.truncated and len(enc.input_ids) == 40
+    assert enc.labels[-1] != IGNORE_INDEX  # the cut falls in the response, which still trains
+    assert encode_pair(tokenizer, "long " * 50, "short", "instruction", max_length=10) is None
+
+
+def test_turns_train_only_assistant_turns_each_ending_in_eos(tokenizer):
+    text = "### Human: Hi there ### Assistant: Hello! ### Human: Bye ### Assistant: See you."
+    assert [r for r, _ in split_turns(text, "### Human:", "### Assistant:")] == ["human", "assistant"] * 2
+    enc = encode_turns(tokenizer, text, "### Human:", "### Assistant:", max_length=256)
+    trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == f" Hello!{tokenizer.eos_token} See you.{tokenizer.eos_token}"
+    assert trained.count(tokenizer.eos_token_id) == 2

@@ -1,0 +1,80 @@
+"""The 4-bit load is real: Falcon's FalconLinear layers become bitsandbytes layers and shrink."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import TINY
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from lightning_falcon.lora import FALCON_TARGET_MODULES
+from lightning_falcon.quantization import (
+    layer_bytes,
+    load_causal_lm,
+    quantized_layers,
+    resolve_compute_dtype,
+    unquantized_bytes,
+)
+
+CPU = torch.device("cpu")
+
+
+def targeted(model):
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in FALCON_TARGET_MODULES}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_every_targeted_layer_is_4bit_and_at_most_a_third_of_16bit(quant_type):
+    model = load_causal_lm(TINY, quant_type, double_quant=True, compute_dtype=torch.float32, device=CPU)
+    layers = targeted(model)
+    assert len(layers) == 4 * model.config.num_hidden_layers
+    not_4bit = [n for n, m in layers.items() if not isinstance(m, bnb.nn.Linear4bit)]
+    assert not_4bit == []
+    assert all(m.weight.quant_state.quant_type == quant_type for m in layers.values())
+    quantized = sum(layer_bytes(m) for m in layers.values())
+    full = sum(unquantized_bytes(m, torch.bfloat16) for m in layers.values())
+    assert quantized <= full / 3, f"4-bit layers hold {quantized} bytes vs {full} unquantized (bf16)"
+
+
+def test_plain_transformers_load_stays_full_precision():
+    """The trap the quantization module works around: without it nothing in Falcon's blocks is quantized."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(TINY, quantization_config=config, device_map={"": "cpu"})
+    assert quantized_layers(model) == {}
+
+
+def test_quantized_model_still_predicts_like_the_full_precision_one():
+    full = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    quant = load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=CPU)
+    ids = torch.randint(0, full.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = full(ids).logits, quant(ids).logits
+    # 4-bit weights perturb the logits a little, not wholesale.
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+
+
+def test_no_quantization_loads_plain_linear_layers():
+    model = load_causal_lm(TINY, "none", double_quant=True, compute_dtype=torch.float32, device=CPU)
+    assert quantized_layers(model) == {}
+
+
+def test_auto_compute_dtype_is_fp32_on_cpu():
+    assert resolve_compute_dtype("auto", CPU) is torch.float32
+    assert resolve_compute_dtype("bf16", CPU) is torch.bfloat16
+
+
+def test_backward_through_4bit_layer_is_exact_after_an_eval_pass():
+    """Validation before training (Lightning's sanity check) must not break gradients through the base."""
+    import bitsandbytes.functional as F
+
+    model = load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=CPU)
+    layer = model.transformer.h[0].mlp.dense_h_to_4h
+    weight = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    model.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, layer.in_features))
+    model.train()
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    assert x.grad is not None
+    reference = torch.autograd.grad((x @ weight.T).pow(2).sum(), x)[0]
+    torch.testing.assert_close(x.grad, reference)
