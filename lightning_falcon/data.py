@@ -27,6 +27,15 @@ from lightning_falcon.prompts import IGNORE_INDEX, TEMPLATES, encode_pair, encod
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def _empty(source: str) -> ConfigError:
+    return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -101,14 +110,22 @@ class PromptDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise ConfigError(f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset")
             if builder is None:
-                raise ConfigError(f"dataset {source}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+                raise ConfigError(f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}")
+            if path.stat().st_size == 0:
+                raise _empty(source)
+            try:
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
+            except ValueError as e:
+                if "corresponds to no data" in str(e):  # datasets' wording for a header-only file
+                    raise _empty(source) from e
+                raise ConfigError(
+                    f"dataset {source} could not be read as {builder} ({_first_line(e)}). Fix: check the file's format"
+                ) from e
         try:
             return datasets.load_dataset(source, split=self.hparams.split)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({reason}). "
+                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({_first_line(e)}). "
                 "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
             ) from e
 
@@ -124,7 +141,7 @@ class PromptDataModule(L.LightningDataModule):
                 "Fix: set --data.prompt_column/--data.response_column (or --data.format turns --data.text_column)"
             )
         if len(ds) == 0:
-            raise ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+            raise _empty(source)
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -134,7 +151,10 @@ class PromptDataModule(L.LightningDataModule):
                 raise ConfigError("data.tokenizer is not set. Fix: set --data.tokenizer (defaults to model.model_name_or_path in the CLI)")
             self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.hparams.tokenizer))
             if self.tokenizer.eos_token_id is None:
-                raise ConfigError(f"tokenizer {self.hparams.tokenizer} has no EOS token; responses must end with one")
+                raise ConfigError(
+                    f"tokenizer {self.hparams.tokenizer} has no EOS token, and responses must end with one. "
+                    "Fix: use the model's own tokenizer (--data.tokenizer)"
+                )
         return self.tokenizer
 
     # ----------------------------------------------------------------- tokenizing and caching
@@ -187,6 +207,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Load, check and tokenize once (local rank 0), writing the cache atomically."""
+        import datasets
+
+        # Our own one-line report replaces datasets' per-file progress bars.
+        datasets.disable_progress_bars()
         hp = self.hparams
         target = self.cache_path
         if (target / "stats.json").exists():
@@ -201,7 +225,9 @@ class PromptDataModule(L.LightningDataModule):
             sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
         else:
             if len(train) < 2:
-                raise ConfigError(f"dataset {hp.dataset} has {len(train)} row; a validation split needs at least 2")
+                raise ConfigError(
+                    f"dataset {hp.dataset} has {len(train)} row; a held-out split needs at least 2. Fix: add rows or set --data.val_dataset"
+                )
             parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,62 @@
+"""Bad input: one line naming the problem and its fix, a non-zero exit, and no weights loaded."""
+
+import json
+
+import pytest
+from conftest import MIDJOURNEY
+
+import lightning_falcon.module
+from lightning_falcon.cli import main
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(lightning_falcon.module, "load_causal_lm", refuse)
+
+
+def run(tmp_path, capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+              "--data.cache_dir", str(tmp_path / "cache"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("lightning_falcon: error: ") and "Fix" in last, err
+    return last
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_missing_file(tmp_path, capsys):
+    assert "dataset file not found" in run(tmp_path, capsys, "--data.dataset", str(tmp_path / "missing.jsonl"))
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    assert "unknown dataset 'nobody/nothing'" in run(tmp_path, capsys, "--data.dataset", "nobody/nothing")
+
+
+def test_missing_columns(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--data.dataset", jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}] * 3))
+    assert "lacks column(s) ['prompt', 'response']; it has ['q', 'a']" in err
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "e.jsonl").write_text("")
+    assert "is empty" in run(tmp_path, capsys, "--data.dataset", str(tmp_path / "e.jsonl"))
+
+
+def test_every_row_too_long(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--data.max_length", "8", "--data.dataset", MIDJOURNEY)
+    assert "leaves no response token within data.max_length=8. Fix: raise --data.max_length" in err
+
+
+def test_target_modules_the_model_lacks(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--model.target_modules", "[q_proj,v_proj]")
+    assert "['q_proj', 'v_proj'] not found" in err and "query_key_value" in err

@@ -1,0 +1,118 @@
+"""End to end through `python -m lightning_falcon` on the tiny default: train, resume, evaluate, predict."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def cli(root: Path, subcommand: str, *args: str) -> subprocess.CompletedProcess:
+    # Arguments apply in order, so overrides come after the config file.
+    command = [sys.executable, "-m", "lightning_falcon", subcommand, "--config", str(REPO / "configs/tiny.yaml"),
+               "--trainer.logger.init_args.save_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    proc = cli(root, "fit")
+    return root, root / "runs" / "tiny" / "version_0", proc
+
+
+def test_fit_logs_the_model_report(fitted):
+    _, _, proc = fitted
+    assert "quantized linear layers: 8" in proc.stdout + proc.stderr
+
+
+def test_fit_writes_config_and_scalars_and_the_loss_falls(fitted):
+    _, run, _ = fitted
+    assert (run / "config.yaml").is_file()
+    s = scalars(run)
+    for tag in ("train/loss", "val/loss", "val/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_sec"):
+        assert s.get(tag), f"no {tag} in {sorted(s)}"
+    val = [v for _, v in s["val/loss"]]
+    assert val[-1] < val[0] - 1.0, val
+    assert s["train/loss"][-1][1] < s["train/loss"][0][1] - 3.0
+    assert math.isclose(s["val/perplexity"][-1][1], math.exp(val[-1]), rel_tol=1e-4)
+    assert all(v > 0 for _, v in s["train/tokens_per_sec"])
+    assert s["model/quantized_layers"][0][1] == 8
+
+
+def test_checkpoints_hold_only_lora_weights(fitted):
+    _, run, _ = fitted
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in ckpts} == {"last.ckpt", "step=100.ckpt", "step=200.ckpt", "step=300.ckpt", "step=400.ckpt", "step=500.ckpt"}
+    for path in ckpts:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert state["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in state["state_dict"]), path
+        assert "optimizer_states" in state and "lr_schedulers" in state and "loops" in state
+        # the frozen base (1 MB on disk in bf16) is absent: LoRA weights + their Adam states only
+        assert path.stat().st_size < 1_000_000
+
+
+def test_adapter_loads_onto_the_base_with_peft(fitted):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run, _ = fitted
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)  # the adapter is not empty
+
+
+def test_resume_continues_from_the_saved_step_in_a_new_version(fitted):
+    root, run, _ = fitted
+    proc = cli(root, "fit", "--ckpt_path", "last", "--trainer.max_steps", "520")
+    assert f"--ckpt_path last -> {run / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
+    resumed = root / "runs" / "tiny" / "version_1"
+    steps = [step for step, _ in scalars(resumed)["train/loss"]]
+    assert min(steps) > 500 and max(steps) == 519
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 520
+
+
+def test_validate_test_and_predict_from_a_checkpoint(fitted):
+    root, run, _ = fitted
+    ckpt = str(run / "checkpoints" / "step=500.ckpt")
+    out = cli(root, "validate", "--ckpt_path", ckpt).stdout
+    assert "val/loss" in out
+    out = cli(root, "test", "--ckpt_path", ckpt).stdout
+    assert "test/perplexity" in out
+    cli(root, "predict", "--ckpt_path", ckpt, "--model.max_new_tokens", "128")
+    predictions = sorted((root / "runs" / "tiny").glob("version_*/predictions.jsonl"))
+    rows = [json.loads(line) for line in predictions[-1].read_text().splitlines()]
+    assert len(rows) == 36 and all(r["input"].startswith("### Instruction:") for r in rows)
+    assert sum("--ar" in r["output"] for r in rows) > len(rows) // 2  # it learned the prompt format
+
+
+def test_console_script_is_installed():
+    script = shutil.which("lightning-falcon") or str(Path(sys.executable).with_name("lightning-falcon"))
+    proc = subprocess.run([script, "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--model.model_name_or_path" in proc.stdout

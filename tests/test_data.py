@@ -1,0 +1,143 @@
+"""PromptDataModule: both formats, exact masks in batches, truncation counts, the cache, and bad input."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from conftest import GUANACO, MIDJOURNEY, TINY
+
+from lightning_falcon import PromptDataModule
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.prompts import IGNORE_INDEX
+
+
+def make(tmp_path, **kwargs):
+    kwargs.setdefault("dataset", MIDJOURNEY)
+    dm = PromptDataModule(tokenizer=TINY, cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_prompt_response_batches_mask_prompt_and_padding_but_train_eos(tmp_path):
+    dm = make(tmp_path, batch_size=8)
+    assert dm.stats["train"]["rows"] + dm.stats["val"]["rows"] == 360
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    eos = dm.tokenizer.eos_token_id
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < batch["input_ids"].shape[1]  # dynamic padding: some row is padded
+    for ids, mask, labels, n in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], lengths):
+        assert (labels[n:] == IGNORE_INDEX).all() and (mask[n:] == 0).all() and (ids[n:] == eos).all()
+        assert labels[n - 1] == eos and ids[n - 1] == eos  # the real EOS is a trained label
+        assert labels[0] == IGNORE_INDEX  # the prompt is masked
+        trained = labels[:n] != IGNORE_INDEX
+        first = int(trained.float().argmax())
+        assert trained[first:].all()  # the response is one trained run up to the EOS
+
+
+def test_truncation_is_counted(tmp_path, tokenizer):
+    dm = make(tmp_path, max_length=64)
+    rows = [json.loads(line) for line in open(MIDJOURNEY)]
+    template = "### Instruction:\n{}\n\n### Response:\n"
+    lengths = [
+        len(tokenizer(template.format(r["prompt"]), add_special_tokens=False)["input_ids"])
+        + len(tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+        + 1
+        for r in rows
+    ]
+    expected = sum(n > 64 for n in lengths)
+    assert expected > 0
+    assert dm.stats["train"]["truncated"] + dm.stats["val"]["truncated"] == expected
+    assert max(len(r["input_ids"]) for r in dm._splits["train"]) == 64
+
+
+def test_turns_format_trains_only_assistant_turns(tmp_path):
+    dm = make(tmp_path, dataset=GUANACO, format="turns", val_fraction=0.25)
+    row = dm._splits["train"][0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    text = dm.tokenizer.decode(trained)
+    assert "### Human:" not in text and "### Assistant:" not in text
+    assert trained[-1] == dm.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
+def test_other_file_types_load(tmp_path, suffix):
+    ds = datasets.Dataset.from_dict({"prompt": [f"request {i}" for i in range(10)], "response": ["answer"] * 10})
+    path = tmp_path / f"data.{suffix}"
+    {"csv": ds.to_csv, "parquet": ds.to_parquet, "json": lambda p: ds.to_json(p, lines=False)}[suffix](str(path))
+    dm = make(tmp_path, dataset=str(path), val_fraction=0.2)
+    assert dm.stats["train"]["rows"] == 8 and dm.stats["val"]["rows"] == 2
+
+
+def test_tokenized_once_then_read_from_cache(tmp_path, monkeypatch):
+    make(tmp_path)
+    monkeypatch.setattr(PromptDataModule, "_tokenize", lambda *a: pytest.fail("tokenized again"))
+    dm = make(tmp_path)  # same data, tokenizer and settings: a cache hit
+    assert dm.stats["train"]["rows"] > 0
+    monkeypatch.undo()
+    make(tmp_path, max_length=100)  # another setting, another cache entry
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
+def test_predict_batches_are_left_padded_prompts(tmp_path):
+    dm = make(tmp_path, batch_size=4)
+    batch = next(iter(dm.predict_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    assert batch["attention_mask"][:, 0].sum() < 4  # some prompt is shorter, so padded on the left
+    assert not (batch["input_ids"][batch["attention_mask"] == 1] == dm.tokenizer.eos_token_id).any()
+
+
+# ---------------------------------------------------------------------------------- bad input
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dataset file not found: .*nope.jsonl"):
+        make(tmp_path, dataset=str(tmp_path / "nope.jsonl"))
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(ConfigError, match="unknown dataset 'no-such-user/no-such-dataset'"):
+        make(tmp_path, dataset="no-such-user/no-such-dataset")
+
+
+def test_missing_columns_name_the_existing_ones(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    with pytest.raises(ConfigError) as e:
+        make(tmp_path, dataset=path)
+    assert "['prompt', 'response']" in str(e.value) and "['question', 'answer']" in str(e.value)
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("prompt,response\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        make(tmp_path, dataset=str(path))
+
+
+def test_every_row_too_long(tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 60, "response": "ok"}] * 6)
+    with pytest.raises(ConfigError, match="every one of the .* rows .*max_length=16"):
+        make(tmp_path, dataset=path, max_length=16)
+
+
+def test_bad_settings_are_listed_together(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        PromptDataModule(dataset=MIDJOURNEY, template="nope", val_fraction=0.0, batch_size=0)
+    assert "nope" in str(e.value) and "val_fraction" in str(e.value) and "batch_size" in str(e.value)
+
+
+def test_collate_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
+    dm = PromptDataModule(dataset=MIDJOURNEY, tokenizer=TINY)
+    assert dm._tokenizer().pad_token_id is None and dm.pad_id == dm.tokenizer.eos_token_id
+    eos = dm.pad_id
+    batch = dm.collate([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]}, {"input_ids": [5], "labels": [-100]}])
+    assert batch["labels"].tolist() == [[-100, 6, eos], [-100, -100, -100]]
+    assert batch["input_ids"].tolist() == [[5, 6, eos], [5, eos, eos]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
