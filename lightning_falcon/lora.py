@@ -16,7 +16,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct leaf names of the linear layers in `model` (the names LoRA can target)."""
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(module, nn.Linear):  # bitsandbytes' 4-bit and 8-bit layers subclass it too
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

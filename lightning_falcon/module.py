@@ -136,6 +136,9 @@ class FalconQLoRA(L.LightningModule):
         self.model = apply_lora(
             base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
         )
+        # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
+        # without this, dropout (LoRA's included) would be silently off for the whole fit.
+        self.model.train()
         self.report = parameter_report(self.model, n_quantized)
 
     def configure_callbacks(self):

@@ -25,6 +25,13 @@ def test_only_lora_parameters_train(module):
     assert 0 < module.report.trainable < module.report.total
 
 
+def test_model_starts_fit_in_train_mode_so_dropout_is_active():
+    m = FalconQLoRA(model_name_or_path=TINY, lora_dropout=0.1)
+    m.configure_model()
+    in_eval = [n for n, sub in m.model.named_modules() if not sub.training]
+    assert in_eval == []
+
+
 def test_configure_model_is_idempotent(module):
     model = module.model
     module.configure_model()
@@ -78,3 +85,39 @@ def test_lr_schedule_warms_up_then_decays():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert lr_lambda(5, 100, "constant", 0.0)(50) == 1.0
+
+
+def test_int8_base_trains_lora():
+    m = FalconQLoRA(model_name_or_path=TINY, quantization="int8")
+    m.configure_model()
+    m.train()
+    assert m.report.quantized_layers == 4 * m.model.config.num_hidden_layers
+    ids = torch.randint(0, m.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    m(ids, torch.ones_like(ids), ids).loss.backward()
+    lora_a = [p for n, p in m.named_parameters() if ".lora_A." in n]
+    # lora_B starts at zero, so A's gradient is zero on the first step; B's must not be
+    lora_b = [p for n, p in m.named_parameters() if ".lora_B." in n]
+    assert lora_a and all(p.grad is not None for p in lora_a)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_gradient_checkpointing_turns_the_kv_cache_off_and_still_trains():
+    m = FalconQLoRA(model_name_or_path=TINY, gradient_checkpointing=True)
+    m.configure_model()
+    m.train()
+    assert m.model.base_model.model.is_gradient_checkpointing and m.model.config.use_cache is False
+    ids = torch.randint(0, m.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    m(ids, torch.ones_like(ids), ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if ".lora_B." in n)
+
+
+def test_random_init_builds_from_config_through_the_quantized_loader(tmp_path):
+    m = FalconQLoRA(model_name_or_path=TINY, random_init=True, random_init_dir=str(tmp_path))
+    m.configure_model()
+    assert m.report.quantized_layers == 4 * m.model.config.num_hidden_layers
+    (checkpoint,) = tmp_path.iterdir()
+    assert (checkpoint / "model.safetensors").is_file()
+    written = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    again = FalconQLoRA(model_name_or_path=TINY, random_init=True, random_init_dir=str(tmp_path))
+    again.configure_model()  # the same architecture reuses its checkpoint
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
