@@ -121,3 +121,11 @@ def test_random_init_builds_from_config_through_the_quantized_loader(tmp_path):
     again = FalconQLoRA(model_name_or_path=TINY, random_init=True, random_init_dir=str(tmp_path))
     again.configure_model()  # the same architecture reuses its checkpoint
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("name", ["asset:falcon-7b", "asset:falcon-40b"])
+def test_default_targets_exist_in_the_real_falcon_architectures(name):
+    # A weightless skeleton from config.json: no download, no memory.
+    FalconQLoRA(model_name_or_path=name).check_targets()
+    with pytest.raises(ConfigError, match="query_key_value"):
+        FalconQLoRA(model_name_or_path=name, target_modules=["c_attn"]).check_targets()
