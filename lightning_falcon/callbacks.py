@@ -32,7 +32,9 @@ class TokenThroughput(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         tokens = trainer.strategy.reduce(batch["attention_mask"].sum().float(), reduce_op="sum")
-        pl_module.log("train/tokens_per_sec", tokens / max(now - self._last, 1e-9), prog_bar=True, on_step=True, batch_size=1)
+        pl_module.log(
+            "train/tokens_per_sec", tokens / max(now - self._last, 1e-9), prog_bar=True, on_step=True, batch_size=1
+        )
         self._last = now
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30

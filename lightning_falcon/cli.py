@@ -1,9 +1,9 @@
 """The LightningCLI: `python -m lightning_falcon {fit,validate,test,predict} --config X.yaml [--section.key value ...]`.
 
-    python -m lightning_falcon fit --config configs/tiny.yaml
-    python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
-    python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
-    python -m lightning_falcon fit --config configs/tiny.yaml --print_config
+python -m lightning_falcon fit --config configs/tiny.yaml
+python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
+python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
+python -m lightning_falcon fit --config configs/tiny.yaml --print_config
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class FalconCLI(LightningCLI):
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
             config.data.tokenizer = config.model.model_name_or_path
 
+    def _before_run(self) -> None:
+        # Cheap (config.json only): a wrong LoRA target fails before the data is tokenized.
+        self.model.check_targets()
+        self._resolve_last()
+
     def _resolve_last(self) -> None:
         """`--ckpt_path last` finds the run's newest last.ckpt across its log versions.
 
@@ -61,7 +66,7 @@ class FalconCLI(LightningCLI):
             rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
             config["ckpt_path"] = None
 
-    before_fit = before_validate = before_test = before_predict = _resolve_last
+    before_fit = before_validate = before_test = before_predict = _before_run
 
 
 def main(args: list[str] | None = None) -> None:
@@ -75,7 +80,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default"},
+                    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
                 }
             },
         )

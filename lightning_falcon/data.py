@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.errors import ConfigError
+from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.prompts import IGNORE_INDEX, TEMPLATES, encode_pair, encode_turns
 
 # File suffix -> the `datasets` builder that reads it.
@@ -31,11 +31,6 @@ def _empty(source: str) -> ConfigError:
     return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -43,6 +38,7 @@ class PromptDataModule(L.LightningDataModule):
         val_dataset: str | None = None,
         val_fraction: float = 0.1,
         split: str = "train",
+        val_split: str | None = None,
         format: Literal["prompt_response", "turns"] = "prompt_response",
         prompt_column: str = "prompt",
         response_column: str = "response",
@@ -67,6 +63,7 @@ class PromptDataModule(L.LightningDataModule):
                 Without it, a seeded `val_fraction` of `dataset` is held out.
             val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
             split: The split to read from a Hub dataset.
+            val_split: The split to read from a Hub `val_dataset`; None uses `split`.
             format: `prompt_response`: two columns rendered through `template`;
                 `turns`: one `text_column` with turn markers, where only assistant turns train.
             prompt_column: Column holding the request (format `prompt_response`).
@@ -87,7 +84,7 @@ class PromptDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         problems = []
         if format == "prompt_response" and template not in TEMPLATES:
-            problems.append(f"data.template {template!r} is unknown; choose one of {sorted(TEMPLATES)}")
+            problems.append(f"data.template {template!r} is unknown. Fix: choose one of {sorted(TEMPLATES)}")
         if val_dataset is None and not 0.0 < val_fraction < 1.0:
             problems.append(f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}")
         if max_length < 2:
@@ -100,17 +97,23 @@ class PromptDataModule(L.LightningDataModule):
         self._splits: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- loading and checking
-    def _load_raw(self, source: str):
+    def _load_raw(self, source: str, split: str):
         """Load one data source through `datasets.load_dataset`, with one-line errors."""
         import datasets
 
         path = Path(resolve(source)).expanduser()
         builder = FILE_BUILDERS.get(path.suffix.lower())
+        if path.is_dir():
+            raise ConfigError(f"dataset {source} is a directory. Fix: give a {'/'.join(FILE_BUILDERS)} file")
         if builder is not None or path.exists():
             if not path.is_file():
-                raise ConfigError(f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset")
+                raise ConfigError(
+                    f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset"
+                )
             if builder is None:
-                raise ConfigError(f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}")
+                raise ConfigError(
+                    f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
+                )
             if path.stat().st_size == 0:
                 raise _empty(source)
             try:
@@ -119,13 +122,13 @@ class PromptDataModule(L.LightningDataModule):
                 if "corresponds to no data" in str(e):  # datasets' wording for a header-only file
                     raise _empty(source) from e
                 raise ConfigError(
-                    f"dataset {source} could not be read as {builder} ({_first_line(e)}). Fix: check the file's format"
+                    f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
                 ) from e
         try:
-            return datasets.load_dataset(source, split=self.hparams.split)
+            return datasets.load_dataset(source, split=split)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
             raise ConfigError(
-                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({_first_line(e)}). "
+                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
                 "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
             ) from e
 
@@ -148,8 +151,17 @@ class PromptDataModule(L.LightningDataModule):
 
         if self.tokenizer is None:
             if self.hparams.tokenizer is None:
-                raise ConfigError("data.tokenizer is not set. Fix: set --data.tokenizer (defaults to model.model_name_or_path in the CLI)")
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.hparams.tokenizer))
+                raise ConfigError(
+                    "data.tokenizer is not set. "
+                    "Fix: set --data.tokenizer (the CLI defaults it to model.model_name_or_path)"
+                )
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.hparams.tokenizer))
+            except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
+                raise ConfigError(
+                    f"tokenizer {self.hparams.tokenizer!r} not found: not a local directory and not loadable from "
+                    f"the Hub ({first_line(e)}). Fix: set --data.tokenizer or --model.model_name_or_path"
+                ) from e
             if self.tokenizer.eos_token_id is None:
                 raise ConfigError(
                     f"tokenizer {self.hparams.tokenizer} has no EOS token, and responses must end with one. "
@@ -161,7 +173,9 @@ class PromptDataModule(L.LightningDataModule):
     def _encode(self, row: dict):
         hp, tok = self.hparams, self._tokenizer()
         if hp.format == "prompt_response":
-            return encode_pair(tok, str(row[hp.prompt_column]), str(row[hp.response_column]), hp.template, hp.max_length)
+            return encode_pair(
+                tok, str(row[hp.prompt_column]), str(row[hp.response_column]), hp.template, hp.max_length
+            )
         return encode_turns(tok, str(row[hp.text_column]), hp.human_marker, hp.assistant_marker, hp.max_length)
 
     def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
@@ -194,7 +208,9 @@ class PromptDataModule(L.LightningDataModule):
             else:
                 h.update(str(source).encode())
         tok = self._tokenizer()
-        h.update(tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode())
+        h.update(
+            tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode()
+        )
         h.update(str(tok.eos_token_id).encode())
         settings = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")}
         settings["template_text"] = TEMPLATES.get(self.hparams.template)
@@ -215,18 +231,19 @@ class PromptDataModule(L.LightningDataModule):
         target = self.cache_path
         if (target / "stats.json").exists():
             return
-        train = self._load_raw(hp.dataset)
+        train = self._load_raw(hp.dataset, hp.split)
         self._check(hp.dataset, train)
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
         if hp.val_dataset is not None:
-            val = self._load_raw(hp.val_dataset)
+            val = self._load_raw(hp.val_dataset, hp.val_split or hp.split)
             self._check(hp.val_dataset, val)
             sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
         else:
             if len(train) < 2:
                 raise ConfigError(
-                    f"dataset {hp.dataset} has {len(train)} row; a held-out split needs at least 2. Fix: add rows or set --data.val_dataset"
+                    f"dataset {hp.dataset} has {len(train)} row; a held-out split needs at least 2. "
+                    "Fix: add rows or set --data.val_dataset"
                 )
             parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
@@ -291,8 +308,8 @@ class PromptDataModule(L.LightningDataModule):
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attention_mask[i, width - len(p):] = 1
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def _loader(self, split: str, shuffle: bool, collate) -> DataLoader:
@@ -312,7 +329,7 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader("val", False, self.collate)
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out split doubles as the test set."""
+        """The held-out split doubles as the test set (there is no separate test split)."""
         return self._loader("val", False, self.collate)
 
     def predict_dataloader(self) -> DataLoader:

@@ -12,3 +12,9 @@ class ConfigError(ValueError):
         """Raise once listing every problem, or return if there are none."""
         if problems:
             raise cls("; ".join(problems))
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an upstream error, to quote inside a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -11,9 +11,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.errors import ConfigError
-from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora, check_target_modules, linear_module_names, parameter_report
-from lightning_falcon.quantization import ComputeDtype, Quantization, load_causal_lm, quantized_layers, resolve_compute_dtype
+from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.lora import (
+    FALCON_TARGET_MODULES,
+    apply_lora,
+    check_target_modules,
+    linear_module_names,
+    parameter_report,
+)
+from lightning_falcon.quantization import (
+    ComputeDtype,
+    Quantization,
+    load_causal_lm,
+    quantized_layers,
+    resolve_compute_dtype,
+)
 
 
 class FalconQLoRA(L.LightningModule):
@@ -104,7 +116,13 @@ class FalconQLoRA(L.LightningModule):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         hp = self.hparams
-        config = AutoConfig.from_pretrained(resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code)
+        except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
+            raise ConfigError(
+                f"model {hp.model_name_or_path!r} not found: not a local directory and not loadable from the Hub "
+                f"({first_line(e)}). Fix: set --model.model_name_or_path to a Hub id or a directory with config.json"
+            ) from e
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
         check_target_modules(linear_module_names(skeleton), self.target_modules)
@@ -130,6 +148,8 @@ class FalconQLoRA(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
         )
+        if device.type == "cuda":  # train/peak_mem_gib then reports training, not the load
+            torch.cuda.reset_peak_memory_stats(device)
         n_quantized = len(quantized_layers(base))
         if hp.quantization != "none" and n_quantized == 0:
             raise RuntimeError(f"{path} loaded with quantization={hp.quantization} but no layer was quantized")
@@ -207,7 +227,7 @@ class FalconQLoRA(L.LightningModule):
             eos_token_id=eos,
             pad_token_id=eos,
         )
-        return out[:, batch["input_ids"].shape[1]:]
+        return out[:, batch["input_ids"].shape[1] :]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
@@ -244,11 +264,20 @@ class FalconQLoRA(L.LightningModule):
         """Refuse a checkpoint whose LoRA weights do not match this model, naming the difference."""
         expected, saved = self._trainable_shapes(), checkpoint["state_dict"]
         missing = sorted(set(expected) - set(saved))
-        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k])}" for k in expected if k in saved and saved[k].shape != expected[k]]
+        wrong = [
+            f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k])}"
+            for k in expected
+            if k in saved and saved[k].shape != expected[k]
+        ]
         if missing or wrong:
-            detail = f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing else f"shape mismatch ({wrong[0]})"
+            detail = (
+                f"{len(missing)} LoRA weights missing (e.g. {missing[0]})"
+                if missing
+                else f"shape mismatch ({wrong[0]})"
+            )
             raise ConfigError(
-                f"checkpoint does not match the model: {detail}. Fix: use the lora_r/target_modules the checkpoint was trained with"
+                f"checkpoint does not match the model: {detail}. "
+                "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
 
 

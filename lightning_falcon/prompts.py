@@ -55,7 +55,12 @@ def _assemble(pieces: list[tuple[list[int], bool]], max_length: int) -> Encoded 
 
 def encode_pair(tokenizer, prompt: str, response: str, template: str, max_length: int) -> Encoded | None:
     """Format (a): a prompt rendered through `template`, then the response and a trained EOS."""
-    prompt_ids = tokenizer(render(template, prompt), add_special_tokens=False)["input_ids"]
+    text = render(template, prompt)
+    # A byte-level BPE attaches a space to the word after it (" Hello"), so a template's trailing
+    # space moves to the response: the boundary then tokenizes as it does in running text.
+    stripped = text.rstrip(" ")
+    response = text[len(stripped) :] + response
+    prompt_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return _assemble([(prompt_ids, False), (response_ids + [tokenizer.eos_token_id], True)], max_length)
 
@@ -66,11 +71,13 @@ def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tup
     rest = text
     while rest:
         h, a = rest.find(human_marker), rest.find(assistant_marker)
-        starts = [(i, role, m) for i, role, m in ((h, "human", human_marker), (a, "assistant", assistant_marker)) if i >= 0]
+        starts = [
+            (i, role, m) for i, role, m in ((h, "human", human_marker), (a, "assistant", assistant_marker)) if i >= 0
+        ]
         if not starts:
             break
         _, role, marker = min(starts)
-        rest = rest[rest.find(marker) + len(marker):]
+        rest = rest[rest.find(marker) + len(marker) :]
         nxt = [i for i in (rest.find(human_marker), rest.find(assistant_marker)) if i >= 0]
         end = min(nxt) if nxt else len(rest)
         turns.append((role, rest[:end]))

@@ -29,8 +29,11 @@ def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, tru
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    # On CPU: Lightning calls configure_model under the GPU as default device, and a full bf16
+    # 7B (14 GB) or 40B (80 GB) must not land there. A forked RNG keeps the caller's seed intact.
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
     # Write to a temporary sibling and rename, so an interrupted write never leaves a half checkpoint.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:

@@ -25,33 +25,72 @@ EOS = "<|endoftext|>"  # Falcon's own EOS string; like Falcon, the tokenizer has
 
 # (short subject used in the request, richer description used in the prompt)
 SUBJECTS = [
-    ("a fantasy village at night", "a cozy fantasy village at night, thatched cottages, glowing lanterns along winding cobblestone streets"),
-    ("a boy running in the snow", "a young boy running through fresh snow, red scarf trailing behind him, snowflakes caught mid-air"),
-    ("a lighthouse in a storm", "a lone lighthouse on black cliffs, enormous waves crashing, beam cutting through rain"),
-    ("a cyberpunk street market", "a crowded cyberpunk street market, neon kanji signs, steaming food stalls, wet asphalt reflections"),
+    (
+        "a fantasy village at night",
+        "a cozy fantasy village at night, thatched cottages, glowing lanterns along winding cobblestone streets",
+    ),
+    (
+        "a boy running in the snow",
+        "a young boy running through fresh snow, red scarf trailing behind him, snowflakes caught mid-air",
+    ),
+    (
+        "a lighthouse in a storm",
+        "a lone lighthouse on black cliffs, enormous waves crashing, beam cutting through rain",
+    ),
+    (
+        "a cyberpunk street market",
+        "a crowded cyberpunk street market, neon kanji signs, steaming food stalls, wet asphalt reflections",
+    ),
     ("an old fisherman", "portrait of an old fisherman, deep weathered wrinkles, knitted wool cap, salt in his beard"),
-    ("a dragon sleeping on gold", "an enormous dragon asleep on a hoard of gold coins, smoke curling from its nostrils"),
-    ("a treehouse in a rainforest", "an elaborate treehouse high in a rainforest canopy, rope bridges, hanging vines, tiny waterfalls"),
-    ("a robot tending a garden", "a gentle rusted robot watering tomato plants in a rooftop garden, bees around its head"),
+    (
+        "a dragon sleeping on gold",
+        "an enormous dragon asleep on a hoard of gold coins, smoke curling from its nostrils",
+    ),
+    (
+        "a treehouse in a rainforest",
+        "an elaborate treehouse high in a rainforest canopy, rope bridges, hanging vines, tiny waterfalls",
+    ),
+    (
+        "a robot tending a garden",
+        "a gentle rusted robot watering tomato plants in a rooftop garden, bees around its head",
+    ),
     ("a desert caravan", "a camel caravan crossing golden dunes, long shadows, travellers wrapped in indigo cloth"),
     ("a cat astronaut", "a tabby cat in a tiny white spacesuit floating inside a space station, curious wide eyes"),
     ("a floating castle", "a castle on a floating island, waterfalls spilling off its edges into the clouds below"),
     ("a jazz bar", "a smoky 1950s jazz bar, saxophone player on a small stage, brass reflections, velvet booths"),
     ("a mountain monastery", "a remote monastery clinging to a Himalayan cliff, prayer flags snapping in the wind"),
     ("a coral reef", "a vibrant coral reef teeming with fish, sea turtle gliding through shafts of sunlight"),
-    ("a steampunk airship", "a brass steampunk airship with patched canvas balloons, propellers churning above a Victorian city"),
+    (
+        "a steampunk airship",
+        "a brass steampunk airship with patched canvas balloons, propellers churning above a Victorian city",
+    ),
     ("a fox in a forest", "a red fox standing in a misty birch forest, ears alert, breath visible in the cold"),
     ("a samurai at dawn", "a lone samurai standing on a hill at dawn, katana sheathed, cherry petals drifting past"),
-    ("a cozy reading nook", "a cozy reading nook by a rain-streaked window, stacked books, knitted blanket, steaming tea"),
-    ("an abandoned subway station", "an abandoned subway station reclaimed by nature, ferns on the platforms, light through grates"),
-    ("a witch's apothecary", "a cluttered witch's apothecary, shelves of glowing potions, dried herbs hanging from beams"),
-    ("a futuristic city skyline", "a futuristic city skyline with vertical gardens on glass towers, maglev trains weaving between"),
+    (
+        "a cozy reading nook",
+        "a cozy reading nook by a rain-streaked window, stacked books, knitted blanket, steaming tea",
+    ),
+    (
+        "an abandoned subway station",
+        "an abandoned subway station reclaimed by nature, ferns on the platforms, light through grates",
+    ),
+    (
+        "a witch's apothecary",
+        "a cluttered witch's apothecary, shelves of glowing potions, dried herbs hanging from beams",
+    ),
+    (
+        "a futuristic city skyline",
+        "a futuristic city skyline with vertical gardens on glass towers, maglev trains weaving between",
+    ),
     ("a polar bear on ice", "a polar bear walking across cracked sea ice, aurora shimmering overhead"),
     ("a viking longship", "a viking longship cutting through a grey fjord, shields along the hull, oarsmen straining"),
     ("a tea ceremony", "a traditional Japanese tea ceremony, tatami room, sliding paper doors open to a moss garden"),
     ("a haunted mansion", "a decaying Victorian mansion on a hill, crooked windows, a single candle burning upstairs"),
     ("a mermaid in a grotto", "a mermaid resting in a sea grotto, bioluminescent algae, pearls scattered on wet rock"),
-    ("a bustling train station", "a bustling 1920s train station, steam locomotives, travellers in long coats, iron arches"),
+    (
+        "a bustling train station",
+        "a bustling 1920s train station, steam locomotives, travellers in long coats, iron arches",
+    ),
     ("an owl librarian", "a wise owl wearing round spectacles, perched on a ladder in an endless library"),
     ("a sunflower field", "an endless sunflower field rolling to the horizon, a red barn in the distance"),
     ("a space station above Earth", "a ring-shaped space station orbiting above Earth, solar panels catching the sun"),
@@ -107,19 +146,44 @@ STYLES = {
     "fantasy digital painting": "fantasy digital painting, intricate detail, epic scale",
 }
 LIGHTING = [
-    "golden hour light", "soft diffused overcast light", "dramatic rim lighting", "moonlight and lantern glow",
-    "volumetric god rays", "neon glow reflecting on wet surfaces", "warm candlelight", "cold blue twilight",
-    "harsh midday sun with deep shadows", "bioluminescent glow", "backlit by the setting sun",
-    "foggy ambient light", "studio softbox lighting", "flickering firelight", "aurora light",
+    "golden hour light",
+    "soft diffused overcast light",
+    "dramatic rim lighting",
+    "moonlight and lantern glow",
+    "volumetric god rays",
+    "neon glow reflecting on wet surfaces",
+    "warm candlelight",
+    "cold blue twilight",
+    "harsh midday sun with deep shadows",
+    "bioluminescent glow",
+    "backlit by the setting sun",
+    "foggy ambient light",
+    "studio softbox lighting",
+    "flickering firelight",
+    "aurora light",
 ]
 CAMERA = [
-    "wide establishing shot", "close-up portrait framing", "low angle looking up", "aerial view",
-    "rule of thirds composition", "symmetrical composition", "macro detail", "cinematic wide angle, 24mm",
-    "telephoto compression, 200mm", "over-the-shoulder view",
+    "wide establishing shot",
+    "close-up portrait framing",
+    "low angle looking up",
+    "aerial view",
+    "rule of thirds composition",
+    "symmetrical composition",
+    "macro detail",
+    "cinematic wide angle, 24mm",
+    "telephoto compression, 200mm",
+    "over-the-shoulder view",
 ]
 MOODS = ["serene", "mysterious", "whimsical", "melancholic", "epic", "nostalgic", "ominous", "joyful", "dreamy"]
 # orientation word in a request -> aspect ratio
-ORIENTATIONS = {"wide": "16:9", "vertical": "9:16", "square": "1:1", "portrait": "2:3", "cinematic": "21:9", "landscape": "3:2"}
+ORIENTATIONS = {
+    "wide": "16:9",
+    "vertical": "9:16",
+    "square": "1:1",
+    "portrait": "2:3",
+    "cinematic": "21:9",
+    "landscape": "3:2",
+}
 DEFAULT_RATIOS = ["1:1", "16:9", "3:2", "4:5", "2:3"]
 VERSIONS = ["5.2", "6", "6.1"]
 REQUEST_FORMS = [
@@ -133,34 +197,106 @@ REQUEST_FORMS = [
 
 GUANACO = [
     [("What is the capital of France?", "The capital of France is Paris.")],
-    [("Give me three tips for sleeping better.", "1. Keep a regular schedule. 2. Avoid screens an hour before bed. 3. Keep the bedroom cool and dark.")],
+    [
+        (
+            "Give me three tips for sleeping better.",
+            "1. Keep a regular schedule. 2. Avoid screens an hour before bed. 3. Keep the bedroom cool and dark.",
+        )
+    ],
     [("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'.")],
-    [("What does a LoRA adapter do?", "A LoRA adapter adds small low-rank matrices next to frozen weights, so only a few parameters are trained.")],
+    [
+        (
+            "What does a LoRA adapter do?",
+            "A LoRA adapter adds small low-rank matrices next to frozen weights, so only a few parameters are trained.",
+        )
+    ],
     [("Write a haiku about rain.", "Soft rain on the roof, / the garden drinks in silence, / puddles hold the sky.")],
     [("How many legs does a spider have?", "A spider has eight legs."), ("And an insect?", "An insect has six legs.")],
-    [("Summarise the water cycle in one sentence.", "Water evaporates, condenses into clouds, falls as precipitation and flows back to the sea.")],
+    [
+        (
+            "Summarise the water cycle in one sentence.",
+            "Water evaporates, condenses into clouds, falls as precipitation and flows back to the sea.",
+        )
+    ],
     [("What is 12 times 7?", "12 times 7 is 84.")],
     [("Suggest a name for a grey cat.", "How about Smokey, Ash or Pebble?")],
-    [("Why is the sky blue?", "Air molecules scatter short blue wavelengths of sunlight more than red ones, so the sky looks blue.")],
-    [("Explain recursion to a child.", "Recursion is when something is defined using a smaller copy of itself, like nesting dolls.")],
-    [("What is a prime number?", "A prime number is a whole number greater than 1 that is divisible only by 1 and itself."), ("Is 9 prime?", "No, 9 is divisible by 3.")],
-    [("Recommend a book for a long flight.", "Try 'The Martian' by Andy Weir: it is gripping, funny and easy to pick up again.")],
-    [("How do I boil an egg?", "Place the egg in boiling water for 7 minutes for a firm yolk, then cool it in cold water.")],
-    [("What is the difference between weather and climate?", "Weather is the short-term state of the atmosphere; climate is its average over decades.")],
-    [("Write a short thank-you note to a colleague.", "Thank you for your help on the project this week. Your patience made a real difference!")],
+    [
+        (
+            "Why is the sky blue?",
+            "Air molecules scatter short blue wavelengths of sunlight more than red ones, so the sky looks blue.",
+        )
+    ],
+    [
+        (
+            "Explain recursion to a child.",
+            "Recursion is when something is defined using a smaller copy of itself, like nesting dolls.",
+        )
+    ],
+    [
+        (
+            "What is a prime number?",
+            "A prime number is a whole number greater than 1 that is divisible only by 1 and itself.",
+        ),
+        ("Is 9 prime?", "No, 9 is divisible by 3."),
+    ],
+    [
+        (
+            "Recommend a book for a long flight.",
+            "Try 'The Martian' by Andy Weir: it is gripping, funny and easy to pick up again.",
+        )
+    ],
+    [
+        (
+            "How do I boil an egg?",
+            "Place the egg in boiling water for 7 minutes for a firm yolk, then cool it in cold water.",
+        )
+    ],
+    [
+        (
+            "What is the difference between weather and climate?",
+            "Weather is the short-term state of the atmosphere; climate is its average over decades.",
+        )
+    ],
+    [
+        (
+            "Write a short thank-you note to a colleague.",
+            "Thank you for your help on the project this week. Your patience made a real difference!",
+        )
+    ],
     [("Name three primary colours.", "Red, yellow and blue are the traditional primary colours.")],
-    [("What is photosynthesis?", "Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen.")],
+    [
+        (
+            "What is photosynthesis?",
+            "Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen.",
+        )
+    ],
     [("Give me a synonym for 'happy'.", "Joyful."), ("And one for 'sad'?", "Sorrowful.")],
     [("How far is the Moon from Earth?", "On average the Moon is about 384,400 kilometres from Earth.")],
-    [("What should I pack for a day hike?", "Water, snacks, a map, sunscreen, a rain layer and a small first-aid kit.")],
+    [
+        (
+            "What should I pack for a day hike?",
+            "Water, snacks, a map, sunscreen, a rain layer and a small first-aid kit.",
+        )
+    ],
     [("Convert 100 degrees Fahrenheit to Celsius.", "100 degrees Fahrenheit is about 37.8 degrees Celsius.")],
     [("Tell me a fun fact about octopuses.", "Octopuses have three hearts and blue blood.")],
     [("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level.")],
     [("Write a one-line motto for a bakery.", "Baked at dawn, loved all day.")],
     [("What does CPU stand for?", "CPU stands for central processing unit.")],
-    [("Give me a quick stretching routine.", "Neck rolls, shoulder shrugs, a standing forward fold and a gentle spinal twist, 30 seconds each.")],
+    [
+        (
+            "Give me a quick stretching routine.",
+            "Neck rolls, shoulder shrugs, a standing forward fold and a gentle spinal twist, 30 seconds each.",
+        )
+    ],
     [("Who wrote 'Pride and Prejudice'?", "Jane Austen wrote 'Pride and Prejudice', published in 1813.")],
-    [("What is the largest planet?", "Jupiter is the largest planet in the Solar System."), ("How many moons does it have?", "Jupiter has dozens of known moons; the four largest are Io, Europa, Ganymede and Callisto.")],
+    [
+        ("What is the largest planet?", "Jupiter is the largest planet in the Solar System."),
+        (
+            "How many moons does it have?",
+            "Jupiter has dozens of known moons; the four largest are Io, Europa, Ganymede and Callisto.",
+        ),
+    ],
     [("Make a short shopping list for pancakes.", "Flour, eggs, milk, butter, sugar and a pinch of salt.")],
     [("What is the opposite of 'ancient'?", "Modern.")],
     [("Describe autumn in five words.", "Crisp, golden, smoky, quiet, falling.")],
@@ -274,7 +410,10 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     build_model(len(tokenizer), tokenizer.eos_token_id, out, args.initializer_range, args.hidden_size)
-    print(f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}")
+    print(
+        f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, "
+        f"tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}"
+    )
 
 
 if __name__ == "__main__":

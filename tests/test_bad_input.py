@@ -19,8 +19,18 @@ def no_weights(monkeypatch):
 
 def run(tmp_path, capsys, *args):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-              "--data.cache_dir", str(tmp_path / "cache"), *args])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/tiny.yaml",
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+                "--data.cache_dir",
+                str(tmp_path / "cache"),
+                *args,
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2
     assert "Traceback" not in err
@@ -60,3 +70,17 @@ def test_every_row_too_long(tmp_path, capsys):
 def test_target_modules_the_model_lacks(tmp_path, capsys):
     err = run(tmp_path, capsys, "--model.target_modules", "[q_proj,v_proj]")
     assert "['q_proj', 'v_proj'] not found" in err and "query_key_value" in err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--model.model_name_or_path", str(tmp_path / "no-model"))
+    assert "model '" in err and "not found" in err
+
+
+def test_missing_tokenizer_path(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--data.tokenizer", str(tmp_path / "no-tokenizer"))
+    assert "tokenizer '" in err and "not found" in err
+
+
+def test_directory_as_dataset(tmp_path, capsys):
+    assert "is a directory" in run(tmp_path, capsys, "--data.dataset", str(tmp_path))

@@ -18,8 +18,19 @@ pytestmark = pytest.mark.slow
 
 def cli(root: Path, subcommand: str, *args: str) -> subprocess.CompletedProcess:
     # Arguments apply in order, so overrides come after the config file.
-    command = [sys.executable, "-m", "lightning_falcon", subcommand, "--config", str(REPO / "configs/tiny.yaml"),
-               "--trainer.logger.init_args.save_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_falcon",
+        subcommand,
+        "--config",
+        str(REPO / "configs/tiny.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "runs"),
+        "--data.cache_dir",
+        str(root / "cache"),
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,7 +74,14 @@ def test_fit_writes_config_and_scalars_and_the_loss_falls(fitted):
 def test_checkpoints_hold_only_lora_weights(fitted):
     _, run, _ = fitted
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
-    assert {p.name for p in ckpts} == {"last.ckpt", "step=100.ckpt", "step=200.ckpt", "step=300.ckpt", "step=400.ckpt", "step=500.ckpt"}
+    assert {p.name for p in ckpts} == {
+        "last.ckpt",
+        "step=100.ckpt",
+        "step=200.ckpt",
+        "step=300.ckpt",
+        "step=400.ckpt",
+        "step=500.ckpt",
+    }
     for path in ckpts:
         state = torch.load(path, map_location="cpu", weights_only=False)
         assert state["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in state["state_dict"]), path

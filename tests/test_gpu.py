@@ -20,8 +20,14 @@ def test_fit_on_gpu_with_paged_8bit_adamw_logs_peak_memory(tmp_path):
     model = FalconQLoRA(model_name_or_path=TINY, optimizer="paged_adamw_8bit", gradient_checkpointing=True)
     data = PromptDataModule(dataset=MIDJOURNEY, tokenizer=TINY, max_length=128, batch_size=8, cache_dir=str(tmp_path))
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10, limit_val_batches=2,
-        val_check_interval=5, default_root_dir=str(tmp_path), enable_checkpointing=False,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=10,
+        limit_val_batches=2,
+        val_check_interval=5,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
     )
     trainer.fit(model, data)
     layers = quantized_layers(model.model)

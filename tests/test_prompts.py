@@ -1,5 +1,7 @@
 """Masking: labels are -100 exactly on prompt and padding, and every response's EOS is trained."""
 
+import pytest
+
 from lightning_falcon.prompts import IGNORE_INDEX, encode_pair, encode_turns, render, split_turns
 
 
@@ -11,6 +13,16 @@ def test_pair_masks_prompt_and_trains_response_and_eos(tokenizer):
     assert enc.labels[prompt_len:] == response + [tokenizer.eos_token_id]
     assert enc.input_ids[-1] == tokenizer.eos_token_id
     assert not enc.truncated
+
+
+@pytest.mark.parametrize("template", ["guanaco", "falcon-instruct"])
+def test_template_boundary_tokenizes_as_running_text(tokenizer, template):
+    # The template's trailing space joins the response's first word, as in the running text.
+    enc = encode_pair(tokenizer, "a fox", "Hello fox", template, max_length=256)
+    running = tokenizer(render(template, "a fox") + "Hello fox", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids == running + [tokenizer.eos_token_id]
+    trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == " Hello fox" + tokenizer.eos_token
 
 
 def test_pair_truncation_is_reported_and_a_prompt_filling_max_length_is_dropped(tokenizer):

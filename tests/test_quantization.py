@@ -33,6 +33,8 @@ def test_every_targeted_layer_is_4bit_and_at_most_a_third_of_16bit(quant_type):
     quantized = sum(layer_bytes(m) for m in layers.values())
     full = sum(unquantized_bytes(m, torch.bfloat16) for m in layers.values())
     assert quantized <= full / 3, f"4-bit layers hold {quantized} bytes vs {full} unquantized (bf16)"
+    too_big = [n for n, m in layers.items() if layer_bytes(m) > unquantized_bytes(m, torch.bfloat16) / 3]
+    assert too_big == []
 
 
 def test_plain_transformers_load_stays_full_precision():

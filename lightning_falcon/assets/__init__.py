@@ -15,5 +15,5 @@ PREFIX = "asset:"
 def resolve(path: str) -> str:
     """Map `asset:NAME` to the shipped file or directory; return any other string unchanged."""
     if path.startswith(PREFIX):
-        return str(ASSETS_DIR / path[len(PREFIX):])
+        return str(ASSETS_DIR / path[len(PREFIX) :])
     return path
