@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -24,6 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_jsonl(path, rows) -> str:
+    """Write `rows` as a JSONL data file and return its path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

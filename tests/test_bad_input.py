@@ -1,9 +1,7 @@
 """Bad input: one line naming the problem and its fix, a non-zero exit, and no weights loaded."""
 
-import json
-
 import pytest
-from conftest import MIDJOURNEY
+from conftest import MIDJOURNEY, write_jsonl
 
 import lightning_falcon.module
 from lightning_falcon.cli import main
@@ -39,11 +37,6 @@ def run(tmp_path, capsys, *args):
     return last
 
 
-def jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def test_missing_file(tmp_path, capsys):
     assert "dataset file not found" in run(tmp_path, capsys, "--data.dataset", str(tmp_path / "missing.jsonl"))
 
@@ -53,7 +46,7 @@ def test_unknown_dataset(tmp_path, capsys):
 
 
 def test_missing_columns(tmp_path, capsys):
-    err = run(tmp_path, capsys, "--data.dataset", jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}] * 3))
+    err = run(tmp_path, capsys, "--data.dataset", write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}] * 3))
     assert "lacks column(s) ['prompt', 'response']; it has ['q', 'a']" in err
 
 

@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import GUANACO, MIDJOURNEY, TINY
+from conftest import GUANACO, MIDJOURNEY, TINY, write_jsonl
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.errors import ConfigError
@@ -91,11 +91,6 @@ def test_predict_batches_are_left_padded_prompts(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- bad input
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="dataset file not found: .*nope.jsonl"):
         make(tmp_path, dataset=str(tmp_path / "nope.jsonl"))
