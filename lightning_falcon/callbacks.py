@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -12,13 +13,21 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class TokenThroughput(Callback):
-    """Logs `train/tokens_per_sec` (real tokens, padding excluded, summed over ranks) and peak CUDA memory.
+    """Logs the global `train/tokens_per_sec` and `train/tokens` (real tokens, padding excluded, summed over
+    ranks) and each rank's peak CUDA memory.
 
     The interval runs from one batch end to the next, so data loading counts; validation does not.
     """
 
     def __init__(self) -> None:
         self._last: float | None = None
+        self.tokens = 0  # seen by all ranks since the run began; checkpointed, so a resume continues the count
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
 
     def _restart(self, *args) -> None:
         self._last = None
@@ -35,6 +44,8 @@ class TokenThroughput(Callback):
         pl_module.log(
             "train/tokens_per_sec", tokens / max(now - self._last, 1e-9), prog_bar=True, on_step=True, batch_size=1
         )
+        self.tokens += int(tokens.item())
+        pl_module.log("train/tokens", float(self.tokens), on_step=True, batch_size=1)
         self._last = now
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
@@ -42,14 +53,44 @@ class TokenThroughput(Callback):
 
 
 class SaveAdapter(Callback):
-    """At the end of fit, save the PEFT adapter to `<run dir>/adapter` (load it with `PeftModel.from_pretrained`)."""
+    """At the end of fit, save the PEFT adapter to `<run dir>/adapter` (load it with `PeftModel.from_pretrained`).
+
+    Every rank takes part: under ZeRO-3 the LoRA weights are gathered first (saving the local shards
+    writes an empty adapter: trl #4416, peft #2892), and with several ranks their weights are compared,
+    so a run whose replicas drifted apart fails loudly instead of saving one of them. Rank 0 writes.
+    """
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+        from lightning_falcon.strategy import gathered_parameters
+
+        # trainer.log_dir is a broadcast from rank 0: every rank must ask for it, or rank 0 waits forever.
         out = Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
-        pl_module.model.save_pretrained(out)
-        rank_zero_info(f"[adapter] saved to {out}")
+        named = [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad]
+        lora = [p for _, p in named]
+        with gathered_parameters(trainer.strategy, lora):
+            if trainer.world_size > 1:
+                prints = trainer.strategy.all_gather(fingerprint(lora)).flatten()
+                if not bool((prints == prints[0]).all()):
+                    raise RuntimeError(f"LoRA weights differ across ranks (fingerprints {prints.tolist()})")
+                rank_zero_info(f"[adapter] LoRA weights identical on all {trainer.world_size} ranks")
+            # Copied out while gathered. `model.state_dict()` is not used: under ZeRO-3 it gathers the
+            # whole frozen base too, as a collective that rank 0 alone would wait on forever.
+            state = {n: p.detach().cpu().clone() for n, p in named}
+        if trainer.is_global_zero:
+            empty = [n for n, t in state.items() if t.numel() == 0]
+            if empty:
+                raise RuntimeError(f"refusing to save an empty adapter: {len(empty)} LoRA weights, e.g. {empty[0]}")
+            pl_module.model.save_pretrained(out, state_dict=state)
+            rank_zero_info(f"[adapter] saved to {out}")
+        trainer.strategy.barrier("adapter saved")
+
+
+def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """A 63-bit digest of the exact bytes of `params`, as a tensor that collectives can carry."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return torch.tensor(int.from_bytes(digest.digest()[:8], "little") >> 1, dtype=torch.int64, device=params[0].device)
 
 
 class PredictionWriter(BasePredictionWriter):

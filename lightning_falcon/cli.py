@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.module import FalconQLoRA
+from lightning_falcon.strategy import check_strategy
 
 
 class FalconCLI(LightningCLI):
@@ -40,8 +41,9 @@ class FalconCLI(LightningCLI):
             config.data.tokenizer = config.model.model_name_or_path
 
     def _before_run(self) -> None:
-        # Cheap (config.json only): a wrong LoRA target fails before the data is tokenized.
+        # Cheap (config.json only): a wrong LoRA target or an impossible strategy fails before the data is tokenized.
         self.model.check_targets()
+        check_strategy(self.trainer.strategy, self.model.hparams.quantization, self.model.hparams.optimizer)
         self._resolve_last()
 
     def _resolve_last(self) -> None:
@@ -57,7 +59,7 @@ class FalconCLI(LightningCLI):
             candidates += Path(self.trainer.logger.root_dir).glob("version_*/checkpoints/last*.ckpt")
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
             candidates += Path(self.trainer.checkpoint_callback.dirpath).glob("last*.ckpt")
-        candidates = [p for p in candidates if p.is_file()]
+        candidates = [p for p in candidates if p.exists()]  # DeepSpeed checkpoints are directories
         if candidates:
             newest = max(candidates, key=lambda p: p.stat().st_mtime)
             rank_zero_info(f"[resume] --ckpt_path last -> {newest}")

@@ -19,6 +19,7 @@ from lightning_falcon.lora import (
     linear_module_names,
     parameter_report,
 )
+from lightning_falcon.strategy import check_strategy, deepspeed_param_dtype, zero_stage
 from lightning_falcon.quantization import (
     ComputeDtype,
     Quantization,
@@ -134,6 +135,15 @@ class FalconQLoRA(L.LightningModule):
         hp = self.hparams
         self.check_targets()
         device = self._target_device()
+        compute_dtype = resolve_compute_dtype(hp.compute_dtype, device)
+        load_device, quant_storage = device, torch.uint8
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None:
+            check_strategy(strategy, hp.quantization, hp.optimizer)
+            if zero_stage(strategy) == 3:
+                # DeepSpeed shards the 4-bit weights only when they are stored in the dtype it keeps parameters in.
+                load_device, quant_storage = None, deepspeed_param_dtype(strategy)
+                strategy.share_config_with_transformers()
         path = resolve(hp.model_name_or_path)
         if hp.random_init:
             from lightning_falcon.random_weights import random_checkpoint
@@ -143,10 +153,11 @@ class FalconQLoRA(L.LightningModule):
             path,
             quantization=hp.quantization,
             double_quant=hp.double_quant,
-            compute_dtype=resolve_compute_dtype(hp.compute_dtype, device),
-            device=device,
+            compute_dtype=compute_dtype,
+            device=load_device,
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
+            quant_storage=quant_storage,
         )
         if device.type == "cuda":  # train/peak_mem_gib then reports training, not the load
             torch.cuda.reset_peak_memory_stats(device)
@@ -262,6 +273,8 @@ class FalconQLoRA(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose LoRA weights do not match this model, naming the difference."""
+        if "state_dict" not in checkpoint:  # DeepSpeed restores its (partitioned) weights itself
+            return
         expected, saved = self._trainable_shapes(), checkpoint["state_dict"]
         missing = sorted(set(expected) - set(saved))
         wrong = [

@@ -34,8 +34,17 @@ def resolve_compute_dtype(compute_dtype: ComputeDtype, device: torch.device) -> 
     return torch.float32
 
 
-def bnb_config(quantization: Quantization, double_quant: bool, compute_dtype: torch.dtype):
-    """The `BitsAndBytesConfig` for a quantization name, or None for `none`."""
+def bnb_config(
+    quantization: Quantization,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype = torch.uint8,
+):
+    """The `BitsAndBytesConfig` for a quantization name, or None for `none`.
+
+    `quant_storage` is the dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 partitions
+    only floating tensors of its own dtype, so under ZeRO-3 it is that dtype; elsewhere uint8.
+    """
     from transformers import BitsAndBytesConfig
 
     if quantization == "none":
@@ -47,6 +56,7 @@ def bnb_config(quantization: Quantization, double_quant: bool, compute_dtype: to
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -68,17 +78,23 @@ def load_causal_lm(
     quantization: Quantization,
     double_quant: bool,
     compute_dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device | None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
-    """Load a causal LM through `from_pretrained`, quantized onto `device`."""
+    """Load a causal LM through `from_pretrained`, quantized onto `device`.
+
+    `device=None` is the DeepSpeed ZeRO-3 load: transformers refuses a `device_map` there, and puts a
+    quantized model on this rank's current device itself (`torch.cuda.current_device()`, set per rank).
+    """
     from transformers import AutoModelForCausalLM
 
-    quantization_config = bnb_config(quantization, double_quant, compute_dtype)
+    quantization_config = bnb_config(quantization, double_quant, compute_dtype, quant_storage)
     kwargs = {}
-    if quantization_config is not None:
-        # bitsandbytes quantizes while it moves weights onto the device, so the device is explicit.
+    if quantization_config is not None and device is not None:
+        # bitsandbytes quantizes while it moves weights onto the device, so the device is explicit:
+        # each DDP rank gets its own copy on its own GPU, never all of them on cuda:0.
         kwargs["device_map"] = {"": str(device)}
     with falcon_linear_as_nn_linear():
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,7 +105,7 @@ def load_causal_lm(
             attn_implementation=attn_implementation,
             **kwargs,
         )
-    if quantization_config is None:
+    if quantization_config is None and device is not None:
         model.to(device)
     keep_4bit_layout_trainable(model)
     return model

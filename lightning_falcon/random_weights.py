@@ -38,7 +38,12 @@ def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, tru
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         model.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another rank (DDP: every rank builds it) renamed its identical copy first; theirs stands.
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,0 +1,157 @@
+"""DeepSpeed for a 4-bit base with LoRA: what Lightning's DeepSpeedStrategy needs to shard QLoRA under ZeRO-3.
+
+Three things go wrong with the stock strategy (pytorch-lightning #19731, #20949, trl #4416):
+
+1. It runs `configure_model` inside `deepspeed.zero.Init`, which partitions every parameter the moment
+   its module is built. transformers cannot load a quantized model into partitioned parameters (it
+   skips zero.Init for quantized models itself), so the load fails or mixes devices.
+   `QLoRADeepSpeedStrategy` instead hands its DeepSpeed config to transformers (`HfDeepSpeedConfig`):
+   transformers builds an unquantized base under zero.Init, and loads a quantized one onto this rank's
+   device with its 4-bit weights in a floating storage dtype; `deepspeed.initialize` then partitions it.
+   LoRA layers are added afterwards, outside zero.Init, so PEFT initialises them normally.
+2. Its checkpoints include the frozen base; here `exclude_frozen_parameters` defaults to True.
+3. Saving the adapter on rank 0 under ZeRO-3 writes empty tensors; `SaveAdapter` gathers them first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+
+from lightning_falcon.errors import ConfigError
+
+
+class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
+        """Lightning's `DeepSpeedStrategy` (same arguments) made to shard a quantized base with LoRA.
+
+        Args:
+            exclude_frozen_parameters: Leave the frozen base out of checkpoints (only LoRA weights and their
+                optimizer state are saved; the base is reloaded from `model_name_or_path` on resume).
+        """
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        self._hf_deepspeed_config = None
+        if isinstance(self.config, dict):
+            # With optimizer offload DeepSpeed insists on its compiled CPU Adam by default. The LoRA states are
+            # small enough for torch's AdamW on the CPU, which needs no build step on the cluster.
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # No zero.Init around configure_model (see the module docstring, point 1); the module calls
+        # `share_config_with_transformers` just before its `from_pretrained` instead.
+        self._init_config_if_needed()
+        yield
+
+    def share_config_with_transformers(self) -> None:
+        """Tell transformers (and PEFT) this run is ZeRO-3, so their loaders and generate() act on it.
+
+        transformers holds only a weak reference to this config, so the strategy keeps it alive for the run.
+        """
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._init_config_if_needed()
+        if self.zero_stage_3 and self._hf_deepspeed_config is None:
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
+
+    def init_deepspeed(self) -> None:
+        super().init_deepspeed()
+        if self.exclude_frozen_parameters:
+            keep_only_trainable_in_checkpoints(self.deepspeed_engine)
+
+    def teardown(self) -> None:
+        super().teardown()
+        if self._hf_deepspeed_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_deepspeed_config = None
+
+
+def keep_only_trainable_in_checkpoints(engine: Any) -> None:
+    """Make the engine's checkpointed module state hold only trainable (LoRA) weights.
+
+    DeepSpeed's `exclude_frozen_parameters` drops frozen *parameters* by name, but bitsandbytes writes
+    each 4-bit layer's quantization constants (absmax, quant_map, ...) as extra state-dict entries, and
+    a tied lm_head survives under its second name: for Falcon-40B that is ~0.7 GB per rank per checkpoint.
+    All of it is rebuilt from the base model on load, so none of it is needed.
+    """
+    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    module_state_dict = engine.module_state_dict
+
+    def trainable_only(*args: Any, **kwargs: Any) -> dict:
+        state = module_state_dict(*args, **kwargs)
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
+        return state
+
+    engine.module_state_dict = trainable_only
+
+
+def zero_stage(strategy: Strategy) -> int:
+    """The DeepSpeed ZeRO stage of `strategy`, 0 if it is not DeepSpeed."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return 0
+    config = strategy.config or {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_param_dtype(strategy: Strategy) -> torch.dtype:
+    """The dtype DeepSpeed keeps (and partitions) parameters in: bf16 or fp16 under mixed precision, else fp32."""
+    config = getattr(strategy, "config", None) or {}
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def check_strategy(strategy: Strategy, quantization: str, optimizer: str) -> None:
+    """Fail before any weights load on a strategy/model combination that cannot work, listing every reason."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return
+    # strategy.config already holds the ZeRO settings. `_init_config_if_needed` must not run here: before the
+    # module is attached it would freeze DeepSpeed's batch size at a value it cannot use.
+    stage = zero_stage(strategy)
+    zero = (strategy.config or {}).get("zero_optimization", {})
+    problems = []
+    if stage == 3 and not isinstance(strategy, QLoRADeepSpeedStrategy):
+        problems.append(
+            "Lightning's DeepSpeedStrategy builds the model inside zero.Init, which cannot hold a quantized base "
+            "(pytorch-lightning #19731). Fix: use --config configs/strategy/deepspeed-zero3.yaml "
+            "(lightning_falcon.strategy.QLoRADeepSpeedStrategy)"
+        )
+    if stage == 3 and quantization == "int8":
+        problems.append(
+            "int8 + ZeRO-3 cannot work: bitsandbytes int8 weights keep per-row scales beside an int8 tensor that "
+            "DeepSpeed cannot partition. Fix: --model.quantization nf4, or ZeRO-2 "
+            "(configs/strategy/deepspeed-zero2.yaml)"
+        )
+    offloads_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if optimizer == "paged_adamw_8bit" and offloads_optimizer:
+        problems.append(
+            "paged_adamw_8bit cannot run with DeepSpeed optimizer offload, which steps its own CPU Adam. "
+            "Fix: --model.optimizer adamw, or an overlay without offload"
+        )
+    if not getattr(strategy, "exclude_frozen_parameters", False):
+        problems.append(
+            "DeepSpeed would write the whole frozen base into every checkpoint (pytorch-lightning #20949). "
+            "Fix: set exclude_frozen_parameters: true on the strategy, or use an overlay in configs/strategy/"
+        )
+    ConfigError.collect(problems)
+
+
+def gathered_parameters(strategy: Strategy, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Inside this context every rank holds the full `params`: under ZeRO-3 they are gathered, else a no-op.
+
+    All ranks must enter it (it is a collective).
+    """
+    if zero_stage(strategy) == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
