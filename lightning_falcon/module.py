@@ -109,6 +109,10 @@ class FalconQLoRA(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     # ----------------------------------------------------------------- building
+    @staticmethod
+    def default_targets() -> list[str]:
+        return list(FALCON_TARGET_MODULES)
+
     def _target_device(self) -> torch.device:
         return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 

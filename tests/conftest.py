@@ -1,5 +1,8 @@
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ import torch  # noqa: E402
 
 from lightning_falcon.assets import resolve  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = resolve("asset:tiny-falcon")
 MIDJOURNEY = resolve("asset:data/midjourney.jsonl")
 GUANACO = resolve("asset:data/guanaco-sample.jsonl")
@@ -38,3 +42,36 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY)
+
+
+def cli(root: Path, subcommand: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lightning_falcon SUBCOMMAND --config configs/tiny.yaml ARGS` with its outputs under `root`.
+
+    Arguments apply in order, so overrides (and further `--config` overlays) come after the tiny config.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_falcon",
+        subcommand,
+        "--config",
+        str(REPO / "configs/tiny.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(root / "runs"),
+        "--data.cache_dir",
+        str(root / "cache"),
+        *args,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run, read back from its event files: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

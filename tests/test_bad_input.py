@@ -77,3 +77,30 @@ def test_missing_tokenizer_path(tmp_path, capsys):
 
 def test_directory_as_dataset(tmp_path, capsys):
     assert "is a directory" in run(tmp_path, capsys, "--data.dataset", str(tmp_path))
+
+
+def strategy_overlay(name):
+    return ["--config", f"configs/strategy/{name}.yaml", "--trainer.devices", "2"]
+
+
+def test_int8_with_zero3_fails_with_the_reason(tmp_path, capsys):
+    err = run(tmp_path, capsys, *strategy_overlay("deepspeed-zero3"), "--model.quantization", "int8")
+    assert "int8 + ZeRO-3 cannot work" in err and "--model.quantization nf4" in err
+
+
+def test_lightnings_own_zero3_is_refused_with_the_fix(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--trainer.devices", "2", "--trainer.strategy", "deepspeed_stage_3")
+    assert "pytorch-lightning #19731" in err and "configs/strategy/deepspeed-zero3.yaml" in err
+    assert "frozen base into every checkpoint" in err  # every problem is listed, not just the first
+
+
+def test_paged_optimizer_with_offload_is_refused():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_falcon.errors import ConfigError
+    from lightning_falcon.strategy import QLoRADeepSpeedStrategy, check_strategy
+
+    with pytest.raises(ConfigError, match="paged_adamw_8bit cannot run with DeepSpeed optimizer offload"):
+        check_strategy(QLoRADeepSpeedStrategy(stage=3, offload_optimizer=True), "nf4", "paged_adamw_8bit")
+    with pytest.raises(ConfigError, match="exclude_frozen_parameters"):
+        check_strategy(DeepSpeedStrategy(stage=2), "nf4", "adamw")

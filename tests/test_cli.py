@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -10,39 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, cli, scalars
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def cli(root: Path, subcommand: str, *args: str) -> subprocess.CompletedProcess:
-    # Arguments apply in order, so overrides come after the config file.
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_falcon",
-        subcommand,
-        "--config",
-        str(REPO / "configs/tiny.yaml"),
-        "--trainer.logger.init_args.save_dir",
-        str(root / "runs"),
-        "--data.cache_dir",
-        str(root / "cache"),
-        *args,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

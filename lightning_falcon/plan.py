@@ -1,0 +1,216 @@
+"""The memory planner: per-GPU memory of a run, from the model's config.json alone, for every strategy.
+
+python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml
+python -m lightning_falcon plan --config configs/falcon-7b-qlora.yaml --devices 4 --gpu_memory 24GB
+
+The model is built on the meta device (no weights, no memory) to count its parameters exactly: which
+linear layers bitsandbytes quantizes, which parameters stay unquantized, and what LoRA adds.
+
+The formula, per GPU, with N = devices x nodes, b = micro batch, s = max_length, h = hidden size,
+L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 for fp32):
+
+* quantized base: for each quantized linear layer of n weights, nf4/fp4 pack n/2 bytes plus constants
+  in blocks of 64 (double quantization: 1 byte per block + a second level of fp32 per 256 blocks + a
+  256-entry fp32 code; without it: 4 bytes per block); int8 is n bytes + 4 per row. These are exactly
+  what bitsandbytes allocates (checked against a real load in tests/test_plan.py).
+  ZeRO-3 divides the packed weights by N; the constants stay whole on every GPU (they are attributes
+  of the weight, not parameters DeepSpeed can partition).
+* unquantized parameters (embeddings, norms, biases): 4 bytes each, because PEFT's
+  prepare_model_for_kbit_training upcasts them to fp32; under DeepSpeed with bf16/fp16 precision
+  DeepSpeed casts them back to 2 bytes. ZeRO-3 divides them by N.
+* LoRA: r x (in + out) per adapted layer; 4 bytes of weight + 4 of gradient + 8 of AdamW state
+  (paged 8-bit AdamW: 2). ZeRO-2 divides gradient and optimizer state by N, ZeRO-3 all three;
+  offload moves gradient and optimizer state to CPU memory. DDP adds a bucket copy of the gradients.
+* activations: L x b·s·h x 34 x c/2 without checkpointing (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation", eq. 1, with the 5·a·s/h attention-score term dropped because SDPA and
+  flash attention do not store the scores); with checkpointing, L x b·s·h·c (each layer's input)
+  plus one layer recomputed in full. Plus the logits: b·s·V x (c + 8) (the logits, their fp32 copy
+  for the loss and its gradient).
+* workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
+  for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
+  and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
+
+Activations and the 1 GiB are the approximate part; the weight terms are exact counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GiB = 2**30
+STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
+WORKSPACE_RESERVE = 1 * GiB  # CUDA context + cuBLAS workspace + allocator slack: an assumption
+
+
+@dataclass
+class ModelCount:
+    """Parameter counts of an architecture, from its config alone."""
+
+    quantized: list[tuple[int, int]]  # (in_features, out_features) of every linear layer bitsandbytes replaces
+    unquantized: int  # every other parameter (embeddings, norms, biases, an untied lm_head), tied ones once
+    lora: int  # LoRA parameters for the given rank and targets
+    hidden: int
+    layers: int
+    vocab: int
+
+    @property
+    def quantized_weights(self) -> int:
+        return sum(i * o for i, o in self.quantized)
+
+
+def count_model(config, target_modules: list[str], lora_r: int, quantized: bool = True) -> ModelCount:
+    """Build `config` on the meta device and count what each part holds. No weights are read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_falcon.quantization import falcon_linear_as_nn_linear
+
+    with falcon_linear_as_nn_linear(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # transformers leaves the output embedding unquantized (it is tied to the input embedding for Falcon).
+    output = model.get_output_embeddings()
+    layers, lora, in_linear = [], 0, set()
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module is not output:
+            if quantized:
+                layers.append((module.in_features, module.out_features))
+                in_linear.add(id(module.weight))
+            if name.rsplit(".", 1)[-1] in target_modules:
+                lora += lora_r * (module.in_features + module.out_features)
+    unique = {id(p): p for p in model.parameters()}
+    unquantized = sum(p.numel() for key, p in unique.items() if key not in in_linear)
+    return ModelCount(
+        quantized=layers,
+        unquantized=unquantized,
+        lora=lora,
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+    )
+
+
+def quantized_layer_bytes(n: int, out_features: int, quantization: str, double_quant: bool) -> tuple[int, int]:
+    """(weight bytes, constant bytes) bitsandbytes allocates for one linear layer of `n` weights."""
+    if quantization == "int8":
+        return n, 4 * out_features
+    blocks = math.ceil(n / 64)
+    if double_quant:  # uint8 absmax + fp32 absmax of the absmax per 256 blocks + its 256-entry code + nf4 code
+        constants = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
+    else:  # fp32 absmax per block + the 16-entry code
+        constants = 4 * blocks + 4 * 16
+    return math.ceil(n / 2), constants
+
+
+@dataclass
+class Setup:
+    """What the planner needs from a run's config."""
+
+    quantization: str = "nf4"
+    double_quant: bool = True
+    compute_bytes: int = 2
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    max_length: int = 512
+    world_size: int = 1
+    mixed_16bit: bool = True  # trainer precision is bf16/fp16 (DeepSpeed then keeps parameters in 16 bits)
+
+
+@dataclass
+class Plan:
+    strategy: str
+    rows: dict[str, float] = field(default_factory=dict)  # component -> bytes per GPU
+    load_peak: float = 0.0  # bytes per GPU while loading, before DeepSpeed shards the base
+
+    @property
+    def total(self) -> float:
+        return sum(self.rows.values())
+
+
+def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
+    """Per-GPU bytes of each component for one strategy (see the module docstring for the formula)."""
+    n = setup.world_size if strategy != "single" else 1
+    c = setup.compute_bytes
+    zero = {"deepspeed-zero2": 2, "deepspeed-zero3": 3, "deepspeed-zero3-offload": 3}.get(strategy, 0)
+    offload = strategy.endswith("offload")
+
+    if setup.quantization == "none":
+        weights, constants = count.quantized_weights * c, 0
+        unquantized = count.unquantized * c
+    else:
+        parts = [quantized_layer_bytes(i * o, o, setup.quantization, setup.double_quant) for i, o in count.quantized]
+        weights, constants = sum(w for w, _ in parts), sum(k for _, k in parts)
+        unquantized = count.unquantized * (2 if zero and setup.mixed_16bit else 4)
+    optimizer_bytes = 2 if setup.optimizer == "paged_adamw_8bit" else 8
+    lora_param, lora_grad, lora_optim = 4 * count.lora, 4 * count.lora, optimizer_bytes * count.lora
+
+    p = Plan(strategy)
+    p.rows["quantized base weights"] = 0 if offload else weights / (n if zero == 3 else 1)
+    p.rows["quantization constants"] = constants
+    p.rows["unquantized parameters"] = 0 if offload else unquantized / (n if zero == 3 else 1)
+    p.rows["LoRA parameters"] = lora_param / (n if zero == 3 else 1)
+    p.rows["LoRA gradients"] = 0 if offload else lora_grad / (n if zero >= 2 else 1)
+    if strategy == "ddp":
+        p.rows["LoRA gradients"] += lora_grad  # DDP's gradient buckets
+    p.rows["LoRA optimizer states"] = 0 if offload else lora_optim / (n if zero >= 2 else 1)
+
+    b, s, h, L = setup.batch_size, setup.max_length, count.hidden, count.layers
+    per_layer = 34 * b * s * h * c / 2
+    if setup.gradient_checkpointing:
+        p.rows["activations"] = L * b * s * h * c + per_layer
+    else:
+        p.rows["activations"] = L * per_layer
+    p.rows["logits"] = b * s * count.vocab * (c + 8)
+
+    largest = max((i * o for i, o in count.quantized), default=0)
+    workspace = largest * c + WORKSPACE_RESERVE
+    if zero == 3:  # the layer computing and the one prefetched, gathered whole
+        per_block = weights / max(L, 1)
+        workspace += 2 * per_block
+    p.rows["workspace"] = workspace
+    p.load_peak = weights + constants + unquantized + WORKSPACE_RESERVE if zero == 3 else 0.0
+    return p
+
+
+def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
+    """Activations + logits for the batch, with or without checkpointing (for the comparison line)."""
+    other = Setup(**{**setup.__dict__, "gradient_checkpointing": checkpointing})
+    p = plan(count, other, "single")
+    return p.rows["activations"] + p.rows["logits"]
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB', '80GiB', '80' (GiB) or '24 GB' -> bytes. GB here means GiB, as GPU specs use it."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB")
+    value, unit = float(match.group(1)), match.group(2) or "gb"
+    return value * (GiB if unit.startswith("g") else 2**20)
+
+
+def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu_memory: float, title: str) -> str:
+    """The table `plan` prints: components by strategy, in GiB, with a verdict per strategy."""
+    names = [p.strategy + ("*" if p.strategy == current else "") for p in plans]
+    width = max(24, *(len(n) + 2 for n in names))
+    lines = [title, f"{'per GPU, GiB':<26}" + "".join(f"{n:>{width}}" for n in names)]
+    for row in plans[0].rows:
+        lines.append(f"{row:<26}" + "".join(f"{p.rows[row] / GiB:>{width}.2f}" for p in plans))
+    lines.append(f"{'total':<26}" + "".join(f"{p.total / GiB:>{width}.2f}" for p in plans))
+    lines.append(
+        f"{'load peak (ZeRO-3)':<26}" + "".join(f"{(p.load_peak / GiB if p.load_peak else 0):>{width}.2f}" for p in plans)
+    )
+    verdicts = []
+    for p in plans:
+        peak = max(p.total, p.load_peak)
+        verdicts.append("fits" if peak <= gpu_memory else "does not fit")
+    lines.append(f"{f'verdict ({gpu_memory / GiB:.0f} GiB GPU)':<26}" + "".join(f"{v:>{width}}" for v in verdicts))
+    lines.append(
+        f"activations + logits: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient checkpointing, "
+        f"{activation_bytes(count, setup, False) / GiB:.2f} GiB without"
+    )
+    lines.append("* = this config's strategy. Weights are exact counts; activations and workspace are estimates.")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Several processes for real, on CPU: DDP (gloo) and DeepSpeed ZeRO-2/3 (gloo), end to end through the CLI.
+
+DeepSpeed runs through `cpu_deepspeed.CPUDeepSpeedStrategy`: the shipped `QLoRADeepSpeedStrategy` with
+only Lightning's CUDA gate removed (see that file). The GPU versions are in test_gpu.py.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, cli, scalars
+
+pytestmark = pytest.mark.slow
+
+TWO_RANKS = ["--trainer.devices", "2", "--trainer.log_every_n_steps", "1"]
+CPU_DEEPSPEED = {
+    "DS_ACCELERATOR": "cpu",
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+}
+
+
+def overlay(name: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "strategy" / f"{name}.yaml")]
+
+
+def output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def train_split_tokens(cache: Path) -> int:
+    from datasets import load_from_disk
+
+    (train,) = cache.glob("tokenized/*/train")
+    return sum(len(ids) for ids in load_from_disk(str(train))["input_ids"])
+
+
+def assert_one_adapter_that_changes_the_model(root: Path) -> Path:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapters = list(root.rglob("adapter_model.safetensors"))
+    assert len(adapters) == 1, adapters
+    weights = load_file(adapters[0])
+    assert weights and all(t.numel() > 0 and t.dim() == 2 for t in weights.values())  # never an empty adapter
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # lora_B starts at 0: it trained
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapters[0].parent))(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+    return adapters[0].parent
+
+
+def test_ddp_two_processes_one_adapter_identical_ranks_global_tokens(tmp_path):
+    # 324 training rows over 2 ranks x batch 8 is 21 steps: one epoch, no row repeated or skipped.
+    proc = cli(tmp_path, "fit", *overlay("ddp"), *TWO_RANKS, "--trainer.max_steps", "21")
+    out = output(proc)
+    assert "[adapter] LoRA weights identical on all 2 ranks" in out
+    assert out.count("[data] train:") == 1  # tokenized once per node, by local rank 0
+    (run,) = (tmp_path / "runs" / "tiny").iterdir()  # one log directory: only rank 0 logs
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert assert_one_adapter_that_changes_the_model(tmp_path) == run / "adapter"
+    s = scalars(run)
+    # The token count is global: both ranks' real tokens, which together are the whole training split.
+    assert s["train/tokens"][-1] == (20, float(train_split_tokens(tmp_path / "cache")))
+    assert all(v > 0 for _, v in s["train/tokens_per_sec"])
+
+
+def deepspeed_fit(root: Path, stage: str, *args: str):
+    return cli(
+        root,
+        "fit",
+        *overlay(stage),
+        "--trainer.strategy.class_path",
+        "cpu_deepspeed.CPUDeepSpeedStrategy",
+        *TWO_RANKS,
+        "--checkpoint.every_n_train_steps",
+        "10",
+        *args,
+        env=CPU_DEEPSPEED,
+    )
+
+
+def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", "--trainer.max_steps", "20")
+    out = output(proc)
+    # Each rank holds half of the 4-bit storage (43008 elements of the tiny model): the base is sharded.
+    assert "[shards] rank 0: 4-bit storage 21504 of 43008 elements" in out
+    assert "[shards] rank 1: 4-bit storage 21504 of 43008 elements" in out
+    assert "[adapter] LoRA weights identical on all 2 ranks" in out
+    assert_one_adapter_that_changes_the_model(tmp_path)
+
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    shards = sorted(last.glob("checkpoint/*model_states.pt"))
+    assert len(shards) == 2  # one per rank
+    for shard in shards:
+        state = torch.load(shard, map_location="cpu", weights_only=False)
+        # Only LoRA weights: no frozen parameter, no bitsandbytes quantization constant, no tied lm_head.
+        assert state["module"] and all(".lora_A." in k or ".lora_B." in k for k in state["module"]), shard
+    assert sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) < 1_000_000
+
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", "--trainer.max_steps", "30", "--ckpt_path", "last")
+    assert f"--ckpt_path last -> {last}" in output(proc)
+    assert "Restored all states" in output(proc)
+    resumed = tmp_path / "runs" / "tiny" / "version_1"
+    steps = [step for step, _ in scalars(resumed)["train/loss"]]
+    assert min(steps) == 20 and max(steps) == 29
+    assert (resumed / "checkpoints" / "step=30.ckpt").is_dir()
+
+
+def test_zero2_two_processes_saves_one_adapter(tmp_path):
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero2", "--trainer.max_steps", "10")
+    out = output(proc)
+    shards = re.findall(r"\[shards\] rank \d: 4-bit storage (\d+) of (\d+) elements", out)
+    assert len(shards) == 2 and all(local == full for local, full in shards)  # stage 2 keeps the base whole
+    assert "[adapter] LoRA weights identical on all 2 ranks" in out
+    assert_one_adapter_that_changes_the_model(tmp_path)

@@ -1,0 +1,99 @@
+"""The memory planner against reality: its weight bytes match a real bitsandbytes + PEFT load of the tiny model."""
+
+import pytest
+import torch
+from conftest import REPO, TINY
+from transformers import AutoConfig
+
+from lightning_falcon.assets import resolve
+from lightning_falcon.cli import main
+from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
+from lightning_falcon.plan import Setup, count_model, parse_bytes, plan
+from lightning_falcon.quantization import layer_bytes, load_causal_lm, quantized_layers
+
+
+def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
+    """Bytes a real load holds, by the planner's rows (on CPU, so the compute dtype is fp32)."""
+    base = load_causal_lm(TINY, quantization, double_quant, torch.float32, torch.device("cpu"))
+    model = apply_lora(base, r, 2 * r, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
+    layers = quantized_layers(model)
+    in_layers = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
+    rows = {"quantized": sum(layer_bytes(m) for m in layers.values()), "unquantized": 0, "lora": 0}
+    for p in {id(p): p for p in model.parameters()}.values():
+        if p.requires_grad:
+            rows["lora"] += p.numel() * p.element_size()
+        elif id(p) not in in_layers:
+            rows["unquantized"] += p.numel() * p.element_size()
+    # biases of quantized layers are ordinary tensors too; the planner counts them as unquantized
+    bias = sum(m.bias.numel() * m.bias.element_size() for m in layers.values() if m.bias is not None)
+    rows["quantized"] -= bias
+    rows["unquantized"] += bias
+    return rows
+
+
+@pytest.mark.parametrize(
+    "quantization,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)]
+)
+def test_weight_bytes_match_a_real_load_within_5_percent(quantization, double_quant):
+    r = 16
+    real = measured(quantization, double_quant, r)
+    count = count_model(AutoConfig.from_pretrained(TINY), FALCON_TARGET_MODULES, r)
+    rows = plan(count, Setup(quantization=quantization, double_quant=double_quant, compute_bytes=4), "single").rows
+    predicted = {
+        "quantized": rows["quantized base weights"] + rows["quantization constants"],
+        "unquantized": rows["unquantized parameters"],
+        "lora": rows["LoRA parameters"],
+    }
+    for key in real:
+        assert predicted[key] == pytest.approx(real[key], rel=0.05), (key, predicted, real)
+    assert sum(predicted.values()) == pytest.approx(sum(real.values()), rel=0.05)
+
+
+def test_falcon_7b_count_is_the_published_parameter_count():
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
+    assert count.quantized_weights + count.unquantized == 6_921_720_704  # tiiuae/falcon-7b's model card
+    assert len(count.quantized) == 32 * 4
+
+
+def test_sharding_divides_what_each_strategy_shards():
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
+    setup = Setup(world_size=8, batch_size=2, max_length=512)
+    single, ddp, zero2, zero3, offload = (
+        plan(count, setup, s) for s in ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload")
+    )
+    weights = "quantized base weights"
+    assert ddp.rows[weights] == zero2.rows[weights] == single.rows[weights] == pytest.approx(8 * zero3.rows[weights])
+    assert zero3.rows["quantization constants"] == single.rows["quantization constants"]  # not partitionable
+    assert zero2.rows["LoRA optimizer states"] == pytest.approx(single.rows["LoRA optimizer states"] / 8)
+    assert offload.total < zero3.total < zero2.total < ddp.total
+    assert zero3.load_peak > single.rows[weights]  # each rank holds the whole 4-bit base while it loads
+    checkpointed = plan(count, setup, "single").rows["activations"]
+    full = plan(count, Setup(**{**setup.__dict__, "gradient_checkpointing": False}), "single").rows["activations"]
+    assert checkpointed < full / 5
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == parse_bytes("80 GiB") == parse_bytes("80") == 80 * 2**30
+    assert parse_bytes("512MB") == 512 * 2**20
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+def test_plan_command_prints_the_table_and_verdicts(capsys):
+    main(["plan", "--config", str(REPO / "configs/falcon-40b-qlora.yaml"), "--gpu_memory", "24GB"])
+    out = capsys.readouterr().out
+    lines = {line[:26].strip(): line[26:].split() for line in out.splitlines()}
+    for row in ("quantized base weights", "quantization constants", "unquantized parameters", "LoRA parameters",
+                "LoRA gradients", "LoRA optimizer states", "activations", "logits", "workspace", "total"):
+        assert len(lines[row]) == 5, row
+    assert "deepspeed-zero3*" in out  # the config's own strategy is marked
+    assert "8 GPU(s) x 1 node(s)" in out
+    verdict = out.split("verdict (24 GiB GPU)")[1].splitlines()[0]
+    # a 24 GB card cannot hold 40B's 4-bit base alone or replicated, and holds it sharded 8 ways
+    assert verdict.split()[:2] == ["does", "not"] and verdict.rstrip().endswith("fits")
+    assert "with gradient checkpointing" in out
+
+
+def test_plan_takes_devices_and_nodes(capsys):
+    main(["plan", "--config", str(REPO / "configs/falcon-40b-qlora.yaml"), "--devices", "4", "--num_nodes", "2"])
+    assert "4 GPU(s) x 2 node(s)" in capsys.readouterr().out
