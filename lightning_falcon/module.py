@@ -19,7 +19,6 @@ from lightning_falcon.lora import (
     linear_module_names,
     parameter_report,
 )
-from lightning_falcon.strategy import check_strategy, deepspeed_param_dtype, zero_stage
 from lightning_falcon.quantization import (
     ComputeDtype,
     Quantization,
@@ -27,6 +26,7 @@ from lightning_falcon.quantization import (
     quantized_layers,
     resolve_compute_dtype,
 )
+from lightning_falcon.strategy import check_strategy, deepspeed_param_dtype, zero_stage
 
 
 class FalconQLoRA(L.LightningModule):

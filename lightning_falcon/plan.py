@@ -201,7 +201,8 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
         lines.append(f"{row:<26}" + "".join(f"{p.rows[row] / GiB:>{width}.2f}" for p in plans))
     lines.append(f"{'total':<26}" + "".join(f"{p.total / GiB:>{width}.2f}" for p in plans))
     lines.append(
-        f"{'load peak (ZeRO-3)':<26}" + "".join(f"{(p.load_peak / GiB if p.load_peak else 0):>{width}.2f}" for p in plans)
+        f"{'load peak (ZeRO-3)':<26}"
+        + "".join(f"{(p.load_peak / GiB if p.load_peak else 0):>{width}.2f}" for p in plans)
     )
     verdicts = []
     for p in plans:

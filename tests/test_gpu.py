@@ -34,3 +34,36 @@ def test_fit_on_gpu_with_paged_8bit_adamw_logs_peak_memory(tmp_path):
     assert layers and all(m.weight.device.type == "cuda" for m in layers.values())
     assert trainer.callback_metrics["train/peak_mem_gib"] > 0
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay", ["deepspeed-zero2", "deepspeed-zero3"])
+def test_deepspeed_on_one_gpu_saves_a_full_adapter_and_resumes(tmp_path, overlay):
+    """The shipped strategy, unmodified, on CUDA at world size 1 (the CPU tests bypass Lightning's CUDA gate)."""
+    from conftest import REPO, cli
+    from safetensors.torch import load_file
+
+    gpu = ["--config", str(REPO / f"configs/strategy/{overlay}.yaml"), "--trainer.accelerator", "gpu"]
+    gpu += ["--trainer.devices", "1", "--trainer.precision", "bf16-mixed", "--checkpoint.every_n_train_steps", "10"]
+    cli(tmp_path, "fit", *gpu, "--trainer.max_steps", "20")
+    (adapter,) = tmp_path.rglob("adapter_model.safetensors")
+    assert all(t.numel() > 0 for t in load_file(adapter).values())
+    proc = cli(tmp_path, "fit", *gpu, "--trainer.max_steps", "30", "--ckpt_path", "last")
+    assert "Restored all states" in proc.stdout + proc.stderr
+
+
+def test_each_ddp_rank_would_load_onto_its_own_gpu():
+    """The quantized load goes to the strategy's root device (cuda:LOCAL_RANK), never cuda:0 for everyone."""
+    from unittest import mock
+
+    model = FalconQLoRA(model_name_or_path=TINY)
+    trainer = mock.Mock()
+    trainer.strategy.root_device = torch.device("cuda", torch.cuda.device_count() - 1)
+    model._trainer = trainer
+    with (
+        mock.patch("lightning_falcon.module.zero_stage", return_value=0),
+        mock.patch("lightning_falcon.module.check_strategy"),
+    ):
+        model.configure_model()
+    layers = quantized_layers(model.model)
+    assert {m.weight.device for m in layers.values()} == {trainer.strategy.root_device}

@@ -31,9 +31,7 @@ def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
     return rows
 
 
-@pytest.mark.parametrize(
-    "quantization,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)]
-)
+@pytest.mark.parametrize("quantization,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)])
 def test_weight_bytes_match_a_real_load_within_5_percent(quantization, double_quant):
     r = 16
     real = measured(quantization, double_quant, r)
@@ -59,7 +57,8 @@ def test_sharding_divides_what_each_strategy_shards():
     count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
     setup = Setup(world_size=8, batch_size=2, max_length=512)
     single, ddp, zero2, zero3, offload = (
-        plan(count, setup, s) for s in ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload")
+        plan(count, setup, s)
+        for s in ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload")
     )
     weights = "quantized base weights"
     assert ddp.rows[weights] == zero2.rows[weights] == single.rows[weights] == pytest.approx(8 * zero3.rows[weights])
@@ -83,8 +82,18 @@ def test_plan_command_prints_the_table_and_verdicts(capsys):
     main(["plan", "--config", str(REPO / "configs/falcon-40b-qlora.yaml"), "--gpu_memory", "24GB"])
     out = capsys.readouterr().out
     lines = {line[:26].strip(): line[26:].split() for line in out.splitlines()}
-    for row in ("quantized base weights", "quantization constants", "unquantized parameters", "LoRA parameters",
-                "LoRA gradients", "LoRA optimizer states", "activations", "logits", "workspace", "total"):
+    for row in (
+        "quantized base weights",
+        "quantization constants",
+        "unquantized parameters",
+        "LoRA parameters",
+        "LoRA gradients",
+        "LoRA optimizer states",
+        "activations",
+        "logits",
+        "workspace",
+        "total",
+    ):
         assert len(lines[row]) == 5, row
     assert "deepspeed-zero3*" in out  # the config's own strategy is marked
     assert "8 GPU(s) x 1 node(s)" in out
