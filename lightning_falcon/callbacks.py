@@ -69,7 +69,8 @@ class SaveAdapter(Callback):
         lora = [p for _, p in named]
         with gathered_parameters(trainer.strategy, lora):
             if trainer.world_size > 1:
-                prints = trainer.strategy.all_gather(fingerprint(lora)).flatten()
+                # on the root device: NCCL carries only CUDA tensors, and offloaded weights may sit on the CPU
+                prints = trainer.strategy.all_gather(fingerprint(lora).to(trainer.strategy.root_device)).flatten()
                 if not bool((prints == prints[0]).all()):
                     raise RuntimeError(f"LoRA weights differ across ranks (fingerprints {prints.tolist()})")
                 rank_zero_info(f"[adapter] LoRA weights identical on all {trainer.world_size} ranks")
@@ -90,7 +91,7 @@ def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
     digest = hashlib.sha256()
     for p in params:
         digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return torch.tensor(int.from_bytes(digest.digest()[:8], "little") >> 1, dtype=torch.int64, device=params[0].device)
+    return torch.tensor(int.from_bytes(digest.digest()[:8], "little") >> 1, dtype=torch.int64)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -90,7 +90,7 @@ class PlanCLI(FalconCLI):
 
 def run_plan(args: list[str]) -> None:
     """Print the per-GPU memory of a config for its strategy and every alternative."""
-    from lightning_falcon.plan import STRATEGIES, count_model, parse_bytes, plan, render
+    from lightning_falcon.plan import report
 
     # LightningCLI reads sys.argv when given no args; `plan` is not one of its subcommands, so drop it there.
     argv, sys.argv = sys.argv, [sys.argv[0], *args]
@@ -99,101 +99,7 @@ def run_plan(args: list[str]) -> None:
     finally:
         sys.argv = argv
     config = cli.config
-    model, data, trainer = config.model, config.data, config.trainer
-    devices = config.devices if config.devices is not None else _as_count(trainer.devices)
-    nodes = config.num_nodes if config.num_nodes is not None else int(trainer.num_nodes or 1)
-    current = strategy_name(trainer.strategy, devices * nodes)
-    setup = planner_setup(model, data, trainer, devices * nodes)
-    hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
-    targets = model.target_modules or FalconQLoRA.default_targets()
-    count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
-    plans = [plan(count, setup, name) for name in STRATEGIES]
-    title = (
-        f"{model.model_name_or_path}{source}: {len(count.quantized)} {model.quantization} layers, "
-        f"LoRA r={model.lora_r} ({count.lora:,} params), batch {data.batch_size} x {data.max_length} tokens, "
-        f"{devices} GPU(s) x {nodes} node(s)"
-    )
-    print(render(count, setup, plans, current, parse_bytes(config.gpu_memory), title))
-
-
-def _as_count(devices) -> int:
-    if isinstance(devices, int):
-        return max(devices, 1)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str) and devices.strip("[] ").replace(",", "").isdigit():
-        return int(devices) if devices.isdigit() else len(devices.strip("[]").split(","))
-    import torch
-
-    return max(torch.cuda.device_count(), 1)  # "auto"
-
-
-def strategy_name(strategy, world_size: int) -> str:
-    """The planner's name for a trainer.strategy value (a string or a class_path/init_args)."""
-    if hasattr(strategy, "class_path"):
-        init = dict(getattr(strategy, "init_args", None) or {})
-        if "DeepSpeed" in strategy.class_path:
-            stage = int(init.get("stage", 2))
-            if stage == 3:
-                offload = init.get("offload_optimizer") or init.get("offload_parameters")
-                return "deepspeed-zero3-offload" if offload else "deepspeed-zero3"
-            return "deepspeed-zero2"
-        return "ddp" if world_size > 1 else "single"
-    name = str(strategy or "auto")
-    if name.startswith("deepspeed"):
-        if "stage_3" in name:
-            return "deepspeed-zero3-offload" if "offload" in name else "deepspeed-zero3"
-        return "deepspeed-zero2"
-    return "ddp" if world_size > 1 else "single"
-
-
-def planner_setup(model, data, trainer, world_size: int):
-    from lightning_falcon.plan import Setup
-
-    return Setup(
-        quantization=model.quantization,
-        double_quant=model.double_quant,
-        compute_bytes=4 if model.compute_dtype == "fp32" else 2,  # auto is bf16/fp16 on a GPU
-        gradient_checkpointing=model.gradient_checkpointing,
-        optimizer=model.optimizer,
-        batch_size=data.batch_size,
-        max_length=data.max_length,
-        world_size=world_size,
-        mixed_16bit="16" in str(trainer.precision),
-    )
-
-
-# The architectures of these Hub models ship with the package, so `plan` works without the Hub.
-SHIPPED_CONFIGS = {
-    "tiiuae/falcon-7b": "asset:falcon-7b",
-    "tiiuae/falcon-7b-instruct": "asset:falcon-7b",
-    "tiiuae/falcon-40b": "asset:falcon-40b",
-    "tiiuae/falcon-40b-instruct": "asset:falcon-40b",
-}
-
-
-def model_config(model_name_or_path: str, trust_remote_code: bool):
-    """The model's config.json (only that file is read), from its path or the Hub, else the shipped copy."""
-    from transformers import AutoConfig
-
-    from lightning_falcon.assets import resolve
-    from lightning_falcon.errors import first_line
-
-    path = resolve(model_name_or_path)
-    try:  # a local directory, or the Hub model already in the local cache
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True), ""
-    except OSError:
-        pass
-    if model_name_or_path in SHIPPED_CONFIGS:  # no need to wait for the Hub: the architecture is known
-        shipped = SHIPPED_CONFIGS[model_name_or_path]
-        return AutoConfig.from_pretrained(resolve(shipped)), f" (architecture from the shipped {shipped})"
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), ""
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read config.json of {model_name_or_path!r} ({first_line(e)}). "
-            "Fix: set --model.model_name_or_path to a directory with config.json, or reach the Hub"
-        ) from e
+    print(report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -109,28 +109,32 @@ class FalconQLoRA(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     # ----------------------------------------------------------------- building
-    @staticmethod
-    def default_targets() -> list[str]:
-        return list(FALCON_TARGET_MODULES)
-
     def _target_device(self) -> torch.device:
         return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     def check_targets(self) -> None:
         """Fail before any weights load if a LoRA target is missing: build a weightless skeleton from config.json."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         hp = self.hparams
-        try:
-            config = AutoConfig.from_pretrained(resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code)
-        except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
-            raise ConfigError(
-                f"model {hp.model_name_or_path!r} not found: not a local directory and not loadable from the Hub "
-                f"({first_line(e)}). Fix: set --model.model_name_or_path to a Hub id or a directory with config.json"
-            ) from e
+        config = read_model_config(hp.model_name_or_path, hp.trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
         check_target_modules(linear_module_names(skeleton), self.target_modules)
+
+    def prepare_data(self) -> None:
+        """`random_init`: write the random checkpoint here, once per node (local rank 0), not once per rank.
+
+        A random Falcon-40B is 80 GB of bf16 built in host memory: eight ranks building it at once would not fit.
+        """
+        if self.hparams.random_init:
+            self._random_checkpoint()
+
+    def _random_checkpoint(self) -> str:
+        from lightning_falcon.random_weights import random_checkpoint
+
+        hp = self.hparams
+        return str(random_checkpoint(resolve(hp.model_name_or_path), hp.random_init_dir, hp.trust_remote_code))
 
     def configure_model(self) -> None:
         """Load the quantized base and add LoRA. Idempotent; runs inside the strategy's init context."""
@@ -148,11 +152,8 @@ class FalconQLoRA(L.LightningModule):
                 # DeepSpeed shards the 4-bit weights only when they are stored in the dtype it keeps parameters in.
                 load_device, quant_storage = None, deepspeed_param_dtype(strategy)
                 strategy.share_config_with_transformers()
-        path = resolve(hp.model_name_or_path)
-        if hp.random_init:
-            from lightning_falcon.random_weights import random_checkpoint
-
-            path = str(random_checkpoint(path, hp.random_init_dir, hp.trust_remote_code))
+        # With random_init, prepare_data has written the checkpoint already: this only finds it.
+        path = self._random_checkpoint() if hp.random_init else resolve(hp.model_name_or_path)
         base = load_causal_lm(
             path,
             quantization=hp.quantization,
@@ -296,6 +297,19 @@ class FalconQLoRA(L.LightningModule):
                 f"checkpoint does not match the model: {detail}. "
                 "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
+
+
+def read_model_config(model_name_or_path: str, trust_remote_code: bool = False):
+    """The model's config.json (only that file is read), from a directory, an `asset:` or the Hub; one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(model_name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
+        raise ConfigError(
+            f"model {model_name_or_path!r} not found: not a local directory and not loadable from the Hub "
+            f"({first_line(e)}). Fix: set --model.model_name_or_path to a Hub id or a directory with config.json"
+        ) from e
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -178,8 +178,7 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
 
 def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
     """Activations + logits for the batch, with or without checkpointing (for the comparison line)."""
-    other = Setup(**{**setup.__dict__, "gradient_checkpointing": checkpointing})
-    p = plan(count, other, "single")
+    p = plan(count, replace(setup, gradient_checkpointing=checkpointing), "single")
     return p.rows["activations"] + p.rows["logits"]
 
 
@@ -215,3 +214,92 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
     )
     lines.append("* = this config's strategy. Weights are exact counts; activations and workspace are estimates.")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- from a parsed run config to the table
+def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu_memory: str) -> str:
+    """The `plan` table for a parsed config (its model/data/trainer sections); devices/num_nodes override it."""
+    from lightning_falcon.lora import FALCON_TARGET_MODULES
+
+    devices = devices if devices is not None else gpu_count(trainer.devices)
+    nodes = num_nodes if num_nodes is not None else int(trainer.num_nodes or 1)
+    setup = Setup(
+        quantization=model.quantization,
+        double_quant=model.double_quant,
+        compute_bytes=4 if model.compute_dtype == "fp32" else 2,  # auto is bf16/fp16 on a GPU
+        gradient_checkpointing=model.gradient_checkpointing,
+        optimizer=model.optimizer,
+        batch_size=data.batch_size,
+        max_length=data.max_length,
+        world_size=devices * nodes,
+        mixed_16bit="16" in str(trainer.precision),
+    )
+    hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
+    targets = model.target_modules or FALCON_TARGET_MODULES
+    count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
+    plans = [plan(count, setup, name) for name in STRATEGIES]
+    title = (
+        f"{model.model_name_or_path}{source}: {len(count.quantized)} {model.quantization} layers, "
+        f"LoRA r={model.lora_r} ({count.lora:,} params), batch {data.batch_size} x {data.max_length} tokens, "
+        f"{devices} GPU(s) x {nodes} node(s)"
+    )
+    current = strategy_name(trainer.strategy, devices * nodes)
+    return render(count, setup, plans, current, parse_bytes(gpu_memory), title)
+
+
+def gpu_count(devices) -> int:
+    """`trainer.devices` as a number of GPUs: 4, "4", [0, 1] or "0,1"; "auto" or -1 counts this machine's."""
+    if isinstance(devices, str) and devices.strip() != "auto":
+        text = devices.strip()
+        devices = int(text) if text.lstrip("-").isdigit() else [d for d in text.strip("[]").split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return max(torch.cuda.device_count(), 1)
+
+
+def strategy_name(strategy, world_size: int) -> str:
+    """The planner's name for a `trainer.strategy` value: a registry string or a class_path with init_args."""
+    if hasattr(strategy, "class_path"):
+        init = dict(getattr(strategy, "init_args", None) or {})
+        if "DeepSpeed" not in strategy.class_path:
+            return "ddp" if world_size > 1 else "single"
+        stage = int(init.get("stage", 2))
+        offload = bool(init.get("offload_optimizer") or init.get("offload_parameters"))
+    else:
+        name = str(strategy or "auto")
+        if not name.startswith("deepspeed"):
+            return "ddp" if world_size > 1 else "single"
+        stage, offload = (3 if "stage_3" in name else 2), "offload" in name
+    if stage == 3:
+        return "deepspeed-zero3-offload" if offload else "deepspeed-zero3"
+    return "deepspeed-zero2"
+
+
+# The architectures of these Hub models ship with the package, so `plan` works without the Hub.
+SHIPPED_CONFIGS = {
+    "tiiuae/falcon-7b": "asset:falcon-7b",
+    "tiiuae/falcon-7b-instruct": "asset:falcon-7b",
+    "tiiuae/falcon-40b": "asset:falcon-40b",
+    "tiiuae/falcon-40b-instruct": "asset:falcon-40b",
+}
+
+
+def model_config(model_name_or_path: str, trust_remote_code: bool):
+    """(config.json, a note on its source): a local directory or the HF cache, else the shipped copy, else the Hub."""
+    from transformers import AutoConfig
+
+    from lightning_falcon.assets import resolve
+    from lightning_falcon.module import read_model_config
+
+    try:  # a local directory, or the Hub model already in the local cache
+        return AutoConfig.from_pretrained(
+            resolve(model_name_or_path), trust_remote_code=trust_remote_code, local_files_only=True
+        ), ""
+    except OSError:
+        pass
+    if model_name_or_path in SHIPPED_CONFIGS:  # no need to wait for the Hub: the architecture is known
+        shipped = SHIPPED_CONFIGS[model_name_or_path]
+        return read_model_config(shipped), f" (architecture from the shipped {shipped})"
+    return read_model_config(model_name_or_path, trust_remote_code), ""

@@ -41,7 +41,7 @@ def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, tru
         try:
             os.replace(tmp, target)
         except OSError:
-            # Another rank (DDP: every rank builds it) renamed its identical copy first; theirs stands.
+            # Another node sharing this directory renamed its identical copy first; theirs stands.
             if not (target / "config.json").exists():
                 raise
     finally:

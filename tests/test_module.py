@@ -123,6 +123,18 @@ def test_random_init_builds_from_config_through_the_quantized_loader(tmp_path):
     assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
 
 
+def test_random_init_checkpoint_is_written_in_prepare_data_once_per_node(tmp_path):
+    # Lightning runs prepare_data on local rank 0 only; configure_model (every rank) must then only read it.
+    m = FalconQLoRA(model_name_or_path=TINY, random_init=True, random_init_dir=str(tmp_path))
+    m.prepare_data()
+    (checkpoint,) = tmp_path.iterdir()
+    written = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    m.configure_model()
+    assert m.report.quantized_layers == 4 * m.model.config.num_hidden_layers
+    assert list(tmp_path.iterdir()) == [checkpoint]
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
+
+
 @pytest.mark.parametrize("name", ["asset:falcon-7b", "asset:falcon-40b"])
 def test_default_targets_exist_in_the_real_falcon_architectures(name):
     # A weightless skeleton from config.json: no download, no memory.

@@ -1,5 +1,7 @@
 """The memory planner against reality: its weight bytes match a real bitsandbytes + PEFT load of the tiny model."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import REPO, TINY
@@ -67,7 +69,7 @@ def test_sharding_divides_what_each_strategy_shards():
     assert offload.total < zero3.total < zero2.total < ddp.total
     assert zero3.load_peak > single.rows[weights]  # each rank holds the whole 4-bit base while it loads
     checkpointed = plan(count, setup, "single").rows["activations"]
-    full = plan(count, Setup(**{**setup.__dict__, "gradient_checkpointing": False}), "single").rows["activations"]
+    full = plan(count, replace(setup, gradient_checkpointing=False), "single").rows["activations"]
     assert checkpointed < full / 5
 
 
@@ -106,3 +108,11 @@ def test_plan_command_prints_the_table_and_verdicts(capsys):
 def test_plan_takes_devices_and_nodes(capsys):
     main(["plan", "--config", str(REPO / "configs/falcon-40b-qlora.yaml"), "--devices", "4", "--num_nodes", "2"])
     assert "4 GPU(s) x 2 node(s)" in capsys.readouterr().out
+
+
+def test_gpu_count_reads_every_form_of_trainer_devices():
+    from lightning_falcon.plan import gpu_count
+
+    assert gpu_count(4) == gpu_count("4") == 4
+    assert gpu_count([0, 1]) == gpu_count("0,1") == gpu_count("[0, 1, 2]") - 1 == 2
+    assert gpu_count("auto") == gpu_count(-1) == gpu_count("-1") == max(torch.cuda.device_count(), 1)
