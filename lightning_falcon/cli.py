@@ -5,10 +5,14 @@ python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50
 python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
 python -m lightning_falcon fit --config configs/tiny.yaml --print_config
 python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml --gpu_memory 40GB   # per-GPU memory
+python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a Slurm job: the fit arguments it implies
+python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,6 +25,13 @@ from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.module import FalconQLoRA
 from lightning_falcon.strategy import check_strategy
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+    }
+}
 
 
 class FalconCLI(LightningCLI):
@@ -49,19 +60,24 @@ class FalconCLI(LightningCLI):
         self._resolve_last()
 
     def _resolve_last(self) -> None:
-        """`--ckpt_path last` finds the run's newest last.ckpt across its log versions.
+        """`--ckpt_path last` finds the run's last checkpoint across its log versions.
 
         Lightning looks only in the current version's directory, which is new and empty on resume.
+        The current directory wins when it has one (a requeued Slurm job logs to the same
+        `slurm-JOBID` directory); otherwise the newest `last*.ckpt` of any version of the run.
         """
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
-        candidates = []
-        if self.trainer.logger is not None and getattr(self.trainer.logger, "root_dir", None):
-            candidates += Path(self.trainer.logger.root_dir).glob("version_*/checkpoints/last*.ckpt")
+        logger = self.trainer.logger
+        own, others = [], []
+        if logger is not None and getattr(logger, "root_dir", None):
+            own_dir = Path(logger.log_dir) / "checkpoints" if getattr(logger, "version", None) is not None else None
+            for path in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt"):
+                (own if own_dir is not None and path.parent == own_dir else others).append(path)
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
-            candidates += Path(self.trainer.checkpoint_callback.dirpath).glob("last*.ckpt")
-        candidates = [p for p in candidates if p.exists()]  # DeepSpeed checkpoints are directories
+            own += Path(self.trainer.checkpoint_callback.dirpath).glob("last*.ckpt")
+        candidates = [p for p in own if p.exists()] or [p for p in others if p.exists()]  # DeepSpeed: directories
         if candidates:
             newest = max(candidates, key=lambda p: p.stat().st_mtime)
             rank_zero_info(f"[resume] --ckpt_path last -> {newest}")
@@ -73,9 +89,23 @@ class FalconCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _before_run
 
 
-class PlanCLI(FalconCLI):
-    """`plan`: the same config files and overrides as `fit`, parsed but never instantiated (no weights, no GPU)."""
+class ParseOnlyCLI(FalconCLI):
+    """The same config files and overrides as `fit`, parsed but never instantiated (no weights, no GPU)."""
 
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_only(cli_class: type[ParseOnlyCLI], args: list[str]) -> ParseOnlyCLI:
+    # LightningCLI reads sys.argv when given no args; the extra subcommand is not one of its own, so drop it there.
+    argv, sys.argv = sys.argv, [sys.argv[0], *args]
+    try:
+        return cli_class(FalconQLoRA, PromptDataModule, run=False, trainer_defaults=TRAINER_DEFAULTS)
+    finally:
+        sys.argv = argv
+
+
+class PlanCLI(ParseOnlyCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--devices", type=Optional[int], default=None, help="GPUs per node (default: the config's)")
@@ -84,42 +114,54 @@ class PlanCLI(FalconCLI):
             "--gpu_memory", type=str, default="80GB", help="Memory of one GPU for the verdict, e.g. 24GB, 40GB, 80GB"
         )
 
-    def instantiate_classes(self) -> None:
-        pass
-
 
 def run_plan(args: list[str]) -> None:
     """Print the per-GPU memory of a config for its strategy and every alternative."""
     from lightning_falcon.plan import report
 
-    # LightningCLI reads sys.argv when given no args; `plan` is not one of its subcommands, so drop it there.
-    argv, sys.argv = sys.argv, [sys.argv[0], *args]
-    try:
-        cli = PlanCLI(FalconQLoRA, PromptDataModule, run=False)
-    finally:
-        sys.argv = argv
-    config = cli.config
+    config = parse_only(PlanCLI, args).config
     print(report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory))
+
+
+def run_slurm_args(args: list[str]) -> None:
+    """Inside a Slurm job: print the fit arguments its allocation implies, one per line (see slurm.py)."""
+    from lightning_falcon.slurm import Allocation, fit_arguments
+
+    alloc = Allocation.from_env()  # first: outside a job nothing else matters
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the arguments, for the sbatch script
+        cli = parse_only(ParseOnlyCLI, args)
+        explicit = cli.parser.parse_args(args, defaults=False)  # only what the config files and overrides set
+    print("\n".join(fit_arguments(explicit, cli.config, alloc)))
+
+
+def run_prefetch(args: list[str]) -> None:
+    """Download the config's model, tokenizer and data into the caches a job without internet reads."""
+    from lightning_falcon.offline import prefetch
+
+    config = parse_only(ParseOnlyCLI, args).config
+    print("\n".join(prefetch(config.model, config.data)))
+
+
+SUBCOMMANDS = {"plan": run_plan, "slurm-args": run_slurm_args, "prefetch": run_prefetch}
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
     argv = sys.argv[1:] if args is None else args
+    if "SLURM_JOB_ID" in os.environ:
+        from lightning_falcon.preemption import listen
+
+        listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
     try:
-        if argv[:1] == ["plan"]:
-            run_plan(argv[1:])
+        if argv[:1] and argv[0] in SUBCOMMANDS:
+            SUBCOMMANDS[argv[0]](argv[1:])
             return
         FalconCLI(
             FalconQLoRA,
             PromptDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
-                }
-            },
+            trainer_defaults=TRAINER_DEFAULTS,
         )
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)

@@ -212,7 +212,13 @@ class PromptDataModule(L.LightningDataModule):
             tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode()
         )
         h.update(str(tok.eos_token_id).encode())
-        settings = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "num_workers", "cache_dir")}
+        # Leading underscores are Lightning's bookkeeping (LightningCLI adds `_instantiator`), not settings:
+        # without this, `prefetch` (which builds the datamodule directly) would key a cache `fit` never finds.
+        settings = {
+            k: v
+            for k, v in self.hparams.items()
+            if k not in ("batch_size", "num_workers", "cache_dir") and not k.startswith("_")
+        }
         settings["template_text"] = TEMPLATES.get(self.hparams.template)
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:20]
@@ -255,8 +261,11 @@ class PromptDataModule(L.LightningDataModule):
                 tokenized, stats[name] = self._tokenize(source, ds)
                 tokenized.save_to_disk(str(tmp / name))
             (tmp / "stats.json").write_text(json.dumps(stats))
-            if not target.exists():  # another node may have written the same cache meanwhile
+            try:
                 os.replace(tmp, target)
+            except OSError:  # another node wrote the same cache meanwhile (a shared filesystem): keep theirs
+                if not (target / "stats.json").exists():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -179,8 +179,9 @@ class FalconQLoRA(L.LightningModule):
 
     def configure_callbacks(self):
         from lightning_falcon.callbacks import PredictionWriter, SaveAdapter, TokenThroughput
+        from lightning_falcon.preemption import SlurmRequeue
 
-        return [TokenThroughput(), SaveAdapter(), PredictionWriter()]
+        return [TokenThroughput(), SaveAdapter(), PredictionWriter(), SlurmRequeue()]
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
@@ -192,6 +193,14 @@ class FalconQLoRA(L.LightningModule):
         }
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
+
+    def on_train_start(self) -> None:
+        # After the checkpoint is restored: a resumed run states where it continues.
+        trainer = self.trainer
+        rank_zero_info(
+            f"[fit] world size {trainer.world_size} ({trainer.num_nodes} node(s) x {trainer.num_devices} device(s), "
+            f"{type(trainer.strategy).__name__}); step {trainer.global_step} of {trainer.max_steps}"
+        )
 
     # ----------------------------------------------------------------- steps
     def forward(self, input_ids, attention_mask=None, labels=None):
