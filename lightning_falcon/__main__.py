@@ -1,6 +1,14 @@
 """`python -m lightning_falcon fit --config configs/tiny.yaml`: builds the CLI and nothing else."""
 
-from lightning_falcon.cli import main
+import os
+import signal
+
+if "SLURM_JOB_ID" in os.environ:
+    # Slurm's warning signal (SIGUSR1) kills by default; until the CLI listens for it (after these
+    # imports), a preemption warning must not end the task.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+from lightning_falcon.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

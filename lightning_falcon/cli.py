@@ -105,6 +105,13 @@ def parse_only(cli_class: type[ParseOnlyCLI], args: list[str]) -> ParseOnlyCLI:
         sys.argv = argv
 
 
+class SlurmArgsCLI(ParseOnlyCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        # fit's own argument, passed through the sbatch scripts: a resubmitted job names its checkpoint.
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="As for fit")
+
+
 class PlanCLI(ParseOnlyCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -129,7 +136,7 @@ def run_slurm_args(args: list[str]) -> None:
 
     alloc = Allocation.from_env()  # first: outside a job nothing else matters
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the arguments, for the sbatch script
-        cli = parse_only(ParseOnlyCLI, args)
+        cli = parse_only(SlurmArgsCLI, args)
         explicit = cli.parser.parse_args(args, defaults=False)  # only what the config files and overrides set
     print("\n".join(fit_arguments(explicit, cli.config, alloc)))
 

@@ -42,10 +42,10 @@ def fetch_snapshot(repo_id: str, weights: bool) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, "*.safetensors"]))
             if not any(folder.glob("*.safetensors")):  # an older repository: PyTorch .bin weights only
                 folder = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, "*.bin"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # ValueError: not a valid repo id
         raise ConfigError(
-            f"cannot download {repo_id} ({first_line(e)}). Fix: run prefetch where the Hub is reachable "
-            "(a login node), with HF_HUB_OFFLINE unset and HF_TOKEN set for gated models"
+            f"cannot download {repo_id} ({first_line(e)}). Fix: check the local path or Hub id, and run prefetch "
+            "where the Hub is reachable (a login node), with HF_HUB_OFFLINE unset and HF_TOKEN set for gated models"
         ) from e
     return folder
 

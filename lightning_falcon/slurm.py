@@ -9,8 +9,9 @@
   Slurm's environment, so the trainer always matches the allocation;
 * `--trainer.logger.init_args.version=slurm-JOBID`: the job logs to `runs/<name>/slurm-JOBID/`, the
   same directory after each requeue, so its checkpoints, TensorBoard events and adapter stay together;
-* `--ckpt_path=last` when Slurm has restarted the job (SLURM_RESTART_COUNT > 0), so a requeued job
-  resumes from its last checkpoint.
+* on a restart (SLURM_RESTART_COUNT > 0), `--ckpt_path=<this job's last checkpoint>` when it has
+  one, so a requeued job resumes where it stopped, and never from another run's checkpoint. With a
+  logger that has no version to pin (and no `checkpoint.dirpath`), `--ckpt_path=last` instead.
 
 It fails, in one line listing every problem, when the allocation runs a number of tasks per node
 other than its GPUs, when the config (or an override) pins `trainer.devices` or
@@ -25,8 +26,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from pathlib import Path
 
 from lightning_falcon.errors import ConfigError
 
@@ -54,9 +54,13 @@ class Allocation:
             job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         tasks = expand_tasks_per_node(env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or "1")
-        rendezvous = env.get("MASTER_ADDR") or SLURMEnvironment.resolve_root_node_address(
-            env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        )
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        # As Lightning picks it: MASTER_ADDR when set (even empty), else the first node of the job.
+        rendezvous = env.get("MASTER_ADDR")
+        if rendezvous is None:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+            rendezvous = SLURMEnvironment.resolve_root_node_address(nodelist)
         return cls(job, nodes, tasks, gpus_per_node(env), int(env.get("SLURM_RESTART_COUNT") or 0), rendezvous)
 
 
@@ -72,11 +76,14 @@ def expand_tasks_per_node(value: str) -> list[int]:
 
 
 def gpus_per_node(env: Mapping[str, str]) -> int:
-    """GPUs on each node: SLURM_GPUS_ON_NODE, else the count in SLURM_GPUS_PER_NODE ("8", "a100:8"), else 0."""
+    """GPUs on each node: SLURM_GPUS_ON_NODE, else the count in SLURM_GPUS_PER_NODE ("8", "a100:8"), else the
+    GPUs listed in SLURM_JOB_GPUS ("0,1,2,3", set for --gres=gpu:N), else 0."""
     if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
         return int(env["SLURM_GPUS_ON_NODE"])
     match = re.search(r"(\d+)\s*$", env.get("SLURM_GPUS_PER_NODE", ""))
-    return int(match[1]) if match else 0
+    if match:
+        return int(match[1])
+    return len([g for g in env.get("SLURM_JOB_GPUS", "").split(",") if g.strip()])
 
 
 def device_count(devices) -> int | None:
@@ -112,15 +119,15 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
     devices = device_count(explicit.get("trainer.devices"))
     if devices is not None and devices != tasks:
         problems.append(
-            f"trainer.devices is {devices} but the allocation runs {tasks} task(s) per node: remove trainer.devices "
-            f"(the Slurm scripts take it from the allocation) or submit with --ntasks-per-node={devices} "
+            f"trainer.devices is {devices} but the allocation runs {tasks} task(s) per node: add "
+            f"--trainer.devices auto (the allocation then decides) or submit with --ntasks-per-node={devices} "
             f"--gpus-per-node={devices}"
         )
     num_nodes = explicit.get("trainer.num_nodes")
     if num_nodes is not None and int(num_nodes) != alloc.nodes:
         problems.append(
             f"trainer.num_nodes is {num_nodes} but the allocation has {alloc.nodes} node(s): remove "
-            f"trainer.num_nodes or submit with --nodes={num_nodes}"
+            f"trainer.num_nodes from the config or submit with --nodes={num_nodes}"
         )
     accelerator = str(resolved.get("trainer.accelerator") or "auto")
     if accelerator in ("gpu", "cuda") and alloc.gpus_per_node == 0:
@@ -128,7 +135,9 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
             f"trainer.accelerator is {accelerator} but the allocation has no GPUs: submit with --gpus-per-node=N, "
             "or --trainer.accelerator cpu"
         )
-    if alloc.nodes * tasks > 1 and not resolves(alloc.rendezvous):
+    if alloc.nodes * tasks > 1 and not alloc.rendezvous.strip():
+        problems.append("MASTER_ADDR is set but empty: unset it, or export the first node's address")
+    elif alloc.nodes * tasks > 1 and not resolves(alloc.rendezvous):
         problems.append(
             f"the rendezvous host {alloc.rendezvous} (the job's first node) does not resolve, so every rank would wait "
             "for it: export MASTER_ADDR=<that node's address> in the script's Environment block"
@@ -139,11 +148,29 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
     logger = resolved.get("trainer.logger")
     class_path = str(getattr(logger, "class_path", "") or "")
     init_args = getattr(logger, "init_args", None)
-    if class_path.endswith(VERSIONED_LOGGERS) and getattr(init_args, "version", None) is None:
-        args.append(f"--trainer.logger.init_args.version=slurm-{alloc.job_id}")
+    version = getattr(init_args, "version", None)
+    if class_path.endswith(VERSIONED_LOGGERS) and version is None:
+        version = f"slurm-{alloc.job_id}"
+        args.append(f"--trainer.logger.init_args.version={version}")
     if alloc.restarts > 0 and explicit.get("ckpt_path") is None:
-        args.append("--ckpt_path=last")
+        directory = checkpoint_dir(resolved, version if class_path.endswith(VERSIONED_LOGGERS) else None)
+        if directory is None:
+            args.append("--ckpt_path=last")  # newest last.ckpt of any version of the run (cli._resolve_last)
+        else:
+            saved = [p for p in directory.glob("last*.ckpt") if p.exists()]  # DeepSpeed: directories
+            if saved:
+                args.append(f"--ckpt_path={max(saved, key=lambda p: p.stat().st_mtime)}")
     return args
+
+
+def checkpoint_dir(resolved: Mapping, version: str | None) -> Path | None:
+    """Where this job's checkpoints go: `checkpoint.dirpath`, else `<save_dir>/<name>/<version>/checkpoints`."""
+    if resolved.get("checkpoint.dirpath"):
+        return Path(resolved.get("checkpoint.dirpath")).expanduser()
+    init_args = getattr(resolved.get("trainer.logger"), "init_args", None)
+    if version is None or getattr(init_args, "save_dir", None) is None:
+        return None
+    return Path(init_args.save_dir).expanduser() / (init_args.name or "") / version / "checkpoints"
 
 
 def resolves(host: str) -> bool:

@@ -98,16 +98,15 @@ JobCompType=jobcomp/none
         )
 
     def _munge(self) -> None:
-        key = Path("/etc/munge/munge.key")
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True)
-            key.write_bytes(os.urandom(1024))
-            key.chmod(0o400)
+        key = self.root / "munge" / "munge.key"  # the cluster's own key: /etc/munge is left alone
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
         pidfile = self.root / "run/munged.pid"
         subprocess.run(
             [
                 "munged",
                 "--force",
+                f"--key-file={key}",
                 f"--pid-file={pidfile}",
                 f"--socket={self.root / 'munge/munge.socket'}",
                 f"--log-file={self.root / 'log/munged.log'}",

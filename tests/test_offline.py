@@ -61,7 +61,7 @@ def test_prefetch_of_a_model_it_cannot_download_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("lightning_falcon: error: cannot download tiiuae/falcon-7b-instruct")
-    assert "Fix: run prefetch where the Hub is reachable" in error
+    assert "run prefetch where the Hub is reachable" in error
 
 
 def test_prepare_offline_script_checks_with_the_network_off(tmp_path):

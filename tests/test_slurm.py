@@ -60,8 +60,9 @@ class Job:
             "HF_DATASETS_OFFLINE": "1",
             # The localhost cluster's node names n1, n2 do not resolve as hosts (slurm_cluster.py).
             "MASTER_ADDR": "127.0.0.1",
-            **(env or {}),
         }
+        for key, value in (env or {}).items():  # None removes a variable
+            self.env.pop(key, None) if value is None else self.env.__setitem__(key, value)
         command = ["sbatch", "--parsable", *sbatch, str(REPO / "slurm" / script), *args]
         proc = subprocess.run(command, cwd=root, env=self.env, capture_output=True, text=True, check=True)
         self.id = proc.stdout.strip().split(";")[0]
@@ -158,7 +159,8 @@ def test_signalled_job_saves_requeues_and_resumes_to_the_planned_step(slurm, tmp
     resumed = [int(s) for s in re.findall(r"\[fit\] world size 2 .*; step (\d+) of 200", log)]
     assert len(saved) == 2 and 25 <= saved[0] < saved[1] < steps, log[-3000:]
     assert resumed == [0, *saved]  # each restart continued from the step its requeue saved
-    assert log.count("--ckpt_path=last") == 2
+    # Each restart named this job's own checkpoint, never "newest of any run".
+    assert log.count(f"--ckpt_path=runs/tiny/slurm-{job.id}/checkpoints/last.ckpt") == 2
     final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == steps and (checkpoints / f"step={steps}.ckpt").exists()
     assert (job.run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -167,7 +169,7 @@ def test_signalled_job_saves_requeues_and_resumes_to_the_planned_step(slurm, tmp
 
 
 def test_sigterm_saves_last_checkpoint_on_the_way_out(slurm, tmp_path):
-    # A preemption without the user signal, or scancel: Lightning stops at the next batch; we save first.
+    # A preemption without the user signal, or scancel: save at the next step, exit, no requeue.
     job = Job(slurm, tmp_path, *tiny(tmp_path, "--trainer.max_steps", "400", "--checkpoint.every_n_train_steps", "20"))
     checkpoints = job.run_dir / "checkpoints"
     job.wait(lambda: (checkpoints / "step=20.ckpt").exists(), "the first checkpoint")
@@ -205,7 +207,7 @@ def test_config_contradicting_the_allocation_fails_before_srun(slurm, tmp_path):
 def test_unresolvable_first_node_fails_before_srun_instead_of_hanging(slurm, tmp_path):
     # Without MASTER_ADDR the ranks would meet at the first node, n1, which no resolver knows here:
     # torch's rendezvous would wait for it for 30 minutes.
-    job = Job(slurm, tmp_path, *tiny(tmp_path), env={"MASTER_ADDR": ""})
+    job = Job(slurm, tmp_path, *tiny(tmp_path), env={"MASTER_ADDR": None})
     info = job.finished(timeout=120)
     assert info["ExitCode"] == "2:0"
     assert "the rendezvous host n1 (the job's first node) does not resolve" in job.log()
@@ -236,14 +238,9 @@ def test_fit_arguments_follow_the_allocation_and_list_every_contradiction():
 
     logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(version=None))
     resolved = Namespace(trainer=Namespace(accelerator="gpu", logger=logger))
-    alloc = Allocation("9", 2, [8, 8], 8, 1, "localhost")
+    alloc = Allocation("9", 2, [8, 8], 8, 0, "localhost")
     args = fit_arguments(Namespace(trainer=Namespace(devices="auto")), resolved, alloc)
-    assert args == [
-        "--trainer.devices=8",
-        "--trainer.num_nodes=2",
-        "--trainer.logger.init_args.version=slurm-9",
-        "--ckpt_path=last",
-    ]
+    assert args == ["--trainer.devices=8", "--trainer.num_nodes=2", "--trainer.logger.init_args.version=slurm-9"]
     with pytest.raises(ConfigError) as e:
         fit_arguments(
             Namespace(trainer=Namespace(devices=4, num_nodes=1)),
@@ -275,10 +272,42 @@ def test_a_warning_signal_before_training_is_kept_not_fatal(monkeypatch):
 
     from lightning_falcon import preemption
 
-    monkeypatch.setattr(preemption, "_received", False)
+    monkeypatch.setitem(preemption._received, signal.SIGUSR1, False)
     previous = preemption.listen()  # what the CLI does first under Slurm, before the model loads
     try:
         os.kill(os.getpid(), signal.SIGUSR1)  # SIGUSR1's default action would end this process
         assert preemption.received()  # the first optimizer step then saves and requeues
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_restarted_job_resumes_only_from_its_own_checkpoint(tmp_path, monkeypatch):
+    from jsonargparse import Namespace
+
+    from lightning_falcon.slurm import Allocation, fit_arguments
+
+    monkeypatch.chdir(tmp_path)
+    logger = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir="runs", name="tiny", version=None),
+    )
+    resolved = Namespace(trainer=Namespace(logger=logger), checkpoint=Namespace(dirpath=None))
+    restarted = Allocation("31", 1, [1], 0, 1, "localhost")
+    other = tmp_path / "runs/tiny/slurm-30/checkpoints"  # another job of the same config
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(b"not this one")
+    assert not any(a.startswith("--ckpt_path") for a in fit_arguments(Namespace(), resolved, restarted))
+    own = tmp_path / "runs/tiny/slurm-31/checkpoints"
+    own.mkdir(parents=True)
+    (own / "last.ckpt").write_bytes(b"this one")
+    assert fit_arguments(Namespace(), resolved, restarted)[-1] == "--ckpt_path=runs/tiny/slurm-31/checkpoints/last.ckpt"
+
+
+def test_slurm_args_pass_a_users_ckpt_path_through(capsys, monkeypatch):
+    from lightning_falcon.cli import main
+
+    for key, value in {"SLURM_JOB_ID": "5", "SLURM_TASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    main(["slurm-args", "--config", str(REPO / "configs/tiny.yaml"), "--ckpt_path", "runs/old/last.ckpt"])
+    args = capsys.readouterr().out.split()
+    assert args == ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.logger.init_args.version=slurm-5"]
