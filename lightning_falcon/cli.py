@@ -60,26 +60,27 @@ class FalconCLI(LightningCLI):
         self._resolve_last()
 
     def _resolve_last(self) -> None:
-        """`--ckpt_path last` finds the run's last checkpoint across its log versions.
+        """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
 
-        Lightning looks only in the current version's directory, which is new and empty on resume.
-        The current directory wins when it has one (a requeued Slurm job logs to the same
-        `slurm-JOBID` directory); otherwise the newest `last*.ckpt` of any version of the run.
+        With `checkpoint.dirpath`, in that directory. A named run (a pinned logger version, such as a
+        Slurm job's `slurm-JOBID`) resumes only from its own directory, never from another run's;
+        otherwise the newest of any of the run's numbered versions.
         """
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
-        logger = self.trainer.logger
-        own, others = [], []
-        if logger is not None and getattr(logger, "root_dir", None):
-            own_dir = Path(logger.log_dir) / "checkpoints" if getattr(logger, "version", None) is not None else None
-            for path in Path(logger.root_dir).glob("*/checkpoints/last*.ckpt"):
-                (own if own_dir is not None and path.parent == own_dir else others).append(path)
-        if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
-            own += Path(self.trainer.checkpoint_callback.dirpath).glob("last*.ckpt")
-        candidates = [p for p in own if p.exists()] or [p for p in others if p.exists()]  # DeepSpeed: directories
-        if candidates:
-            newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        logger, callback = self.trainer.logger, self.trainer.checkpoint_callback
+        init_args = getattr(self.config[self.subcommand].get("trainer.logger"), "init_args", None)
+        directories = []
+        if callback is not None and callback.dirpath:
+            directories = [Path(callback.dirpath)]
+        elif logger is not None and getattr(logger, "root_dir", None):
+            named = getattr(init_args, "version", None) is not None
+            directories = (
+                [Path(logger.log_dir) / "checkpoints"] if named else Path(logger.root_dir).glob("*/checkpoints")
+            )
+        newest = find_last(directories)
+        if newest is not None:
             rank_zero_info(f"[resume] --ckpt_path last -> {newest}")
             config["ckpt_path"] = str(newest)
         else:
@@ -87,6 +88,12 @@ class FalconCLI(LightningCLI):
             config["ckpt_path"] = None
 
     before_fit = before_validate = before_test = before_predict = _before_run
+
+
+def find_last(directories) -> Path | None:
+    """The newest `last*.ckpt` in `directories`: a file, or a directory of shards under DeepSpeed."""
+    found = [path for directory in directories for path in Path(directory).glob("last*.ckpt")]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 class ParseOnlyCLI(FalconCLI):

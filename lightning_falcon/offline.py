@@ -37,11 +37,11 @@ def fetch_snapshot(repo_id: str, weights: bool) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=CONFIG_FILES))
-        if weights:
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, "*.safetensors"]))
-            if not any(folder.glob("*.safetensors")):  # an older repository: PyTorch .bin weights only
-                folder = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, "*.bin"]))
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, *(["*.safetensors"] if weights else [])])
+        )
+        if weights and not any(folder.glob("*.safetensors")):  # an older repository: PyTorch .bin weights only
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, "*.bin"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # ValueError: not a valid repo id
         raise ConfigError(
             f"cannot download {repo_id} ({first_line(e)}). Fix: check the local path or Hub id, and run prefetch "

@@ -247,16 +247,21 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     return render(count, setup, plans, current, parse_bytes(gpu_memory), title)
 
 
-def gpu_count(devices) -> int:
-    """`trainer.devices` as a number of GPUs: 4, "4", [0, 1] or "0,1"; "auto" or -1 counts this machine's."""
-    if isinstance(devices, str) and devices.strip() != "auto":
-        text = devices.strip()
-        devices = int(text) if text.lstrip("-").isdigit() else [d for d in text.strip("[]").split(",") if d.strip()]
+def device_count(devices) -> int | None:
+    """`trainer.devices` as a count: 4, "4", [0, 1] or "0,1"; None for "auto" and -1 (take what is there)."""
     if isinstance(devices, (list, tuple)):
         return len(devices)
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    return max(torch.cuda.device_count(), 1)
+    text = str(devices).strip()
+    if text in ("auto", "-1", "None", ""):
+        return None
+    if "," in text or text.startswith("["):
+        return len([d for d in text.strip("[]").split(",") if d.strip()])
+    return int(text)
+
+
+def gpu_count(devices) -> int:
+    """`trainer.devices` as a number of GPUs; "auto" or -1 counts this machine's."""
+    return device_count(devices) or max(torch.cuda.device_count(), 1)
 
 
 def strategy_name(strategy, world_size: int) -> str:

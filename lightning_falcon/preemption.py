@@ -32,21 +32,18 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-_received = {signal.SIGUSR1: False, signal.SIGTERM: False}  # set by the handlers; read at step boundaries
+# Set by the handlers, read at step boundaries: "stop" for SIGTERM, "requeue" for the warning signal.
+_received = {"requeue": False, "stop": False}
 
 
 def _on_signal(signum, frame) -> None:
     # Nothing else here: a signal handler runs between any two bytecodes, even inside a collective.
-    _received[signal.SIGTERM if signum == signal.SIGTERM else signal.SIGUSR1] = True
+    _received["stop" if signum == signal.SIGTERM else "requeue"] = True
 
 
 def listen(signum: int = signal.SIGUSR1):
     """From now on, `signum` only sets a flag that `SlurmRequeue` acts on. Returns the old handler."""
     return signal.signal(signum, _on_signal)
-
-
-def received(signum: int = signal.SIGUSR1) -> bool:
-    return _received[signal.SIGTERM if signum == signal.SIGTERM else signal.SIGUSR1]
 
 
 class Interrupted(SystemExit):
@@ -91,7 +88,7 @@ class SlurmRequeue(Callback):
         if not self.active or trainer.global_step == self._step:
             return  # elsewhere, or inside a gradient-accumulation window
         self._step = trainer.global_step
-        requeue_signal, stop_signal = received(self._signum), received(signal.SIGTERM)
+        requeue_signal, stop_signal = _received["requeue"], _received["stop"]
         if trainer.world_size > 1:  # any rank's signal stops them all at this same step
             flags = torch.tensor([float(requeue_signal), float(stop_signal)], device=trainer.strategy.root_device)
             requeue_signal, stop_signal = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()

@@ -9,9 +9,9 @@
   Slurm's environment, so the trainer always matches the allocation;
 * `--trainer.logger.init_args.version=slurm-JOBID`: the job logs to `runs/<name>/slurm-JOBID/`, the
   same directory after each requeue, so its checkpoints, TensorBoard events and adapter stay together;
-* on a restart (SLURM_RESTART_COUNT > 0), `--ckpt_path=<this job's last checkpoint>` when it has
-  one, so a requeued job resumes where it stopped, and never from another run's checkpoint. With a
-  logger that has no version to pin (and no `checkpoint.dirpath`), `--ckpt_path=last` instead.
+* on a restart (SLURM_RESTART_COUNT > 0), `--ckpt_path=last`. The version being pinned, `last` means
+  this job's own last checkpoint when it has one (`cli.find_last`), never another run's, so a
+  requeued job resumes where it stopped, or from step 0 if it never saved.
 
 It fails, in one line listing every problem, when the allocation runs a number of tasks per node
 other than its GPUs, when the config (or an override) pins `trainer.devices` or
@@ -26,9 +26,11 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.plan import device_count
 
 # Loggers whose `version` names the run directory; others are left to number their own runs.
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -54,8 +56,6 @@ class Allocation:
             job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         tasks = expand_tasks_per_node(env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or "1")
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
         # As Lightning picks it: MASTER_ADDR when set (even empty), else the first node of the job.
         rendezvous = env.get("MASTER_ADDR")
         if rendezvous is None:
@@ -84,18 +84,6 @@ def gpus_per_node(env: Mapping[str, str]) -> int:
     if match:
         return int(match[1])
     return len([g for g in env.get("SLURM_JOB_GPUS", "").split(",") if g.strip()])
-
-
-def device_count(devices) -> int | None:
-    """`trainer.devices` as a count, or None for "auto" / -1 (which take what the allocation gives)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if text in ("auto", "-1", "None", ""):
-        return None
-    if "," in text or text.startswith("["):
-        return len([d for d in text.strip("[]").split(",") if d.strip()])
-    return int(text)
 
 
 def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> list[str]:
@@ -148,29 +136,11 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
     logger = resolved.get("trainer.logger")
     class_path = str(getattr(logger, "class_path", "") or "")
     init_args = getattr(logger, "init_args", None)
-    version = getattr(init_args, "version", None)
-    if class_path.endswith(VERSIONED_LOGGERS) and version is None:
-        version = f"slurm-{alloc.job_id}"
-        args.append(f"--trainer.logger.init_args.version={version}")
+    if class_path.endswith(VERSIONED_LOGGERS) and getattr(init_args, "version", None) is None:
+        args.append(f"--trainer.logger.init_args.version=slurm-{alloc.job_id}")
     if alloc.restarts > 0 and explicit.get("ckpt_path") is None:
-        directory = checkpoint_dir(resolved, version if class_path.endswith(VERSIONED_LOGGERS) else None)
-        if directory is None:
-            args.append("--ckpt_path=last")  # newest last.ckpt of any version of the run (cli._resolve_last)
-        else:
-            saved = [p for p in directory.glob("last*.ckpt") if p.exists()]  # DeepSpeed: directories
-            if saved:
-                args.append(f"--ckpt_path={max(saved, key=lambda p: p.stat().st_mtime)}")
+        args.append("--ckpt_path=last")  # resolved by the CLI inside this job's own directory (cli.find_last)
     return args
-
-
-def checkpoint_dir(resolved: Mapping, version: str | None) -> Path | None:
-    """Where this job's checkpoints go: `checkpoint.dirpath`, else `<save_dir>/<name>/<version>/checkpoints`."""
-    if resolved.get("checkpoint.dirpath"):
-        return Path(resolved.get("checkpoint.dirpath")).expanduser()
-    init_args = getattr(resolved.get("trainer.logger"), "init_args", None)
-    if version is None or getattr(init_args, "save_dir", None) is None:
-        return None
-    return Path(init_args.save_dir).expanduser() / (init_args.name or "") / version / "checkpoints"
 
 
 def resolves(host: str) -> bool:

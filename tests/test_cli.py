@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,20 @@ def test_resume_continues_from_the_saved_step_in_a_new_version(fitted):
     assert min(steps) > 500 and max(steps) == 519
     last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 520
+
+
+def test_a_named_run_resumes_only_from_its_own_checkpoint(fitted):
+    # A requeued Slurm job runs `fit --ckpt_path last` with its logger version pinned to slurm-<jobid>.
+    root, run, _ = fitted
+    named = ["--trainer.logger.init_args.version", "slurm-31", "--checkpoint.every_n_train_steps", "2"]
+    proc = cli(root, "fit", "--ckpt_path", "last", "--trainer.max_steps", "2", *named)
+    # Nothing of its own yet: it starts at step 0 rather than from another run's last.ckpt.
+    assert "--ckpt_path last: no checkpoint found for this run; starting from scratch" in proc.stderr
+    own = root / "runs" / "tiny" / "slurm-31" / "checkpoints" / "last.ckpt"
+    os.utime(run / "checkpoints" / "last.ckpt")  # another run's, now the newest, and still not taken
+    proc = cli(root, "fit", "--ckpt_path", "last", "--trainer.max_steps", "4", *named)
+    assert f"--ckpt_path last -> {own}" in proc.stdout + proc.stderr
+    assert torch.load(own, map_location="cpu", weights_only=False)["global_step"] == 4
 
 
 def test_validate_test_and_predict_from_a_checkpoint(fitted):
