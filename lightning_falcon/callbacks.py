@@ -1,4 +1,4 @@
-"""Callbacks the module always installs: throughput, adapter saving and prediction writing."""
+"""Callbacks the module always installs: throughput, adapter saving, prediction writing and generated samples."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -78,12 +79,37 @@ class SaveAdapter(Callback):
             # whole frozen base too, as a collective that rank 0 alone would wait on forever.
             state = {n: p.detach().cpu().clone() for n, p in named}
         if trainer.is_global_zero:
+            from lightning_falcon import adapter
+
             empty = [n for n, t in state.items() if t.numel() == 0]
             if empty:
                 raise RuntimeError(f"refusing to save an empty adapter: {len(empty)} LoRA weights, e.g. {empty[0]}")
-            pl_module.model.save_pretrained(out, state_dict=state)
+            datamodule = trainer.datamodule
+            adapter.save(
+                pl_module.model,
+                state,
+                out,
+                getattr(datamodule, "tokenizer", None),
+                metadata(pl_module, datamodule, trainer.global_step),
+            )
             rank_zero_info(f"[adapter] saved to {out}")
         trainer.strategy.barrier("adapter saved")
+
+
+def metadata(pl_module, datamodule, global_step: int) -> dict:
+    """What `export --merge` and `predict` need to know about how the adapter was trained."""
+    hp = pl_module.hparams
+    return {
+        "model_name_or_path": hp.model_name_or_path,
+        "base": str(pl_module.base_path),  # what was loaded: for random_init, the random checkpoint
+        "random_init": hp.random_init,
+        "trust_remote_code": hp.trust_remote_code,
+        "quantization": hp.quantization,
+        "double_quant": hp.double_quant,
+        "compute_dtype": str(pl_module.compute_dtype).removeprefix("torch."),
+        "prompt": datamodule.prompt_format() if hasattr(datamodule, "prompt_format") else None,
+        "global_step": global_step,
+    }
 
 
 def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
@@ -95,25 +121,63 @@ def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes `predict` outputs as JSONL `{input, output}` to `<run dir>/predictions.jsonl`."""
+    """Writes `predict` outputs as JSONL `{input, output, eos}` to `generation.output`.
+
+    The CLI defaults that to `predictions.jsonl` in the checkpoint's run directory. With several ranks
+    each writes its share to `NAME.rankN.jsonl`.
+    """
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions.rank{trainer.global_rank}.jsonl"
-        if trainer.world_size == 1:
-            self.path = self.path.with_name("predictions.jsonl")
+        output = pl_module.generation.output
+        self.path = Path(output) if output else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        if trainer.world_size > 1:
+            self.path = self.path.with_name(f"{self.path.stem}.rank{trainer.global_rank}{self.path.suffix}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        tokenizer = trainer.datamodule.tokenizer
-        inputs = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-        outputs = tokenizer.batch_decode(prediction, skip_special_tokens=True)
-        with self.path.open("a") as f:
-            for i, o in zip(inputs, outputs):
-                f.write(json.dumps({"input": i, "output": o}, ensure_ascii=False) + "\n")
+        with self.path.open("a", encoding="utf-8") as f:
+            for row in prediction:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer, pl_module) -> None:
         rank_zero_info(f"[predict] wrote {self.path}")
+
+
+class GenerationSamples(Callback):
+    """At every validation (the sanity check included, as the before), generate for `generation.samples`
+    and log them to TensorBoard as a text table, with `samples/eos_rate` (the share that ended at EOS).
+
+    Every rank generates (DeepSpeed ZeRO-3 needs all of them for each forward); rank 0 logs. The last
+    outputs stay in `outputs` (evaluate reads them).
+    """
+
+    def __init__(self) -> None:
+        self.outputs = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        samples = pl_module.generation.samples
+        datamodule = trainer.datamodule
+        if not samples or not hasattr(datamodule, "encode_input"):
+            return
+        prompts = [datamodule.encode_input(text) for text in samples]
+        outputs = self.outputs = pl_module.generate(prompts, batch_size=datamodule.hparams.batch_size)
+        pl_module.log("samples/eos_rate", sum(o.stopped_at_eos for o in outputs) / len(outputs), batch_size=1)
+        if not trainer.is_global_zero:
+            return
+        rows = "\n".join(
+            f"| {markdown_cell(text)} | {markdown_cell(out.text)} | {'EOS' if out.stopped_at_eos else 'cut'} |"
+            for text, out in zip(samples, outputs)
+        )
+        table = "| input | output | ended at |\n|---|---|---|\n" + rows
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", table, global_step=trainer.global_step)
+
+
+def markdown_cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or "(empty)"

@@ -7,6 +7,9 @@ python -m lightning_falcon fit --config configs/tiny.yaml --print_config
 python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml --gpu_memory 40GB   # per-GPU memory
 python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a Slurm job: the fit arguments it implies
 python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
+python -m lightning_falcon predict --config configs/tiny.yaml --ckpt_path last --generation.inputs '["a boy in snow"]'
+python -m lightning_falcon evaluate --config configs/tiny.yaml --ckpt_path last     # base vs fine-tuned report
+python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output out --merge
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_falcon import adapter
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.generation import GenerationSettings
 from lightning_falcon.module import FalconQLoRA
 from lightning_falcon.strategy import check_strategy
 
@@ -47,9 +52,28 @@ class FalconCLI(LightningCLI):
                 "checkpoint.save_last": True,
             }
         )
+        # A `generation:` section: settings and inputs of predict, evaluate and the samples logged during fit.
+        parser.add_class_arguments(GenerationSettings, "generation")
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model config the user wrote, whatever `--ckpt_path` names.
+
+        Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
+        dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an
+        adapter). Here a checkpoint that cannot fit the configured model fails instead, in one line
+        naming the differing keys (`_use_checkpoint`).
+        """
+
+    def _section(self, config):
+        """The running subcommand's part of a parsed config (the whole config when there is no subcommand)."""
+        return config[self.subcommand] if self.subcommand else config
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.model.generation = self._section(self.config_init)["generation"]
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._section(self.config)
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
             config.data.tokenizer = config.model.model_name_or_path
 
@@ -58,6 +82,9 @@ class FalconCLI(LightningCLI):
         self.model.check_targets()
         check_strategy(self.trainer.strategy, self.model.hparams.quantization, self.model.hparams.optimizer)
         self._resolve_last()
+        source = self._use_checkpoint()
+        if self.subcommand == "predict":
+            self._prepare_predict(source)
 
     def _resolve_last(self) -> None:
         """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
@@ -66,11 +93,11 @@ class FalconCLI(LightningCLI):
         Slurm job's `slurm-JOBID`) resumes only from its own directory, never from another run's;
         otherwise the newest of any of the run's numbered versions.
         """
-        config = self.config_init[self.subcommand]
+        config = self._section(self.config_init)
         if config.get("ckpt_path") != "last":
             return
         logger, callback = self.trainer.logger, self.trainer.checkpoint_callback
-        init_args = getattr(self.config[self.subcommand].get("trainer.logger"), "init_args", None)
+        init_args = getattr(self._section(self.config).get("trainer.logger"), "init_args", None)
         directories = []
         if callback is not None and callback.dirpath:
             directories = [Path(callback.dirpath)]
@@ -87,7 +114,63 @@ class FalconCLI(LightningCLI):
             rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
             config["ckpt_path"] = None
 
+    def _use_checkpoint(self) -> Path | None:
+        """Check `--ckpt_path` before any weights load; an adapter directory is loaded by the model, not Lightning.
+
+        Returns the checkpoint or adapter directory the run reads (None: the base model, or fit from scratch).
+        """
+        config = self._section(self.config_init)
+        ckpt = config.get("ckpt_path")
+        if ckpt is None or ckpt in LIGHTNING_CKPT_KEYWORDS:
+            return None
+        path = Path(ckpt).expanduser()
+        if not path.exists():
+            raise ConfigError(f"checkpoint not found: {ckpt}. Fix: give a .ckpt file, `last`, or an adapter directory")
+        hp = self.model.hparams
+        if path.is_dir() and not is_deepspeed_checkpoint(path):
+            adapter.check_adapter_dir(path)  # a directory is an adapter or a DeepSpeed checkpoint, nothing else
+            if self.subcommand == "fit":
+                raise ConfigError(
+                    f"{path} is an adapter, which holds no optimizer or loop state to resume fit from. "
+                    "Fix: resume with the run's checkpoints/last.ckpt (or --ckpt_path last)"
+                )
+            self.model.adapter_dir = str(path)
+            config["ckpt_path"] = None
+        adapter.check_matches(path, hp.lora_r, hp.lora_alpha, self.model.target_modules)
+        return path
+
+    def _prepare_predict(self, source: Path | None) -> None:
+        """Read predict's inputs (failing on an empty file now, not after loading) and place its output."""
+        from lightning_falcon.inputs import read_inputs
+
+        generation = self.model.generation
+        if generation.input_file:
+            self.datamodule.predict_inputs = read_inputs(generation.input_file, self.datamodule.hparams.prompt_column)
+        elif generation.inputs:
+            self.datamodule.predict_inputs = list(generation.inputs)
+        if generation.output is None:
+            directory = run_dir(source) if source is not None else Path(self.trainer.log_dir)
+            generation.output = str(directory / "predictions.jsonl")
+        # predict's output is that file: no new logger version, no config.yaml beside it.
+        self.trainer.loggers = []
+        self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, SaveConfigCallback)]
+
     before_fit = before_validate = before_test = before_predict = _before_run
+
+
+# `--ckpt_path` values Lightning resolves itself (`last` is resolved above, within the run's directories).
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A DeepSpeed checkpoint is a directory holding `latest` and a tag directory of shards."""
+    return (path / "latest").is_file() or (path / "checkpoint").is_dir()
+
+
+def run_dir(source: Path) -> Path:
+    """The run directory of a checkpoint (`RUN/checkpoints/X.ckpt`) or an adapter (`RUN/adapter`)."""
+    parent = source.parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def find_last(directories) -> Path | None:
@@ -156,7 +239,38 @@ def run_prefetch(args: list[str]) -> None:
     print("\n".join(prefetch(config.model, config.data)))
 
 
-SUBCOMMANDS = {"plan": run_plan, "slurm-args": run_slurm_args, "prefetch": run_prefetch}
+def run_export(args: list[str]) -> None:
+    """Export an adapter directory, or merge it into its base (see export.py)."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_falcon.export import export
+
+    parser = ArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
+    parser.add_function_arguments(export)
+    # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
+    flags = ("--merge", "--overwrite", "--private")
+    args = [
+        f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
+    config = parser.parse_args(args)
+    export(**config.as_dict())
+
+
+def run_evaluate(args: list[str]) -> None:
+    """Validation loss and generations of the base and the fine-tuned model, side by side (see evaluate.py)."""
+    from lightning_falcon.evaluate import evaluate
+
+    evaluate(args)
+
+
+SUBCOMMANDS = {
+    "plan": run_plan,
+    "slurm-args": run_slurm_args,
+    "prefetch": run_prefetch,
+    "export": run_export,
+    "evaluate": run_evaluate,
+}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -21,10 +21,19 @@ from torch.utils.data import DataLoader
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.prompts import IGNORE_INDEX, TEMPLATES, encode_pair, encode_turns
+from lightning_falcon.prompts import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    encode_pair,
+    encode_turns,
+    pair_prompt_ids,
+    turn_prompt_ids,
+)
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text).
+CACHE_FORMAT = 2
 
 
 def _empty(source: str) -> ConfigError:
@@ -95,6 +104,8 @@ class PromptDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.stats: dict[str, dict[str, int]] = {}
         self._splits: dict[str, Any] = {}
+        # Set by the CLI for `predict` (generation.inputs / input_file); None generates for the held-out prompts.
+        self.predict_inputs: list[str] | None = None
 
     # ----------------------------------------------------------------- loading and checking
     def _load_raw(self, source: str, split: str):
@@ -178,10 +189,31 @@ class PromptDataModule(L.LightningDataModule):
             )
         return encode_turns(tok, str(row[hp.text_column]), hp.human_marker, hp.assistant_marker, hp.max_length)
 
+    def encode_input(self, text: str) -> list[int]:
+        """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
+        hp, tok = self.hparams, self._tokenizer()
+        if hp.format == "prompt_response":
+            return pair_prompt_ids(tok, text, hp.template)
+        return turn_prompt_ids(tok, text, hp.human_marker, hp.assistant_marker)
+
+    def prompt_format(self) -> dict[str, Any]:
+        """How inputs were rendered in training, as saved beside an adapter."""
+        hp = self.hparams
+        if hp.format == "prompt_response":
+            return {"format": hp.format, "template": hp.template, "template_text": TEMPLATES[hp.template]}
+        return {"format": hp.format, "human_marker": hp.human_marker, "assistant_marker": hp.assistant_marker}
+
+    def _raw_input(self, row: dict, input_ids: list[int], labels: list[int]) -> str:
+        """What a user would have typed for this row: the prompt, or for turns the conversation before the reply."""
+        if self.hparams.format == "prompt_response":
+            return str(row[self.hparams.prompt_column])
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        return self._tokenizer().decode(input_ids[:first]).strip()
+
     def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
         import datasets
 
-        ids, labels, truncated, dropped = [], [], 0, 0
+        ids, labels, inputs, truncated, dropped = [], [], [], 0, 0
         for row in ds:
             enc = self._encode(row)
             if enc is None:  # no response token fits within max_length
@@ -189,6 +221,7 @@ class PromptDataModule(L.LightningDataModule):
                 continue
             ids.append(enc.input_ids)
             labels.append(enc.labels)
+            inputs.append(self._raw_input(row, enc.input_ids, enc.labels))
             truncated += enc.truncated
         if not ids:
             raise ConfigError(
@@ -196,7 +229,7 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.max_length={self.hparams.max_length}. Fix: raise --data.max_length"
             )
         stats = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
-        return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}), stats
+        return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "input": inputs}), stats
 
     def _cache_key(self) -> str:
         """Hash of the data's content (or Hub name), the tokenizer's vocabulary and every setting."""
@@ -220,6 +253,7 @@ class PromptDataModule(L.LightningDataModule):
             if k not in ("batch_size", "num_workers", "cache_dir") and not k.startswith("_")
         }
         settings["template_text"] = TEMPLATES.get(self.hparams.template)
+        settings["cache_format"] = CACHE_FORMAT
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:20]
 
@@ -307,23 +341,23 @@ class PromptDataModule(L.LightningDataModule):
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def collate_prompts(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Left-pad the prompt part of each row (everything before its first trained token) for generation."""
-        prompts = []
-        for r in rows:
+    @staticmethod
+    def collate_prompts(rows: list[dict]) -> dict[str, list]:
+        """A generation batch: the inputs as text and their prompt ids (padded on the left when generating)."""
+        return {"inputs": [r["input"] for r in rows], "prompt_ids": [r["prompt_ids"] for r in rows]}
+
+    def _prediction_rows(self) -> list[dict]:
+        if self.predict_inputs is not None:
+            return [{"input": text, "prompt_ids": self.encode_input(text)} for text in self.predict_inputs]
+        rows = []
+        for r in self._splits["val"]:  # the prompt part of each held-out row: everything before its first label
             first = next(i for i, label in enumerate(r["labels"]) if label != IGNORE_INDEX)
-            prompts.append(r["input_ids"][:first])
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention_mask[i, width - len(p) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            rows.append({"input": r["input"], "prompt_ids": r["input_ids"][:first]})
+        return rows
 
     def _loader(self, split: str, shuffle: bool, collate) -> DataLoader:
         return DataLoader(
-            self._splits[split],
+            self._splits[split] if split != "predict" else self._prediction_rows(),
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
@@ -342,5 +376,5 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader("val", False, self.collate)
 
     def predict_dataloader(self) -> DataLoader:
-        """Prompts of the held-out split, left-padded for generation."""
-        return self._loader("val", False, self.collate_prompts)
+        """`predict_inputs` (from the CLI's generation section), else the prompts of the held-out split."""
+        return self._loader("predict", False, self.collate_prompts)

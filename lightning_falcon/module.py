@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.generation import GenerationSettings, generate
 from lightning_falcon.lora import (
     FALCON_TARGET_MODULES,
     apply_lora,
@@ -51,7 +53,6 @@ class FalconQLoRA(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
-        max_new_tokens: int = 64,
         random_init_dir: str = "~/.cache/lightning_falcon/random",
     ) -> None:
         """QLoRA fine-tuning of a Falcon causal LM.
@@ -80,7 +81,6 @@ class FalconQLoRA(L.LightningModule):
             warmup_steps: Optimizer steps of linear warmup from 0.
             lr_schedule: After warmup, `cosine` decay to `min_lr_ratio` * lr over the run, or `constant`.
             min_lr_ratio: Floor of the cosine schedule as a fraction of the peak.
-            max_new_tokens: Tokens generated per prompt by `predict`.
             random_init_dir: Where `random_init` checkpoints are written (once per architecture).
         """
         super().__init__()
@@ -104,6 +104,11 @@ class FalconQLoRA(L.LightningModule):
         ConfigError.collect(problems)
         self.target_modules = list(targets)
         self.model: torch.nn.Module | None = None
+        # Run-time settings, not hyperparameters: the CLI sets them from its `generation:` section and
+        # `--ckpt_path ADAPTER_DIR`; evaluate switches the adapter off to score the base.
+        self.generation = GenerationSettings()
+        self.adapter_dir: str | None = None
+        self.adapter_enabled = True
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -154,6 +159,7 @@ class FalconQLoRA(L.LightningModule):
                 strategy.share_config_with_transformers()
         # With random_init, prepare_data has written the checkpoint already: this only finds it.
         path = self._random_checkpoint() if hp.random_init else resolve(hp.model_name_or_path)
+        self.base_path, self.compute_dtype = path, compute_dtype  # recorded beside the adapter
         base = load_causal_lm(
             path,
             quantization=hp.quantization,
@@ -172,16 +178,21 @@ class FalconQLoRA(L.LightningModule):
         self.model = apply_lora(
             base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
         )
+        if self.adapter_dir is not None:
+            from lightning_falcon.adapter import load_weights
+
+            load_weights(self.model, self.adapter_dir)
+            rank_zero_info(f"[model] adapter loaded from {self.adapter_dir}")
         # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
         # without this, dropout (LoRA's included) would be silently off for the whole fit.
         self.model.train()
         self.report = parameter_report(self.model, n_quantized)
 
     def configure_callbacks(self):
-        from lightning_falcon.callbacks import PredictionWriter, SaveAdapter, TokenThroughput
+        from lightning_falcon.callbacks import GenerationSamples, PredictionWriter, SaveAdapter, TokenThroughput
         from lightning_falcon.preemption import SlurmRequeue
 
-        return [TokenThroughput(), SaveAdapter(), PredictionWriter(), SlurmRequeue()]
+        return [TokenThroughput(), SaveAdapter(), PredictionWriter(), GenerationSamples(), SlurmRequeue()]
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
@@ -203,8 +214,13 @@ class FalconQLoRA(L.LightningModule):
         )
 
     # ----------------------------------------------------------------- steps
+    def _adapter(self):
+        """The LoRA adapter on, or (evaluate's base pass) switched off for the duration."""
+        return contextlib.nullcontext() if self.adapter_enabled else self.model.disable_adapter()
+
     def forward(self, input_ids, attention_mask=None, labels=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        with self._adapter():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean token loss of the batch and the number of tokens it averages over."""
@@ -241,18 +257,21 @@ class FalconQLoRA(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
 
+    def generate(self, prompts: list[list[int]], batch_size: int | None = None):
+        """Generate for token prompts with the `generation` settings (every rank takes part under ZeRO-3)."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        batch_size = batch_size or len(prompts)
+        synced = self._trainer is not None and zero_stage(self.trainer.strategy) == 3
+        with self._adapter():
+            return generate(self.model, tokenizer, prompts, self.generation, batch_size, synced)
+
     def predict_step(self, batch, batch_idx):
-        """Greedy generation for left-padded prompts; returns the new tokens only."""
-        eos = self.model.generation_config.eos_token_id or self.model.config.eos_token_id
-        out = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        return out[:, batch["input_ids"].shape[1] :]
+        """One JSONL row per input: `{input, output, eos}` (eos: the output ended at EOS, not at max_new_tokens)."""
+        outputs = self.generate(batch["prompt_ids"])
+        return [
+            {"input": text, "output": out.text, "eos": out.stopped_at_eos}
+            for text, out in zip(batch["inputs"], outputs)
+        ]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]

@@ -53,15 +53,27 @@ def _assemble(pieces: list[tuple[list[int], bool]], max_length: int) -> Encoded 
     return Encoded(input_ids, labels, truncated)
 
 
+def _split_template(template: str, prompt: str) -> tuple[str, str]:
+    """(prompt text, text the response starts with).
+
+    A byte-level BPE attaches a space to the word after it (" Hello"), so a template's trailing
+    space moves to the response: the boundary then tokenizes as it does in running text.
+    """
+    text = render(template, prompt)
+    stripped = text.rstrip(" ")
+    return stripped, text[len(stripped) :]
+
+
+def pair_prompt_ids(tokenizer, prompt: str, template: str) -> list[int]:
+    """The ids a response follows in format (a): what training conditions on, and what generation starts from."""
+    return tokenizer(_split_template(template, prompt)[0], add_special_tokens=False)["input_ids"]
+
+
 def encode_pair(tokenizer, prompt: str, response: str, template: str, max_length: int) -> Encoded | None:
     """Format (a): a prompt rendered through `template`, then the response and a trained EOS."""
-    text = render(template, prompt)
-    # A byte-level BPE attaches a space to the word after it (" Hello"), so a template's trailing
-    # space moves to the response: the boundary then tokenizes as it does in running text.
-    stripped = text.rstrip(" ")
-    response = text[len(stripped) :] + response
-    prompt_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    lead = _split_template(template, prompt)[1]
+    prompt_ids = pair_prompt_ids(tokenizer, prompt, template)
+    response_ids = tokenizer(lead + response, add_special_tokens=False)["input_ids"]
     return _assemble([(prompt_ids, False), (response_ids + [tokenizer.eos_token_id], True)], max_length)
 
 
@@ -83,6 +95,12 @@ def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tup
         turns.append((role, rest[:end]))
         rest = rest[end:]
     return turns
+
+
+def turn_prompt_ids(tokenizer, message: str, human_marker: str, assistant_marker: str) -> list[int]:
+    """Format (b) for generation: one human turn, then the assistant marker, tokenized as training pieces are."""
+    human = tokenizer(f"{human_marker} {message.strip()} ", add_special_tokens=False)["input_ids"]
+    return human + tokenizer(assistant_marker, add_special_tokens=False)["input_ids"]
 
 
 def encode_turns(tokenizer, text: str, human_marker: str, assistant_marker: str, max_length: int) -> Encoded | None:

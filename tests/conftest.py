@@ -75,3 +75,36 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """The tiny default trained once (500 steps, ~30 s): (root, run directory, the fit process)."""
+    root = tmp_path_factory.mktemp("e2e")
+    proc = cli(root, "fit")
+    return root, root / "runs" / "tiny" / "version_0", proc
+
+
+def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) -> str:
+    """Run a command that must fail on bad input: exit 2 and one `lightning_falcon: error:` line naming a fix."""
+    command = [sys.executable, "-m", "lightning_falcon", subcommand, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stdout[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "quantized linear layers" not in proc.stdout + err  # failed before loading
+    last = err.splitlines()[-1]
+    assert last.startswith("lightning_falcon: error: ") and "Fix" in last, err
+    return last
+
+
+def tuned_tiny(adapter_dir) -> torch.nn.Module:
+    """The trained tiny model as predict builds it: the 4-bit base (fp32 compute) + the adapter's LoRA weights."""
+    from lightning_falcon.adapter import load_weights
+    from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.quantization import load_causal_lm
+
+    base = load_causal_lm(TINY, "nf4", True, torch.float32, torch.device("cpu"))
+    model = apply_lora(base, 16, 32, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
+    load_weights(model, adapter_dir)
+    return model.eval()

@@ -4,6 +4,7 @@ import pytest
 from conftest import MIDJOURNEY, write_jsonl
 
 import lightning_falcon.module
+import lightning_falcon.quantization
 from lightning_falcon.cli import main
 
 
@@ -13,22 +14,27 @@ def no_weights(monkeypatch):
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(lightning_falcon.module, "load_causal_lm", refuse)
+    monkeypatch.setattr(lightning_falcon.quantization, "load_causal_lm", refuse)  # export's merge
 
 
-def run(tmp_path, capsys, *args):
+def run(tmp_path, capsys, *args, subcommand="fit"):
+    return fail(
+        capsys,
+        subcommand,
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        *args,
+    )
+
+
+def fail(capsys, *argv):
+    """Run the CLI in-process on bad input; return its one error line."""
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "fit",
-                "--config",
-                "configs/tiny.yaml",
-                "--trainer.logger.init_args.save_dir",
-                str(tmp_path / "runs"),
-                "--data.cache_dir",
-                str(tmp_path / "cache"),
-                *args,
-            ]
-        )
+        main(list(argv))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2
     assert "Traceback" not in err
@@ -104,3 +110,59 @@ def test_paged_optimizer_with_offload_is_refused():
         check_strategy(QLoRADeepSpeedStrategy(stage=3, offload_optimizer=True), "nf4", "paged_adamw_8bit")
     with pytest.raises(ConfigError, match="exclude_frozen_parameters"):
         check_strategy(DeepSpeedStrategy(stage=2), "nf4", "adamw")
+
+
+# ---------------------------------------------------------------------------------- predict, evaluate, export
+def lora_checkpoint(path, lora_r=16):
+    """A checkpoint as fit writes it, as far as the LoRA check reads: the hyperparameters."""
+    import torch
+
+    hparams = {"model_name_or_path": "asset:tiny-falcon", "lora_r": lora_r, "lora_alpha": 32, "target_modules": None}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, path)
+    return str(path)
+
+
+def test_checkpoint_with_other_lora_shapes(tmp_path, capsys):
+    ckpt = lora_checkpoint(tmp_path / "r16.ckpt")
+    err = run(tmp_path, capsys, "--ckpt_path", ckpt, "--model.lora_r", "8", subcommand="predict")
+    assert "does not match the model config: it was trained with lora_r=16 (config: 8)" in err
+    assert "Fix: pass --model.lora_r 16" in err
+
+
+def test_adapter_directory_without_adapter_config(tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    err = run(tmp_path, capsys, "--ckpt_path", str(tmp_path / "adapter"), subcommand="predict")
+    assert "has no adapter_config.json, so it is not a PEFT adapter" in err
+    err = fail(capsys, "export", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out"))
+    assert "has no adapter_config.json" in err and not (tmp_path / "out").exists()
+
+
+def test_empty_input_file(tmp_path, capsys):
+    ckpt = lora_checkpoint(tmp_path / "r16.ckpt")
+    (tmp_path / "inputs.txt").write_text("\n  \n")
+    args = ["--ckpt_path", ckpt, "--generation.input_file", str(tmp_path / "inputs.txt")]
+    assert f"input file {tmp_path / 'inputs.txt'} is empty" in run(tmp_path, capsys, *args, subcommand="predict")
+
+
+def test_push_to_hub_without_a_token(tmp_path, capsys, monkeypatch, fake_adapter):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored `hf auth login` either
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--push_to_hub", "me/x")
+    assert "--push_to_hub needs a Hub token. Fix: export HF_TOKEN=" in err and not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_a_directory_unasked(tmp_path, capsys, fake_adapter):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--merge")
+    assert "exists and is not empty" in err and (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def fake_adapter(tmp_path):
+    """An adapter directory as far as the checks read: adapter_config.json."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
+    return str(tmp_path / "adapter")

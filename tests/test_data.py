@@ -81,13 +81,26 @@ def test_tokenized_once_then_read_from_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
 
 
-def test_predict_batches_are_left_padded_prompts(tmp_path):
+def test_predict_batches_are_the_held_out_prompts_as_written_then_left_padded(tmp_path):
+    from lightning_falcon.generation import left_pad
+
     dm = make(tmp_path, batch_size=4)
     batch = next(iter(dm.predict_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask"}
-    assert (batch["attention_mask"][:, -1] == 1).all()
-    assert batch["attention_mask"][:, 0].sum() < 4  # some prompt is shorter, so padded on the left
-    assert not (batch["input_ids"][batch["attention_mask"] == 1] == dm.tokenizer.eos_token_id).any()
+    raw = {json.loads(line)["prompt"] for line in open(MIDJOURNEY)}
+    assert len(batch["inputs"]) == 4 and set(batch["inputs"]) <= raw  # the user's text, not the rendered template
+    assert batch["prompt_ids"][0] == dm.encode_input(batch["inputs"][0])  # what training conditioned on
+    input_ids, attention_mask = left_pad(batch["prompt_ids"], dm.pad_id)
+    assert (attention_mask[:, -1] == 1).all()
+    assert attention_mask[:, 0].sum() < 4  # some prompt is shorter, so padded on the left
+    assert not (input_ids[attention_mask == 1] == dm.tokenizer.eos_token_id).any()
+
+
+def test_predict_inputs_replace_the_held_out_prompts(tmp_path):
+    dm = make(tmp_path, batch_size=8)
+    dm.predict_inputs = ["a fox", "a boy in the snow"]
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["inputs"] == ["a fox", "a boy in the snow"]
+    assert batch["prompt_ids"] == [dm.encode_input("a fox"), dm.encode_input("a boy in the snow")]
 
 
 # ---------------------------------------------------------------------------------- bad input

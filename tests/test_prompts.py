@@ -2,7 +2,15 @@
 
 import pytest
 
-from lightning_falcon.prompts import IGNORE_INDEX, encode_pair, encode_turns, render, split_turns
+from lightning_falcon.prompts import (
+    IGNORE_INDEX,
+    encode_pair,
+    encode_turns,
+    pair_prompt_ids,
+    render,
+    split_turns,
+    turn_prompt_ids,
+)
 
 
 def test_pair_masks_prompt_and_trains_response_and_eos(tokenizer):
@@ -39,3 +47,16 @@ def test_turns_train_only_assistant_turns_each_ending_in_eos(tokenizer):
     trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == f" Hello!{tokenizer.eos_token} See you.{tokenizer.eos_token}"
     assert trained.count(tokenizer.eos_token_id) == 2
+
+
+@pytest.mark.parametrize("template", ["instruction", "guanaco", "falcon-instruct", "plain"])
+def test_generation_starts_from_exactly_the_prompt_training_conditions_on(tokenizer, template):
+    enc = encode_pair(tokenizer, "a fox at dawn", "red fox", template, max_length=256)
+    first_trained = next(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+    assert pair_prompt_ids(tokenizer, "a fox at dawn", template) == enc.input_ids[:first_trained]
+
+
+def test_a_turns_prompt_matches_the_first_turn_of_training(tokenizer):
+    enc = encode_turns(tokenizer, "### Human: Hi there ### Assistant: Hello!", "### Human:", "### Assistant:", 256)
+    first_trained = next(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+    assert turn_prompt_ids(tokenizer, "Hi there", "### Human:", "### Assistant:") == enc.input_ids[:first_trained]

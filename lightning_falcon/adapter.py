@@ -1,0 +1,118 @@
+"""The trained result as a PEFT adapter directory: what it holds, how it is checked, saved and loaded.
+
+An adapter directory is what `PeftModel.from_pretrained` reads (`adapter_config.json` and
+`adapter_model.safetensors`). Ours also holds the tokenizer, a `generation_config.json` with the EOS
+and pad ids, and `lightning_falcon.json`: how the base was quantized (so `export --merge` rebuilds
+exactly the 4-bit weights the adapter was trained against) and the prompt template it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.lora import FALCON_TARGET_MODULES
+
+ADAPTER_CONFIG = "adapter_config.json"
+METADATA = "lightning_falcon.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """The adapter directory, or a one-line error saying what is wrong with it."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"adapter directory not found: {path}. Fix: give the `adapter/` directory of a run")
+    if not is_adapter_dir(path):
+        raise ConfigError(
+            f"{path} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter. "
+            "Fix: give the `adapter/` directory that fit writes at the end of a run (runs/NAME/version_N/adapter)"
+        )
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """`lightning_falcon.json` of an adapter directory; empty for an adapter made elsewhere."""
+    file = Path(path) / METADATA
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _lora_settings(r: int, alpha: float, targets) -> dict[str, Any]:
+    return {"lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets or FALCON_TARGET_MODULES)}
+
+
+def saved_lora_settings(path: str | Path) -> dict[str, Any] | None:
+    """LoRA rank, alpha and targets a checkpoint file or adapter directory was trained with (None if unknown).
+
+    Read from `adapter_config.json` or the checkpoint's hyperparameters, without loading any weights.
+    A DeepSpeed checkpoint directory keeps them in its shards; its weights are checked when they load.
+    """
+    path = Path(path)
+    if is_adapter_dir(path):
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        return _lora_settings(config.get("r"), config.get("lora_alpha"), config.get("target_modules"))
+    if path.is_file():
+        hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        if "lora_r" in hp:
+            return _lora_settings(hp["lora_r"], hp.get("lora_alpha"), hp.get("target_modules"))
+    return None
+
+
+def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modules: list[str]) -> None:
+    """Fail in one line, before the base loads, when a checkpoint's LoRA shapes cannot fit the configured model."""
+    saved = saved_lora_settings(path)
+    if saved is None:
+        return
+    configured = _lora_settings(lora_r, lora_alpha, target_modules)
+    differ = [k for k in configured if saved[k] != configured[k]]
+    if differ:
+        found = ", ".join(f"{k}={saved[k]} (config: {configured[k]})" for k in differ)
+        fix = " ".join(f"--model.{k} {json.dumps(saved[k])}" for k in differ)
+        raise ConfigError(
+            f"checkpoint {path} does not match the model config: it was trained with {found}. "
+            f"Fix: pass {fix}, or use the run's own config.yaml"
+        )
+
+
+def load_weights(peft_model: torch.nn.Module, path: str | Path) -> None:
+    """Load an adapter directory's LoRA weights into a model already wrapped with the same LoRA config."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "adapter_model.safetensors"
+    state = load_file(weights) if weights.is_file() else torch.load(path / "adapter_model.bin", weights_only=True)
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise ConfigError(
+            f"adapter {path} lacks {len(missing)} LoRA weights the model has (e.g. {missing[0]}). "
+            "Fix: use the model config the adapter was trained with"
+        )
+
+
+def save(
+    peft_model,
+    state: dict[str, torch.Tensor],
+    out: Path,
+    tokenizer,
+    metadata: dict[str, Any],
+) -> None:
+    """Write the adapter, the tokenizer, a generation config with EOS/pad, and our metadata, to `out`."""
+    from transformers import GenerationConfig
+
+    from lightning_falcon.generation import special_ids
+
+    peft_model.save_pretrained(out, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+        eos, pad = special_ids(tokenizer)
+        GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id).save_pretrained(out)
+    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")

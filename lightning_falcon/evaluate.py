@@ -1,0 +1,162 @@
+"""`python -m lightning_falcon evaluate --config X --ckpt_path CKPT`: did fine-tuning help, and how?
+
+One process, one device, one load of the base. Two validations of the held-out split, the first with the
+adapter and the second with it switched off (the base). Each also generates for the query file
+(`generation.queries`), in the validation loop, so generation runs on the model's own device. The
+Markdown report gives:
+- loss and perplexity, base against fine-tuned;
+- the mean output length and the share of outputs that ended at EOS;
+- per level (easy / intermediate / advanced), each query's base output next to the fine-tuned one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_falcon.callbacks import GenerationSamples, markdown_cell
+from lightning_falcon.cli import TRAINER_DEFAULTS, FalconCLI, is_deepspeed_checkpoint, run_dir
+from lightning_falcon.data import PromptDataModule
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.generation import Generated
+from lightning_falcon.inputs import Query, read_queries
+from lightning_falcon.module import FalconQLoRA
+
+# Evaluation is one process on one device, whatever the training config distributed over.
+SINGLE_DEVICE = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
+
+
+class EvaluateCLI(FalconCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--ckpt_path", type=Optional[str], default=None, help="A checkpoint, `last`, or an adapter directory"
+        )
+        parser.add_argument(
+            "--report",
+            type=Optional[str],
+            default=None,
+            help="Markdown report to write; default evaluation.md in the run",
+        )
+
+
+def evaluate(args: list[str]) -> Path:
+    """Parse, check everything cheap, then validate and generate twice and write the report."""
+    cli = EvaluateCLI(
+        FalconQLoRA,
+        PromptDataModule,
+        args=[*args, *SINGLE_DEVICE],
+        run=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
+    )
+    config = cli.config_init
+    if config.get("ckpt_path") is None:
+        raise ConfigError("evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
+    queries = read_queries(cli.model.generation.queries)  # a bad query file fails before any weights load
+    cli.model.check_targets()
+    cli._resolve_last()
+    source = cli._use_checkpoint()
+    if source is None:
+        raise ConfigError("evaluate found no checkpoint for --ckpt_path last. Fix: train first, or name a checkpoint")
+    if is_deepspeed_checkpoint(source):
+        raise ConfigError(
+            f"{source} is a DeepSpeed checkpoint (one shard per rank), and evaluate runs on one device. "
+            f"Fix: evaluate the run's adapter: --ckpt_path {run_dir(source) / 'adapter'}"
+        )
+    report = Path(config["report"]) if config.get("report") else run_dir(source) / "evaluation.md"
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    trainer.loggers = []  # nor a new TensorBoard version
+    model.generation.samples = [q.input for q in queries]
+
+    results = {}
+    for name, enabled, ckpt in (("fine-tuned", True, config["ckpt_path"]), ("base", False, None)):
+        model.adapter_enabled = enabled
+        metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+        outputs = next(cb for cb in trainer.callbacks if isinstance(cb, GenerationSamples)).outputs
+        results[name] = {"loss": float(metrics["val/loss"]), "outputs": outputs}
+    model.adapter_enabled = True
+    text = render(queries, results, source, model, datamodule)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text, encoding="utf-8")
+    report.with_suffix(".json").write_text(json.dumps(as_json(queries, results), indent=2, ensure_ascii=False) + "\n")
+    for name, r in results.items():
+        stats = output_stats(r["outputs"])
+        rank_zero_info(
+            f"[evaluate] {name}: val loss {r['loss']:.4f}, perplexity {math.exp(r['loss']):.2f}, "
+            f"mean output {stats['mean_tokens']:.1f} tokens, ended at EOS {stats['eos']}/{stats['n']}"
+        )
+    rank_zero_info(f"[evaluate] wrote {report} and {report.with_suffix('.json').name}")
+    return report
+
+
+def output_stats(outputs: list[Generated]) -> dict:
+    n = len(outputs)
+    return {
+        "n": n,
+        "mean_tokens": sum(o.new_tokens for o in outputs) / n,
+        "mean_words": sum(len(o.text.split()) for o in outputs) / n,
+        "eos": sum(o.stopped_at_eos for o in outputs),
+    }
+
+
+def as_json(queries: list[Query], results: dict) -> dict:
+    return {
+        name: {
+            "val_loss": r["loss"],
+            "val_perplexity": math.exp(r["loss"]),
+            **output_stats(r["outputs"]),
+            "outputs": [
+                {"level": q.level, "input": q.input, "output": o.text, "tokens": o.new_tokens, "eos": o.stopped_at_eos}
+                for q, o in zip(queries, r["outputs"])
+            ],
+        }
+        for name, r in results.items()
+    }
+
+
+def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA, datamodule) -> str:
+    base, tuned = results["base"], results["fine-tuned"]
+    sb, st = output_stats(base["outputs"]), output_stats(tuned["outputs"])
+    g = model.generation
+    decoding = f"beam search ({g.num_beams} beams)" if g.num_beams > 1 else "greedy"
+    if g.do_sample:
+        decoding = f"sampling (temperature {g.temperature}, top_p {g.top_p})"
+    lines = [
+        f"# Evaluation of {source}",
+        "",
+        f"- Base: `{model.hparams.model_name_or_path}` ({model.hparams.quantization}); "
+        f"fine-tuned: the base + `{source}`",
+        f"- Held-out split: {datamodule.stats['val']['rows']} rows of `{datamodule.hparams.dataset}`",
+        f"- Generation: {decoding}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
+        f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}",
+        "",
+        "## Summary",
+        "",
+        "| | base | fine-tuned |",
+        "|---|---|---|",
+        f"| validation loss | {base['loss']:.4f} | {tuned['loss']:.4f} |",
+        f"| validation perplexity | {math.exp(base['loss']):.2f} | {math.exp(tuned['loss']):.2f} |",
+        f"| mean output length (tokens) | {sb['mean_tokens']:.1f} | {st['mean_tokens']:.1f} |",
+        f"| mean output length (words) | {sb['mean_words']:.1f} | {st['mean_words']:.1f} |",
+        f"| outputs ended at EOS | {sb['eos']}/{sb['n']} ({sb['eos'] / sb['n']:.0%}) | "
+        f"{st['eos']}/{st['n']} ({st['eos'] / st['n']:.0%}) |",
+        "",
+        f"An output that did not end at EOS was cut at {g.max_new_tokens} tokens: the model did not stop by itself.",
+    ]
+    levels = list(dict.fromkeys(q.level for q in queries))
+    for level in levels:
+        lines += ["", f"## {level}", "", "| # | query | base | fine-tuned |", "|---|---|---|---|"]
+        for i, (q, b, t) in enumerate(zip(queries, base["outputs"], tuned["outputs"]), start=1):
+            if q.level == level:
+                lines.append(f"| {i} | {markdown_cell(q.input)} | {_cell(b)} | {_cell(t)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(output: Generated) -> str:
+    return markdown_cell(output.text) + ("" if output.stopped_at_eos else " *(cut)*")

@@ -1,0 +1,194 @@
+"""`python -m lightning_falcon export`: ship a trained adapter, or a merged model any transformers user can load.
+
+Merging a QLoRA adapter into the original 16-bit base changes the model's outputs (artidoro/qlora #28,
+peft #2321): the adapter was trained against the 4-bit weights, not the originals, and the difference
+is the quantization error of every layer. `--merge` therefore merges into the base *dequantized*: the
+base is quantized exactly as in training (the settings are saved beside the adapter), each 4-bit layer
+is expanded back to a dense one, and LoRA is added to that. The merged model then computes what the
+4-bit base + adapter computed (`tests/test_export.py` measures the difference). `--merge_into original`
+gives the usual PEFT merge into the unquantized weights instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lightning_falcon import adapter as adapters
+from lightning_falcon.assets import resolve
+from lightning_falcon.errors import ConfigError, first_line
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Files of an adapter directory that an export keeps (PEFT's, the tokenizer's, ours).
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    adapters.METADATA,
+)
+
+
+def hub_token() -> str | None:
+    """The Hub token from `HF_TOKEN` or `hf auth login`'s store: never from a flag, never written by us."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def export(
+    adapter: str,
+    output: str,
+    merge: bool = False,
+    merge_into: Literal["dequantized", "original"] = "dequantized",
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None,
+    base: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = True,
+) -> Path:
+    """Export a trained adapter, or merge it into its base, as a directory; optionally push it to the Hub.
+
+    Args:
+        adapter: The adapter directory a run wrote (`runs/NAME/version_N/adapter`).
+        output: Directory to write. Written beside it first and renamed into place, so a failed export leaves nothing.
+        merge: Merge LoRA into the base and save a plain transformers model (`AutoModelForCausalLM.from_pretrained`).
+            Without it, the adapter (and tokenizer) for `PeftModel.from_pretrained`.
+        merge_into: `dequantized`: the 4-bit base as trained, expanded to dense weights (outputs as in training);
+            `original`: the unquantized base weights (PEFT's usual merge; outputs shift by the quantization error).
+        dtype: Dtype of the merged weights; default the base's own (its config.json `torch_dtype`), else fp32.
+        base: The base model (Hub id or directory); default the one the adapter was trained on.
+        device: Where the base is quantized and merged: `auto` (CUDA if present, else CPU), `cpu` or `cuda`.
+        overwrite: Replace `output` if it exists and is not empty.
+        push_to_hub: Also upload the directory to this Hub repo (`user/name`). The token is read from `HF_TOKEN`
+            or `hf auth login`, never from a flag, and is written nowhere.
+        private: Create the Hub repo as private.
+    """
+    source = adapters.check_adapter_dir(adapter)
+    metadata = adapters.read_metadata(source)
+    out = Path(output).expanduser()
+    problems = []
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        problems.append(f"output {out} exists and is not empty. Fix: choose a new --output or pass --overwrite true")
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        problems.append(f"output {out} is inside the adapter directory. Fix: choose a directory outside {source}")
+    token = hub_token() if push_to_hub else None
+    if push_to_hub and not token:
+        problems.append("--push_to_hub needs a Hub token. Fix: export HF_TOKEN=hf_... (or run `hf auth login`)")
+    if not merge and (dtype or base or merge_into != "dequantized"):
+        problems.append("--dtype, --base and --merge_into apply only with --merge. Fix: add --merge true")
+    ConfigError.collect(problems)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        if merge:
+            _merge(source, metadata, staging, merge_into, dtype, base, device)
+        else:
+            for name in ADAPTER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, staging / name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[export] wrote {'a merged model' if merge else 'the adapter'} to {out}")
+    if push_to_hub:
+        _push(out, push_to_hub, token, private)
+    return out
+
+
+def _base_of(source: Path, metadata: dict, base: str | None) -> str:
+    if base is not None:
+        return resolve(base)
+    if metadata.get("base"):
+        return metadata["base"]
+    import json
+
+    return json.loads((source / adapters.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def _merge(
+    source: Path,
+    metadata: dict,
+    staging: Path,
+    merge_into: str,
+    dtype: str | None,
+    base: str | None,
+    device: str,
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_falcon.generation import special_ids
+    from lightning_falcon.module import read_model_config
+    from lightning_falcon.quantization import load_causal_lm
+
+    base_path = _base_of(source, metadata, base)
+    trust = bool(metadata.get("trust_remote_code", False))
+    config = read_model_config(base_path, trust)  # a missing base fails here, before any weights load
+    target = DTYPES[dtype] if dtype else _config_dtype(config)
+    run_device = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
+    )
+    quantization = metadata.get("quantization", "nf4")
+    if merge_into == "dequantized" and quantization != "none":
+        # The same load as training (settings from the adapter's metadata), so the 4-bit weights are the
+        # very ones the adapter learned against; then each 4-bit layer becomes a dense nn.Linear.
+        compute = getattr(torch, metadata.get("compute_dtype", "float32"))
+        model = load_causal_lm(
+            base_path,
+            quantization=quantization,
+            double_quant=metadata.get("double_quant", True),
+            compute_dtype=compute,
+            device=run_device,
+            trust_remote_code=trust,
+        )
+        model = model.dequantize()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=target, trust_remote_code=trust)
+        model.to(run_device)
+    merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+    merged = merged.to(device="cpu", dtype=target)
+    merged.config.use_cache = True  # training switched the KV cache off
+    tokenizer = AutoTokenizer.from_pretrained(source if (source / "tokenizer_config.json").is_file() else base_path)
+    # generate() then stops at EOS and pads with it without being told (Falcon has no pad token).
+    merged.generation_config.eos_token_id, merged.generation_config.pad_token_id = special_ids(tokenizer)
+    merged.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if (source / adapters.METADATA).is_file():
+        shutil.copy2(source / adapters.METADATA, staging / adapters.METADATA)
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _push(out: Path, repo: str, token: str, private: bool) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(out), commit_message="Upload from lightning_falcon export")
+    except Exception as e:  # network, permissions, a bad repo name: one line, and the token is not in it
+        raise ConfigError(
+            f"push to the Hub repo {repo!r} failed ({first_line(e)}); {out} is written. "
+            "Fix: check the repo name, the token's write access and the network, then run export again"
+        ) from e
+    print(f"[export] pushed {out} to https://huggingface.co/{repo}")

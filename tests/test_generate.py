@@ -1,0 +1,134 @@
+"""Using the trained tiny model: predict, samples during fit, the evaluation report, and stopping at EOS."""
+
+import json
+
+import pytest
+from conftest import MIDJOURNEY, REPO, cli, cli_error, tuned_tiny, write_jsonl
+
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.generation import GenerationSettings, generate
+
+pytestmark = pytest.mark.slow
+TINY_CONFIG = str(REPO / "configs/tiny.yaml")
+REQUESTS = [
+    "Midjourney prompt for a boy running in the snow",
+    "mj prompt: a lighthouse in a storm, vertical",
+    "Give me a Midjourney prompt of an old fisherman, version 6",
+]
+
+
+def test_greedy_generation_is_deterministic_and_independent_of_the_batch(fitted, tokenizer):
+    from lightning_falcon.prompts import pair_prompt_ids
+
+    _, run, _ = fitted
+    model = tuned_tiny(run / "adapter")
+    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is really left-padded
+    settings = GenerationSettings(max_new_tokens=48)
+    batched = generate(model, tokenizer, prompts, settings, batch_size=len(prompts))
+    again = generate(model, tokenizer, prompts, settings, batch_size=len(prompts))
+    alone = [generate(model, tokenizer, [p], settings, batch_size=1)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in again] == [g.text for g in alone]
+    assert all(g.text for g in batched)
+
+
+def test_generation_settings_list_every_problem():
+    with pytest.raises(ConfigError) as e:
+        GenerationSettings(max_new_tokens=0, temperature=0, top_p=1.5, inputs=["a"], input_file="x.txt")
+    message = str(e.value)
+    for key in ("max_new_tokens", "temperature", "top_p", "inputs and generation.input_file"):
+        assert key in message, message
+
+
+def test_predict_for_inputs_from_the_command_line_a_text_file_and_an_adapter(fitted, tmp_path):
+    root, run, _ = fitted
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    cli(root, "predict", "--ckpt_path", ckpt, "--generation.inputs", json.dumps(REQUESTS[:2]))
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in rows] == REQUESTS[:2] and all(r["output"] and r["eos"] for r in rows)
+
+    lines = tmp_path / "requests.txt"
+    lines.write_text("\n".join(REQUESTS) + "\n\n")
+    out = tmp_path / "from-adapter.jsonl"
+    proc = cli(
+        root,
+        "predict",
+        "--ckpt_path",
+        str(run / "adapter"),
+        "--generation.input_file",
+        str(lines),
+        "--generation.output",
+        str(out),
+    )
+    assert f"adapter loaded from {run / 'adapter'}" in proc.stderr
+    from_adapter = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["input"] for r in from_adapter] == REQUESTS
+    # the adapter and the checkpoint of the same step are the same model: same greedy outputs
+    assert [r["output"] for r in from_adapter[:2]] == [r["output"] for r in rows]
+
+
+def test_the_trained_model_stops_at_eos_on_training_inputs(fitted, tmp_path):
+    root, run, _ = fitted
+    rows = [json.loads(line) for line in open(MIDJOURNEY)][:24]
+    inputs = write_jsonl(tmp_path / "train-inputs.jsonl", [{"prompt": r["prompt"]} for r in rows])
+    out = tmp_path / "stop.jsonl"
+    cli(
+        root,
+        "predict",
+        "--ckpt_path",
+        str(run / "adapter"),
+        "--generation.input_file",
+        inputs,
+        "--generation.max_new_tokens",
+        "128",
+        "--generation.output",
+        str(out),
+    )
+    outputs = [json.loads(line) for line in out.read_text().splitlines()]
+    stopped = sum(r["eos"] for r in outputs)
+    print(f"ended at EOS before 128 tokens: {stopped}/{len(outputs)}")
+    assert stopped >= 0.8 * len(outputs)
+
+
+def test_samples_are_logged_to_tensorboard_at_every_validation(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run, _ = fitted
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/text_summary")}
+    assert sorted(texts) == [0, 100, 200, 300, 400, 500]  # the sanity check (the untrained "before"), then each
+    for text in texts.values():
+        assert "Midjourney prompt for a fantasy village at night" in text and "mj prompt: a lighthouse" in text
+    assert texts[0].count("| cut |") == 3 and texts[500].count("| EOS |") >= 2  # it learned to stop
+    assert [e.value for e in events.Scalars("samples/eos_rate")][-1] >= 2 / 3
+
+
+def test_evaluate_writes_a_side_by_side_report_with_every_query(fitted):
+    root, run, _ = fitted
+    before = sorted((root / "runs" / "tiny").iterdir())
+    proc = cli(root, "evaluate", "--ckpt_path", str(run / "checkpoints" / "step=500.ckpt"))
+    assert sorted((root / "runs" / "tiny").iterdir()) == before  # the report goes into the run evaluated
+    assert not (root / "config.yaml").exists()
+    report = (run / "evaluation.md").read_text()
+    queries = [json.loads(line) for line in (REPO / "lightning_falcon/assets/data/midjourney-queries.jsonl").open()]
+    assert len(queries) == 12
+    for q in queries:
+        assert q["input"] in report
+    assert report.index("## easy") < report.index("## intermediate") < report.index("## advanced")
+    assert "| # | query | base | fine-tuned |" in report and "| outputs ended at EOS |" in report
+    result = json.loads((run / "evaluation.json").read_text())
+    base, tuned = result["base"], result["fine-tuned"]
+    print(proc.stderr[proc.stderr.find("[evaluate]") :])
+    assert tuned["val_loss"] < base["val_loss"] - 3  # the random base knows nothing of Midjourney prompts
+    assert tuned["eos"] > base["eos"] and tuned["mean_tokens"] < base["mean_tokens"]
+
+
+def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
+    root, run, _ = fitted
+    ckpt = str(run / "checkpoints" / "step=500.ckpt")
+    common = ["--config", TINY_CONFIG, "--data.cache_dir", str(root / "cache"), "--ckpt_path", ckpt]
+    err = cli_error(root, "predict", *common, "--model.lora_r", "8")
+    assert "it was trained with lora_r=16 (config: 8)" in err and "--model.lora_r 16" in err
+    err = cli_error(root, "evaluate", *common, "--model.target_modules", '["dense"]')
+    assert "target_modules=['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value']" in err
