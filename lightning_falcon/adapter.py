@@ -22,6 +22,7 @@ METADATA = "lightning_falcon.json"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a PEFT adapter directory (it has `adapter_config.json`)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
@@ -44,7 +45,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def _lora_settings(r: int, alpha: float, targets) -> dict[str, Any]:
+def _lora_settings(r: int, alpha: float, targets: list[str] | None) -> dict[str, Any]:
     return {"lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets or FALCON_TARGET_MODULES)}
 
 
@@ -65,20 +66,82 @@ def saved_lora_settings(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modules: list[str]) -> None:
-    """Fail in one line, before the base loads, when a checkpoint's LoRA shapes cannot fit the configured model."""
+def saved_lora_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """`<module path>.lora_A` / `.lora_B` -> weight shape, read from a checkpoint file or an adapter directory
+    without loading the weights (the safetensors header; a memory-mapped checkpoint)."""
+    path = Path(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if is_adapter_dir(path) and (path / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+        items = [(key, tuple(t.shape)) for key, t in state.items()]
+    else:
+        items = []
+    for key, shape in items:
+        for kind in ("lora_A", "lora_B"):
+            if f".{kind}." in key:
+                # `[model.]base_model.model.<module>.lora_A[.default].weight` -> `<module>.lora_A`
+                module = key.split(f".{kind}.")[0].split("base_model.model.", 1)[-1]
+                shapes[f"{module}.{kind}"] = shape
+    return shapes
+
+
+def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modules: list[str], skeleton) -> None:
+    """Fail in one line, before the base loads, when a checkpoint's LoRA weights cannot fit the configured model.
+
+    Two checks: the LoRA settings it was trained with against the config, and the shape of every LoRA
+    weight against the layer it adapts in `skeleton` (the model built on the meta device), which
+    catches an adapter trained on another base.
+    """
+    problems = []
     saved = saved_lora_settings(path)
-    if saved is None:
-        return
     configured = _lora_settings(lora_r, lora_alpha, target_modules)
-    differ = [k for k in configured if saved[k] != configured[k]]
+    differ = [k for k in configured if saved is not None and saved[k] != configured[k]]
     if differ:
         found = ", ".join(f"{k}={saved[k]} (config: {configured[k]})" for k in differ)
         fix = " ".join(f"--model.{k} {json.dumps(saved[k])}" for k in differ)
-        raise ConfigError(
+        problems.append(
             f"checkpoint {path} does not match the model config: it was trained with {found}. "
             f"Fix: pass {fix}, or use the run's own config.yaml"
         )
+    else:
+        layers = dict(skeleton.named_modules())
+        for name, shape in saved_lora_shapes(path).items():
+            module, kind = name.rsplit(".", 1)
+            layer = layers.get(module)
+            if layer is None:
+                problems.append(f"checkpoint {path} adapts {module}, which the model does not have")
+            elif (kind == "lora_A" and shape[1] != layer.in_features) or (
+                kind == "lora_B" and shape[0] != layer.out_features
+            ):
+                problems.append(
+                    f"checkpoint {path} has {name} of shape {shape}, which does not fit the model's {module} "
+                    f"({layer.in_features} -> {layer.out_features})"
+                )
+            if problems:
+                problems[-1] += ". Fix: use the base model the adapter was trained on (--model.model_name_or_path)"
+                break
+    ConfigError.collect(problems)
+
+
+def training_metadata(pl_module, datamodule, global_step: int) -> dict[str, Any]:
+    """What `export --merge` and `predict` need to know about how the adapter was trained."""
+    hp = pl_module.hparams
+    return {
+        "model_name_or_path": hp.model_name_or_path,
+        "base": str(pl_module.base_path),  # what was loaded: for random_init, the random checkpoint
+        "random_init": hp.random_init,
+        "trust_remote_code": hp.trust_remote_code,
+        "quantization": hp.quantization,
+        "double_quant": hp.double_quant,
+        "compute_dtype": str(pl_module.compute_dtype).removeprefix("torch."),
+        "prompt": datamodule.prompt_format() if hasattr(datamodule, "prompt_format") else None,
+        "global_step": global_step,
+    }
 
 
 def load_weights(peft_model: torch.nn.Module, path: str | Path) -> None:

@@ -90,26 +90,10 @@ class SaveAdapter(Callback):
                 state,
                 out,
                 getattr(datamodule, "tokenizer", None),
-                metadata(pl_module, datamodule, trainer.global_step),
+                adapter.training_metadata(pl_module, datamodule, trainer.global_step),
             )
             rank_zero_info(f"[adapter] saved to {out}")
         trainer.strategy.barrier("adapter saved")
-
-
-def metadata(pl_module, datamodule, global_step: int) -> dict:
-    """What `export --merge` and `predict` need to know about how the adapter was trained."""
-    hp = pl_module.hparams
-    return {
-        "model_name_or_path": hp.model_name_or_path,
-        "base": str(pl_module.base_path),  # what was loaded: for random_init, the random checkpoint
-        "random_init": hp.random_init,
-        "trust_remote_code": hp.trust_remote_code,
-        "quantization": hp.quantization,
-        "double_quant": hp.double_quant,
-        "compute_dtype": str(pl_module.compute_dtype).removeprefix("torch."),
-        "prompt": datamodule.prompt_format() if hasattr(datamodule, "prompt_format") else None,
-        "global_step": global_step,
-    }
 
 
 def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
@@ -164,8 +148,13 @@ class GenerationSamples(Callback):
         if not samples or not hasattr(datamodule, "encode_input"):
             return
         prompts = [datamodule.encode_input(text) for text in samples]
-        outputs = self.outputs = pl_module.generate(prompts, batch_size=datamodule.hparams.batch_size)
-        pl_module.log("samples/eos_rate", sum(o.stopped_at_eos for o in outputs) / len(outputs), batch_size=1)
+        # Sampling (do_sample) draws from the global generators: fork them, so that logging samples
+        # leaves the training's dropout and shuffling exactly as without them.
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            outputs = self.outputs = pl_module.generate(prompts, batch_size=datamodule.hparams.batch_size)
+        rate = sum(o.stopped_at_eos for o in outputs) / len(outputs)
+        pl_module.log("samples/eos_rate", rate, batch_size=1, sync_dist=True)
         if not trainer.is_global_zero:
             return
         rows = "\n".join(

@@ -61,7 +61,7 @@ class FalconCLI(LightningCLI):
         Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
         dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an
         adapter). Here a checkpoint that cannot fit the configured model fails instead, in one line
-        naming the differing keys (`_use_checkpoint`).
+        naming the differing keys (`use_checkpoint`).
         """
 
     def _section(self, config):
@@ -81,12 +81,12 @@ class FalconCLI(LightningCLI):
         # Cheap (config.json only): a wrong LoRA target or an impossible strategy fails before the data is tokenized.
         self.model.check_targets()
         check_strategy(self.trainer.strategy, self.model.hparams.quantization, self.model.hparams.optimizer)
-        self._resolve_last()
-        source = self._use_checkpoint()
+        self.resolve_last()
+        source = self.use_checkpoint()
         if self.subcommand == "predict":
             self._prepare_predict(source)
 
-    def _resolve_last(self) -> None:
+    def resolve_last(self) -> None:
         """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
 
         With `checkpoint.dirpath`, in that directory. A named run (a pinned logger version, such as a
@@ -114,7 +114,7 @@ class FalconCLI(LightningCLI):
             rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
             config["ckpt_path"] = None
 
-    def _use_checkpoint(self) -> Path | None:
+    def use_checkpoint(self) -> Path | None:
         """Check `--ckpt_path` before any weights load; an adapter directory is loaded by the model, not Lightning.
 
         Returns the checkpoint or adapter directory the run reads (None: the base model, or fit from scratch).
@@ -136,7 +136,7 @@ class FalconCLI(LightningCLI):
                 )
             self.model.adapter_dir = str(path)
             config["ckpt_path"] = None
-        adapter.check_matches(path, hp.lora_r, hp.lora_alpha, self.model.target_modules)
+        adapter.check_matches(path, hp.lora_r, hp.lora_alpha, self.model.target_modules, self.model.skeleton())
         return path
 
     def _prepare_predict(self, source: Path | None) -> None:
@@ -157,6 +157,9 @@ class FalconCLI(LightningCLI):
 
     before_fit = before_validate = before_test = before_predict = _before_run
 
+
+# predict and evaluate run in one process on one device, whatever the config trains with.
+SINGLE_DEVICE = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
 
 # `--ckpt_path` values Lightning resolves itself (`last` is resolved above, within the run's directories).
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
@@ -284,6 +287,10 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] and argv[0] in SUBCOMMANDS:
             SUBCOMMANDS[argv[0]](argv[1:])
             return
+        if argv[:1] == ["predict"]:
+            # One process: one JSONL in input order (ranks would each write a share), and generation needs
+            # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
+            args = [*argv, *SINGLE_DEVICE]
         FalconCLI(
             FalconQLoRA,
             PromptDataModule,

@@ -20,15 +20,12 @@ from typing import Optional
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_falcon.callbacks import GenerationSamples, markdown_cell
-from lightning_falcon.cli import TRAINER_DEFAULTS, FalconCLI, is_deepspeed_checkpoint, run_dir
+from lightning_falcon.cli import SINGLE_DEVICE, TRAINER_DEFAULTS, FalconCLI, is_deepspeed_checkpoint, run_dir
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.generation import Generated
 from lightning_falcon.inputs import Query, read_queries
 from lightning_falcon.module import FalconQLoRA
-
-# Evaluation is one process on one device, whatever the training config distributed over.
-SINGLE_DEVICE = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
 
 
 class EvaluateCLI(FalconCLI):
@@ -56,12 +53,17 @@ def evaluate(args: list[str]) -> Path:
         save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
     )
     config = cli.config_init
+    problems = []
     if config.get("ckpt_path") is None:
-        raise ConfigError("evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
-    queries = read_queries(cli.model.generation.queries)  # a bad query file fails before any weights load
+        problems.append("evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
+    try:
+        queries = read_queries(cli.model.generation.queries)  # a bad query file fails before any weights load
+    except ConfigError as e:
+        problems.append(str(e))
+    ConfigError.collect(problems)
     cli.model.check_targets()
-    cli._resolve_last()
-    source = cli._use_checkpoint()
+    cli.resolve_last()
+    source = cli.use_checkpoint()
     if source is None:
         raise ConfigError("evaluate found no checkpoint for --ckpt_path last. Fix: train first, or name a checkpoint")
     if is_deepspeed_checkpoint(source):

@@ -11,6 +11,7 @@ gives the usual PEFT merge into the unquantized weights instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,26 +25,13 @@ from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Files of an adapter directory that an export keeps (PEFT's, the tokenizer's, ours).
-ADAPTER_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "README.md",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    adapters.METADATA,
-)
+# An existing --output is replaced (with --overwrite) only if it holds one of these: an earlier export.
+EXPORT_MARKERS = ("adapter_config.json", "config.json")
 
 
 def hub_token() -> str | None:
-    """The Hub token from `HF_TOKEN` or `hf auth login`'s store: never from a flag, never written by us."""
-    from huggingface_hub import get_token
-
-    return os.environ.get("HF_TOKEN") or get_token()
+    """The Hub token, from the environment only (`HF_TOKEN`): never a flag, and never written anywhere."""
+    return os.environ.get("HF_TOKEN") or None
 
 
 def export(
@@ -70,44 +58,71 @@ def export(
         dtype: Dtype of the merged weights; default the base's own (its config.json `torch_dtype`), else fp32.
         base: The base model (Hub id or directory); default the one the adapter was trained on.
         device: Where the base is quantized and merged: `auto` (CUDA if present, else CPU), `cpu` or `cuda`.
-        overwrite: Replace `output` if it exists and is not empty.
-        push_to_hub: Also upload the directory to this Hub repo (`user/name`). The token is read from `HF_TOKEN`
-            or `hf auth login`, never from a flag, and is written nowhere.
+        overwrite: Replace `output` if it holds an earlier export (never any other directory).
+        push_to_hub: Also upload the directory to this Hub repo (`user/name`). The token is read from the
+            environment (`HF_TOKEN`), never from a flag, and is written nowhere.
         private: Create the Hub repo as private.
     """
-    source = adapters.check_adapter_dir(adapter)
-    metadata = adapters.read_metadata(source)
-    out = Path(output).expanduser()
+    out = Path(output).expanduser().resolve()
     problems = []
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        problems.append(f"output {out} exists and is not empty. Fix: choose a new --output or pass --overwrite true")
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        problems.append(f"output {out} is inside the adapter directory. Fix: choose a directory outside {source}")
+    try:
+        source = adapters.check_adapter_dir(adapter).resolve()
+    except ConfigError as e:
+        problems.append(str(e))
+        source = None
+    metadata = adapters.read_metadata(source) if source else {}
+    problems += _output_problems(out, source, overwrite)
     token = hub_token() if push_to_hub else None
     if push_to_hub and not token:
-        problems.append("--push_to_hub needs a Hub token. Fix: export HF_TOKEN=hf_... (or run `hf auth login`)")
+        problems.append("--push_to_hub needs a Hub token in the environment. Fix: export HF_TOKEN=hf_...")
     if not merge and (dtype or base or merge_into != "dequantized"):
-        problems.append("--dtype, --base and --merge_into apply only with --merge. Fix: add --merge true")
+        problems.append("--dtype, --base and --merge_into apply only with --merge. Fix: add --merge")
+    if merge and merge_into == "dequantized" and source and not metadata:
+        problems.append(
+            f"{source} has no {adapters.METADATA}, so how its base was quantized in training is unknown. "
+            "Fix: --merge_into original (for an adapter trained on an unquantized base)"
+        )
     ConfigError.collect(problems)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = out.with_name(f".{out.name}.old-{staging.name}")
     try:
         if merge:
             _merge(source, metadata, staging, merge_into, dtype, base, device)
         else:
-            for name in ADAPTER_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, staging / name)
+            for path in source.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, staging / path.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is for others to read
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(out, old)  # kept until the new export is in place
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     print(f"[export] wrote {'a merged model' if merge else 'the adapter'} to {out}")
     if push_to_hub:
         _push(out, push_to_hub, token, private)
     return out
+
+
+def _output_problems(out: Path, source: Path | None, overwrite: bool) -> list[str]:
+    """What would make writing `out` lose something: an existing directory that is not an earlier export,
+    the adapter itself or a directory holding it, the working or home directory."""
+    if source is not None and (out == source or out in source.parents or source in out.parents):
+        return [f"--output {out} overlaps the adapter directory {source}. Fix: choose a separate directory"]
+    if out in (Path.cwd(), Path.home()) or out == out.parent:
+        return [f"--output {out} is the working, home or root directory. Fix: name a new directory"]
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return []
+    if not overwrite:
+        return [f"--output {out} exists and is not empty. Fix: choose a new --output, or pass --overwrite"]
+    if not out.is_dir() or not any((out / name).is_file() for name in EXPORT_MARKERS):
+        return [f"--output {out} is not an earlier export, so --overwrite will not replace it. Fix: name a new one"]
+    return []
 
 
 def _base_of(source: Path, metadata: dict, base: str | None) -> str:
@@ -115,8 +130,6 @@ def _base_of(source: Path, metadata: dict, base: str | None) -> str:
         return resolve(base)
     if metadata.get("base"):
         return metadata["base"]
-    import json
-
     return json.loads((source / adapters.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 

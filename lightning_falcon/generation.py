@@ -8,10 +8,14 @@ that ends at the first EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_falcon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Generated:
     stopped_at_eos: bool
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """(eos, pad). Falcon has no pad token: pad with EOS, which the attention mask hides."""
     eos = tokenizer.eos_token_id
     return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -100,19 +104,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     settings: GenerationSettings,
     batch_size: int,
     synced_gpus: bool = False,
+    device: torch.device | None = None,
 ) -> list[Generated]:
     """Generate for token prompts in left-padded batches of `batch_size`; the model's mode is restored after.
 
     `synced_gpus` keeps every rank stepping until all are done, which DeepSpeed ZeRO-3 needs: each forward
-    gathers parameters from all ranks.
+    gathers parameters from all ranks. `device` is where the inputs go (default: the first parameter's).
     """
     eos, pad = special_ids(tokenizer)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off, LoRA's included
     results: list[Generated] = []

@@ -13,7 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.generation import GenerationSettings, generate
+from lightning_falcon.generation import Generated, GenerationSettings, generate
 from lightning_falcon.lora import (
     FALCON_TARGET_MODULES,
     apply_lora,
@@ -117,15 +117,18 @@ class FalconQLoRA(L.LightningModule):
     def _target_device(self) -> torch.device:
         return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
-    def check_targets(self) -> None:
-        """Fail before any weights load if a LoRA target is missing: build a weightless skeleton from config.json."""
+    def skeleton(self) -> torch.nn.Module:
+        """The configured model without weights (on the meta device), from its config.json alone."""
         from transformers import AutoModelForCausalLM
 
         hp = self.hparams
         config = read_model_config(hp.model_name_or_path, hp.trust_remote_code)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
-        check_target_modules(linear_module_names(skeleton), self.target_modules)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
+
+    def check_targets(self) -> None:
+        """Fail before any weights load if a LoRA target is missing."""
+        check_target_modules(linear_module_names(self.skeleton()), self.target_modules)
 
     def prepare_data(self) -> None:
         """`random_init`: write the random checkpoint here, once per node (local rank 0), not once per rank.
@@ -257,13 +260,13 @@ class FalconQLoRA(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
 
-    def generate(self, prompts: list[list[int]], batch_size: int | None = None):
+    def generate(self, prompts: list[list[int]], batch_size: int | None = None) -> list[Generated]:
         """Generate for token prompts with the `generation` settings (every rank takes part under ZeRO-3)."""
         tokenizer = self.trainer.datamodule.tokenizer
         batch_size = batch_size or len(prompts)
-        synced = self._trainer is not None and zero_stage(self.trainer.strategy) == 3
+        synced = zero_stage(self.trainer.strategy) == 3
         with self._adapter():
-            return generate(self.model, tokenizer, prompts, self.generation, batch_size, synced)
+            return generate(self.model, tokenizer, prompts, self.generation, batch_size, synced, self.device)
 
     def predict_step(self, batch, batch_idx):
         """One JSONL row per input: `{input, output, eos}` (eos: the output ended at EOS, not at max_new_tokens)."""

@@ -85,6 +85,15 @@ def fitted(tmp_path_factory):
     return root, root / "runs" / "tiny" / "version_0", proc
 
 
+def sample_texts(run_dir: Path) -> dict[int, str]:
+    """The generated-samples tables a run logged to TensorBoard: step -> Markdown text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/text_summary")}
+
+
 def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) -> str:
     """Run a command that must fail on bad input: exit 2 and one `lightning_falcon: error:` line naming a fix."""
     command = [sys.executable, "-m", "lightning_falcon", subcommand, *args]

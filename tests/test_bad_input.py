@@ -1,6 +1,7 @@
 """Bad input: one line naming the problem and its fix, a non-zero exit, and no weights loaded."""
 
 import pytest
+import torch
 from conftest import MIDJOURNEY, write_jsonl
 
 import lightning_falcon.module
@@ -115,8 +116,6 @@ def test_paged_optimizer_with_offload_is_refused():
 # ---------------------------------------------------------------------------------- predict, evaluate, export
 def lora_checkpoint(path, lora_r=16):
     """A checkpoint as fit writes it, as far as the LoRA check reads: the hyperparameters."""
-    import torch
-
     hparams = {"model_name_or_path": "asset:tiny-falcon", "lora_r": lora_r, "lora_alpha": 32, "target_modules": None}
     torch.save({"hyper_parameters": hparams, "state_dict": {}}, path)
     return str(path)
@@ -147,22 +146,44 @@ def test_empty_input_file(tmp_path, capsys):
 
 def test_push_to_hub_without_a_token(tmp_path, capsys, monkeypatch, fake_adapter):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored `hf auth login` either
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
     err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--push_to_hub", "me/x")
-    assert "--push_to_hub needs a Hub token. Fix: export HF_TOKEN=" in err and not (tmp_path / "out").exists()
+    assert "--push_to_hub needs a Hub token in the environment. Fix: export HF_TOKEN=" in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_export_never_overwrites_a_directory_unasked(tmp_path, capsys, fake_adapter):
+def test_export_never_replaces_what_is_not_an_earlier_export(tmp_path, capsys, fake_adapter):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
+    common = ["export", "--adapter", fake_adapter, "--merge", "--merge_into", "original"]
+    err = fail(capsys, *common, "--output", str(tmp_path / "out"))
+    assert "exists and is not empty" in err
+    err = fail(capsys, *common, "--output", str(tmp_path / "out"), "--overwrite")
+    assert "is not an earlier export, so --overwrite will not replace it" in err
+    # the run directory that holds the adapter (and its checkpoints) is never an output
+    err = fail(capsys, *common, "--output", str(tmp_path), "--overwrite")
+    assert "overlaps the adapter directory" in err
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep me" and (tmp_path / "adapter").is_dir()
+
+
+def test_merging_an_adapter_without_training_metadata_asks_how(tmp_path, capsys, fake_adapter):
     err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--merge")
-    assert "exists and is not empty" in err and (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+    assert "has no lightning_falcon.json" in err and "Fix: --merge_into original" in err
+
+
+def test_an_adapter_trained_on_another_base(tmp_path, capsys, fake_adapter):
+    from safetensors.torch import save_file
+
+    # falcon-7b's query_key_value takes 4544 inputs; the tiny model's takes 128
+    key = "base_model.model.transformer.h.0.self_attention.query_key_value.lora_A.weight"
+    save_file({key: torch.zeros(16, 4544)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    err = run(tmp_path, capsys, "--ckpt_path", fake_adapter, subcommand="predict")
+    assert "has transformer.h.0.self_attention.query_key_value.lora_A of shape (16, 4544)" in err
+    assert "does not fit the model's transformer.h.0.self_attention.query_key_value (128 -> 192)" in err
 
 
 @pytest.fixture
 def fake_adapter(tmp_path):
-    """An adapter directory as far as the checks read: adapter_config.json."""
+    """An adapter directory as far as the checks read: adapter_config.json (r 16, alpha 32, Falcon's targets)."""
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
     return str(tmp_path / "adapter")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli, scalars
+from conftest import REPO, TINY, cli, sample_texts, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,13 @@ def test_ddp_two_processes_one_adapter_identical_ranks_global_tokens(tmp_path):
     # The token count is global: both ranks' real tokens, which together are the whole training split.
     assert s["train/tokens"][-1] == (20, float(train_split_tokens(tmp_path / "cache")))
     assert all(v > 0 for _, v in s["train/tokens_per_sec"])
+    assert_samples_logged(run)
+
+
+def assert_samples_logged(run: Path) -> None:
+    """Every rank generated the samples (ZeRO-3 needs all of them in each forward), and rank 0 logged them."""
+    table = sample_texts(run)[0]  # the sanity check's; these runs end before a later validation
+    assert table.count("| EOS |") + table.count("| cut |") == 3, table
 
 
 def deepspeed_fit(root: Path, stage: str, *args: str):
@@ -95,6 +102,7 @@ def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
     assert_one_adapter_that_changes_the_model(tmp_path)
 
     run = tmp_path / "runs" / "tiny" / "version_0"
+    assert_samples_logged(run)
     last = run / "checkpoints" / "last.ckpt"
     shards = sorted(last.glob("checkpoint/*model_states.pt"))
     assert len(shards) == 2  # one per rank

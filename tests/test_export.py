@@ -138,5 +138,23 @@ def test_a_push_that_fails_names_no_token_and_writes_none(fitted, tmp_path):
     )
     assert proc.returncode == 2 and "push to the Hub repo 'me/tiny-midjourney' failed" in proc.stderr, proc.stderr
     assert token not in proc.stdout + proc.stderr
-    written = [p for p in out.rglob("*") if p.is_file()]
-    assert written and not [p for p in written if token.encode() in p.read_bytes()]
+    assert (out / "adapter_config.json").is_file()  # the export itself is written before the push
+    # nothing anywhere it could have written holds the token: the export, the working directory, the run
+    written = [p for root in (tmp_path, run) for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in written if token.encode() in p.read_bytes()]
+
+
+def test_overwrite_replaces_an_earlier_export_readable_by_others(fitted, tmp_path):
+    import os
+    import stat
+
+    _, run, _ = fitted
+    out = tmp_path / "export"
+    export(str(run / "adapter"), str(out))
+    (out / "stale.txt").write_text("from the earlier export")
+    export(str(run / "adapter"), str(out), overwrite=True)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging or old copy left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import MIDJOURNEY, REPO, cli, cli_error, tuned_tiny, write_jsonl
+from conftest import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
 
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.generation import GenerationSettings, generate
@@ -67,6 +67,28 @@ def test_predict_for_inputs_from_the_command_line_a_text_file_and_an_adapter(fit
     assert [r["output"] for r in from_adapter[:2]] == [r["output"] for r in rows]
 
 
+def test_predict_runs_in_one_process_whatever_the_config_distributes_over(fitted, tmp_path):
+    root, run, _ = fitted
+    out = tmp_path / "ddp.jsonl"
+    ddp = ["--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2"]
+    inputs = REQUESTS * 3  # more inputs than one batch: every batch lands in the one file, in order
+    cli(
+        root,
+        "predict",
+        *ddp,
+        "--ckpt_path",
+        str(run / "adapter"),
+        "--generation.inputs",
+        json.dumps(inputs),
+        "--generation.output",
+        str(out),
+        "--data.batch_size",
+        "4",
+    )
+    assert [json.loads(line)["input"] for line in out.read_text().splitlines()] == inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.jsonl"]  # no per-rank files
+
+
 def test_the_trained_model_stops_at_eos_on_training_inputs(fitted, tmp_path):
     root, run, _ = fitted
     rows = [json.loads(line) for line in open(MIDJOURNEY)][:24]
@@ -91,17 +113,13 @@ def test_the_trained_model_stops_at_eos_on_training_inputs(fitted, tmp_path):
 
 
 def test_samples_are_logged_to_tensorboard_at_every_validation(fitted):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     _, run, _ = fitted
-    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
-    events.Reload()
-    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("samples/text_summary")}
+    texts = sample_texts(run)
     assert sorted(texts) == [0, 100, 200, 300, 400, 500]  # the sanity check (the untrained "before"), then each
     for text in texts.values():
         assert "Midjourney prompt for a fantasy village at night" in text and "mj prompt: a lighthouse" in text
     assert texts[0].count("| cut |") == 3 and texts[500].count("| EOS |") >= 2  # it learned to stop
-    assert [e.value for e in events.Scalars("samples/eos_rate")][-1] >= 2 / 3
+    assert scalars(run)["samples/eos_rate"][-1][1] >= 2 / 3
 
 
 def test_evaluate_writes_a_side_by_side_report_with_every_query(fitted):
