@@ -150,3 +150,41 @@ def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
     assert "it was trained with lora_r=16 (config: 8)" in err and "--model.lora_r 16" in err
     err = cli_error(root, "evaluate", *common, "--model.target_modules", '["dense"]')
     assert "target_modules=['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value']" in err
+
+
+def test_beam_search_and_seeded_sampling_stop_at_eos_and_repeat(fitted, tokenizer):
+    import torch
+
+    from lightning_falcon.prompts import pair_prompt_ids
+
+    _, run, _ = fitted
+    model = tuned_tiny(run / "adapter")
+    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    beams = generate(model, tokenizer, prompts, GenerationSettings(num_beams=3), batch_size=3)
+    sampling = GenerationSettings(do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.2)
+    torch.manual_seed(7)
+    first = generate(model, tokenizer, prompts, sampling, batch_size=3)
+    torch.manual_seed(7)
+    again = generate(model, tokenizer, prompts, sampling, batch_size=3)
+    assert [g.text for g in first] == [g.text for g in again]  # a seeded sample repeats
+    for outputs in (beams, first):
+        assert all(g.text and g.stopped_at_eos and g.new_tokens < 128 for g in outputs), outputs
+
+
+def test_sampled_samples_during_fit_leave_training_unchanged(tmp_path):
+    import torch
+
+    # Sampling draws from the global generators; the callback forks them, so these two runs train alike.
+    short = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--checkpoint.every_n_train_steps", "6"]
+    short += ["--model.lora_dropout", "0.1"]  # dropout draws from the generator training shares with sampling
+    adapters = {}
+    for name, samples in (("without", "[]"), ("with", '["mj prompt: a cat", "a fox"]')):
+        root = tmp_path / name
+        root.mkdir()
+        cli(root, "fit", *short, "--generation.samples", samples, "--generation.do_sample", "true")
+        adapters[name] = torch.load(
+            root / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        )["state_dict"]
+    assert sample_texts(tmp_path / "with" / "runs" / "tiny" / "version_0")  # the samples really were generated
+    for key, value in adapters["without"].items():
+        assert torch.equal(value, adapters["with"][key]), key
