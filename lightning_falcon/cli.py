@@ -28,7 +28,7 @@ from lightning_falcon import adapter
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.generation import GenerationSettings
-from lightning_falcon.module import FalconQLoRA
+from lightning_falcon.module import FalconQLoRA, NonFiniteLoss
 from lightning_falcon.strategy import check_strategy
 
 TRAINER_DEFAULTS = {
@@ -301,6 +301,9 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"lightning_falcon: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

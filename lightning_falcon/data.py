@@ -362,11 +362,26 @@ class PromptDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            # Its own generator, even unshuffled: a loader without one draws its workers' seed from the global
+            # generator on every pass, which would shift dropout after each validation (see resume.py).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.collate)
+        """Shuffled per epoch from (seed, epoch) and resumable mid-epoch (resume.py); split across ranks."""
+        from lightning_falcon.resume import ResumableLoader, ResumableSampler
+
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self._splits["train"], world, rank, shuffle=True, seed=self.hparams.seed)
+        return ResumableLoader(
+            self._splits["train"],
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.collate)

@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import Generated, GenerationSettings, generate
 from lightning_falcon.lora import (
@@ -191,11 +193,20 @@ class FalconQLoRA(L.LightningModule):
         self.model.train()
         self.report = parameter_report(self.model, n_quantized)
 
+    def setup(self, stage: str) -> None:
+        # Lightning's default writes through a temporary file in the system temp dir, which is a copy (not
+        # a rename) when checkpoints live on another filesystem: atomic writes instead (checkpoint_io.py).
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
     def configure_callbacks(self):
         from lightning_falcon.callbacks import GenerationSamples, PredictionWriter, SaveAdapter, TokenThroughput
         from lightning_falcon.preemption import SlurmRequeue
+        from lightning_falcon.resume import RNGState
 
-        return [TokenThroughput(), SaveAdapter(), PredictionWriter(), GenerationSamples(), SlurmRequeue()]
+        callbacks = [TokenThroughput(), SaveAdapter(), PredictionWriter(), GenerationSamples(), RNGState()]
+        return [*callbacks, SlurmRequeue()]
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
@@ -233,6 +244,7 @@ class FalconQLoRA(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._shared_step(batch)
+        self._stop_if_not_finite("loss", loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
         return loss
@@ -280,7 +292,32 @@ class FalconQLoRA(L.LightningModule):
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            # A finite loss can still give inf gradients (fp16 overflow): stop before they reach the weights.
+            self._stop_if_not_finite("gradient norm", norm)
             self.log("train/grad_norm", norm, on_step=True, batch_size=1)
+
+    def _stop_if_not_finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop every rank together when `value` is NaN or inf on any of them, before the weights change.
+
+        Nothing is saved after it: the last checkpoint on disk is the last good one.
+        """
+        bad = not bool(torch.isfinite(value.detach()).all())
+        if self.trainer.world_size > 1:  # one rank alone raising would leave the others waiting forever
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            step, callback = self.trainer.global_step, self.trainer.checkpoint_callback
+            saved = getattr(callback, "_last_global_step_saved", -1)
+            if not callback or not callback.last_model_path:
+                where = "No checkpoint was saved yet"
+            elif saved == step:  # the weights just saved are the ones that gave this value
+                where = f"The checkpoint of step {step} holds the weights that gave it: resume from an earlier one"
+            else:
+                where = f"Last good checkpoint: {callback.last_model_path} (step {saved})"
+            raise NonFiniteLoss(
+                f"{what} is not finite (this rank: {value.detach().float().item()}) at step {step} "
+                f"(epoch {self.trainer.current_epoch}); stopped before the weights changed, nothing saved. {where}. "
+                "Fix: lower --model.learning_rate, use bf16 rather than fp16, or check the data near this step"
+            )
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self):
@@ -306,6 +343,13 @@ class FalconQLoRA(L.LightningModule):
         """Keep only trainable (LoRA) weights: a 7B run's checkpoint is tens of MB, not GB."""
         trainable = self._trainable_shapes()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        poisoned = [k for k, v in checkpoint["state_dict"].items() if not bool(torch.isfinite(v).all())]
+        if poisoned:  # never let NaN weights replace a good last.ckpt
+            raise NonFiniteLoss(
+                f"{len(poisoned)} LoRA weights hold NaN or inf at step {self.trainer.global_step} "
+                f"(e.g. {poisoned[0]}); the checkpoint was not written. "
+                "Fix: lower --model.learning_rate, or use bf16 rather than fp16"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose LoRA weights do not match this model, naming the difference."""
@@ -328,6 +372,10 @@ class FalconQLoRA(L.LightningModule):
                 f"checkpoint does not match the model: {detail}. "
                 "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or inf; the CLI prints it as one line and exits 1."""
 
 
 def read_model_config(model_name_or_path: str, trust_remote_code: bool = False):

@@ -11,12 +11,16 @@ Three things go wrong with the stock strategy (pytorch-lightning #19731, #20949,
    LoRA layers are added afterwards, outside zero.Init, so PEFT initialises them normally.
 2. Its checkpoints include the frozen base; here `exclude_frozen_parameters` defaults to True.
 3. Saving the adapter on rank 0 under ZeRO-3 writes empty tensors; `SaveAdapter` gathers them first.
+
+Its checkpoint directories are also swapped in whole, so a crash mid-save keeps the previous one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +66,23 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
         super().init_deepspeed()
         if self.exclude_frozen_parameters:
             keep_only_trainable_in_checkpoints(self.deepspeed_engine)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's directory of shards, written whole under a hidden name and then swapped in
+        (`checkpoint_io.swap_in_directory`): a crash mid-save leaves the previous checkpoint usable."""
+        from lightning_falcon.checkpoint_io import swap_in_directory
+
+        target = Path(self.broadcast(str(filepath)))
+        tag = f"step{checkpoint.get('global_step', 0)}"  # the same name on every rank
+        staged = target.with_name(f".{target.name}.tmp-{tag}")
+        if self.is_global_zero and staged.exists():  # left by a crash during an earlier save
+            shutil.rmtree(staged)
+        self.barrier("checkpoint staging")
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("checkpoint shards written")
+        if self.is_global_zero:
+            swap_in_directory(staged, target, tag)
+        self.barrier("checkpoint swapped in")
 
     def teardown(self) -> None:
         super().teardown()

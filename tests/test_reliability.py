@@ -1,0 +1,156 @@
+"""Crashes lose nothing: atomic checkpoint writes, and a NaN stops the run without a poisoned checkpoint."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli
+
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO, swap_in_directory
+from lightning_falcon.cli import find_last
+
+# The child saves through the real class; its torch.save writes part of the file and then the process
+# is killed (SIGKILL, as the OOM killer or a node failure would), at that exact point of the write.
+KILLED_DURING_SAVE = """
+import os, signal, sys, torch
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO
+
+def write_half_then_die(obj, f):
+    f.write(b"PK" + b"\\0" * 100_000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = write_half_then_die
+AtomicCheckpointIO().save_checkpoint({"global_step": 20}, sys.argv[1])
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 10, "state_dict": {"w": torch.ones(3)}}, last)
+    proc = subprocess.run([sys.executable, "-c", KILLED_DURING_SAVE, str(last)], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr  # it really died mid-write
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+    assert find_last([last.parent]) == last  # the torn temporary file is not a candidate for --ckpt_path last
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from lightning_falcon import checkpoint_io
+
+calls = []
+real_replace = os.replace
+
+def replace_then_die(src, dst):
+    calls.append(src)
+    if len(calls) == 2:  # the old directory is moved aside; the new one is not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+checkpoint_io.os.replace = replace_then_die
+checkpoint_io.swap_in_directory(Path(sys.argv[1]), Path(sys.argv[2]), "step20")
+"""
+
+
+def test_a_sharded_checkpoint_swapped_in_whole_or_found_under_its_old_name(tmp_path):
+    def shards(directory: Path, step: int) -> Path:
+        (directory / "checkpoint").mkdir(parents=True)
+        (directory / "checkpoint" / "rank0.pt").write_text(str(step))
+        return directory
+
+    last = shards(tmp_path / "last.ckpt", 10)
+    swap_in_directory(shards(tmp_path / ".last.ckpt.tmp-step20", 20), last, "step20")
+    assert (last / "checkpoint" / "rank0.pt").read_text() == "20" and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+    staged = shards(tmp_path / ".last.ckpt.tmp-step30", 30)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(staged), str(last)], capture_output=True, timeout=120
+    )
+    assert proc.returncode == -9, proc.stderr
+    # No last.ckpt at this instant, but the previous one, complete, is what `--ckpt_path last` resumes from.
+    found = find_last([tmp_path])
+    assert found == tmp_path / "last.old-step20.ckpt" and (found / "checkpoint" / "rank0.pt").read_text() == "20"
+
+
+def test_fit_saves_through_the_atomic_writer(tmp_path):
+    import lightning as L
+
+    from lightning_falcon.module import FalconQLoRA
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    module = FalconQLoRA("asset:tiny-falcon")
+    module.trainer = trainer
+    module.setup("fit")
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # A learning rate ramping to 1e4 blows the tiny model up a few steps after step 8.
+    command = [
+        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.learning_rate", "1e4", "--model.warmup_steps", "40", "--trainer.gradient_clip_val", "null",
+        "--trainer.max_steps", "60", "--checkpoint.every_n_train_steps", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    found = re.match(r"lightning_falcon: error: loss is not finite \(this rank: nan\) at step (\d+) ", err)
+    assert found, err
+    step = int(found.group(1))
+    assert 8 < step < 12, err  # it blows up after step 8's checkpoint and before step 12's (seeded, CPU)
+    checkpoints = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints"
+    assert f"Last good checkpoint: {checkpoints / 'last.ckpt'} (step 8)" in err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=4.ckpt", "step=8.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (tmp_path / "runs" / "tiny" / "version_0" / "adapter").exists()  # no adapter from a failed run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate, micro_batch", [(1, 0), (2, 1)], ids=["step", "inside-accumulation-window"])
+def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, accumulate, micro_batch):
+    from safetensors.torch import load_file
+
+    # 90 training rows in batches of 8: 12 batches an epoch, so the kill falls mid-epoch and the runs cross
+    # epoch boundaries; dropout makes the generators matter; a validation falls between the kill and the end.
+    common = [
+        "--data.max_samples", "100", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
+        "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
+        "--trainer.val_check_interval", "6", "--generation.samples", "[]",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    for root in (uninterrupted, interrupted):
+        root.mkdir()
+    cli(uninterrupted, "fit", *common)
+
+    killer = ["--trainer.callbacks+=killer.SigkillAt", "--trainer.callbacks.init_args.step", "6"]
+    killer += ["--trainer.callbacks.init_args.micro_batch", str(micro_batch)]
+    proc = fit_process(interrupted, *common, *killer, env=env)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: nothing ran on the way out
+    checkpoints = interrupted / "runs" / "tiny" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
+    proc = cli(interrupted, "fit", *common, "--ckpt_path", "last")
+    assert "dataloader is not resumable" not in proc.stderr
+
+    a = load_file(uninterrupted / "runs" / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(interrupted / "runs" / "tiny" / "version_1" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"largest difference of a LoRA weight, resumed vs uninterrupted: {worst:.3e}")
+    assert worst <= 1e-6
+
+
+def fit_process(root: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
+        "--trainer.logger.init_args.save_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
