@@ -49,45 +49,38 @@ def _lora_settings(r: int, alpha: float, targets: list[str] | None) -> dict[str,
     return {"lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets or FALCON_TARGET_MODULES)}
 
 
-def saved_lora_settings(path: str | Path) -> dict[str, Any] | None:
-    """LoRA rank, alpha and targets a checkpoint file or adapter directory was trained with (None if unknown).
+def read_saved_lora(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, ...]]]:
+    """What a checkpoint file or adapter directory says of its LoRA, without loading any weights.
 
-    Read from `adapter_config.json` or the checkpoint's hyperparameters, without loading any weights.
-    A DeepSpeed checkpoint directory keeps them in its shards; its weights are checked when they load.
+    Returns the rank, alpha and targets it was trained with (None if it does not say), and
+    `<module path>.lora_A` / `.lora_B` -> weight shape. They come from `adapter_config.json` and the
+    safetensors header, or from one memory-mapped load of a checkpoint. A DeepSpeed checkpoint directory
+    keeps them in its shards, so it yields nothing here; its weights are checked when they load.
     """
     path = Path(path)
+    settings, items = None, []
     if is_adapter_dir(path):
         config = json.loads((path / ADAPTER_CONFIG).read_text())
-        return _lora_settings(config.get("r"), config.get("lora_alpha"), config.get("target_modules"))
-    if path.is_file():
-        hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-        if "lora_r" in hp:
-            return _lora_settings(hp["lora_r"], hp.get("lora_alpha"), hp.get("target_modules"))
-    return None
+        settings = _lora_settings(config.get("r"), config.get("lora_alpha"), config.get("target_modules"))
+        if (path / "adapter_model.safetensors").is_file():
+            from safetensors import safe_open
 
-
-def saved_lora_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """`<module path>.lora_A` / `.lora_B` -> weight shape, read from a checkpoint file or an adapter directory
-    without loading the weights (the safetensors header; a memory-mapped checkpoint)."""
-    path = Path(path)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if is_adapter_dir(path) and (path / "adapter_model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-            items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+            with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+                items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
-        items = [(key, tuple(t.shape)) for key, t in state.items()]
-    else:
-        items = []
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        hp = checkpoint.get("hyper_parameters", {})
+        if "lora_r" in hp:
+            settings = _lora_settings(hp["lora_r"], hp.get("lora_alpha"), hp.get("target_modules"))
+        items = [(key, tuple(t.shape)) for key, t in checkpoint.get("state_dict", {}).items()]
+    shapes = {}
     for key, shape in items:
         for kind in ("lora_A", "lora_B"):
             if f".{kind}." in key:
                 # `[model.]base_model.model.<module>.lora_A[.default].weight` -> `<module>.lora_A`
                 module = key.split(f".{kind}.")[0].split("base_model.model.", 1)[-1]
                 shapes[f"{module}.{kind}"] = shape
-    return shapes
+    return settings, shapes
 
 
 def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modules: list[str], skeleton) -> None:
@@ -97,35 +90,32 @@ def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modul
     weight against the layer it adapts in `skeleton` (the model built on the meta device), which
     catches an adapter trained on another base.
     """
-    problems = []
-    saved = saved_lora_settings(path)
+    saved, shapes = read_saved_lora(path)
     configured = _lora_settings(lora_r, lora_alpha, target_modules)
     differ = [k for k in configured if saved is not None and saved[k] != configured[k]]
     if differ:
         found = ", ".join(f"{k}={saved[k]} (config: {configured[k]})" for k in differ)
         fix = " ".join(f"--model.{k} {json.dumps(saved[k])}" for k in differ)
-        problems.append(
+        raise ConfigError(
             f"checkpoint {path} does not match the model config: it was trained with {found}. "
             f"Fix: pass {fix}, or use the run's own config.yaml"
         )
-    else:
-        layers = dict(skeleton.named_modules())
-        for name, shape in saved_lora_shapes(path).items():
-            module, kind = name.rsplit(".", 1)
-            layer = layers.get(module)
-            if layer is None:
-                problems.append(f"checkpoint {path} adapts {module}, which the model does not have")
-            elif (kind == "lora_A" and shape[1] != layer.in_features) or (
-                kind == "lora_B" and shape[0] != layer.out_features
-            ):
-                problems.append(
-                    f"checkpoint {path} has {name} of shape {shape}, which does not fit the model's {module} "
-                    f"({layer.in_features} -> {layer.out_features})"
-                )
-            if problems:
-                problems[-1] += ". Fix: use the base model the adapter was trained on (--model.model_name_or_path)"
-                break
-    ConfigError.collect(problems)
+    layers = dict(skeleton.named_modules())
+    for name, shape in shapes.items():
+        module, kind = name.rsplit(".", 1)
+        layer = layers.get(module)
+        if layer is None:
+            problem = f"checkpoint {path} adapts {module}, which the model does not have"
+        elif (kind == "lora_A" and shape[1] != layer.in_features) or (
+            kind == "lora_B" and shape[0] != layer.out_features
+        ):
+            problem = (
+                f"checkpoint {path} has {name} of shape {shape}, which does not fit the model's {module} "
+                f"({layer.in_features} -> {layer.out_features})"
+            )
+        else:
+            continue
+        raise ConfigError(f"{problem}. Fix: use the base model the adapter was trained on (--model.model_name_or_path)")
 
 
 def training_metadata(pl_module, datamodule, global_step: int) -> dict[str, Any]:

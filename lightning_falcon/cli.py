@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_falcon import adapter
@@ -61,7 +61,7 @@ class FalconCLI(LightningCLI):
         Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
         dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an
         adapter). Here a checkpoint that cannot fit the configured model fails instead, in one line
-        naming the differing keys (`use_checkpoint`).
+        naming the differing keys (`_use_checkpoint`).
         """
 
     def _section(self, config):
@@ -77,16 +77,18 @@ class FalconCLI(LightningCLI):
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
             config.data.tokenizer = config.model.model_name_or_path
 
-    def _before_run(self) -> None:
-        # Cheap (config.json only): a wrong LoRA target or an impossible strategy fails before the data is tokenized.
+    def check_run(self) -> Path | None:
+        """Everything cheap, before the data is tokenized or any weights load (config.json only): LoRA targets,
+        the strategy, and `--ckpt_path`. Returns the checkpoint or adapter directory the run reads, if any."""
         self.model.check_targets()
         check_strategy(self.trainer.strategy, self.model.hparams.quantization, self.model.hparams.optimizer)
-        self.resolve_last()
-        source = self.use_checkpoint()
+        self._resolve_last()
+        source = self._use_checkpoint()
         if self.subcommand == "predict":
             self._prepare_predict(source)
+        return source
 
-    def resolve_last(self) -> None:
+    def _resolve_last(self) -> None:
         """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
 
         With `checkpoint.dirpath`, in that directory. A named run (a pinned logger version, such as a
@@ -114,7 +116,7 @@ class FalconCLI(LightningCLI):
             rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
             config["ckpt_path"] = None
 
-    def use_checkpoint(self) -> Path | None:
+    def _use_checkpoint(self) -> Path | None:
         """Check `--ckpt_path` before any weights load; an adapter directory is loaded by the model, not Lightning.
 
         Returns the checkpoint or adapter directory the run reads (None: the base model, or fit from scratch).
@@ -126,7 +128,6 @@ class FalconCLI(LightningCLI):
         path = Path(ckpt).expanduser()
         if not path.exists():
             raise ConfigError(f"checkpoint not found: {ckpt}. Fix: give a .ckpt file, `last`, or an adapter directory")
-        hp = self.model.hparams
         if path.is_dir() and not is_deepspeed_checkpoint(path):
             adapter.check_adapter_dir(path)  # a directory is an adapter or a DeepSpeed checkpoint, nothing else
             if self.subcommand == "fit":
@@ -136,7 +137,7 @@ class FalconCLI(LightningCLI):
                 )
             self.model.adapter_dir = str(path)
             config["ckpt_path"] = None
-        adapter.check_matches(path, hp.lora_r, hp.lora_alpha, self.model.target_modules, self.model.skeleton())
+        self.model.check_checkpoint(path)
         return path
 
     def _prepare_predict(self, source: Path | None) -> None:
@@ -151,11 +152,9 @@ class FalconCLI(LightningCLI):
         if generation.output is None:
             directory = run_dir(source) if source is not None else Path(self.trainer.log_dir)
             generation.output = str(directory / "predictions.jsonl")
-        # predict's output is that file: no new logger version, no config.yaml beside it.
-        self.trainer.loggers = []
-        self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, SaveConfigCallback)]
+        self.trainer.loggers = []  # predict's output is that file: no new logger version (nor config.yaml: main)
 
-    before_fit = before_validate = before_test = before_predict = _before_run
+    before_fit = before_validate = before_test = before_predict = check_run
 
 
 # predict and evaluate run in one process on one device, whatever the config trains with.
@@ -287,17 +286,13 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] and argv[0] in SUBCOMMANDS:
             SUBCOMMANDS[argv[0]](argv[1:])
             return
+        saving = {"save_config_kwargs": {"overwrite": True}}
         if argv[:1] == ["predict"]:
             # One process: one JSONL in input order (ranks would each write a share), and generation needs
             # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
-            args = [*argv, *SINGLE_DEVICE]
-        FalconCLI(
-            FalconQLoRA,
-            PromptDataModule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-        )
+            # Its output is the JSONL alone: no config.yaml.
+            args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
+        FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, **saving)
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)

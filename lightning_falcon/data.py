@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.generation import special_ids
 from lightning_falcon.prompts import (
     IGNORE_INDEX,
     TEMPLATES,
     encode_pair,
     encode_turns,
     pair_prompt_ids,
+    prompt_length,
     turn_prompt_ids,
 )
 
@@ -207,8 +209,7 @@ class PromptDataModule(L.LightningDataModule):
         """What a user would have typed for this row: the prompt, or for turns the conversation before the reply."""
         if self.hparams.format == "prompt_response":
             return str(row[self.hparams.prompt_column])
-        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-        return self._tokenizer().decode(input_ids[:first]).strip()
+        return self._tokenizer().decode(input_ids[: prompt_length(labels)]).strip()
 
     def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
         import datasets
@@ -325,8 +326,7 @@ class PromptDataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         # Falcon has no pad token: pad with EOS. Padding is masked by attention_mask and labels,
         # never by token id, so the real EOS that ends each response stays a trained label.
-        tok = self._tokenizer()
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return special_ids(self._tokenizer())[1]
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad a training batch to its longest row (dynamic padding)."""
@@ -349,22 +349,22 @@ class PromptDataModule(L.LightningDataModule):
     def _prediction_rows(self) -> list[dict]:
         if self.predict_inputs is not None:
             return [{"input": text, "prompt_ids": self.encode_input(text)} for text in self.predict_inputs]
-        rows = []
-        for r in self._splits["val"]:  # the prompt part of each held-out row: everything before its first label
-            first = next(i for i, label in enumerate(r["labels"]) if label != IGNORE_INDEX)
-            rows.append({"input": r["input"], "prompt_ids": r["input_ids"][:first]})
-        return rows
+        # the prompt part of each held-out row: everything before its first trained token
+        return [
+            {"input": r["input"], "prompt_ids": r["input_ids"][: prompt_length(r["labels"])]}
+            for r in self._splits["val"]
+        ]
 
-    def _loader(self, split: str, shuffle: bool, collate) -> DataLoader:
-        return DataLoader(
-            self._splits[split] if split != "predict" else self._prediction_rows(),
+    def _loader(self, rows: Any, collate, loader_class: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        return loader_class(
+            rows,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
             # Its own generator, even unshuffled: a loader without one draws its workers' seed from the global
             # generator on every pass, which would shift dropout after each validation (see resume.py).
             generator=torch.Generator().manual_seed(self.hparams.seed),
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -374,22 +374,15 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self._splits["train"], world, rank, shuffle=True, seed=self.hparams.seed)
-        return ResumableLoader(
-            self._splits["train"],
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self.collate,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
+        return self._loader(self._splits["train"], self.collate, ResumableLoader, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.collate)
+        return self._loader(self._splits["val"], self.collate)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split doubles as the test set (there is no separate test split)."""
-        return self._loader("val", False, self.collate)
+        return self._loader(self._splits["val"], self.collate)
 
     def predict_dataloader(self) -> DataLoader:
         """`predict_inputs` (from the CLI's generation section), else the prompts of the held-out split."""
-        return self._loader("predict", False, self.collate_prompts)
+        return self._loader(self._prediction_rows(), self.collate_prompts)

@@ -61,9 +61,7 @@ def evaluate(args: list[str]) -> Path:
     except ConfigError as e:
         problems.append(str(e))
     ConfigError.collect(problems)
-    cli.model.check_targets()
-    cli.resolve_last()
-    source = cli.use_checkpoint()
+    source = cli.check_run()
     if source is None:
         raise ConfigError("evaluate found no checkpoint for --ckpt_path last. Fix: train first, or name a checkpoint")
     if is_deepspeed_checkpoint(source):

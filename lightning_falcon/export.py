@@ -22,6 +22,7 @@ import torch
 
 from lightning_falcon import adapter as adapters
 from lightning_falcon.assets import resolve
+from lightning_falcon.checkpoint_io import swap_in_directory
 from lightning_falcon.errors import ConfigError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -86,7 +87,6 @@ def export(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    old = out.with_name(f".{out.name}.old-{staging.name}")
     try:
         if merge:
             _merge(source, metadata, staging, merge_into, dtype, base, device)
@@ -97,12 +97,9 @@ def export(
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is for others to read
-        if out.exists():
-            os.replace(out, old)  # kept until the new export is in place
-        os.replace(staging, out)
+        swap_in_directory(staging, out, tag=staging.name.rsplit("-", 1)[-1])  # an earlier export kept until then
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     print(f"[export] wrote {'a merged model' if merge else 'the adapter'} to {out}")
     if push_to_hub:
         _push(out, push_to_hub, token, private)
@@ -153,9 +150,9 @@ def _merge(
     trust = bool(metadata.get("trust_remote_code", False))
     config = read_model_config(base_path, trust)  # a missing base fails here, before any weights load
     target = DTYPES[dtype] if dtype else _config_dtype(config)
-    run_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
-    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_device = torch.device(device)
     quantization = metadata.get("quantization", "nf4")
     if merge_into == "dequantized" and quantization != "none":
         # The same load as training (settings from the adapter's metadata), so the 4-bit weights are the

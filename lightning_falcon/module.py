@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -132,6 +133,13 @@ class FalconQLoRA(L.LightningModule):
         """Fail before any weights load if a LoRA target is missing."""
         check_target_modules(linear_module_names(self.skeleton()), self.target_modules)
 
+    def check_checkpoint(self, path: str | Path) -> None:
+        """Fail before any weights load if a checkpoint or adapter directory cannot fit this model."""
+        from lightning_falcon.adapter import check_matches
+
+        hp = self.hparams
+        check_matches(path, hp.lora_r, hp.lora_alpha, self.target_modules, self.skeleton())
+
     def prepare_data(self) -> None:
         """`random_init`: write the random checkpoint here, once per node (local rank 0), not once per rank.
 
@@ -205,8 +213,14 @@ class FalconQLoRA(L.LightningModule):
         from lightning_falcon.preemption import SlurmRequeue
         from lightning_falcon.resume import RNGState
 
-        callbacks = [TokenThroughput(), SaveAdapter(), PredictionWriter(), GenerationSamples(), RNGState()]
-        return [*callbacks, SlurmRequeue()]
+        return [
+            TokenThroughput(),
+            SaveAdapter(),
+            PredictionWriter(),
+            GenerationSamples(),
+            RNGState(),
+            SlurmRequeue(),
+        ]
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")

@@ -35,6 +35,11 @@ class Encoded:
     truncated: bool
 
 
+def prompt_length(labels: list[int]) -> int:
+    """How many leading tokens are prompt (untrained): generation starts from exactly these."""
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
 def _assemble(pieces: list[tuple[list[int], bool]], max_length: int) -> Encoded | None:
     """Concatenate (ids, trained) pieces and cut at `max_length`.
 
