@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lightning_falcon.checkpoint_io import load_weights_only
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.lora import FALCON_TARGET_MODULES
 
@@ -68,7 +69,7 @@ def read_saved_lora(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, 
             with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
                 items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_weights_only(path, mmap=True)
         hp = checkpoint.get("hyper_parameters", {})
         if "lora_r" in hp:
             settings = _lora_settings(hp["lora_r"], hp.get("lora_alpha"), hp.get("target_modules"))
@@ -141,7 +142,7 @@ def load_weights(peft_model: torch.nn.Module, path: str | Path) -> None:
 
     path = Path(path)
     weights = path / "adapter_model.safetensors"
-    state = load_file(weights) if weights.is_file() else torch.load(path / "adapter_model.bin", weights_only=True)
+    state = load_file(weights) if weights.is_file() else load_weights_only(path / "adapter_model.bin")
     result = set_peft_model_state_dict(peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:

@@ -9,11 +9,17 @@ target is at every moment either the old checkpoint or the new one.
 A DeepSpeed checkpoint is a directory (one shard per rank), which no single rename can replace. It is
 written whole under a hidden name, then swapped in with two renames. Between them the previous one
 exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`cli.find_last`).
+
+A full disk is found before a write where possible (`room_problem`, checked by the module on every rank),
+and otherwise during it: the partial file is removed and `DiskFull` names the directory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +27,67 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_falcon.errors import ConfigError, first_line
+
+# Room asked for beyond a checkpoint's tensor bytes: its pickle, and the filesystem's own rounding.
+ROOM_MARGIN_BYTES = 1 << 20
+ROOM_MARGIN_FRACTION = 0.05
+
+
+class DiskFull(OSError):
+    """No room for a checkpoint; nothing partial is left and the previous checkpoint stays. The CLI prints it."""
+
+
+def _is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor storage in a nested checkpoint dict: what `torch.save` writes, less its small pickle."""
+    seen: set[int] = set()
+
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() in seen:  # views share their storage, which is saved once
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return walk(obj)
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():  # a DeepSpeed checkpoint: a directory of shards
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def room_problem(directory: Path, checkpoint: dict[str, Any]) -> str | None:
+    """What stops `checkpoint` fitting in `directory` now, or None.
+
+    The size is the larger of its tensors and the checkpoints already there: under DeepSpeed the optimizer
+    state is written by the engine, outside this dict, and the earlier checkpoints show its real size.
+    The new file is written beside the old one before replacing it, so it needs its whole size free.
+    """
+    existing = [p for p in directory.glob("*.ckpt")] if directory.is_dir() else []
+    size = max([tensor_bytes(checkpoint), *(_size_on_disk(p) for p in existing)])
+    needed = int(size * (1 + ROOM_MARGIN_FRACTION)) + ROOM_MARGIN_BYTES
+    probe = directory
+    while not probe.exists():  # ModelCheckpoint creates its directory on the first save
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= needed:
+        return None
+    return (
+        f"no room for a checkpoint in {directory}: it needs {needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB is free"
+    )
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -43,9 +110,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        # torch.save hides ENOSPC behind a RuntimeError about stream positions: ask the disk itself.
+        full = isinstance(e, OSError) and _is_disk_full(e)
+        if full or shutil.disk_usage(path.parent).free < ROOM_MARGIN_BYTES:
+            raise disk_full(path) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def disk_full(path: Path) -> DiskFull:
+    """The one-line report of a checkpoint write that ran out of space (its partial file is already gone)."""
+    kept = f"the previous {path.name} stays" if path.exists() else "nothing was replaced"
+    return DiskFull(
+        f"the disk filled up while writing checkpoint {path}; the partial file was removed "
+        f"and {kept}. Fix: free space in {path.parent}, or point --checkpoint.dirpath at a larger disk",
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,6 +137,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        # Tensors and plain types only unless the user asks otherwise (`--weights_only false`): before torch 2.6
+        # Lightning's default (None) unpickled whatever the file holds.
+        return super().load_checkpoint(*args, weights_only=True if weights_only is None else weights_only, **kwargs)
+
+
+def load_weights_only(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load` of tensors and plain types only, which runs no code a checkpoint's pickle might carry."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = f"it would call {found.group(1)}" if found else first_line(e)
+        raise ConfigError(
+            f"checkpoint {path} holds Python objects besides tensors, so it does not load with weights_only=True "
+            f"({refused}). Fix: use a checkpoint lightning_falcon wrote, which holds none"
+        ) from None
 
 
 def swap_in_directory(staged: Path, target: Path, tag: str) -> None:

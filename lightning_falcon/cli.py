@@ -15,20 +15,25 @@ python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_falcon import adapter
+from lightning_falcon.checkpoint_io import DiskFull
 from lightning_falcon.data import PromptDataModule
-from lightning_falcon.errors import ConfigError
+from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import GenerationSettings
 from lightning_falcon.module import FalconQLoRA, NonFiniteLoss
+from lightning_falcon.quantization import check_quantization_runs, resolve_compute_dtype
 from lightning_falcon.strategy import check_strategy
 
 TRAINER_DEFAULTS = {
@@ -39,7 +44,44 @@ TRAINER_DEFAULTS = {
 }
 
 
+class FalconArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a bad key or value in one line with its fix (not 100 lines of usage)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse parses tentatively with exit_on_error off and catches what this raises: leave that alone.
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"lightning_falcon: error: {explain_parse_error(message, parser)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def explain_parse_error(message: str, parser) -> str:
+    """jsonargparse's message as one line, with the nearest valid key for an unknown one."""
+    # `__main__.py [options] fit` for a subcommand, `__main__.py` for the root, `lightning_falcon plan` for ours
+    words = parser.prog.replace(" [options]", "").split()
+    help_command = f"`python -m lightning_falcon {' '.join(words[1:2] + ['--help'])}`"
+    found = re.search(r"does not accept option '([^']+)'", message) or re.search(
+        r"unrecognized arguments: (\S+)", message
+    )
+    if found:
+        key = found.group(1).lstrip("-").split("=")[0]
+        keys = [action.dest for action in parser._actions if action.dest != "help"]
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+        fix = f"did you mean {close[0]}?" if close else "remove it."
+        return f"unknown key {key}. Fix: {fix} {help_command} lists every key"
+    found = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.DOTALL)
+    if found:
+        key, problem = found.group(1), " ".join(found.group(2).split())
+        return f"bad value for {key}: {problem}. Fix: correct {key} ({help_command} shows what it takes)"
+    return f"{' '.join(message.split())}. Fix: see {help_command}"
+
+
 class FalconCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", FalconArgumentParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # A `checkpoint:` section: LoRA-only checkpoints every N optimizer steps plus last.ckpt.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -72,6 +114,17 @@ class FalconCLI(LightningCLI):
         super().instantiate_classes()
         self.model.generation = self._section(self.config_init)["generation"]
 
+    def instantiate_trainer(self, **kwargs):
+        # Lightning rejects an accelerator, strategy or device count this machine lacks with a traceback.
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:
+            raise ConfigError(
+                f"the trainer settings do not fit this machine: {first_line(e)} "
+                "Fix: change --trainer.accelerator / --trainer.strategy / --trainer.devices "
+                "(on CPU: --trainer.accelerator cpu, strategy auto or ddp)"
+            ) from e
+
     def before_instantiate_classes(self) -> None:
         config = self._section(self.config)
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
@@ -79,9 +132,16 @@ class FalconCLI(LightningCLI):
 
     def check_run(self) -> Path | None:
         """Everything cheap, before the data is tokenized or any weights load (config.json only): LoRA targets,
-        the strategy, and `--ckpt_path`. Returns the checkpoint or adapter directory the run reads, if any."""
+        the strategy, that bitsandbytes runs here, that `max_length` holds the template, and `--ckpt_path`.
+
+        Returns the checkpoint or adapter directory the run reads, if any.
+        """
+        hp = self.model.hparams
         self.model.check_targets()
-        check_strategy(self.trainer.strategy, self.model.hparams.quantization, self.model.hparams.optimizer)
+        check_strategy(self.trainer.strategy, hp.quantization, hp.optimizer)
+        device = self.trainer.strategy.root_device
+        check_quantization_runs(hp.quantization, resolve_compute_dtype(hp.compute_dtype, device), device)
+        self.datamodule.check_max_length()
         self._resolve_last()
         source = self._use_checkpoint()
         if self.subcommand == "predict":
@@ -188,11 +248,17 @@ class ParseOnlyCLI(FalconCLI):
         pass
 
 
-def parse_only(cli_class: type[ParseOnlyCLI], args: list[str]) -> ParseOnlyCLI:
+def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> ParseOnlyCLI:
     # LightningCLI reads sys.argv when given no args; the extra subcommand is not one of its own, so drop it there.
     argv, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
-        return cli_class(FalconQLoRA, PromptDataModule, run=False, trainer_defaults=TRAINER_DEFAULTS)
+        return cli_class(
+            FalconQLoRA,
+            PromptDataModule,
+            run=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"prog": f"lightning_falcon {command}"},
+        )
     finally:
         sys.argv = argv
 
@@ -218,7 +284,7 @@ def run_plan(args: list[str]) -> None:
     """Print the per-GPU memory of a config for its strategy and every alternative."""
     from lightning_falcon.plan import report
 
-    config = parse_only(PlanCLI, args).config
+    config = parse_only(PlanCLI, args, "plan").config
     print(report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory))
 
 
@@ -228,7 +294,7 @@ def run_slurm_args(args: list[str]) -> None:
 
     alloc = Allocation.from_env()  # first: outside a job nothing else matters
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the arguments, for the sbatch script
-        cli = parse_only(SlurmArgsCLI, args)
+        cli = parse_only(SlurmArgsCLI, args, "slurm-args")
         explicit = cli.parser.parse_args(args, defaults=False)  # only what the config files and overrides set
     print("\n".join(fit_arguments(explicit, cli.config, alloc)))
 
@@ -237,17 +303,15 @@ def run_prefetch(args: list[str]) -> None:
     """Download the config's model, tokenizer and data into the caches a job without internet reads."""
     from lightning_falcon.offline import prefetch
 
-    config = parse_only(ParseOnlyCLI, args).config
+    config = parse_only(ParseOnlyCLI, args, "prefetch").config
     print("\n".join(prefetch(config.model, config.data)))
 
 
 def run_export(args: list[str]) -> None:
     """Export an adapter directory, or merge it into its base (see export.py)."""
-    from jsonargparse import ArgumentParser
-
     from lightning_falcon.export import export
 
-    parser = ArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
+    parser = FalconArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
     parser.add_function_arguments(export)
     # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
     flags = ("--merge", "--overwrite", "--private")
@@ -296,7 +360,7 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, DiskFull) as e:  # the run stopped; its last good checkpoint is on disk
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(1)
 

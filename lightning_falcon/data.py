@@ -31,15 +31,33 @@ from lightning_falcon.prompts import (
     prompt_length,
     turn_prompt_ids,
 )
+from lightning_falcon.textfile import check_json_document, json_lines, read_utf8
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-# Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text).
-CACHE_FORMAT = 2
+# Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text;
+# 3: rows with an empty or null field are skipped and counted, not trained on as "None").
+CACHE_FORMAT = 3
 
 
 def _empty(source: str) -> ConfigError:
     return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+
+
+def _diagnose_json(path: Path, builder: str) -> None:
+    """Name the line of a JSON file that `datasets` failed to read (its own error has no line number)."""
+    if builder != "json":
+        return
+    text = read_utf8(path, "dataset")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        check_json_document(text, path, "dataset")
+    else:  # JSON lines (datasets reads them from .json files too)
+        json_lines(text, path, "dataset")
+
+
+def _blank(value: Any) -> bool:
+    """A field that holds nothing to train on: null (a missing key, an empty CSV cell) or only whitespace."""
+    return value is None or not str(value).strip()
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -97,11 +115,14 @@ class PromptDataModule(L.LightningDataModule):
         if format == "prompt_response" and template not in TEMPLATES:
             problems.append(f"data.template {template!r} is unknown. Fix: choose one of {sorted(TEMPLATES)}")
         if val_dataset is None and not 0.0 < val_fraction < 1.0:
-            problems.append(f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}")
+            problems.append(
+                f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}. "
+                "Fix: --data.val_fraction 0.1, or set --data.val_dataset"
+            )
         if max_length < 2:
-            problems.append(f"data.max_length must be at least 2, got {max_length}")
+            problems.append(f"data.max_length must be at least 2, got {max_length}. Fix: --data.max_length 512")
         if batch_size < 1:
-            problems.append(f"data.batch_size must be at least 1, got {batch_size}")
+            problems.append(f"data.batch_size must be at least 1, got {batch_size}. Fix: --data.batch_size 4")
         ConfigError.collect(problems)
         self.tokenizer = None
         self.stats: dict[str, dict[str, int]] = {}
@@ -129,14 +150,21 @@ class PromptDataModule(L.LightningDataModule):
                 )
             if path.stat().st_size == 0:
                 raise _empty(source)
+            if builder in ("json", "csv"):
+                read_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
+            verbosity = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats ours
             try:
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
-            except ValueError as e:
+            except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
                 if "corresponds to no data" in str(e):  # datasets' wording for a header-only file
                     raise _empty(source) from e
+                _diagnose_json(path, builder)
                 raise ConfigError(
                     f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
                 ) from e
+            finally:
+                datasets.logging.set_verbosity(verbosity)
         try:
             return datasets.load_dataset(source, split=split)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -158,6 +186,17 @@ class PromptDataModule(L.LightningDataModule):
             )
         if len(ds) == 0:
             raise _empty(source)
+
+    def _drop_blank(self, source: str, ds) -> tuple[Any, int]:
+        """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
+        columns = self._required_columns()
+        kept = ds.filter(lambda row: not any(_blank(row[c]) for c in columns))
+        if len(kept) == 0:
+            raise ConfigError(
+                f"every one of the {len(ds)} rows of dataset {source} has an empty or null {' or '.join(columns)}. "
+                "Fix: fill them in, or name the columns that hold the text (--data.prompt_column etc.)"
+            )
+        return kept, len(ds) - len(kept)
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -190,6 +229,19 @@ class PromptDataModule(L.LightningDataModule):
                 tok, str(row[hp.prompt_column]), str(row[hp.response_column]), hp.template, hp.max_length
             )
         return encode_turns(tok, str(row[hp.text_column]), hp.human_marker, hp.assistant_marker, hp.max_length)
+
+    def check_max_length(self) -> None:
+        """Fail before tokenizing when `max_length` cannot hold even the template (every row would be dropped)."""
+        hp, tok = self.hparams, self._tokenizer()
+        if hp.format == "prompt_response":
+            scaffold, what = len(pair_prompt_ids(tok, "", hp.template)), f"the {hp.template!r} template"
+        else:
+            scaffold, what = len(turn_prompt_ids(tok, "", hp.human_marker, hp.assistant_marker)), "the turn markers"
+        if hp.max_length <= scaffold:
+            raise ConfigError(
+                f"data.max_length={hp.max_length} is no longer than {what}, which alone takes {scaffold} tokens, "
+                f"so no prompt or response fits. Fix: raise --data.max_length well above {scaffold}"
+            )
 
     def encode_input(self, text: str) -> list[int]:
         """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
@@ -226,8 +278,8 @@ class PromptDataModule(L.LightningDataModule):
             truncated += enc.truncated
         if not ids:
             raise ConfigError(
-                f"every one of the {len(ds)} rows of dataset {source} leaves no response token within "
-                f"data.max_length={self.hparams.max_length}. Fix: raise --data.max_length"
+                f"every one of the {len(ds)} rows of dataset {source} leaves no response token "
+                f"within data.max_length={self.hparams.max_length}. Fix: raise --data.max_length"
             )
         stats = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
         return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "input": inputs}), stats
@@ -274,11 +326,14 @@ class PromptDataModule(L.LightningDataModule):
             return
         train = self._load_raw(hp.dataset, hp.split)
         self._check(hp.dataset, train)
+        train, empty = self._drop_blank(hp.dataset, train)
+        skipped = {"train": empty, "val": 0}  # a held-out split comes from rows already kept
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
         if hp.val_dataset is not None:
             val = self._load_raw(hp.val_dataset, hp.val_split or hp.split)
             self._check(hp.val_dataset, val)
+            val, skipped["val"] = self._drop_blank(hp.val_dataset, val)
             sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
         else:
             if len(train) < 2:
@@ -294,6 +349,7 @@ class PromptDataModule(L.LightningDataModule):
             stats = {}
             for name, (source, ds) in sources.items():
                 tokenized, stats[name] = self._tokenize(source, ds)
+                stats[name]["empty"] = skipped[name]
                 tokenized.save_to_disk(str(tmp / name))
             (tmp / "stats.json").write_text(json.dumps(stats))
             try:
@@ -318,7 +374,8 @@ class PromptDataModule(L.LightningDataModule):
             s = self.stats[name]
             rank_zero_info(
                 f"[data] {name}: {s['rows']} rows, {s['truncated']} truncated to max_length={self.hparams.max_length}, "
-                f"{s['dropped']} dropped (no response token within max_length)"
+                f"{s['dropped']} dropped (no response token within max_length), "
+                f"{s['empty']} skipped (an empty or null field)"
             )
 
     # ----------------------------------------------------------------- batching

@@ -51,6 +51,7 @@ def evaluate(args: list[str]) -> Path:
         run=False,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
+        parser_kwargs={"prog": "lightning_falcon evaluate"},
     )
     config = cli.config_init
     problems = []

@@ -52,15 +52,17 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         problems = []
         if self.max_new_tokens < 1:
-            problems.append(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            problems.append(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}. Fix: e.g. 128")
         if self.num_beams < 1:
-            problems.append(f"generation.num_beams must be >= 1, got {self.num_beams}")
+            problems.append(f"generation.num_beams must be >= 1, got {self.num_beams}. Fix: 1 (greedy or sampling)")
         if self.temperature <= 0:
-            problems.append(f"generation.temperature must be > 0, got {self.temperature}")
+            problems.append(f"generation.temperature must be > 0, got {self.temperature}. Fix: e.g. 0.7")
         if not 0 < self.top_p <= 1:
-            problems.append(f"generation.top_p must be in (0, 1], got {self.top_p}")
+            problems.append(f"generation.top_p must be in (0, 1], got {self.top_p}. Fix: e.g. 0.9")
         if self.repetition_penalty <= 0:
-            problems.append(f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
+            problems.append(
+                f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}. Fix: 1.0 (none)"
+            )
         if self.inputs and self.input_file:
             problems.append("generation.inputs and generation.input_file are both set. Fix: give one of them")
         ConfigError.collect(problems)

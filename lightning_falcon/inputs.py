@@ -5,12 +5,12 @@ Both are read before any weights load, so a bad file costs nothing but a one-lin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.textfile import json_lines, read_utf8
 
 # Fields a JSONL line may carry its input in, in order of preference.
 INPUT_FIELDS = ("input", "prompt", "query")
@@ -19,21 +19,12 @@ INPUT_FIELDS = ("input", "prompt", "query")
 def _text(path: Path, what: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}. Fix: give the path of an existing file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}). Fix: save it as UTF-8")
+    return read_utf8(path, what)
 
 
 def _jsonl(path: Path, what: str, fields: tuple[str, ...]) -> list[dict]:
     rows = []
-    for number, line in enumerate(_text(path, what).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{what} {path} line {number} is not valid JSON ({e.msg}). Fix: one object per line")
+    for number, row in json_lines(_text(path, what), path, what):
         field = next((f for f in fields if isinstance(row, dict) and isinstance(row.get(f), str)), None)
         if field is None or not row[field].strip():
             raise ConfigError(

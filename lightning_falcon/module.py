@@ -10,11 +10,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, room_problem
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import Generated, GenerationSettings, generate
 from lightning_falcon.lora import (
@@ -91,17 +91,17 @@ class FalconQLoRA(L.LightningModule):
         targets = target_modules if target_modules is not None else FALCON_TARGET_MODULES
         problems = []
         if lora_r < 1:
-            problems.append(f"model.lora_r must be >= 1, got {lora_r}")
+            problems.append(f"model.lora_r must be >= 1, got {lora_r}. Fix: --model.lora_r 8 (or 16, 64)")
         if not 0.0 <= lora_dropout < 1.0:
-            problems.append(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
+            problems.append(f"model.lora_dropout must be in [0, 1), got {lora_dropout}. Fix: --model.lora_dropout 0.05")
         if not targets:
-            problems.append("model.target_modules is empty; LoRA needs at least one module")
+            problems.append("model.target_modules is empty; LoRA needs at least one module. Fix: leave it unset (null)")
         if learning_rate <= 0:
-            problems.append(f"model.learning_rate must be > 0, got {learning_rate}")
+            problems.append(f"model.learning_rate must be > 0, got {learning_rate}. Fix: --model.learning_rate 2e-4")
         if warmup_steps < 0:
-            problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+            problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}. Fix: --model.warmup_steps 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+            problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}. Fix: --model.min_lr_ratio 0.0")
         if optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
             problems.append("model.optimizer paged_adamw_8bit needs CUDA. Fix: use --model.optimizer adamw on CPU")
         ConfigError.collect(problems)
@@ -364,6 +364,31 @@ class FalconQLoRA(L.LightningModule):
                 f"(e.g. {poisoned[0]}); the checkpoint was not written. "
                 "Fix: lower --model.learning_rate, or use bf16 rather than fp16"
             )
+        if self._trainer is not None:  # a module saved outside a Trainer has no checkpoint directory
+            self._stop_if_no_room(checkpoint)
+
+    def _stop_if_no_room(self, checkpoint: dict[str, Any]) -> None:
+        """Stop every rank together, before anything is written, when the checkpoint will not fit on disk.
+
+        This hook runs on every rank before the strategy writes (only rank 0 does under DDP): one rank
+        raising alone would leave the others waiting for it forever.
+        """
+        trainer, callback = self.trainer, self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            directory = Path(callback.dirpath)
+        else:
+            directory = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        problem = room_problem(directory, checkpoint)
+        full = problem is not None
+        if trainer.world_size > 1:
+            full = trainer.strategy.reduce_boolean_decision(full, all=False)
+        if full:
+            last = callback.last_model_path if callback is not None else ""
+            raise DiskFull(
+                f"{problem or 'another rank has no room for its checkpoint'}; nothing was written, and "
+                f"{'the last good checkpoint stays: ' + last if last else 'no checkpoint was saved yet'}. "
+                "Fix: free space there, or point --checkpoint.dirpath at a larger disk (resume with --ckpt_path)"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose LoRA weights do not match this model, naming the difference."""
@@ -396,6 +421,11 @@ def read_model_config(model_name_or_path: str, trust_remote_code: bool = False):
     """The model's config.json (only that file is read), from a directory, an `asset:` or the Hub; one-line error."""
     from transformers import AutoConfig
 
+    if trust_remote_code:
+        rank_zero_warn(
+            f"trust_remote_code is on: Python code shipped with {model_name_or_path} will run on this machine with "
+            "your permissions. Turn it on only for repositories you trust; Falcon needs none (native in transformers)"
+        )
     try:
         return AutoConfig.from_pretrained(resolve(model_name_or_path), trust_remote_code=trust_remote_code)
     except OSError as e:  # transformers' "not a local folder and not a valid model identifier"

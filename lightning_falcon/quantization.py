@@ -34,6 +34,53 @@ def resolve_compute_dtype(compute_dtype: ComputeDtype, device: torch.device) -> 
     return torch.float32
 
 
+def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Fail in one line, before any weights load, when this machine cannot run `quantization`.
+
+    Which modes bitsandbytes runs depends on its version, its build and the device (0.50 runs nf4, fp4
+    and int8 on CPU, forward and backward), so this asks the machine rather than a table: it quantizes
+    one small layer on `device` and runs it forward and backward, as training will.
+    """
+    from lightning_falcon.errors import ConfigError, first_line
+
+    if quantization == "none":
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(
+            f"model.quantization {quantization} needs bitsandbytes, which does not import here ({first_line(e)}). "
+            "Fix: pip install bitsandbytes, or --model.quantization none (LoRA on an unquantized base)"
+        ) from e
+    try:
+        # Forked: the probe's random layer must not shift the seeded LoRA initialisation that follows.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _run_quantized_layer(bnb, quantization, compute_dtype, device)
+    except Exception as e:
+        raise ConfigError(
+            f"model.quantization {quantization} ({str(compute_dtype).removeprefix('torch.')} compute) does not run "
+            f"on {device} with bitsandbytes {bnb.__version__}: {first_line(e)}. "
+            "Fix: choose another --model.quantization (nf4, fp4, int8 or none) or --model.compute_dtype"
+        ) from e
+
+
+def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Quantize a 64x64 layer on `device` and run it forward and backward, as training will."""
+    dense = nn.Linear(64, 64)
+    if quantization == "int8":
+        layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(dense.weight.data, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=compute_dtype, quant_type=quantization)
+        layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=quantization)
+    layer.bias = nn.Parameter(dense.bias.data.to(compute_dtype))
+    layer = layer.to(device)
+    x = torch.randn(2, 64, device=device, dtype=compute_dtype, requires_grad=True)
+    layer(x).float().sum().backward()
+    if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+        raise RuntimeError("no finite gradient flows back through the quantized layer")
+
+
 def bnb_config(
     quantization: Quantization,
     double_quant: bool,

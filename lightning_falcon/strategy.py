@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
 from lightning_falcon.errors import ConfigError
@@ -43,6 +44,10 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
             # With optimizer offload DeepSpeed insists on its compiled CPU Adam by default. The LoRA states are
             # small enough for torch's AdamW on the CPU, which needs no build step on the cluster.
             self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+    def supports_accelerator(self) -> bool:
+        """Lightning's DeepSpeedStrategy runs on CUDA GPUs only: its `setup_environment` refuses anything else."""
+        return isinstance(self.accelerator, CUDAAccelerator)
 
     @contextlib.contextmanager
     def model_sharded_context(self) -> Iterator[None]:
@@ -70,7 +75,7 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's directory of shards, written whole under a hidden name and then swapped in
         (`checkpoint_io.swap_in_directory`): a crash mid-save leaves the previous checkpoint usable."""
-        from lightning_falcon.checkpoint_io import swap_in_directory
+        from lightning_falcon.checkpoint_io import ROOM_MARGIN_BYTES, disk_full, swap_in_directory
 
         target = Path(self.broadcast(str(filepath)))
         tag = f"step{checkpoint.get('global_step', 0)}"  # the same name on every rank
@@ -78,7 +83,13 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero and staged.exists():  # left by a crash during an earlier save
             shutil.rmtree(staged)
         self.barrier("checkpoint staging")
-        super().save_checkpoint(checkpoint, staged, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, staged, storage_options)
+        except Exception as e:  # this rank's shards did not fit: drop them, keep the previous checkpoint
+            if shutil.disk_usage(staged.parent).free >= ROOM_MARGIN_BYTES:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            raise disk_full(target) from e
         self.barrier("checkpoint shards written")
         if self.is_global_zero:
             swap_in_directory(staged, target, tag)
@@ -140,6 +151,15 @@ def check_strategy(strategy: Strategy, quantization: str, optimizer: str) -> Non
     stage = zero_stage(strategy)
     zero = (strategy.config or {}).get("zero_optimization", {})
     problems = []
+    if isinstance(strategy, QLoRADeepSpeedStrategy):
+        supported = strategy.supports_accelerator()
+    else:
+        supported = isinstance(strategy.accelerator, CUDAAccelerator)
+    if not supported:
+        problems.append(
+            f"DeepSpeed runs on CUDA GPUs only, and this run's accelerator is {type(strategy.accelerator).__name__}. "
+            "Fix: on CPU train with --trainer.strategy ddp (or auto); use the DeepSpeed overlays on GPU nodes"
+        )
     if stage == 3 and not isinstance(strategy, QLoRADeepSpeedStrategy):
         problems.append(
             "Lightning's DeepSpeedStrategy builds the model inside zero.Init, which cannot hold a quantized base "

@@ -77,11 +77,18 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+# Planted in the environment of the shared fit below: no file of its run, nor its output, may hold it.
+PLANTED_TOKEN = "hf_PLANTEDfitTOKENneverWRITTEN5678"
+
+
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
-    """The tiny default trained once (500 steps, ~30 s): (root, run directory, the fit process)."""
+    """The tiny default trained once (500 steps, ~30 s): (root, run directory, the fit process).
+
+    Its environment holds a Hub token (`PLANTED_TOKEN`), as a user's would; test_security.py looks for it.
+    """
     root = tmp_path_factory.mktemp("e2e")
-    proc = cli(root, "fit")
+    proc = cli(root, "fit", env={"HF_TOKEN": PLANTED_TOKEN, "HUGGING_FACE_HUB_TOKEN": PLANTED_TOKEN})
     return root, root / "runs" / "tiny" / "version_0", proc
 
 

@@ -17,6 +17,9 @@ from lightning_falcon.strategy import QLoRADeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(QLoRADeepSpeedStrategy):
+    def supports_accelerator(self) -> bool:
+        return True  # the CUDA gate is what this class removes (setup_environment below)
+
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" check
 

@@ -1,8 +1,12 @@
 """Bad input: one line naming the problem and its fix, a non-zero exit, and no weights loaded."""
 
+import sys
+
 import pytest
 import torch
-from conftest import MIDJOURNEY, write_jsonl
+from conftest import REPO
+
+DATA = REPO / "tests" / "fixtures" / "data"
 
 import lightning_falcon.module
 import lightning_falcon.quantization
@@ -44,29 +48,71 @@ def fail(capsys, *argv):
     return last
 
 
+# ---------------------------------------------------------------------------------- data (tests/fixtures/data)
+def data_error(tmp_path, capsys, name, *args):
+    return run(tmp_path, capsys, "--data.dataset", str(DATA / name), *args)
+
+
 def test_missing_file(tmp_path, capsys):
-    assert "dataset file not found" in run(tmp_path, capsys, "--data.dataset", str(tmp_path / "missing.jsonl"))
+    assert f"dataset file not found: {DATA / 'missing.jsonl'}" in data_error(tmp_path, capsys, "missing.jsonl")
+
+
+def test_unknown_extension(tmp_path, capsys):
+    err = data_error(tmp_path, capsys, "rows.xml")
+    assert "rows.xml: unsupported file type. Fix: convert it to one of ['.csv', '.json', '.jsonl', '.parquet']" in err
 
 
 def test_unknown_dataset(tmp_path, capsys):
     assert "unknown dataset 'nobody/nothing'" in run(tmp_path, capsys, "--data.dataset", "nobody/nothing")
 
 
-def test_missing_columns(tmp_path, capsys):
-    err = run(tmp_path, capsys, "--data.dataset", write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": "b"}] * 3))
-    assert "lacks column(s) ['prompt', 'response']; it has ['q', 'a']" in err
+def test_malformed_json_line_names_its_line(tmp_path, capsys):
+    err = data_error(tmp_path, capsys, "malformed.jsonl")
+    assert "malformed.jsonl line 3 is not valid JSON (Expecting ',' delimiter, column 66)" in err
+    err = data_error(tmp_path, capsys, "malformed.json")
+    assert "malformed.json line 3 is not valid JSON (Expecting ',' delimiter, column 33)" in err
 
 
-def test_empty_dataset(tmp_path, capsys):
-    (tmp_path / "e.jsonl").write_text("")
-    assert "is empty" in run(tmp_path, capsys, "--data.dataset", str(tmp_path / "e.jsonl"))
+def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path, capsys):
+    for name, line in (("latin1.jsonl", 2), ("latin1.csv", 3)):  # the CSV's line 1 is its header
+        err = data_error(tmp_path, capsys, name)
+        assert f"{name} is not UTF-8 text (invalid continuation byte: byte 0xe9 on line {line})" in err
+        assert "Fix: save it as UTF-8" in err
+
+
+def test_missing_columns_lists_those_that_exist(tmp_path, capsys):
+    err = data_error(tmp_path, capsys, "other_columns.jsonl")
+    assert "lacks column(s) ['prompt', 'response']; it has ['question', 'answer']" in err
+    assert "--data.prompt_column" in err
+
+
+def test_empty_file(tmp_path, capsys):
+    assert "empty.jsonl is empty" in data_error(tmp_path, capsys, "empty.jsonl")
+    assert "header_only.csv is empty" in data_error(tmp_path, capsys, "header_only.csv")
+
+
+def test_rows_with_empty_or_null_fields_fail_only_when_none_is_left(tmp_path, capsys):
+    err = data_error(tmp_path, capsys, "all_empty.jsonl")
+    assert "every one of the 3 rows of" in err and "has an empty or null prompt or response" in err
 
 
 def test_every_row_too_long(tmp_path, capsys):
-    err = run(tmp_path, capsys, "--data.max_length", "8", "--data.dataset", MIDJOURNEY)
-    assert "leaves no response token within data.max_length=8. Fix: raise --data.max_length" in err
+    err = data_error(tmp_path, capsys, "too_long.jsonl", "--data.max_length", "40")
+    assert "every one of the 3 rows of" in err  # 4 rows, one held out for validation
+    assert "leaves no response token within data.max_length=40. Fix: raise --data.max_length" in err
 
 
+def test_max_length_shorter_than_the_template(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--data.max_length", "16")  # the instruction template is 22 tiny-tokenizer tokens
+    assert "data.max_length=16 is no longer than the 'instruction' template, which alone takes 22 tokens" in err
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+def test_directory_as_dataset(tmp_path, capsys):
+    assert "is a directory" in run(tmp_path, capsys, "--data.dataset", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------- configuration
 def test_target_modules_the_model_lacks(tmp_path, capsys):
     err = run(tmp_path, capsys, "--model.target_modules", "[q_proj,v_proj]")
     assert "['q_proj', 'v_proj'] not found" in err and "query_key_value" in err
@@ -80,10 +126,6 @@ def test_missing_model_path(tmp_path, capsys):
 def test_missing_tokenizer_path(tmp_path, capsys):
     err = run(tmp_path, capsys, "--data.tokenizer", str(tmp_path / "no-tokenizer"))
     assert "tokenizer '" in err and "not found" in err
-
-
-def test_directory_as_dataset(tmp_path, capsys):
-    assert "is a directory" in run(tmp_path, capsys, "--data.dataset", str(tmp_path))
 
 
 def strategy_overlay(name):
@@ -113,6 +155,54 @@ def test_paged_optimizer_with_offload_is_refused():
         check_strategy(DeepSpeedStrategy(stage=2), "nf4", "adamw")
 
 
+def test_unknown_keys_name_the_nearest_valid_one(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  lora_rank: 8\n")
+    err = run(tmp_path, capsys, "--config", str(config))
+    assert err.startswith("lightning_falcon: error: unknown key model.lora_rank. Fix: did you mean model.lora_r?")
+    err = run(tmp_path, capsys, "--model.colour", "blue")
+    assert "unknown key model.colour. Fix: remove it. `python -m lightning_falcon fit --help` lists every key" in err
+
+
+def test_wrong_types_name_the_key_and_what_it_takes(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--data.batch_size", "four")
+    assert (
+        "bad value for data.batch_size: Expected a <class 'int'>. Got value: four. Fix: correct data.batch_size" in err
+    )
+    err = run(tmp_path, capsys, "--data.format", "chat")
+    assert "bad value for data.format: Expected a typing.Literal['prompt_response', 'turns']. Got value: chat" in err
+
+
+def test_lora_rank_below_one(tmp_path, capsys):
+    assert "model.lora_r must be >= 1, got 0" in run(tmp_path, capsys, "--model.lora_r", "0")
+
+
+def test_a_quantization_this_machine_cannot_run(tmp_path, capsys, monkeypatch):
+    from lightning_falcon.quantization import check_quantization_runs
+
+    # bitsandbytes 0.50 runs every mode on CPU, forward and backward, so none is refused there, and
+    # the check leaves the seeded random state as it found it ...
+    rng = torch.get_rng_state()
+    for mode in ("nf4", "fp4", "int8"):
+        check_quantization_runs(mode, torch.float32, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    # ... and where bitsandbytes cannot run at all (here: it does not import), every mode but none is refused.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    err = run(tmp_path, capsys, "--model.quantization", "int8")
+    assert "model.quantization int8 needs bitsandbytes, which does not import here" in err
+    assert "--model.quantization none" in err
+
+
+def test_a_strategy_the_accelerator_cannot_run(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--config", "configs/strategy/deepspeed-zero2.yaml")
+    assert "DeepSpeed runs on CUDA GPUs only, and this run's accelerator is CPUAccelerator" in err
+    err = run(tmp_path, capsys, "--trainer.strategy", "fsdp", "--trainer.devices", "2")
+    assert "the trainer settings do not fit this machine: The strategy `fsdp` requires a GPU accelerator" in err
+    if not torch.cuda.is_available():
+        err = run(tmp_path, capsys, "--trainer.accelerator", "gpu")
+        assert "the trainer settings do not fit this machine" in err
+
+
 # ---------------------------------------------------------------------------------- predict, evaluate, export
 def lora_checkpoint(path, lora_r=16):
     """A checkpoint as fit writes it, as far as the LoRA check reads: the hyperparameters."""
@@ -126,6 +216,25 @@ def test_checkpoint_with_other_lora_shapes(tmp_path, capsys):
     err = run(tmp_path, capsys, "--ckpt_path", ckpt, "--model.lora_r", "8", subcommand="predict")
     assert "does not match the model config: it was trained with lora_r=16 (config: 8)" in err
     assert "Fix: pass --model.lora_r 16" in err
+
+
+class RunsCode:
+    """What a malicious checkpoint pickles: unpickling it calls open(path, "w"), creating the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "predict"])
+def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, capsys, subcommand):
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": {"lora_r": 16}, "state_dict": {}, "x": RunsCode(tmp_path / "ran")}, evil)
+    err = run(tmp_path, capsys, "--ckpt_path", str(evil), subcommand=subcommand)
+    assert f"checkpoint {evil} holds Python objects besides tensors, so it does not load with weights_only=True" in err
+    assert "it would call io.open" in err and not (tmp_path / "ran").exists()
 
 
 def test_adapter_directory_without_adapter_config(tmp_path, capsys):

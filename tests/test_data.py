@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import GUANACO, MIDJOURNEY, TINY, write_jsonl
+from conftest import GUANACO, MIDJOURNEY, REPO, TINY
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.errors import ConfigError
@@ -103,37 +103,18 @@ def test_predict_inputs_replace_the_held_out_prompts(tmp_path):
     assert batch["prompt_ids"] == [dm.encode_input("a fox"), dm.encode_input("a boy in the snow")]
 
 
-# ---------------------------------------------------------------------------------- bad input
-def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="dataset file not found: .*nope.jsonl"):
-        make(tmp_path, dataset=str(tmp_path / "nope.jsonl"))
+def test_rows_with_empty_or_null_fields_are_skipped_and_counted(tmp_path):
+    # 8 rows: a null response, an empty prompt, a missing response key, a whitespace-only prompt, and 4 good rows
+    dm = make(tmp_path, dataset=str(REPO / "tests/fixtures/data/some_empty.jsonl"), val_fraction=0.25)
+    assert dm.stats["train"]["empty"] == 4 and dm.stats["val"]["empty"] == 0
+    assert dm.stats["train"]["rows"] + dm.stats["val"]["rows"] == 4
+    kept = {r["input"] for split in ("train", "val") for r in dm._splits[split]}
+    assert kept == {"a fox in snow", "a city at night", "a lighthouse", "a forest"}
+    trained = [dm.tokenizer.decode(r["input_ids"]) for split in ("train", "val") for r in dm._splits[split]]
+    assert not any("None" in text for text in trained)
 
 
-def test_unknown_dataset(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'no-such-user/no-such-dataset'"):
-        make(tmp_path, dataset="no-such-user/no-such-dataset")
-
-
-def test_missing_columns_name_the_existing_ones(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 4)
-    with pytest.raises(ConfigError) as e:
-        make(tmp_path, dataset=path)
-    assert "['prompt', 'response']" in str(e.value) and "['question', 'answer']" in str(e.value)
-
-
-def test_empty_dataset(tmp_path):
-    path = tmp_path / "empty.csv"
-    path.write_text("prompt,response\n")
-    with pytest.raises(ConfigError, match="is empty"):
-        make(tmp_path, dataset=str(path))
-
-
-def test_every_row_too_long(tmp_path):
-    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 60, "response": "ok"}] * 6)
-    with pytest.raises(ConfigError, match="every one of the .* rows .*max_length=16"):
-        make(tmp_path, dataset=path, max_length=16)
-
-
+# ---------------------------------------------------------------------------------- bad input (more in test_bad_input)
 def test_bad_settings_are_listed_together(tmp_path):
     with pytest.raises(ConfigError) as e:
         PromptDataModule(dataset=MIDJOURNEY, template="nope", val_fraction=0.0, batch_size=0)

@@ -141,3 +141,11 @@ def test_default_targets_exist_in_the_real_falcon_architectures(name):
     FalconQLoRA(model_name_or_path=name).check_targets()
     with pytest.raises(ConfigError, match="query_key_value"):
         FalconQLoRA(model_name_or_path=name, target_modules=["c_attn"]).check_targets()
+
+
+def test_remote_code_is_off_by_default_and_warned_about_when_on(recwarn):
+    FalconQLoRA(model_name_or_path=TINY).check_targets()
+    assert not [w for w in recwarn if "trust_remote_code" in str(w.message)]
+    assert FalconQLoRA(model_name_or_path=TINY).hparams.trust_remote_code is False
+    with pytest.warns(UserWarning, match=f"trust_remote_code is on: Python code shipped with {TINY} will run"):
+        FalconQLoRA(model_name_or_path=TINY, trust_remote_code=True).check_targets()

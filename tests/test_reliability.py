@@ -154,3 +154,68 @@ def fit_process(root: Path, *args: str, env: dict) -> subprocess.CompletedProces
         "--trainer.logger.init_args.save_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args,
     ]  # fmt: skip
     return subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+# ---------------------------------------------------------------------------------- a full disk
+def small_disk(size: str, mount: Path, keep: Path, *command: str, env: dict | None = None):
+    """Run `command` with a `size` tmpfs at `mount`, in a private mount namespace (no root needed), and copy
+    what it left there to `keep`: the disk vanishes with the namespace."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small disk")
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; m=$2; k=$3; shift 3; "$@"; rc=$?; '
+    script += 'cp -a "$m/." "$k/"; exit $rc'
+    mount.mkdir()
+    keep.mkdir()
+    command = ["unshare", "-rm", "sh", "-c", script, "sh", size, str(mount), str(keep), *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+WRITE_PAST_THE_END = """
+import sys, torch
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull
+
+io, last = AtomicCheckpointIO(), sys.argv[1] + "/last.ckpt"
+io.save_checkpoint({"global_step": 1, "w": torch.ones(100_000)}, last)  # 0.4 MB of the 1 MB disk
+try:
+    io.save_checkpoint({"global_step": 2, "w": torch.ones(200_000)}, last)  # 0.8 MB: no room beside the first
+except DiskFull as e:
+    print(e)
+"""
+
+
+def test_a_write_that_runs_out_of_space_removes_its_partial_file_and_keeps_the_last(tmp_path):
+    disk, keep = tmp_path / "disk", tmp_path / "kept"
+    proc = small_disk("1m", disk, keep, sys.executable, "-c", WRITE_PAST_THE_END, str(disk))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        f"the disk filled up while writing checkpoint {disk / 'last.ckpt'}; the partial file was removed" in proc.stdout
+    )
+    assert "the previous last.ckpt stays" in proc.stdout
+    assert os.listdir(keep) == ["last.ckpt"]  # no torn temporary file left behind
+    assert torch.load(keep / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_fit_before_a_write_and_keeps_the_last_good_checkpoint(tmp_path):
+    # A tiny checkpoint is ~0.75 MB (LoRA weights + AdamW state): 4 MB holds step=5, last, step=10 and little more.
+    disk, keep = tmp_path / "disk", tmp_path / "kept"
+    command = [
+        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+        "--checkpoint.dirpath", str(disk), "--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "100",
+        "--generation.samples", "[]",
+    ]  # fmt: skip
+    proc = small_disk("4m", disk, keep, *command)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    found = re.match(
+        rf"lightning_falcon: error: no room for a checkpoint in {disk}: it needs [\d.]+ MiB and [\d.]+ MiB is free; "
+        rf"nothing was written, and the last good checkpoint stays: {disk / 'last.ckpt'}\. Fix: ",
+        err,
+    )
+    assert found, err
+    assert not [name for name in os.listdir(keep) if ".tmp" in name]  # nothing partial
+    last = torch.load(keep / "last.ckpt", weights_only=True)
+    steps = sorted(torch.load(path, weights_only=True)["global_step"] for path in keep.glob("step=*.ckpt"))
+    assert steps[:2] == [5, 10] and last["global_step"] in steps  # every file whole; the run stopped early
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())

@@ -1,0 +1,48 @@
+"""User text files (data, inputs, queries) read with one-line errors that give the line to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_falcon.errors import ConfigError
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The file's text, or a ConfigError giving the line of its first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text ({e.reason}: byte 0x{data[e.start]:02x} on line {line}). "
+            "Fix: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def json_lines(text: str, path: Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, value) for every non-blank line, or a ConfigError naming the first line that is not JSON."""
+    values = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{what} {path} line {number} is not valid JSON ({e.msg}, column {e.colno}). Fix: one object per line"
+            ) from None
+    return values
+
+
+def check_json_document(text: str, path: Path, what: str) -> None:
+    """A ConfigError naming the line where a `.json` file (one document) stops being valid JSON."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}). "
+            "Fix: correct it there, or write one object per line as .jsonl"
+        ) from None
