@@ -39,8 +39,18 @@ class DiskFull(OSError):
     """No room for a checkpoint; nothing partial is left and the previous checkpoint stays. The CLI prints it."""
 
 
-def _is_disk_full(error: OSError) -> bool:
-    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+def _is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT (a quota, which free space does not show) anywhere in `error`'s chain.
+
+    torch.save reports a failed write as a RuntimeError about stream positions, the OSError in its context.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -111,14 +121,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
-        # torch.save hides ENOSPC behind a RuntimeError about stream positions: ask the disk itself.
-        full = isinstance(e, OSError) and _is_disk_full(e)
-        if full or shutil.disk_usage(path.parent).free < ROOM_MARGIN_BYTES:
+        # The errno when the chain keeps it; else the disk itself (the temporary file still fills it here).
+        if write_failed_for_space(e, path.parent):
             raise disk_full(path) from e
         raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def write_failed_for_space(error: BaseException, directory: Path) -> bool:
+    """Whether a failed checkpoint write ran out of space (or quota) in `directory`."""
+    return _is_disk_full(error) or shutil.disk_usage(directory).free < ROOM_MARGIN_BYTES
 
 
 def disk_full(path: Path) -> DiskFull:

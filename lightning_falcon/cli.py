@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_falcon import adapter
 from lightning_falcon.checkpoint_io import DiskFull
 from lightning_falcon.data import PromptDataModule
-from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.errors import ConfigError
 from lightning_falcon.generation import GenerationSettings
 from lightning_falcon.module import FalconQLoRA, NonFiniteLoss
 from lightning_falcon.quantization import check_quantization_runs, resolve_compute_dtype
@@ -119,10 +119,15 @@ class FalconCLI(LightningCLI):
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:
+            problem = " ".join(str(e).split())
+            if re.search(r"accelerator|strateg|device|gpu|cuda|backend", problem, re.IGNORECASE):
+                raise ConfigError(
+                    f"the trainer settings do not fit this machine: {problem} "
+                    "Fix: change --trainer.accelerator / --trainer.strategy / --trainer.devices "
+                    "(on CPU: --trainer.accelerator cpu, strategy auto or ddp)"
+                ) from e
             raise ConfigError(
-                f"the trainer settings do not fit this machine: {first_line(e)} "
-                "Fix: change --trainer.accelerator / --trainer.strategy / --trainer.devices "
-                "(on CPU: --trainer.accelerator cpu, strategy auto or ddp)"
+                f"bad trainer setting: {problem} Fix: correct it (`python -m lightning_falcon fit --help`)"
             ) from e
 
     def before_instantiate_classes(self) -> None:
@@ -314,7 +319,7 @@ def run_export(args: list[str]) -> None:
     parser = FalconArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
     parser.add_function_arguments(export)
     # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
-    flags = ("--merge", "--overwrite", "--private")
+    flags = ("--merge", "--overwrite", "--private", "--trust_remote_code")
     args = [
         f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
         for i, a in enumerate(args)

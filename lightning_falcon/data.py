@@ -31,7 +31,7 @@ from lightning_falcon.prompts import (
     prompt_length,
     turn_prompt_ids,
 )
-from lightning_falcon.textfile import check_json_document, json_lines, read_utf8
+from lightning_falcon.textfile import check_json_document, check_utf8, json_lines, read_utf8
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -49,10 +49,19 @@ def _diagnose_json(path: Path, builder: str) -> None:
     if builder != "json":
         return
     text = read_utf8(path, "dataset")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if path.suffix.lower() == ".json" and not _is_json(first):  # one document over many lines
         check_json_document(text, path, "dataset")
     else:  # JSON lines (datasets reads them from .json files too)
         json_lines(text, path, "dataset")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _blank(value: Any) -> bool:
@@ -151,7 +160,7 @@ class PromptDataModule(L.LightningDataModule):
             if path.stat().st_size == 0:
                 raise _empty(source)
             if builder in ("json", "csv"):
-                read_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
+                check_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
             verbosity = datasets.logging.get_verbosity()
             datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats ours
             try:
@@ -290,7 +299,8 @@ class PromptDataModule(L.LightningDataModule):
         for source in (self.hparams.dataset, self.hparams.val_dataset):
             path = Path(resolve(source)).expanduser() if source else None
             if path is not None and path.is_file():
-                h.update(hashlib.sha256(path.read_bytes()).digest())
+                with open(path, "rb") as f:  # in chunks: a data file may be larger than memory
+                    h.update(hashlib.file_digest(f, "sha256").digest())
             else:
                 h.update(str(source).encode())
         tok = self._tokenizer()

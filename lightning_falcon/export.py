@@ -46,6 +46,7 @@ def export(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     private: bool = True,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export a trained adapter, or merge it into its base, as a directory; optionally push it to the Hub.
 
@@ -63,6 +64,8 @@ def export(
         push_to_hub: Also upload the directory to this Hub repo (`user/name`). The token is read from the
             environment (`HF_TOKEN`), never from a flag, and is written nowhere.
         private: Create the Hub repo as private.
+        trust_remote_code: Run custom modelling code from the base's repository, for an adapter trained with
+            `model.trust_remote_code`. Never taken from the adapter's metadata: only you can consent to it.
     """
     out = Path(output).expanduser().resolve()
     problems = []
@@ -83,13 +86,18 @@ def export(
             f"{source} has no {adapters.METADATA}, so how its base was quantized in training is unknown. "
             "Fix: --merge_into original (for an adapter trained on an unquantized base)"
         )
+    if merge and metadata.get("trust_remote_code") and not trust_remote_code:
+        problems.append(
+            f"{source} was trained with trust_remote_code, so merging runs Python code from its base's repository. "
+            "Fix: add --trust_remote_code true if you trust that repository"
+        )
     ConfigError.collect(problems)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         if merge:
-            _merge(source, metadata, staging, merge_into, dtype, base, device)
+            _merge(source, metadata, staging, merge_into, dtype, base, device, trust_remote_code)
         else:
             for path in source.iterdir():
                 if path.is_file():
@@ -138,6 +146,7 @@ def _merge(
     dtype: str | None,
     base: str | None,
     device: str,
+    trust: bool,
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,7 +156,6 @@ def _merge(
     from lightning_falcon.quantization import load_causal_lm
 
     base_path = _base_of(source, metadata, base)
-    trust = bool(metadata.get("trust_remote_code", False))
     config = read_model_config(base_path, trust)  # a missing base fails here, before any weights load
     target = DTYPES[dtype] if dtype else _config_dtype(config)
     if device == "auto":

@@ -383,10 +383,11 @@ class FalconQLoRA(L.LightningModule):
         if trainer.world_size > 1:
             full = trainer.strategy.reduce_boolean_decision(full, all=False)
         if full:
-            last = callback.last_model_path if callback is not None else ""
+            # Lightning names last.ckpt in last_model_path before writing it; this is set only once a save is done.
+            last = getattr(callback, "_last_checkpoint_saved", "") if callback is not None else ""
+            kept = f"the last good checkpoint stays: {last}" if last and Path(last).exists() else "none was saved yet"
             raise DiskFull(
-                f"{problem or 'another rank has no room for its checkpoint'}; nothing was written, and "
-                f"{'the last good checkpoint stays: ' + last if last else 'no checkpoint was saved yet'}. "
+                f"{problem or 'another rank has no room for its checkpoint'}; nothing was written, and {kept}. "
                 "Fix: free space there, or point --checkpoint.dirpath at a larger disk (resume with --ckpt_path)"
             )
 
@@ -417,15 +418,20 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or inf; the CLI prints it as one line and exits 1."""
 
 
+def warn_remote_code(model_name_or_path: str) -> None:
+    """Say, once per process, that trust_remote_code lets a repository's Python code run here."""
+    rank_zero_warn(
+        f"trust_remote_code is on: Python code shipped with {model_name_or_path} will run on this machine with "
+        "your permissions. Turn it on only for repositories you trust; Falcon needs none (native in transformers)"
+    )
+
+
 def read_model_config(model_name_or_path: str, trust_remote_code: bool = False):
     """The model's config.json (only that file is read), from a directory, an `asset:` or the Hub; one-line error."""
     from transformers import AutoConfig
 
     if trust_remote_code:
-        rank_zero_warn(
-            f"trust_remote_code is on: Python code shipped with {model_name_or_path} will run on this machine with "
-            "your permissions. Turn it on only for repositories you trust; Falcon needs none (native in transformers)"
-        )
+        warn_remote_code(model_name_or_path)
     try:
         return AutoConfig.from_pretrained(resolve(model_name_or_path), trust_remote_code=trust_remote_code)
     except OSError as e:  # transformers' "not a local folder and not a valid model identifier"

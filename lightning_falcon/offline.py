@@ -54,6 +54,10 @@ def check_offline(name: str, tokenizer: str, weights: bool, trust_remote_code: b
     """Load the config and tokenizer with `local_files_only=True`; a missing weight file is an error too."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from lightning_falcon.module import warn_remote_code
+
+    if trust_remote_code:
+        warn_remote_code(name)
     try:
         AutoConfig.from_pretrained(resolve(name), local_files_only=True, trust_remote_code=trust_remote_code)
         AutoTokenizer.from_pretrained(resolve(tokenizer), local_files_only=True, trust_remote_code=trust_remote_code)

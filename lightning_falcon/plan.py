@@ -296,8 +296,10 @@ def model_config(model_name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     from lightning_falcon.assets import resolve
-    from lightning_falcon.module import read_model_config
+    from lightning_falcon.module import read_model_config, warn_remote_code
 
+    if trust_remote_code:
+        warn_remote_code(model_name_or_path)
     try:  # a local directory, or the Hub model already in the local cache
         return AutoConfig.from_pretrained(
             resolve(model_name_or_path), trust_remote_code=trust_remote_code, local_files_only=True

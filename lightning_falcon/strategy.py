@@ -75,7 +75,7 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's directory of shards, written whole under a hidden name and then swapped in
         (`checkpoint_io.swap_in_directory`): a crash mid-save leaves the previous checkpoint usable."""
-        from lightning_falcon.checkpoint_io import ROOM_MARGIN_BYTES, disk_full, swap_in_directory
+        from lightning_falcon.checkpoint_io import disk_full, swap_in_directory, write_failed_for_space
 
         target = Path(self.broadcast(str(filepath)))
         tag = f"step{checkpoint.get('global_step', 0)}"  # the same name on every rank
@@ -85,11 +85,12 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
         self.barrier("checkpoint staging")
         try:
             super().save_checkpoint(checkpoint, staged, storage_options)
-        except Exception as e:  # this rank's shards did not fit: drop them, keep the previous checkpoint
-            if shutil.disk_usage(staged.parent).free >= ROOM_MARGIN_BYTES:
-                raise
-            shutil.rmtree(staged, ignore_errors=True)
-            raise disk_full(target) from e
+        except Exception as e:
+            # This rank's shard did not fit. The staged directory is left to the other ranks still writing into
+            # it (rank 0 clears it before the next save); the previous checkpoint is untouched.
+            if write_failed_for_space(e, staged.parent):
+                raise disk_full(target) from e
+            raise
         self.barrier("checkpoint shards written")
         if self.is_global_zero:
             swap_in_directory(staged, target, tag)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
 
 from lightning_falcon.errors import ConfigError
+
+
+def _not_utf8(path: Path, what: str, error: UnicodeDecodeError, line: int) -> ConfigError:
+    return ConfigError(
+        f"{what} {path} is not UTF-8 text ({error.reason}: byte 0x{error.object[error.start]:02x} on line {line}). "
+        "Fix: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def read_utf8(path: Path, what: str) -> str:
@@ -15,11 +23,24 @@ def read_utf8(path: Path, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(
-            f"{what} {path} is not UTF-8 text ({e.reason}: byte 0x{data[e.start]:02x} on line {line}). "
-            "Fix: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+        raise _not_utf8(path, what, e, data.count(b"\n", 0, e.start) + 1) from None
+
+
+def check_utf8(path: Path, what: str, chunk_bytes: int = 1 << 20) -> None:
+    """`read_utf8`'s check in chunks, for data files of any size (the whole file is never in memory)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # the error's offsets are within this chunk plus the few bytes the decoder carried over
+                carried = len(e.object) - len(chunk)
+                raise _not_utf8(path, what, e, line + chunk.count(b"\n", 0, max(e.start - carried, 0))) from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
 
 
 def json_lines(text: str, path: Path, what: str) -> list[tuple[int, Any]]:

@@ -1,5 +1,6 @@
 """Bad input: one line naming the problem and its fix, a non-zero exit, and no weights loaded."""
 
+import json
 import sys
 
 import pytest
@@ -71,6 +72,8 @@ def test_malformed_json_line_names_its_line(tmp_path, capsys):
     assert "malformed.jsonl line 3 is not valid JSON (Expecting ',' delimiter, column 66)" in err
     err = data_error(tmp_path, capsys, "malformed.json")
     assert "malformed.json line 3 is not valid JSON (Expecting ',' delimiter, column 33)" in err
+    err = data_error(tmp_path, capsys, "malformed_object.json")  # one pretty-printed object, not JSON lines
+    assert "malformed_object.json line 4 is not valid JSON (Expecting ',' delimiter, column 20)" in err
 
 
 def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path, capsys):
@@ -191,6 +194,19 @@ def test_a_quantization_this_machine_cannot_run(tmp_path, capsys, monkeypatch):
     err = run(tmp_path, capsys, "--model.quantization", "int8")
     assert "model.quantization int8 needs bitsandbytes, which does not import here" in err
     assert "--model.quantization none" in err
+    monkeypatch.undo()
+
+
+def test_a_quantized_layer_that_fails_on_this_device_is_one_line(tmp_path, capsys, monkeypatch):
+    import lightning_falcon.quantization
+
+    def no_kernel(*args):  # as bitsandbytes fails on a device it has no kernel for
+        raise NotImplementedError("no gemv_4bit kernel for this device\n(details)")
+
+    monkeypatch.setattr(lightning_falcon.quantization, "_run_quantized_layer", no_kernel)
+    err = run(tmp_path, capsys, "--model.quantization", "fp4")
+    assert "model.quantization fp4 (float32 compute) does not run on cpu with bitsandbytes 0." in err
+    assert ": no gemv_4bit kernel for this device. Fix: choose another --model.quantization" in err
 
 
 def test_a_strategy_the_accelerator_cannot_run(tmp_path, capsys):
@@ -201,6 +217,8 @@ def test_a_strategy_the_accelerator_cannot_run(tmp_path, capsys):
     if not torch.cuda.is_available():
         err = run(tmp_path, capsys, "--trainer.accelerator", "gpu")
         assert "the trainer settings do not fit this machine" in err
+    err = run(tmp_path, capsys, "--trainer.gradient_clip_algorithm", "sideways")  # not a machine problem
+    assert "bad trainer setting: `gradient_clip_algorithm` sideways is invalid" in err
 
 
 # ---------------------------------------------------------------------------------- predict, evaluate, export
@@ -272,6 +290,14 @@ def test_export_never_replaces_what_is_not_an_earlier_export(tmp_path, capsys, f
     err = fail(capsys, *common, "--output", str(tmp_path), "--overwrite")
     assert "overlaps the adapter directory" in err
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me" and (tmp_path / "adapter").is_dir()
+
+
+def test_merging_an_adapter_trained_with_remote_code_needs_your_consent(tmp_path, capsys, fake_adapter):
+    metadata = {"base": "someone/custom-falcon", "quantization": "nf4", "trust_remote_code": True}
+    (tmp_path / "adapter" / "lightning_falcon.json").write_text(json.dumps(metadata))
+    err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--merge")
+    assert "was trained with trust_remote_code, so merging runs Python code from its base's repository" in err
+    assert "Fix: add --trust_remote_code true" in err and not (tmp_path / "out").exists()
 
 
 def test_merging_an_adapter_without_training_metadata_asks_how(tmp_path, capsys, fake_adapter):

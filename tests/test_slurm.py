@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, scalars
+from conftest import PLANTED_TOKEN, REPO, scalars
 from slurm_cluster import LocalSlurm, install
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,8 @@ def tiny(root: Path, *overrides: str) -> list[str]:
 
 
 def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, tmp_path):
-    job = Job(slurm, tmp_path, *tiny(tmp_path, "--trainer.max_steps", "30", "--trainer.val_check_interval", "15"))
+    overrides = ("--trainer.max_steps", "30", "--trainer.val_check_interval", "15")
+    job = Job(slurm, tmp_path, *tiny(tmp_path, *overrides), env={"HF_TOKEN": PLANTED_TOKEN})
     info = job.finished()
     log = job.log()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
@@ -119,6 +120,12 @@ def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, t
     assert max(step for step, _ in tags["train/loss"]) >= 25 and "val/loss" in tags
     # The devices and nodes came from the allocation, not from the config (tiny.yaml leaves them to auto).
     assert "--trainer.devices=2 --trainer.num_nodes=1" in log
+    # The job's environment held a Hub token: neither its Slurm logs nor any file of the run hold it.
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name.endswith(f"-{job.id}.out") for path in files) and any(
+        path.suffix == ".safetensors" for path in files
+    )
+    assert [path for path in files if PLANTED_TOKEN.encode() in path.read_bytes()] == []
 
 
 def test_multinode_script_runs_one_task_on_each_of_two_nodes(slurm, tmp_path):
