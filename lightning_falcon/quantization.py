@@ -38,8 +38,8 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
     """Fail in one line, before any weights load, when this machine cannot run `quantization`.
 
     Which modes bitsandbytes runs depends on its version, its build and the device (0.50 runs nf4, fp4
-    and int8 on CPU, forward and backward), so this asks the machine rather than a table: it quantizes
-    one small layer on `device` and runs it forward and backward, as training will.
+    and int8 on CPU), so this asks the machine rather than a table: it quantizes one small layer on
+    `device` and runs it forward.
     """
     from lightning_falcon.errors import ConfigError, first_line
 
@@ -65,7 +65,12 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
 
 
 def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Quantize a 64x64 layer on `device` and run it forward and backward, as training will."""
+    """Quantize a 64x64 layer on `device` and run it forward.
+
+    Forward only, without autograd: a backward through a 4-bit layer here, before training, made a resumed
+    CPU run end 1e-5 away from the uninterrupted one (bitsandbytes 0.50; tests/test_reliability.py), where
+    the forward alone leaves them identical. Training's own first step runs the backward soon enough.
+    """
     dense = nn.Linear(64, 64)
     if quantization == "int8":
         layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
@@ -75,10 +80,10 @@ def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.d
         layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=quantization)
     layer.bias = nn.Parameter(dense.bias.data.to(compute_dtype))
     layer = layer.to(device)
-    x = torch.randn(2, 64, device=device, dtype=compute_dtype, requires_grad=True)
-    layer(x).float().sum().backward()
-    if x.grad is None or not bool(torch.isfinite(x.grad).all()):
-        raise RuntimeError("no finite gradient flows back through the quantized layer")
+    with torch.no_grad():
+        out = layer(torch.randn(2, 64, device=device, dtype=compute_dtype))
+    if not bool(torch.isfinite(out).all()):
+        raise RuntimeError("the quantized layer gives non-finite outputs")
 
 
 def bnb_config(

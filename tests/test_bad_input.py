@@ -183,7 +183,7 @@ def test_lora_rank_below_one(tmp_path, capsys):
 def test_a_quantization_this_machine_cannot_run(tmp_path, capsys, monkeypatch):
     from lightning_falcon.quantization import check_quantization_runs
 
-    # bitsandbytes 0.50 runs every mode on CPU, forward and backward, so none is refused there, and
+    # bitsandbytes 0.50 runs every mode on CPU, so none is refused there, and
     # the check leaves the seeded random state as it found it ...
     rng = torch.get_rng_state()
     for mode in ("nf4", "fp4", "int8"):
