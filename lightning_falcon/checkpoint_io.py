@@ -35,22 +35,16 @@ ROOM_MARGIN_BYTES = 1 << 20
 ROOM_MARGIN_FRACTION = 0.05
 
 
+def checkpoint_dir(trainer) -> Path:
+    """Where this run's checkpoints go: ModelCheckpoint's directory, else `<log dir>/checkpoints` (its default)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+
 class DiskFull(OSError):
     """No room for a checkpoint; nothing partial is left and the previous checkpoint stays. The CLI prints it."""
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-    """ENOSPC or EDQUOT (a quota, which free space does not show) anywhere in `error`'s chain.
-
-    torch.save reports a failed write as a RuntimeError about stream positions, the OSError in its context.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -86,7 +80,7 @@ def room_problem(directory: Path, checkpoint: dict[str, Any]) -> str | None:
     state is written by the engine, outside this dict, and the earlier checkpoints show its real size.
     The new file is written beside the old one before replacing it, so it needs its whole size free.
     """
-    existing = [p for p in directory.glob("*.ckpt")] if directory.is_dir() else []
+    existing = list(directory.glob("*.ckpt")) if directory.is_dir() else []
     size = max([tensor_bytes(checkpoint), *(_size_on_disk(p) for p in existing)])
     needed = int(size * (1 + ROOM_MARGIN_FRACTION)) + ROOM_MARGIN_BYTES
     probe = directory
@@ -121,7 +115,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
-        # The errno when the chain keeps it; else the disk itself (the temporary file still fills it here).
         if write_failed_for_space(e, path.parent):
             raise disk_full(path) from e
         raise
@@ -130,9 +123,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     _fsync_directory(path.parent)
 
 
-def write_failed_for_space(error: BaseException, directory: Path) -> bool:
-    """Whether a failed checkpoint write ran out of space (or quota) in `directory`."""
-    return _is_disk_full(error) or shutil.disk_usage(directory).free < ROOM_MARGIN_BYTES
+def write_failed_for_space(error: BaseException | None, directory: Path) -> bool:
+    """Whether a failed checkpoint write ran out of space or quota in `directory`.
+
+    ENOSPC or EDQUOT (a quota, which free space does not show) anywhere in the error's chain: torch.save
+    reports a failed write as a RuntimeError about stream positions, the OSError in its context. Without
+    an errno, the disk itself: the partial file still fills it at this point.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return shutil.disk_usage(directory).free < ROOM_MARGIN_BYTES
 
 
 def disk_full(path: Path) -> DiskFull:

@@ -31,7 +31,7 @@ from lightning_falcon.prompts import (
     prompt_length,
     turn_prompt_ids,
 )
-from lightning_falcon.textfile import check_json_document, check_utf8, json_lines, read_utf8
+from lightning_falcon.textfile import check_utf8, diagnose_json
 
 # File suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -42,26 +42,6 @@ CACHE_FORMAT = 3
 
 def _empty(source: str) -> ConfigError:
     return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
-
-
-def _diagnose_json(path: Path, builder: str) -> None:
-    """Name the line of a JSON file that `datasets` failed to read (its own error has no line number)."""
-    if builder != "json":
-        return
-    text = read_utf8(path, "dataset")
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    if path.suffix.lower() == ".json" and not _is_json(first):  # one document over many lines
-        check_json_document(text, path, "dataset")
-    else:  # JSON lines (datasets reads them from .json files too)
-        json_lines(text, path, "dataset")
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def _blank(value: Any) -> bool:
@@ -168,7 +148,8 @@ class PromptDataModule(L.LightningDataModule):
             except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
                 if "corresponds to no data" in str(e):  # datasets' wording for a header-only file
                     raise _empty(source) from e
-                _diagnose_json(path, builder)
+                if builder == "json":  # datasets' own error has no line number
+                    diagnose_json(path, "dataset")
                 raise ConfigError(
                     f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
                 ) from e

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, room_problem
+from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, checkpoint_dir, room_problem
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import Generated, GenerationSettings, generate
 from lightning_falcon.lora import (
@@ -374,11 +374,7 @@ class FalconQLoRA(L.LightningModule):
         raising alone would leave the others waiting for it forever.
         """
         trainer, callback = self.trainer, self.trainer.checkpoint_callback
-        if callback is not None and callback.dirpath:
-            directory = Path(callback.dirpath)
-        else:
-            directory = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        problem = room_problem(directory, checkpoint)
+        problem = room_problem(checkpoint_dir(trainer), checkpoint)
         full = problem is not None
         if trainer.world_size > 1:
             full = trainer.strategy.reduce_boolean_decision(full, all=False)

@@ -116,12 +116,13 @@ class SlurmRequeue(Callback):
 
 def save_last(trainer) -> Path:
     """Write the run's `last.ckpt` (the file `--ckpt_path last` resumes from) through ModelCheckpoint's path."""
+    from lightning_falcon.checkpoint_io import checkpoint_dir
+
     callback = trainer.checkpoint_callback
+    path = checkpoint_dir(trainer) / "last.ckpt"
     if callback is not None and callback.dirpath:
-        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        path = path.with_name(f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
         callback.last_model_path = str(path)  # recorded in the checkpoint, so its next save_last overwrites it
-    else:
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(path)
     return path
 

@@ -58,12 +58,21 @@ def json_lines(text: str, path: Path, what: str) -> list[tuple[int, Any]]:
     return values
 
 
-def check_json_document(text: str, path: Path, what: str) -> None:
-    """A ConfigError naming the line where a `.json` file (one document) stops being valid JSON."""
+def diagnose_json(path: Path, what: str) -> None:
+    """A ConfigError naming the first bad line of a JSON file: one document over many lines, or JSON lines
+    (which `.json` files may hold too). Returns if the file is valid."""
+    text = read_utf8(path, what)
+    first = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{what} {path} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}). "
-            "Fix: correct it there, or write one object per line as .jsonl"
-        ) from None
+        json.loads(first)
+    except json.JSONDecodeError:
+        if path.suffix.lower() == ".json":  # its first line is not a whole value: one document
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"{what} {path} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}). "
+                    "Fix: correct it there, or write one object per line as .jsonl"
+                ) from None
+            return
+    json_lines(text, path, what)

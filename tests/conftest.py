@@ -77,8 +77,14 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-# Planted in the environment of the shared fit below: no file of its run, nor its output, may hold it.
+# Planted in the environment of the shared fit below and of a Slurm job: no file they write may hold it.
 PLANTED_TOKEN = "hf_PLANTEDfitTOKENneverWRITTEN5678"
+
+
+def files_holding_the_token(root: Path) -> tuple[list[Path], list[Path]]:
+    """(every file under `root`, those whose bytes contain PLANTED_TOKEN)."""
+    files = [path for path in root.rglob("*") if path.is_file()]
+    return files, [path for path in files if PLANTED_TOKEN.encode() in path.read_bytes()]
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,14 @@
 """Secrets stay out of everything a run writes (remote code: test_module.py; pickled code: test_bad_input.py)."""
 
-from conftest import PLANTED_TOKEN
+from conftest import PLANTED_TOKEN, files_holding_the_token
 
 
 def test_a_planted_hub_token_is_in_no_file_of_the_run_nor_its_output(fitted):
     root, _, proc = fitted
-    files = [path for path in root.rglob("*") if path.is_file()]
+    files, holding = files_holding_the_token(root)
     names = {path.name for path in files}
     # every kind of file a run writes is searched: config, hparams, TensorBoard events, checkpoints, adapter, cache
     assert {"config.yaml", "hparams.yaml", "last.ckpt", "adapter_model.safetensors", "lightning_falcon.json"} <= names
     assert any(name.startswith("events.out.tfevents") for name in names) and any(p.suffix == ".arrow" for p in files)
-    assert [path for path in files if PLANTED_TOKEN.encode() in path.read_bytes()] == []
+    assert holding == []
     assert PLANTED_TOKEN not in proc.stdout + proc.stderr

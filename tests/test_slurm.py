@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PLANTED_TOKEN, REPO, scalars
+from conftest import PLANTED_TOKEN, REPO, files_holding_the_token, scalars
 from slurm_cluster import LocalSlurm, install
 
 pytestmark = pytest.mark.slow
@@ -121,11 +121,11 @@ def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, t
     # The devices and nodes came from the allocation, not from the config (tiny.yaml leaves them to auto).
     assert "--trainer.devices=2 --trainer.num_nodes=1" in log
     # The job's environment held a Hub token: neither its Slurm logs nor any file of the run hold it.
-    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    files, holding = files_holding_the_token(tmp_path)
     assert any(path.name.endswith(f"-{job.id}.out") for path in files) and any(
         path.suffix == ".safetensors" for path in files
     )
-    assert [path for path in files if PLANTED_TOKEN.encode() in path.read_bytes()] == []
+    assert holding == []
 
 
 def test_multinode_script_runs_one_task_on_each_of_two_nodes(slurm, tmp_path):
