@@ -39,7 +39,7 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
 
     Which modes bitsandbytes runs depends on its version, its build and the device (0.50 runs nf4, fp4
     and int8 on CPU), so this asks the machine rather than a table: it quantizes one small layer on
-    `device` and runs it forward.
+    `device`, as the load will.
     """
     from lightning_falcon.errors import ConfigError, first_line
 
@@ -65,11 +65,10 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
 
 
 def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Quantize a 64x64 layer on `device` and run it forward.
+    """Quantize a 64x64 layer on `device` (bitsandbytes quantizes as it moves the weights there).
 
-    Forward only, without autograd: a backward through a 4-bit layer here, before training, made a resumed
-    CPU run end 1e-5 away from the uninterrupted one (bitsandbytes 0.50; tests/test_reliability.py), where
-    the forward alone leaves them identical. Training's own first step runs the backward soon enough.
+    It runs no matmul: running the layer here, before training, made a resumed CPU run end 4e-6 to 1e-5
+    away from the uninterrupted one (bitsandbytes 0.50; tests/test_reliability.py) in some runs.
     """
     dense = nn.Linear(64, 64)
     if quantization == "int8":
@@ -80,10 +79,8 @@ def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.d
         layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type=quantization)
     layer.bias = nn.Parameter(dense.bias.data.to(compute_dtype))
     layer = layer.to(device)
-    with torch.no_grad():
-        out = layer(torch.randn(2, 64, device=device, dtype=compute_dtype))
-    if not bool(torch.isfinite(out).all()):
-        raise RuntimeError("the quantized layer gives non-finite outputs")
+    if layer.weight.dtype not in (torch.uint8, torch.int8) or layer.weight.device.type != device.type:
+        raise RuntimeError(f"its weight stayed {layer.weight.dtype} on {layer.weight.device}")
 
 
 def bnb_config(
