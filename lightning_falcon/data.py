@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.batching import Batching, PackedRows
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import special_ids
 from lightning_falcon.prompts import (
@@ -68,6 +69,7 @@ class PromptDataModule(L.LightningDataModule):
         max_length: int = 512,
         max_samples: int | None = None,
         batch_size: int = 4,
+        batching: Batching = "padded",
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str = "~/.cache/lightning_falcon",
@@ -93,7 +95,12 @@ class PromptDataModule(L.LightningDataModule):
             tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
             max_length: Sequences are cut to this many tokens; the number of cut rows is reported.
             max_samples: Use at most this many rows of `dataset` (for quick runs); None uses all.
-            batch_size: Sequences per batch on each device.
+            batch_size: Sequences per batch on each device (packed sequences with `batching: packed`).
+            batching: How training rows form batches. `padded`: random order, each batch padded to its
+                longest row. `grouped`: rows of similar length batched together (less padding, still
+                `batch_size` rows per step). `packed`: whole rows packed into sequences of up to `max_length`
+                tokens that do not attend to each other (more rows per step), batched by length like
+                `grouped`. Validation stays `padded`.
             num_workers: DataLoader worker processes.
             seed: Seed of the held-out split and of shuffling.
             cache_dir: Where tokenized data is cached, keyed on the data, the tokenizer and these settings.
@@ -294,7 +301,7 @@ class PromptDataModule(L.LightningDataModule):
         settings = {
             k: v
             for k, v in self.hparams.items()
-            if k not in ("batch_size", "num_workers", "cache_dir") and not k.startswith("_")
+            if k not in ("batch_size", "batching", "num_workers", "cache_dir") and not k.startswith("_")
         }
         settings["template_text"] = TEMPLATES.get(self.hparams.template)
         settings["cache_format"] = CACHE_FORMAT
@@ -377,17 +384,30 @@ class PromptDataModule(L.LightningDataModule):
         return special_ids(self._tokenizer())[1]
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad a training batch to its longest row (dynamic padding)."""
+        """Right-pad a batch to its longest row (dynamic padding); `attention_mask` marks the real tokens.
+
+        Packed rows also carry `position_ids`; their padding gets positions of its own from 0, so it is a
+        segment of its own that no example attends to (`batching.segment_attention_mask`).
+        """
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        if packed:
+            position_ids = torch.arange(width).repeat(len(rows), 1)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             input_ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if packed:
+                position_ids[i, :n] = torch.tensor(r["position_ids"])
+                position_ids[i, n:] = torch.arange(width - n)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            batch["position_ids"] = position_ids
+        return batch
 
     @staticmethod
     def collate_prompts(rows: list[dict]) -> dict[str, list]:
@@ -419,10 +439,18 @@ class PromptDataModule(L.LightningDataModule):
         """Shuffled per epoch from (seed, epoch) and resumable mid-epoch (resume.py); split across ranks."""
         from lightning_falcon.resume import ResumableLoader, ResumableSampler
 
-        trainer = self.trainer
+        hp, trainer, rows, lengths = self.hparams, self.trainer, self._splits["train"], None
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self._splits["train"], world, rank, shuffle=True, seed=self.hparams.seed)
-        return self._loader(self._splits["train"], self.collate, ResumableLoader, sampler=sampler)
+        if hp.batching != "padded":
+            lengths = [len(ids) for ids in rows["input_ids"]]
+        if hp.batching == "packed":  # sequences of one or a few rows may still differ in length: grouped too
+            rows = PackedRows(rows, hp.max_length, lengths)
+            lengths = [sum(lengths[i] for i in b) for b in rows.bins]
+            rank_zero_info(
+                f"[data] packed {len(rows.rows)} train rows into {len(rows)} sequences of <= {hp.max_length}"
+            )
+        sampler = ResumableSampler(rows, world, rank, True, hp.seed, lengths=lengths, batch_size=hp.batch_size)
+        return self._loader(rows, self.collate, ResumableLoader, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._splits["val"], self.collate)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.batching import packed_attention_mask
 from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, checkpoint_dir, room_problem
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import Generated, GenerationSettings, generate
@@ -246,9 +247,20 @@ class FalconQLoRA(L.LightningModule):
         """The LoRA adapter on, or (evaluate's base pass) switched off for the duration."""
         return contextlib.nullcontext() if self.adapter_enabled else self.model.disable_adapter()
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        """`position_ids` marks packed batches (`data.batching: packed`): examples restart at position 0."""
+        if position_ids is not None:
+            attention_mask = packed_attention_mask(
+                position_ids, self.model.config._attn_implementation, self.compute_dtype
+            )
         with self._adapter():
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
+            )
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean token loss of the batch and the number of tokens it averages over."""

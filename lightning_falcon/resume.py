@@ -16,7 +16,7 @@ the two pieces it does not restore by itself:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,19 +29,42 @@ class ResumableSampler(DistributedSampler):
     """A `DistributedSampler` (so Lightning keeps it under DDP) whose epoch can start part-way.
 
     The order of epoch `e` is a permutation seeded with `seed + e`, split across ranks as
-    `DistributedSampler` does: the same for a resumed run as for an uninterrupted one.
+    `DistributedSampler` does: the same for a resumed run as for an uninterrupted one. Given the rows'
+    `lengths`, the permutation is grouped by length (`batching.group_by_length`) in blocks of
+    `batch_size` x ranks, so each rank's batch holds rows of similar length.
     """
 
-    def __init__(self, dataset: Any, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.lengths, self.batch_size = lengths, batch_size
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank's share already used)
+
+    def _order(self) -> list[int]:
+        if self.lengths is None:
+            return list(super().__iter__())
+        from lightning_falcon.batching import group_by_length
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = group_by_length(order, self.lengths, self.batch_size * self.num_replicas, generator)
+        order = (order * -(-self.total_size // len(order)))[: self.total_size]  # DistributedSampler's equal shares
+        return order[self.rank : self.total_size : self.num_replicas]
 
     def skip(self, epoch: int, samples: int) -> None:
         """Start epoch `epoch` after its first `samples` samples (of this rank's share)."""
         self._skip = (epoch, samples)
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = self._order()
         if self._skip is not None and self._skip[0] == self.epoch:
             indices = indices[self._skip[1] :]
             self._skip = None  # only the interrupted epoch resumes part-way

@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def prepared_datamodule(tmp_path, **kwargs):
+    """A `PromptDataModule` on the tiny tokenizer (Midjourney data unless `dataset` is given), prepared and set up."""
+    from lightning_falcon import PromptDataModule
+
+    kwargs.setdefault("dataset", MIDJOURNEY)
+    dm = PromptDataModule(tokenizer=TINY, cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def write_jsonl(path, rows) -> str:
     """Write `rows` as a JSONL data file and return its path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

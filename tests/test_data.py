@@ -5,19 +5,13 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import GUANACO, MIDJOURNEY, REPO, TINY
+from conftest import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.prompts import IGNORE_INDEX
 
-
-def make(tmp_path, **kwargs):
-    kwargs.setdefault("dataset", MIDJOURNEY)
-    dm = PromptDataModule(tokenizer=TINY, cache_dir=str(tmp_path / "cache"), **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+make = prepared_datamodule
 
 
 def test_prompt_response_batches_mask_prompt_and_padding_but_train_eos(tmp_path):
