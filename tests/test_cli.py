@@ -31,6 +31,11 @@ def test_fit_writes_config_and_scalars_and_the_loss_falls(fitted):
     assert s["train/loss"][-1][1] < s["train/loss"][0][1] - 3.0
     assert math.isclose(s["val/perplexity"][-1][1], math.exp(val[-1]), rel_tol=1e-4)
     assert all(v > 0 for _, v in s["train/tokens_per_sec"])
+    # Train scalars are computed only on the steps Lightning writes (log_every_n_steps: 5), all of them there.
+    steps = [step for step, _ in s["train/loss"]]
+    assert len(steps) == 100 and all(b - a == 5 for a, b in zip(steps, steps[1:])), steps
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens"):
+        assert [step for step, _ in s[tag]] == steps, tag
     assert s["model/quantized_layers"][0][1] == 8
 
 
