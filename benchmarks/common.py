@@ -1,0 +1,185 @@
+"""What every benchmark shares: the tiny config's settings, a step timer, worker processes and the environment line.
+
+Every figure is a ratio or a pair measured side by side in one run: the workers being compared run in
+turn, alternating, each in a fresh process (so peak RSS is its own).
+
+Two rates are kept for each side:
+- `median`: the median over repeats of a whole run's tokens / seconds;
+- `floor`: the tokens over the sum, step by step, of that step's fastest time among the repeats. Each
+  side trains the same batches in every repeat (seeded), so step i is the same work each time, and its
+  fastest time is the one least disturbed by the machine. On the 2-core machine these figures were taken
+  on, a plain 1024x1024 matmul loop itself swings between 149 and 191 GFLOP/s from one second to the
+  next, and whole runs of identical work differ by up to 2x; the floor is what stays put.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_settings() -> dict:
+    """configs/tiny.yaml's model, data and trainer sections: every side of a comparison uses these."""
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+def versions() -> str:
+    import bitsandbytes
+    import lightning
+    import torch
+    import transformers
+
+    line = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"bitsandbytes {bitsandbytes.__version__}, lightning {lightning.__version__}"
+    )
+    try:
+        import trl
+
+        line += f", trl {trl.__version__}"
+    except ImportError:
+        pass
+    return line
+
+
+def device_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StepWindow:
+    """Times training steps `warmup` .. `steps - 1` and counts their real tokens (attention_mask ones).
+
+    The first `warmup` steps (allocator, thread pools, first-call costs) are left out on every side alike.
+    """
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.stamps: list[float] = []  # at each timed step's start, and at the last one's end
+        self.step_tokens: list[int] = []
+
+    def step_start(self, step: int, batch: dict) -> None:
+        if self.warmup <= step < self.steps:
+            self.stamps.append(time.perf_counter())
+            self.step_tokens.append(int(batch["attention_mask"].sum()))
+
+    def step_end(self, step: int) -> None:
+        if step == self.steps - 1:
+            self.stamps.append(time.perf_counter())
+
+    def result(self, **extra) -> dict:
+        import torch
+
+        # Start to start: a step's time holds everything between two steps (loading, hooks, logging).
+        step_seconds = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        seconds, tokens = sum(step_seconds), sum(self.step_tokens)
+        out = {
+            "tokens_per_sec": tokens / seconds,
+            "seconds": seconds,
+            "tokens": tokens,
+            "timed_steps": len(step_seconds),
+            "step_seconds": step_seconds,
+            "step_tokens": self.step_tokens,
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        if torch.cuda.is_available():  # since the model was loaded (each side resets the peak after loading)
+            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            out["device"] = torch.cuda.get_device_name()
+        return {**out, **extra}
+
+
+def report(result: dict) -> None:
+    """A worker's last stdout line: its result as JSON."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_worker(script: Path, *args: str, env: dict | None = None, timeout: int = 900) -> dict:
+    """Run `script --worker ...` in a fresh process and return its RESULT."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def alternate(workers: dict[str, list[str]], script: Path, repeats: int) -> dict[str, list[dict]]:
+    """Run each named worker `repeats` times, interleaved (a, b, a, b, ...), so drift hits both alike."""
+    results: dict[str, list[dict]] = {name: [] for name in workers}
+    for _ in range(repeats):
+        for name, args in workers.items():
+            results[name].append(run_worker(script, *args))
+    return results
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def floor_rate(results: list[dict]) -> float:
+    """Tokens/s over the sum of each step's fastest time among the repeats (see the module docstring)."""
+    if any(r["step_tokens"] != results[0]["step_tokens"] for r in results):
+        raise RuntimeError("the repeats trained different batches: a step-by-step floor would compare unlike work")
+    return sum(results[0]["step_tokens"]) / sum(map(min, zip(*(r["step_seconds"] for r in results))))
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table, ready to paste into BENCHMARKS.md."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def lightning_window_callback(warmup: int, steps: int) -> str:
+    """The `--trainer.callbacks+=` value that times a `fit` run with `LightningWindow`."""
+    return json.dumps({"class_path": "common.LightningWindow", "init_args": {"warmup": warmup, "steps": steps}})
+
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - lightning is a dependency
+    Callback = object
+
+
+class LightningWindow(Callback):
+    """`StepWindow` as a Lightning callback: reports when training ends (rank 0)."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.window = StepWindow(warmup, steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.window.step_start(trainer.global_step, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.window.step_end(trainer.global_step - 1)  # global_step counts the step just taken
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            report(self.window.result())

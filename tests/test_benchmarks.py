@@ -1,0 +1,22 @@
+"""The benchmark harness runs, and its overhead comparison really is identical work on both sides."""
+
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_trains_both_sides_on_the_same_tokens():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import overhead
+
+    out = overhead.compare(steps=8, warmup=2, repeats=2)
+    fits, loops = out["runs"]["fit"], out["runs"]["loop"]
+    # The same batches in the same order, on both sides and in every repeat: the step-by-step floor compares
+    # like with like.
+    assert all(r["step_tokens"] == fits[0]["step_tokens"] for r in fits + loops) and fits[0]["tokens"] > 0
+    assert all(r["timed_steps"] == len(r["step_seconds"]) == 6 for r in fits + loops)
+    floor = sum(fits[0]["step_tokens"]) / sum(min(a, b) for a, b in zip(*(r["step_seconds"] for r in fits)))
+    assert out["fit"]["floor"] == pytest.approx(floor) and out["fit"]["floor"] >= out["fit"]["median"]
+    assert out["ratio"]["floor"] == pytest.approx(out["fit"]["floor"] / out["loop"]["floor"])
