@@ -183,3 +183,34 @@ class LightningWindow(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             report(self.window.result())
+
+
+def compare_sides(script: Path, sides: tuple[str, str], steps: int, warmup: int, repeats: int) -> dict:
+    """Run `script --worker SIDE` for both sides, alternating; each side's floor, median and peak RSS, and
+    the first side's rates over the second's (`ratio`)."""
+    common = ["--steps", str(steps), "--warmup", str(warmup)]
+    runs = alternate({side: ["--worker", side, *common] for side in sides}, script, repeats)
+    out: dict = {"runs": runs}
+    for side in sides:
+        out[side] = {
+            "floor": floor_rate(runs[side]),
+            "median": median(runs[side], "tokens_per_sec"),
+            "peak_rss_mib": median(runs[side], "peak_rss_mib"),
+        }
+    out["ratio"] = {k: out[sides[0]][k] / out[sides[1]][k] for k in ("floor", "median")}
+    return out
+
+
+def sides_table(out: dict, sides: tuple[str, str]) -> str:
+    """`compare_sides`' result as a Markdown table."""
+    rows = [
+        [
+            side,
+            f"{out[side]['floor']:,.0f}",
+            f"{out[side]['median']:,.0f}",
+            ", ".join(f"{r['tokens_per_sec']:,.0f}" for r in out["runs"][side]),
+            f"{out[side]['peak_rss_mib']:,.0f}",
+        ]
+        for side in sides
+    ]
+    return table(["side", "floor tokens/s", "median tokens/s", "each run", "median peak RSS (MiB)"], rows)

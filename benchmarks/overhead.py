@@ -19,12 +19,10 @@ from pathlib import Path
 from common import (
     TINY_CONFIG,
     StepWindow,
-    alternate,
-    floor_rate,
+    compare_sides,
     lightning_window_callback,
-    median,
     report,
-    table,
+    sides_table,
     tiny_settings,
 )
 
@@ -98,14 +96,7 @@ def loop_worker(steps: int, warmup: int) -> None:
 
 
 def compare(steps: int, warmup: int, repeats: int) -> dict:
-    here = Path(__file__)
-    common = ["--steps", str(steps), "--warmup", str(warmup)]
-    results = alternate({"fit": ["--worker", "fit", *common], "loop": ["--worker", "loop", *common]}, here, repeats)
-    out = {"runs": results}
-    for name, runs in results.items():
-        out[name] = {"median": median(runs, "tokens_per_sec"), "floor": floor_rate(runs)}
-    out["ratio"] = {k: out["fit"][k] / out["loop"][k] for k in ("median", "floor")}
-    return out
+    return compare_sides(Path(__file__), ("fit", "loop"), steps, warmup, repeats)
 
 
 def main() -> None:
@@ -120,16 +111,7 @@ def main() -> None:
     if args.worker == "loop":
         return loop_worker(args.steps, args.warmup)
     out = compare(args.steps, args.warmup, args.repeats)
-    rows = [
-        [
-            name,
-            f"{out[name]['floor']:,.0f}",
-            f"{out[name]['median']:,.0f}",
-            ", ".join(f"{r['tokens_per_sec']:,.0f}" for r in out["runs"][name]),
-        ]
-        for name in ("fit", "loop")
-    ]
-    print(table(["side", "floor tokens/s", "median tokens/s", "each run"], rows))
+    print(sides_table(out, ("fit", "loop")))
     print(
         f"\noverhead ratio fit / loop: {out['ratio']['floor']:.3f} step-by-step floor (target >= 0.95), "
         f"{out['ratio']['median']:.3f} median of {args.repeats} runs"

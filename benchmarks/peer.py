@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TINY_CONFIG, StepWindow, alternate, floor_rate, median, report, table
+from common import TINY_CONFIG, StepWindow, compare_sides, report, sides_table
 from overhead import fit_worker
 
 
@@ -115,19 +115,7 @@ def trl_worker(steps: int, warmup: int, config: str = str(TINY_CONFIG), override
 
 
 def compare(steps: int, warmup: int, repeats: int) -> dict:
-    common = ["--steps", str(steps), "--warmup", str(warmup)]
-    workers = {"fit": ["--worker", "fit", *common], "trl": ["--worker", "trl", *common]}
-    results = alternate(workers, Path(__file__), repeats)
-    out = {
-        name: {
-            "floor": floor_rate(results[name]),
-            "median": median(results[name], "tokens_per_sec"),
-            "peak_rss_mib": median(results[name], "peak_rss_mib"),
-        }
-        for name in workers
-    }
-    out["runs"] = results
-    return out
+    return compare_sides(Path(__file__), ("fit", "trl"), steps, warmup, repeats)
 
 
 def main() -> None:
@@ -142,18 +130,8 @@ def main() -> None:
     if args.worker == "trl":
         return trl_worker(args.steps, args.warmup)
     out = compare(args.steps, args.warmup, args.repeats)
-    rows = [
-        [
-            name,
-            f"{out[name]['floor']:,.0f}",
-            f"{out[name]['median']:,.0f}",
-            ", ".join(f"{r['tokens_per_sec']:,.0f}" for r in out["runs"][name]),
-            f"{out[name]['peak_rss_mib']:,.0f}",
-        ]
-        for name in ("fit", "trl")
-    ]
-    print(table(["side", "floor tokens/s", "median tokens/s", "each run", "median peak RSS (MiB)"], rows))
-    ratio = {k: out["fit"][k] / out["trl"][k] for k in ("floor", "median")}
+    print(sides_table(out, ("fit", "trl")))
+    ratio = out["ratio"]
     print(
         f"\ntokens/s fit / TRL: {ratio['floor']:.3f} step-by-step floor, {ratio['median']:.3f} median of {args.repeats}"
     )

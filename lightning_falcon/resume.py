@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_falcon.batching import group_by_length
+
 
 class ResumableSampler(DistributedSampler):
     """A `DistributedSampler` (so Lightning keeps it under DDP) whose epoch can start part-way.
@@ -51,8 +53,6 @@ class ResumableSampler(DistributedSampler):
     def _order(self) -> list[int]:
         if self.lengths is None:
             return list(super().__iter__())
-        from lightning_falcon.batching import group_by_length
-
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         order = group_by_length(order, self.lengths, self.batch_size * self.num_replicas, generator)
