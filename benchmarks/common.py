@@ -77,13 +77,16 @@ class StepWindow:
         self.warmup, self.steps = warmup, steps
         self.stamps: list[float] = []  # at each timed step's start, and at the last one's end
         self.step_tokens: list[int] = []
+        self.losses: list = []  # each timed step's loss, kept as tensors: no extra sync inside the window
 
     def step_start(self, step: int, batch: dict) -> None:
         if self.warmup <= step < self.steps:
             self.stamps.append(time.perf_counter())
             self.step_tokens.append(int(batch["attention_mask"].sum()))
 
-    def step_end(self, step: int) -> None:
+    def step_end(self, step: int, loss=None) -> None:
+        if loss is not None and self.warmup <= step < self.steps:
+            self.losses.append(loss.detach())
         if step == self.steps - 1:
             self.stamps.append(time.perf_counter())
 
@@ -100,6 +103,7 @@ class StepWindow:
             "timed_steps": len(step_seconds),
             "step_seconds": step_seconds,
             "step_tokens": self.step_tokens,
+            "losses": [float(x) for x in self.losses],
             "peak_rss_mib": peak_rss_mib(),
         }
         if torch.cuda.is_available():  # since the model was loaded (each side resets the peak after loading)
@@ -178,7 +182,8 @@ class LightningWindow(Callback):
         self.window.step_start(trainer.global_step, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.window.step_end(trainer.global_step - 1)  # global_step counts the step just taken
+        # global_step counts the step just taken; `outputs` is what training_step returned
+        self.window.step_end(trainer.global_step - 1, outputs["loss"])
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:

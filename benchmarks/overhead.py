@@ -87,12 +87,12 @@ def loop_worker(steps: int, warmup: int) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window.step_end(step)
+            window.step_end(step, loss)
             step += 1
             if step == steps:
                 break
         epoch += 1
-    report(window.result(final_loss=loss.item()))
+    report(window.result())
 
 
 def compare(steps: int, warmup: int, repeats: int) -> dict:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
@@ -117,6 +118,8 @@ class FalconQLoRA(L.LightningModule):
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
+        self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
 
     # ----------------------------------------------------------------- building
     def _target_device(self) -> torch.device:
@@ -263,14 +266,8 @@ class FalconQLoRA(L.LightningModule):
                 use_cache=False,
             )
 
-    def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean token loss of the batch and the number of tokens it averages over."""
-        out = self(**batch)
-        n_label_tokens = (batch["labels"][:, 1:] != -100).sum()  # the loss is shifted by one
-        return out.loss, n_label_tokens
-
     def training_step(self, batch, batch_idx):
-        loss, _ = self._shared_step(batch)
+        loss = self(**batch).loss  # the mean over the batch's label tokens
         self._stop_if_not_finite("loss", loss)
         if logging_step(self.trainer):  # only the steps Lightning writes: a log call costs ~1 ms (callbacks.py)
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
@@ -278,7 +275,8 @@ class FalconQLoRA(L.LightningModule):
         return loss
 
     def _eval_step(self, batch, stage: str) -> torch.Tensor:
-        loss, n = self._shared_step(batch)
+        loss = self(**batch).loss
+        n = (batch["labels"][:, 1:] != -100).sum()  # the tokens that mean is over (the loss is shifted by one)
         self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
         return loss
 
@@ -319,12 +317,26 @@ class FalconQLoRA(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The LoRA weights, listed once: walking the whole model's parameters each step cost ~0.7 ms on tiny.
         grads = [p.grad.detach() for p in self._trainable if p.grad is not None]
+        self._grad_norm = None
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)  # one fused pass (foreach) over the LoRA gradients
+            norm = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused (foreach) pass
             # A finite loss can still give inf gradients (fp16 overflow): stop before they reach the weights.
             self._stop_if_not_finite("gradient norm", norm)
             if logging_step(self.trainer):
                 log_to_loggers(self.trainer, {"train/grad_norm": norm.item()})
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm `on_before_optimizer_step` just computed, instead of Lightning computing it again.
+
+        The same arithmetic as torch's `clip_grad_norm_` (which Lightning calls), one pass over the LoRA
+        gradients fewer. Only where every rank holds whole, plain gradients (one device or DDP, after the
+        all-reduce); DeepSpeed clips inside its engine and FSDP shards them, so those keep Lightning's path.
+        """
+        plain = type(self.trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
+        if plain and gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self._trainable, gradient_clip_val, self._grad_norm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _stop_if_not_finite(self, what: str, value: torch.Tensor) -> None:
         """Stop every rank together when `value` is NaN or inf on any of them, before the weights change.

@@ -17,6 +17,8 @@ def test_overhead_benchmark_trains_both_sides_on_the_same_tokens():
     # like with like.
     assert all(r["step_tokens"] == fits[0]["step_tokens"] for r in fits + loops) and fits[0]["tokens"] > 0
     assert all(r["timed_steps"] == len(r["step_seconds"]) == 6 for r in fits + loops)
+    # And the same training: fit's loss at every step is the hand-written loop's, to the bit.
+    assert all(r["losses"] == loops[0]["losses"] for r in fits + loops) and len(loops[0]["losses"]) == 6
     floor = sum(fits[0]["step_tokens"]) / sum(min(a, b) for a, b in zip(*(r["step_seconds"] for r in fits)))
     assert out["fit"]["floor"] == pytest.approx(floor) and out["fit"]["floor"] >= out["fit"]["median"]
     assert out["ratio"]["floor"] == pytest.approx(out["fit"]["floor"] / out["loop"]["floor"])

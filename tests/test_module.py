@@ -149,3 +149,52 @@ def test_remote_code_is_off_by_default_and_warned_about_when_on(recwarn):
     assert FalconQLoRA(model_name_or_path=TINY).hparams.trust_remote_code is False
     with pytest.warns(UserWarning, match=f"trust_remote_code is on: Python code shipped with {TINY} will run"):
         FalconQLoRA(model_name_or_path=TINY, trust_remote_code=True).check_targets()
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
+    # The module clips by the norm it already computed for its checks (one pass fewer than Lightning's
+    # own clipping); the gradients the optimizer then sees must be what torch's clipping gives.
+    import lightning as L
+    from conftest import prepared_datamodule
+
+    clip = 1e-3  # far below the tiny model's gradient norm, so every step is clipped
+
+    class Probe(L.Callback):
+        def __init__(self):
+            self.pairs, self.expected = [], None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # callbacks run before the module
+            copies = [torch.nn.Parameter(p.detach().clone()) for p in self.params(optimizer)]
+            for c, p in zip(copies, self.params(optimizer)):
+                c.grad = p.grad.detach().clone()
+            if algorithm == "norm":
+                assert float(torch.nn.utils.clip_grad_norm_(copies, clip)) > clip
+            else:
+                torch.nn.utils.clip_grad_value_(copies, clip)
+            self.expected = [c.grad for c in copies]
+
+        # The gradients the last step's optimizer used are still there when the next step zeroes them
+        # (and when training ends).
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            if self.expected is not None:
+                self.pairs.append((self.expected, [p.grad.detach().clone() for p in self.params(optimizer)]))
+                self.expected = None
+
+        def on_train_end(self, trainer, pl_module):
+            self.on_before_zero_grad(trainer, pl_module, trainer.optimizers[0])
+
+        @staticmethod
+        def params(optimizer):
+            return [p for g in optimizer.param_groups for p in g["params"]]
+
+    probe = Probe()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe],
+        gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
+    )  # fmt: skip
+    trainer.fit(FalconQLoRA(TINY, lora_r=4), datamodule=prepared_datamodule(tmp_path, batch_size=4, max_samples=24))
+    assert len(probe.pairs) == 3
+    for expected, seen in probe.pairs:
+        assert all(torch.equal(e, s) for e, s in zip(expected, seen))
