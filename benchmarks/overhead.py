@@ -12,22 +12,32 @@ throughput meter); validation and periodic checkpoints are switched off, as the 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
     TINY_CONFIG,
+    Callback,
     StepWindow,
     compare_sides,
     lightning_window_callback,
     report,
+    run_worker,
     sides_table,
+    table,
     tiny_settings,
 )
 
 
-def fit_args(steps: int, warmup: int, logdir: str, extra: list[str] = (), config: str = str(TINY_CONFIG)) -> list[str]:
+def fit_args(
+    steps: int, warmup: int, logdir: str, extra: list[str] = (), config: str = str(TINY_CONFIG), timer: str = ""
+) -> list[str]:
+    """`fit` on `config` for `steps` steps, no validation or periodic checkpoint, timed by `timer` (a
+    `--trainer.callbacks+=` value; default `LightningWindow`)."""
     return [
         "fit",
         "--config",
@@ -41,7 +51,7 @@ def fit_args(steps: int, warmup: int, logdir: str, extra: list[str] = (), config
         str(steps + 1),
         "--trainer.logger.init_args.save_dir",
         logdir,
-        f"--trainer.callbacks+={lightning_window_callback(warmup, steps)}",
+        f"--trainer.callbacks+={timer or lightning_window_callback(warmup, steps)}",
     ]
 
 
@@ -53,46 +63,140 @@ def fit_worker(steps: int, warmup: int, extra: list[str], config: str = str(TINY
         main(fit_args(steps, warmup, logdir, extra, config))
 
 
+class HandLoop:
+    """The hand-written loop: the package's loader and data, PEFT, torch's AdamW; nothing else.
+
+    Seeded as `fit` seeds itself, so both train the same batches from the same weights.
+    """
+
+    def __init__(self, steps: int) -> None:
+        import torch
+
+        from lightning_falcon.assets import resolve
+        from lightning_falcon.data import PromptDataModule
+        from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
+        from lightning_falcon.module import lr_lambda
+        from lightning_falcon.quantization import load_causal_lm
+
+        config = tiny_settings()
+        m, d, t = config["model"], config["data"], config["trainer"]
+        torch.manual_seed(config["seed_everything"])
+        dm = PromptDataModule(**d, tokenizer=m["model_name_or_path"])
+        dm.prepare_data()
+        dm.setup("fit")
+        self.loader = dm.train_dataloader()
+        path = resolve(m["model_name_or_path"])
+        base = load_causal_lm(path, m["quantization"], True, torch.float32, torch.device("cpu"))
+        self.model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, False)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=m["learning_rate"], weight_decay=m["weight_decay"])
+        schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], 0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.clip = t["gradient_clip_val"]
+        self.batches = self._epochs()
+
+    def _epochs(self):
+        epoch = 0
+        while True:
+            self.loader.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def step(self, batch: dict):
+        import torch
+
+        loss = self.model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
 def loop_worker(steps: int, warmup: int) -> None:
-    """The hand-written loop: the package's loader and data, PEFT, torch's AdamW; nothing else."""
-    import torch
-
-    from lightning_falcon.assets import resolve
-    from lightning_falcon.data import PromptDataModule
-    from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
-    from lightning_falcon.module import lr_lambda
-    from lightning_falcon.quantization import load_causal_lm
-
-    config = tiny_settings()
-    m, d, t = config["model"], config["data"], config["trainer"]
-    torch.manual_seed(config["seed_everything"])
-    dm = PromptDataModule(**d, tokenizer=m["model_name_or_path"])
-    dm.prepare_data()
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    base = load_causal_lm(resolve(m["model_name_or_path"]), m["quantization"], True, torch.float32, torch.device("cpu"))
-    model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=m["learning_rate"], weight_decay=m["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], 0.0))
-    window, step, epoch = StepWindow(warmup, steps), 0, 0
-    while step < steps:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            window.step_start(step, batch)
-            loss = model(**batch, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, t["gradient_clip_val"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.step_end(step, loss)
-            step += 1
-            if step == steps:
-                break
-        epoch += 1
+    """`HandLoop` alone in this process, timed by `StepWindow` (the fetch of the next batch included)."""
+    loop, window = HandLoop(steps), StepWindow(warmup, steps)
+    for step in range(steps):
+        batch = next(loop.batches)
+        window.step_start(step, batch)
+        window.step_end(step, loop.step(batch))
     report(window.result())
+
+
+class Interleaved(Callback):
+    """`fit` and `HandLoop` in one process, a step each in turn: after each `fit` step, the loop trains
+    its own copy of the model on its own next batch (the same batch, as both are seeded alike).
+
+    Each `fit` step is timed from one `on_train_batch_start` to the next, less the loop step run in between;
+    each loop step from its fetch to its end. A slow spell of the machine then hits both sides within the
+    same ~0.1 s instead of in different runs. Reports both sides when training ends.
+    """
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.fit: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": []}
+        self.loop: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": []}
+        self._start: float | None = None
+        self._loop_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        with torch.random.fork_rng():  # fit's own random stream stays as it would be without the loop
+            self.hand = HandLoop(self.steps)
+
+    def _timed(self, step: int) -> bool:
+        return self.warmup <= step < self.steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._start is not None:  # the previous fit step ends here
+            self.fit["step_seconds"].append(now - self._start - self._loop_seconds)
+        step = trainer.global_step
+        self._start = now if self._timed(step) else None
+        if self._start is not None:
+            self.fit["step_tokens"].append(int(batch["attention_mask"].sum()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1
+        start = time.perf_counter()
+        batch = next(self.hand.batches)
+        loss = self.hand.step(batch)
+        self._loop_seconds = time.perf_counter() - start
+        if self._timed(step):
+            self.fit["losses"].append(float(outputs["loss"]))
+            self.loop["losses"].append(float(loss))
+            self.loop["step_seconds"].append(self._loop_seconds)
+            self.loop["step_tokens"].append(int(batch["attention_mask"].sum()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._start is not None:  # the last step ends with training
+            self.fit["step_seconds"].append(time.perf_counter() - self._start - self._loop_seconds)
+        result = {}
+        for side, r in (("fit", self.fit), ("loop", self.loop)):
+            seconds, tokens = sum(r["step_seconds"]), sum(r["step_tokens"])
+            result[side] = {**r, "tokens_per_sec": tokens / seconds, "seconds": seconds, "tokens": tokens}
+        report(result)
+
+
+def interleaved_worker(steps: int, warmup: int, extra: list[str] = ()) -> None:
+    callback = json.dumps({"class_path": "overhead.Interleaved", "init_args": {"warmup": warmup, "steps": steps}})
+    from lightning_falcon.cli import main
+
+    with tempfile.TemporaryDirectory() as logdir:
+        main(fit_args(steps, warmup, logdir, extra, timer=callback))
+
+
+def interleaved(steps: int, warmup: int, repeats: int) -> dict:
+    """`repeats` fresh processes of `Interleaved`: each run's loop-over-fit time ratio, and their median."""
+    runs = [
+        run_worker(Path(__file__), "--worker", "interleaved", "--steps", str(steps), "--warmup", str(warmup))
+        for _ in range(repeats)
+    ]
+    ratios = [r["fit"]["tokens_per_sec"] / r["loop"]["tokens_per_sec"] for r in runs]
+    return {"runs": runs, "ratios": ratios, "ratio": statistics.median(ratios)}
 
 
 def compare(steps: int, warmup: int, repeats: int) -> dict:
@@ -103,19 +207,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--worker", choices=["fit", "loop"])
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
+    parser.add_argument("--interleaved-repeats", type=int, default=5, help="runs of `Interleaved` (0: none)")
+    parser.add_argument("--worker", choices=["fit", "loop", "interleaved"])
     args, extra = parser.parse_known_args()
     if args.worker == "fit":
         return fit_worker(args.steps, args.warmup, extra)
     if args.worker == "loop":
         return loop_worker(args.steps, args.warmup)
+    if args.worker == "interleaved":
+        return interleaved_worker(args.steps, args.warmup, extra)
     out = compare(args.steps, args.warmup, args.repeats)
-    print(sides_table(out, ("fit", "loop")))
+    print("## Alternating processes\n\n" + sides_table(out, ("fit", "loop")))
     print(
         f"\noverhead ratio fit / loop: {out['ratio']['floor']:.3f} step-by-step floor (target >= 0.95), "
         f"{out['ratio']['median']:.3f} median of {args.repeats} runs"
     )
+    if args.interleaved_repeats:
+        inter = interleaved(args.steps, args.warmup, args.interleaved_repeats)
+        rows = [
+            [i + 1, f"{r['fit']['tokens_per_sec']:,.0f}", f"{r['loop']['tokens_per_sec']:,.0f}", f"{ratio:.3f}"]
+            for i, (r, ratio) in enumerate(zip(inter["runs"], inter["ratios"]))
+        ]
+        same = all(r["fit"]["losses"] == r["loop"]["losses"] for r in inter["runs"])
+        print("\n## Interleaved in one process (a fit step, then a loop step)\n")
+        print(table(["run", "fit tokens/s", "loop tokens/s", "fit / loop"], rows))
+        print(
+            f"\noverhead ratio fit / loop, interleaved: {inter['ratio']:.3f} median of {args.interleaved_repeats} "
+            f"runs (target >= 0.95); losses identical on both sides at every step: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,3 +22,17 @@ def test_overhead_benchmark_trains_both_sides_on_the_same_tokens():
     floor = sum(fits[0]["step_tokens"]) / sum(min(a, b) for a, b in zip(*(r["step_seconds"] for r in fits)))
     assert out["fit"]["floor"] == pytest.approx(floor) and out["fit"]["floor"] >= out["fit"]["median"]
     assert out["ratio"]["floor"] == pytest.approx(out["fit"]["floor"] / out["loop"]["floor"])
+
+
+@pytest.mark.slow
+def test_interleaved_overhead_run_trains_both_sides_alike_in_one_process():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import overhead
+
+    out = overhead.interleaved(steps=8, warmup=2, repeats=1)
+    (run,) = out["runs"]
+    fit, loop = run["fit"], run["loop"]
+    # A fit step, then a loop step, on the same batch and from the same weights: equal losses at every step.
+    assert len(fit["step_seconds"]) == len(loop["step_seconds"]) == 6 and fit["step_tokens"] == loop["step_tokens"]
+    assert fit["losses"] == loop["losses"] and all(t > 0 for t in fit["step_seconds"] + loop["step_seconds"])
+    assert out["ratio"] == pytest.approx(loop["seconds"] / fit["seconds"])
