@@ -35,26 +35,6 @@ def log_to_loggers(trainer, metrics: dict[str, float]) -> None:
         logger.log_metrics(metrics, step=step)
 
 
-def forget_written_step_metrics(trainer) -> None:
-    """Drop step-only scalars (`self.log(..., on_step=True, on_epoch=False)`) from Lightning's result
-    collection once a logged step has written them.
-
-    Lightning keeps every logged value there until the epoch ends and rebuilds its metric dicts from the
-    whole collection two or three times a step, logged step or not: with train/loss and tokens/s in it,
-    that was ~2 ms of every step on tiny (benchmarks/overhead.py, interleaved). The last values stay
-    where users read them: the progress bar, `trainer.callback_metrics` and `trainer.logged_metrics` are
-    dicts Lightning updates rather than rebuilds. The collection is private, so anything unexpected
-    there leaves it as it is (slower, never wrong).
-    """
-    results = getattr(trainer, "_results", None)
-    if not isinstance(results, dict) or not results.training:
-        return
-    for key, value in list(results.items()):
-        meta = getattr(value, "meta", None)
-        if meta is not None and meta.on_step and not meta.on_epoch:
-            del results[key]
-
-
 class TokenThroughput(Callback):
     """Logs the global `train/tokens_per_sec` and `train/tokens` (real tokens, padding excluded, summed over
     ranks) and each rank's peak CUDA memory, at every logged step.

@@ -16,7 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.batching import packed_attention_mask
-from lightning_falcon.callbacks import forget_written_step_metrics, log_to_loggers, logging_step
+from lightning_falcon.callbacks import log_to_loggers, logging_step
 from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, checkpoint_dir, room_problem
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.generation import Generated, GenerationSettings, generate
@@ -247,11 +247,6 @@ class FalconQLoRA(L.LightningModule):
         )
 
     # ----------------------------------------------------------------- steps
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        if logging_step(self.trainer):  # the step before was not, so nothing of it is left to write
-            return
-        forget_written_step_metrics(self.trainer)
-
     def _adapter(self):
         """The LoRA adapter on, or (evaluate's base pass) switched off for the duration."""
         return contextlib.nullcontext() if self.adapter_enabled else self.model.disable_adapter()

@@ -198,28 +198,3 @@ def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
     assert len(probe.pairs) == 3
     for expected, seen in probe.pairs:
         assert all(torch.equal(e, s) for e, s in zip(expected, seen))
-
-
-def test_train_scalars_stay_shown_between_logged_steps_and_at_the_end(tmp_path):
-    # Written scalars leave Lightning's per-step result collection (it rebuilt them every step, ~2 ms on
-    # tiny), but the progress bar and callback_metrics keep the last values, as before.
-    import lightning as L
-    from conftest import prepared_datamodule
-
-    class Watch(L.Callback):
-        shown, held = {}, {}
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.shown[trainer.global_step] = set(trainer.progress_bar_metrics)
-            self.held[trainer.global_step] = [k for k in trainer._results if "train/" in k]
-
-    watch = Watch()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[watch], log_every_n_steps=5,
-    )  # fmt: skip
-    trainer.fit(FalconQLoRA(TINY, lora_r=4), datamodule=prepared_datamodule(tmp_path, batch_size=4, max_samples=48))
-    shown = {"train/loss", "train/tokens_per_sec"}
-    assert not shown & watch.shown[4] and all(shown <= watch.shown[step] for step in (6, 7, 8))  # logged at 5, kept
-    assert shown <= set(trainer.callback_metrics) and torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert watch.held[5] and not watch.held[7]  # the collection itself no longer holds them
