@@ -1,7 +1,7 @@
 """Every benchmark in one command; prints Markdown tables for BENCHMARKS.md with the date, device and versions.
 
     pip install -e ".[bench]"
-    python benchmarks/run.py            # about 20 minutes on 2 CPU cores; the GPU part runs only with CUDA
+    python benchmarks/run.py            # about 25 minutes on 2 CPU cores; the GPU part runs only with CUDA
     python benchmarks/run.py --quick    # fewer steps and repeats: checks that the harness runs
 
 A part that cannot run here says so and why ("not measured"); it never prints a figure it did not measure.
@@ -41,7 +41,8 @@ def main() -> None:
     print(f"date {datetime.date.today()} | device {device_line()} | {versions()}")
     speed = ["--speed-steps", steps[1], "--warmup", "5" if args.quick else "20"]
     part("CPU: data pipeline", "data_pipeline.py", *speed, "--repeats", repeats)
-    part("CPU: Lightning overhead (fit vs a hand-written loop)", "overhead.py", *steps, "--repeats", repeats)
+    overhead = ["--repeats", repeats, "--interleaved-repeats", repeats]
+    part("CPU: Lightning overhead (fit vs a hand-written loop)", "overhead.py", *steps, *overhead)
     try:
         import trl  # noqa: F401
 
