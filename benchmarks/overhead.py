@@ -55,12 +55,13 @@ def fit_args(
     ]
 
 
-def fit_worker(steps: int, warmup: int, extra: list[str], config: str = str(TINY_CONFIG)) -> None:
-    """`python -m lightning_falcon fit --config CONFIG EXTRA...`, in this process, timed by `LightningWindow`."""
+def fit_worker(steps: int, warmup: int, extra: list[str] = (), config: str = str(TINY_CONFIG), timer: str = "") -> None:
+    """`python -m lightning_falcon fit --config CONFIG EXTRA...`, in this process, timed by `timer`
+    (default `LightningWindow`)."""
     from lightning_falcon.cli import main
 
     with tempfile.TemporaryDirectory() as logdir:
-        main(fit_args(steps, warmup, logdir, extra, config))
+        main(fit_args(steps, warmup, logdir, extra, config, timer))
 
 
 class HandLoop:
@@ -181,14 +182,6 @@ class Interleaved(Callback):
         report(result)
 
 
-def interleaved_worker(steps: int, warmup: int, extra: list[str] = ()) -> None:
-    callback = json.dumps({"class_path": "overhead.Interleaved", "init_args": {"warmup": warmup, "steps": steps}})
-    from lightning_falcon.cli import main
-
-    with tempfile.TemporaryDirectory() as logdir:
-        main(fit_args(steps, warmup, logdir, extra, timer=callback))
-
-
 def interleaved(steps: int, warmup: int, repeats: int) -> dict:
     """`repeats` fresh processes of `Interleaved`: each run's loop-over-fit time ratio, and their median."""
     runs = [
@@ -216,7 +209,8 @@ def main() -> None:
     if args.worker == "loop":
         return loop_worker(args.steps, args.warmup)
     if args.worker == "interleaved":
-        return interleaved_worker(args.steps, args.warmup, extra)
+        timer = {"class_path": "overhead.Interleaved", "init_args": {"warmup": args.warmup, "steps": args.steps}}
+        return fit_worker(args.steps, args.warmup, extra, timer=json.dumps(timer))
     out = compare(args.steps, args.warmup, args.repeats)
     print("## Alternating processes\n\n" + sides_table(out, ("fit", "loop")))
     print(
