@@ -35,6 +35,16 @@ def tiny_settings() -> dict:
     return yaml.safe_load(TINY_CONFIG.read_text())
 
 
+def fused_adamw(model: dict) -> bool:
+    """Whether `fit` with these `model:` settings steps a fused AdamW (the module's default unless set): every
+    side of a comparison uses the same one."""
+    import inspect
+
+    from lightning_falcon.module import FalconQLoRA
+
+    return model.get("fused_adamw", inspect.signature(FalconQLoRA).parameters["fused_adamw"].default)
+
+
 def versions() -> str:
     import bitsandbytes
     import lightning

@@ -24,6 +24,7 @@ from common import (
     Callback,
     StepWindow,
     compare_sides,
+    fused_adamw,
     lightning_window_callback,
     report,
     run_worker,
@@ -91,7 +92,9 @@ class HandLoop:
         self.model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, False)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=m["learning_rate"], weight_decay=m["weight_decay"])
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=m["learning_rate"], weight_decay=m["weight_decay"], fused=fused_adamw(m) or None
+        )
         schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], 0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.clip = t["gradient_clip_val"]

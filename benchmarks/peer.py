@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import TINY_CONFIG, StepWindow, compare_sides, report, sides_table
+from common import TINY_CONFIG, StepWindow, compare_sides, fused_adamw, report, sides_table
 from overhead import fit_worker
 
 
@@ -82,7 +82,7 @@ def trl_worker(steps: int, warmup: int, config: str = str(TINY_CONFIG), override
             lr_scheduler_type=m.get("lr_schedule", "cosine"),
             warmup_steps=m.get("warmup_steps", 0),
             max_grad_norm=t.get("gradient_clip_val") or 0.0,
-            optim="adamw_torch",
+            optim="adamw_torch_fused" if fused_adamw(m) else "adamw_torch",  # fit's AdamW, fused or not
             logging_steps=t.get("log_every_n_steps", 50),
             save_strategy="no",
             eval_strategy="no",
