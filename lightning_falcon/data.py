@@ -389,24 +389,23 @@ class PromptDataModule(L.LightningDataModule):
         Packed rows also carry `position_ids`; their padding gets positions of its own from 0, so it is a
         segment of its own that no example attends to (`batching.segment_attention_mask`).
         """
-        width = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        packed = "position_ids" in rows[0]
-        if packed:
-            position_ids = torch.arange(width).repeat(len(rows), 1)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            input_ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            attention_mask[i, :n] = 1
-            if packed:
-                position_ids[i, :n] = torch.tensor(r["position_ids"])
-                position_ids[i, n:] = torch.arange(width - n)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if packed:
-            batch["position_ids"] = position_ids
+        lengths = [len(r["input_ids"]) for r in rows]
+        width = max(lengths)
+
+        def padded(key: str, fill: int) -> torch.Tensor:
+            # Padded as lists, then one tensor per field: a tensor per row and field was a third of a step's
+            # data loading on tiny (BENCHMARKS.md).
+            return torch.tensor([r[key] + [fill] * (width - n) for r, n in zip(rows, lengths)], dtype=torch.long)
+
+        batch = {
+            "input_ids": padded("input_ids", self.pad_id),
+            "attention_mask": (torch.arange(width) < torch.tensor(lengths)[:, None]).long(),
+            "labels": padded("labels", IGNORE_INDEX),
+        }
+        if "position_ids" in rows[0]:  # packed
+            batch["position_ids"] = torch.tensor(
+                [r["position_ids"] + list(range(width - n)) for r, n in zip(rows, lengths)], dtype=torch.long
+            )
         return batch
 
     @staticmethod
