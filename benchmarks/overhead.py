@@ -107,15 +107,20 @@ class HandLoop:
             yield from self.loader
             epoch += 1
 
-    def step(self, batch: dict):
+    def step(self, batch: dict, stamps: list[float] | None = None):
+        """One training step; `stamps` gets the time after the forward, the backward and the update."""
         import torch
 
+        stamps = [] if stamps is None else stamps
         loss = self.model(**batch, use_cache=False).loss
+        stamps.append(time.perf_counter())
         loss.backward()
+        stamps.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
         return loss
 
 
@@ -129,20 +134,39 @@ def loop_worker(steps: int, warmup: int) -> None:
     report(window.result())
 
 
+PHASES = {
+    "between": (
+        "fit: the other callbacks' on_train_batch_end (throughput meter, progress bar, checkpoint check), "
+        "Lightning's logging and loop bookkeeping, the next batch's fetch and transfer; loop: the fetch"
+    ),
+    "forward": (
+        "fit: the other callbacks' on_train_batch_start, Lightning's closure and step dispatch, the forward, "
+        "the loss NaN guard, the train/loss log (logged steps); loop: the forward"
+    ),
+    "backward": "fit: zero_grad and the backward hooks, the backward; loop: the backward",
+    "update": (
+        "fit: the gradient norm and its NaN guard, clipping, AdamW, the LR schedule, Lightning's optimizer "
+        "plumbing; loop: clipping, AdamW, the LR schedule, zero_grad"
+    ),
+}
+
+
 class Interleaved(Callback):
     """`fit` and `HandLoop` in one process, a step each in turn: after each `fit` step, the loop trains
     its own copy of the model on its own next batch (the same batch, as both are seeded alike).
 
     Each `fit` step is timed from one `on_train_batch_start` to the next, less the loop step run in between;
     each loop step from its fetch to its end. A slow spell of the machine then hits both sides within the
-    same ~0.1 s instead of in different runs. Reports both sides when training ends.
+    same ~0.1 s instead of in different runs. Each timed step is also split into `PHASES`, on `fit`'s side
+    at its hooks (this callback's run before the other callbacks'). Reports both sides when training ends.
     """
 
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps = warmup, steps
-        self.fit: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": []}
-        self.loop: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": []}
+        self.fit: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": [], "phases": []}
+        self.loop: dict[str, list] = {"step_seconds": [], "step_tokens": [], "losses": [], "phases": []}
         self._start: float | None = None
+        self._stamps: dict[str, float] = {}
         self._loop_seconds = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -154,35 +178,81 @@ class Interleaved(Callback):
     def _timed(self, step: int) -> bool:
         return self.warmup <= step < self.steps
 
+    def _end_fit_step(self, now: float) -> None:
+        """The timed `fit` step that began at `self._start` ends at `now` (the next step's start, or the end)."""
+        self.fit["step_seconds"].append(now - self._start - self._loop_seconds)
+        self.fit["phases"][-1]["between"] = now - self._stamps["end"] - self._loop_seconds
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._start is not None:  # the previous fit step ends here
-            self.fit["step_seconds"].append(now - self._start - self._loop_seconds)
+        if self._start is not None:
+            self._end_fit_step(now)
         step = trainer.global_step
         self._start = now if self._timed(step) else None
         if self._start is not None:
             self.fit["step_tokens"].append(int(batch["attention_mask"].sum()))
 
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        self._stamps["zero_grad"] = time.perf_counter()  # in Lightning's closure: the training_step has returned
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._stamps["after_backward"] = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        end = self._stamps["end"] = time.perf_counter()
         step = trainer.global_step - 1
+        if self._timed(step):
+            s = self._stamps
+            self.fit["phases"].append(
+                {
+                    "forward": s["zero_grad"] - self._start,
+                    "backward": s["after_backward"] - s["zero_grad"],
+                    "update": end - s["after_backward"],
+                }
+            )
         start = time.perf_counter()
         batch = next(self.hand.batches)
-        loss = self.hand.step(batch)
-        self._loop_seconds = time.perf_counter() - start
+        stamps = [time.perf_counter()]
+        loss = self.hand.step(batch, stamps)
+        fetched, forward, backward, updated = stamps
+        self._loop_seconds = updated - start
         if self._timed(step):
             self.fit["losses"].append(float(outputs["loss"]))
             self.loop["losses"].append(float(loss))
             self.loop["step_seconds"].append(self._loop_seconds)
             self.loop["step_tokens"].append(int(batch["attention_mask"].sum()))
+            self.loop["phases"].append(
+                {
+                    "between": fetched - start,
+                    "forward": forward - fetched,
+                    "backward": backward - forward,
+                    "update": updated - backward,
+                }
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._start is not None:  # the last step ends with training
-            self.fit["step_seconds"].append(time.perf_counter() - self._start - self._loop_seconds)
+            self._end_fit_step(time.perf_counter())
         result = {}
         for side, r in (("fit", self.fit), ("loop", self.loop)):
             seconds, tokens = sum(r["step_seconds"]), sum(r["step_tokens"])
             result[side] = {**r, "tokens_per_sec": tokens / seconds, "seconds": seconds, "tokens": tokens}
         report(result)
+
+
+def _mean_ms(side: dict, phase: str | None) -> float:
+    """A side's mean time a step in `phase` (None: the whole step), in ms."""
+    seconds = side["step_seconds"] if phase is None else [p[phase] for p in side["phases"]]
+    return 1e3 * statistics.mean(seconds)
+
+
+def phase_table(runs: list[dict]) -> str:
+    """Where `fit`'s extra time goes: each phase's mean ms a step on both sides (median over the runs)."""
+    rows = []
+    for phase in [*PHASES, None]:
+        fit, loop = (statistics.median(_mean_ms(r[side], phase) for r in runs) for side in ("fit", "loop"))
+        rows.append([phase or "whole step", f"{fit:.2f}", f"{loop:.2f}", f"{fit - loop:+.2f}", PHASES.get(phase, "")])
+    return table(["phase", "fit ms/step", "loop ms/step", "fit - loop", "what each side does in it"], rows)
 
 
 def interleaved(steps: int, warmup: int, repeats: int) -> dict:
@@ -233,6 +303,8 @@ def main() -> None:
             f"\noverhead ratio fit / loop, interleaved: {inter['ratio']:.3f} median of {args.interleaved_repeats} "
             f"runs (target >= 0.95); losses identical on both sides at every step: {same}"
         )
+        print("\n## Where fit's extra time goes (interleaved runs above; mean of the timed steps)\n")
+        print(phase_table(inter["runs"]))
 
 
 if __name__ == "__main__":
