@@ -151,12 +151,27 @@ def test_remote_code_is_off_by_default_and_warned_about_when_on(recwarn):
         FalconQLoRA(model_name_or_path=TINY, trust_remote_code=True).check_targets()
 
 
+def _fit_lora_weights(tmp_path, steps: int, module: dict | None = None, **trainer_kwargs):
+    """LoRA weights after `steps` steps of a seeded fit (`module`: FalconQLoRA settings), and its optimizer."""
+    import lightning as L
+    from conftest import prepared_datamodule
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
+    )  # fmt: skip
+    module = FalconQLoRA(TINY, lora_r=4, **(module or {}))
+    trainer.fit(module, datamodule=prepared_datamodule(tmp_path, batch_size=4, max_samples=24))
+    weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return weights, trainer.optimizers[0]
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
     # The module clips by the norm it already computed for its checks (one pass fewer than Lightning's
     # own clipping); the gradients the optimizer then sees must be what torch's clipping gives.
     import lightning as L
-    from conftest import prepared_datamodule
 
     clip = 1e-3  # far below the tiny model's gradient norm, so every step is clipped
 
@@ -189,32 +204,10 @@ def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
             return [p for g in optimizer.param_groups for p in g["params"]]
 
     probe = Probe()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe],
-        gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
-    )  # fmt: skip
-    trainer.fit(FalconQLoRA(TINY, lora_r=4), datamodule=prepared_datamodule(tmp_path, batch_size=4, max_samples=24))
+    _fit_lora_weights(tmp_path, 3, callbacks=[probe], gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
     assert len(probe.pairs) == 3
     for expected, seen in probe.pairs:
         assert all(torch.equal(e, s) for e, s in zip(expected, seen))
-
-
-def _fit_lora_weights(tmp_path, steps: int, **trainer_kwargs):
-    """LoRA weights after `steps` steps of a seeded fit, and the optimizer that made them."""
-    import lightning as L
-    from conftest import prepared_datamodule
-
-    L.seed_everything(0)
-    module_kwargs = trainer_kwargs.pop("module", {})
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
-    )  # fmt: skip
-    module = FalconQLoRA(TINY, lora_r=4, **module_kwargs)
-    trainer.fit(module, datamodule=prepared_datamodule(tmp_path, batch_size=4, max_samples=24))
-    weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    return weights, trainer.optimizers[0]
 
 
 def test_adamw_is_fused_by_default_and_makes_torchs_update(tmp_path):
