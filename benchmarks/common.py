@@ -132,6 +132,7 @@ def run_worker(script: Path, *args: str, env: dict | None = None, timeout: int =
     """Run `script --worker ...` in a fresh process and return its RESULT."""
     proc = subprocess.run(
         [sys.executable, str(script), *args],
+        check=False,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
         capture_output=True,

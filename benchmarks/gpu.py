@@ -44,11 +44,9 @@ def peak_flops(name: str) -> float | None:
 
 def long_rows(path: Path, rows: int) -> Path:
     """Rows whose response runs past 2048 tokens of any tokenizer, so every row is cut to exactly `max_length`."""
-    texts = [json.loads(line)["response"] for line in open(REPO / "lightning_falcon/assets/data/midjourney.jsonl")]
-    story = " ".join(texts * 3)
-    with open(path, "w") as f:
-        for i in range(rows):
-            f.write(json.dumps({"prompt": f"mj prompt {i}", "response": story}) + "\n")
+    data = (REPO / "lightning_falcon/assets/data/midjourney.jsonl").read_text().splitlines()
+    story = " ".join([json.loads(line)["response"] for line in data] * 3)
+    path.write_text("".join(json.dumps({"prompt": f"mj prompt {i}", "response": story}) + "\n" for i in range(rows)))
     return path
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 def part(title: str, script: str, *args: str) -> None:
     print(f"\n# {title}\n\n$ python benchmarks/{script} {' '.join(args)}".rstrip(), flush=True)
-    proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return

@@ -67,7 +67,7 @@ def read_saved_lora(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, 
             from safetensors import safe_open
 
             with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-                items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]
+                items = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]  # noqa: SIM118 (safetensors handles are not dicts)
     elif path.is_file():
         checkpoint = load_weights_only(path, mmap=True)
         hp = checkpoint.get("hyper_parameters", {})

@@ -20,7 +20,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -272,14 +271,14 @@ class SlurmArgsCLI(ParseOnlyCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         # fit's own argument, passed through the sbatch scripts: a resubmitted job names its checkpoint.
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="As for fit")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="As for fit")
 
 
 class PlanCLI(ParseOnlyCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--devices", type=Optional[int], default=None, help="GPUs per node (default: the config's)")
-        parser.add_argument("--num_nodes", type=Optional[int], default=None, help="Nodes (default: the config's)")
+        parser.add_argument("--devices", type=int | None, default=None, help="GPUs per node (default: the config's)")
+        parser.add_argument("--num_nodes", type=int | None, default=None, help="Nodes (default: the config's)")
         parser.add_argument(
             "--gpu_memory", type=str, default="80GB", help="Memory of one GPU for the verdict, e.g. 24GB, 40GB, 80GB"
         )

@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -32,11 +31,11 @@ class EvaluateCLI(FalconCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument(
-            "--ckpt_path", type=Optional[str], default=None, help="A checkpoint, `last`, or an adapter directory"
+            "--ckpt_path", type=str | None, default=None, help="A checkpoint, `last`, or an adapter directory"
         )
         parser.add_argument(
             "--report",
-            type=Optional[str],
+            type=str | None,
             default=None,
             help="Markdown report to write; default evaluation.md in the run",
         )
@@ -131,8 +130,10 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
     lines = [
         f"# Evaluation of {source}",
         "",
-        f"- Base: `{model.hparams.model_name_or_path}` ({model.hparams.quantization}); "
-        f"fine-tuned: the base + `{source}`",
+        (
+            f"- Base: `{model.hparams.model_name_or_path}` ({model.hparams.quantization}); "
+            f"fine-tuned: the base + `{source}`"
+        ),
         f"- Held-out split: {datamodule.stats['val']['rows']} rows of `{datamodule.hparams.dataset}`",
         f"- Generation: {decoding}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
         f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}",
@@ -145,8 +146,10 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
         f"| validation perplexity | {math.exp(base['loss']):.2f} | {math.exp(tuned['loss']):.2f} |",
         f"| mean output length (tokens) | {sb['mean_tokens']:.1f} | {st['mean_tokens']:.1f} |",
         f"| mean output length (words) | {sb['mean_words']:.1f} | {st['mean_words']:.1f} |",
-        f"| outputs ended at EOS | {sb['eos']}/{sb['n']} ({sb['eos'] / sb['n']:.0%}) | "
-        f"{st['eos']}/{st['n']} ({st['eos'] / st['n']:.0%}) |",
+        (
+            f"| outputs ended at EOS | {sb['eos']}/{sb['n']} ({sb['eos'] / sb['n']:.0%}) | "
+            f"{st['eos']}/{st['n']} ({st['eos'] / st['n']:.0%}) |"
+        ),
         "",
         f"An output that did not end at EOS was cut at {g.max_new_tokens} tokens: the model did not stop by itself.",
     ]

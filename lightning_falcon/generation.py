@@ -69,7 +69,7 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments of `model.generate`; sampling settings only when sampling (else transformers warns)."""
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
+        kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         if self.repetition_penalty != 1.0:

@@ -368,7 +368,7 @@ class FalconQLoRA(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        kwargs = dict(lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        kwargs = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": tuple(hp.betas)}
         if hp.optimizer == "paged_adamw_8bit":
             from lightning_falcon.quantization import paged_adamw_8bit
 

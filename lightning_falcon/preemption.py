@@ -136,7 +136,7 @@ def requeue() -> str | None:
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     try:
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {job} failed ({e})"
     if proc.returncode != 0:

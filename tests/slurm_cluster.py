@@ -36,6 +36,7 @@ def install() -> str | None:
     proc = subprocess.run(
         "apt-get install -y slurm-wlm munge || (apt-get update && apt-get install -y slurm-wlm munge)",
         shell=True,
+        check=False,
         capture_output=True,
         text=True,
     )
@@ -127,7 +128,8 @@ JobCompType=jobcomp/none
             subprocess.run(["slurmd", "-f", str(self.conf), "-N", node], env=self.env, check=True, capture_output=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout
+            sinfo = ["sinfo", "-h", "-N", "-o", "%T"]
+            out = subprocess.run(sinfo, env=self.env, capture_output=True, text=True, check=False).stdout
             if out.split() == ["idle"] * len(self.nodes):
                 return self
             time.sleep(1)

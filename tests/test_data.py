@@ -1,6 +1,7 @@
 """PromptDataModule: both formats, exact masks in batches, truncation counts, the cache, and bad input."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -33,7 +34,7 @@ def test_prompt_response_batches_mask_prompt_and_padding_but_train_eos(tmp_path)
 
 def test_truncation_is_counted(tmp_path, tokenizer):
     dm = make(tmp_path, max_length=64)
-    rows = [json.loads(line) for line in open(MIDJOURNEY)]
+    rows = [json.loads(line) for line in Path(MIDJOURNEY).read_text().splitlines()]
     template = "### Instruction:\n{}\n\n### Response:\n"
     lengths = [
         len(tokenizer(template.format(r["prompt"]), add_special_tokens=False)["input_ids"])
@@ -80,7 +81,7 @@ def test_predict_batches_are_the_held_out_prompts_as_written_then_left_padded(tm
 
     dm = make(tmp_path, batch_size=4)
     batch = next(iter(dm.predict_dataloader()))
-    raw = {json.loads(line)["prompt"] for line in open(MIDJOURNEY)}
+    raw = {json.loads(line)["prompt"] for line in Path(MIDJOURNEY).read_text().splitlines()}
     assert len(batch["inputs"]) == 4 and set(batch["inputs"]) <= raw  # the user's text, not the rendered template
     assert batch["prompt_ids"][0] == dm.encode_input(batch["inputs"][0])  # what training conditioned on
     input_ids, attention_mask = left_pad(batch["prompt_ids"], dm.pad_id)
