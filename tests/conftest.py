@@ -1,5 +1,7 @@
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from lightning_falcon.assets import resolve  # noqa: E402
+from lightning_falcon.assets import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = resolve("asset:tiny-falcon")
@@ -22,13 +24,94 @@ MIDJOURNEY = resolve("asset:data/midjourney.jsonl")
 GUANACO = resolve("asset:data/guanaco-sample.jsonl")
 
 
+# pytest's own per-test limit is `timeout` in pyproject.toml (the fast tier); a slow-tier test gets this.
+# It outlasts CHILD_TIMEOUT, so a hung child process is reported with its own stacks first (run_process).
+SLOW_TIMEOUT = 1200
+CHILD_TIMEOUT = 600
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
+def run_process(command, *, timeout: float = CHILD_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`, but a child still running after `timeout`
+    seconds prints the stack of every thread, in each of its processes (DDP ranks included), before the
+    test fails with that output. A plain timeout would kill it and say nothing of where it hung."""
+    env = {**(kwargs.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
+    # Its own process group, so the signal reaches the ranks it launches too.
+    child = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGABRT)  # faulthandler dumps every thread's traceback, then the process ends
+        try:
+            out, err = child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, err = child.communicate()
+        pytest.fail(f"{' '.join(map(str, command))} still ran after {timeout} s; its threads:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+@contextlib.contextmanager
+def restored_process_state():
+    """Undo what an in-process run changes for the tests after it: Lightning sets environment variables
+    (PL_GLOBAL_SEED; OMP_NUM_THREADS and MASTER_PORT under DDP) and torch's thread count, and every later
+    subprocess of the suite would inherit them."""
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated():
+    with restored_process_state():
+        yield
+
+
+def tiny_arguments(root: Path, subcommand: str, *args: str) -> list[str]:
+    """`SUBCOMMAND --config configs/tiny.yaml ARGS` with the run's logs and data cache under `root`."""
+    return [
+        subcommand, "--config", str(REPO / "configs/tiny.yaml"), "--trainer.logger.init_args.save_dir",
+        str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args,
+    ]  # fmt: skip
+
+
+def fit_in_process(root: Path, *args: str) -> Path:
+    """`lightning_falcon fit --config configs/tiny.yaml ARGS` in this process, outputs under `root`; its run dir."""
+    from lightning_falcon.cli import main
+
+    with restored_process_state():
+        main(tiny_arguments(root, "fit", "--trainer.enable_progress_bar", "false", *args))
+    (run,) = (root / "runs" / "tiny").iterdir()
+    return run
+
+
+@pytest.fixture(scope="session")
+def quick_fit(tmp_path_factory) -> Path:
+    """The tiny default trained for 10 steps through the CLI, in this process (a few seconds): its run dir.
+
+    A validation (with one generated sample) and a checkpoint fall at step 5 and at the end.
+    """
+    root = tmp_path_factory.mktemp("quick")
+    return fit_in_process(
+        root,
+        "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
+        "--checkpoint.every_n_train_steps", "5", "--generation.max_new_tokens", "8",
+        "--generation.samples", '["Midjourney prompt for a fantasy village at night"]',
+    )  # fmt: skip
 
 
 def prepared_datamodule(tmp_path, **kwargs):
@@ -55,26 +138,25 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TINY)
 
 
+@pytest.fixture(scope="session")
+def tiny_nf4():
+    """The tiny model loaded as training loads it (nf4, double quantization, fp32 compute), once per run.
+
+    Shared: a test may run it, but must not change it.
+    """
+    from lightning_falcon.quantization import load_causal_lm
+
+    return load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=torch.device("cpu"))
+
+
 def cli(root: Path, subcommand: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lightning_falcon SUBCOMMAND --config configs/tiny.yaml ARGS` with its outputs under `root`.
 
     Arguments apply in order, so overrides (and further `--config` overlays) come after the tiny config.
     """
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_falcon",
-        subcommand,
-        "--config",
-        str(REPO / "configs/tiny.yaml"),
-        "--trainer.logger.init_args.save_dir",
-        str(root / "runs"),
-        "--data.cache_dir",
-        str(root / "cache"),
-        *args,
-    ]
+    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, subcommand, *args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_process(command, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -109,6 +191,19 @@ def fitted(tmp_path_factory):
     return root, root / "runs" / "tiny" / "version_0", proc
 
 
+def adapter_changes_the_model(adapter_dir: Path) -> None:
+    """The adapter loads onto the tiny base with plain PEFT, and changes its logits (it is not empty)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter_dir))(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
 def sample_texts(run_dir: Path) -> dict[int, str]:
     """The generated-samples tables a run logged to TensorBoard: step -> Markdown text."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -122,7 +217,7 @@ def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) 
     """Run a command that must fail on bad input: exit 2 and one `lightning_falcon: error:` line naming a fix."""
     command = [sys.executable, "-m", "lightning_falcon", subcommand, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_process(command, cwd=root, env=env)
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-3000:]
     assert "Traceback" not in err and "quantized linear layers" not in proc.stdout + err  # failed before loading

@@ -1,11 +1,10 @@
 """export: the adapter as PEFT loads it, and the merge that keeps what the 4-bit base + adapter computed."""
 
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TINY, tuned_tiny
+from conftest import TINY, run_process, tuned_tiny
 
 from lightning_falcon.export import export
 
@@ -89,11 +88,8 @@ print(json.dumps({"stopped": int(new[-1]) == tok.eos_token_id, "tokens": len(new
 def test_exported_directories_load_with_plain_transformers_and_peft_in_a_fresh_process(exported):
     import json
 
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(exported["merged"]), str(exported["adapter"]), TINY],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_process(
+        [sys.executable, "-c", FRESH_PROCESS, str(exported["merged"]), str(exported["adapter"]), TINY], timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,7 +113,7 @@ def test_a_push_that_fails_names_no_token_and_writes_none(fitted, tmp_path):
         "PATH": "/usr/bin:/bin",
     }
     out = tmp_path / "out"
-    proc = subprocess.run(
+    proc = run_process(
         [
             sys.executable,
             "-m",
@@ -130,8 +126,6 @@ def test_a_push_that_fails_names_no_token_and_writes_none(fitted, tmp_path):
             "--push_to_hub",
             "me/tiny-midjourney",
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
         env=env,
         cwd=tmp_path,

@@ -1,6 +1,7 @@
 """Using the trained tiny model: predict, samples during fit, the evaluation report, and stopping at EOS."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
@@ -8,7 +9,6 @@ from conftest import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tu
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.generation import GenerationSettings, generate
 
-pytestmark = pytest.mark.slow
 TINY_CONFIG = str(REPO / "configs/tiny.yaml")
 REQUESTS = [
     "Midjourney prompt for a boy running in the snow",
@@ -17,6 +17,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic_and_independent_of_the_batch(fitted, tokenizer):
     from lightning_falcon.prompts import pair_prompt_ids
 
@@ -40,6 +41,7 @@ def test_generation_settings_list_every_problem():
         assert key in message, message
 
 
+@pytest.mark.slow
 def test_predict_for_inputs_from_the_command_line_a_text_file_and_an_adapter(fitted, tmp_path):
     root, run, _ = fitted
     ckpt = str(run / "checkpoints" / "last.ckpt")
@@ -67,6 +69,7 @@ def test_predict_for_inputs_from_the_command_line_a_text_file_and_an_adapter(fit
     assert [r["output"] for r in from_adapter[:2]] == [r["output"] for r in rows]
 
 
+@pytest.mark.slow
 def test_predict_runs_in_one_process_whatever_the_config_distributes_over(fitted, tmp_path):
     root, run, _ = fitted
     out = tmp_path / "ddp.jsonl"
@@ -89,9 +92,10 @@ def test_predict_runs_in_one_process_whatever_the_config_distributes_over(fitted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.jsonl"]  # no per-rank files
 
 
+@pytest.mark.slow
 def test_the_trained_model_stops_at_eos_on_training_inputs(fitted, tmp_path):
     root, run, _ = fitted
-    rows = [json.loads(line) for line in open(MIDJOURNEY)][:24]
+    rows = [json.loads(line) for line in Path(MIDJOURNEY).read_text().splitlines()][:24]
     inputs = write_jsonl(tmp_path / "train-inputs.jsonl", [{"prompt": r["prompt"]} for r in rows])
     out = tmp_path / "stop.jsonl"
     cli(
@@ -112,6 +116,7 @@ def test_the_trained_model_stops_at_eos_on_training_inputs(fitted, tmp_path):
     assert stopped >= 0.8 * len(outputs)
 
 
+@pytest.mark.slow
 def test_samples_are_logged_to_tensorboard_at_every_validation(fitted):
     _, run, _ = fitted
     texts = sample_texts(run)
@@ -122,6 +127,7 @@ def test_samples_are_logged_to_tensorboard_at_every_validation(fitted):
     assert scalars(run)["samples/eos_rate"][-1][1] >= 2 / 3
 
 
+@pytest.mark.slow
 def test_evaluate_writes_a_side_by_side_report_with_every_query(fitted):
     root, run, _ = fitted
     before = sorted((root / "runs" / "tiny").iterdir())
@@ -142,6 +148,7 @@ def test_evaluate_writes_a_side_by_side_report_with_every_query(fitted):
     assert tuned["eos"] > base["eos"] and tuned["mean_tokens"] < base["mean_tokens"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
     root, run, _ = fitted
     ckpt = str(run / "checkpoints" / "step=500.ckpt")
@@ -152,6 +159,7 @@ def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
     assert "target_modules=['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value']" in err
 
 
+@pytest.mark.slow
 def test_beam_search_and_seeded_sampling_stop_at_eos_and_repeat(fitted, tokenizer):
     import torch
 
@@ -171,6 +179,7 @@ def test_beam_search_and_seeded_sampling_stop_at_eos_and_repeat(fitted, tokenize
         assert all(g.text and g.stopped_at_eos and g.new_tokens < 128 for g in outputs), outputs
 
 
+@pytest.mark.slow
 def test_sampled_samples_during_fit_leave_training_unchanged(tmp_path):
     import torch
 

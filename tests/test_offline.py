@@ -6,10 +6,12 @@ The Hub is unreachable here, so a Hub id is served from a Hugging Face cache lai
 
 import os
 import shutil
-import subprocess
 import sys
 
-from conftest import REPO, TINY
+import pytest
+from conftest import REPO, TINY, run_process
+
+pytestmark = pytest.mark.slow  # prefetch and the offline script run as subprocesses
 
 COMMIT = "0" * 40
 
@@ -29,7 +31,7 @@ def run(root, *args, hf_home=None):
     if hf_home is not None:
         env["HF_HOME"] = str(hf_home)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
-    return subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return run_process(args, cwd=root, env=env, timeout=300)
 
 
 def lightning_falcon(root, subcommand, config, *overrides, hf_home):

@@ -23,8 +23,11 @@ def targeted(model):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_every_targeted_layer_is_4bit_and_at_most_a_third_of_16bit(quant_type):
-    model = load_causal_lm(TINY, quant_type, double_quant=True, compute_dtype=torch.float32, device=CPU)
+def test_every_targeted_layer_is_4bit_and_at_most_a_third_of_16bit(quant_type, request):
+    if quant_type == "nf4":
+        model = request.getfixturevalue("tiny_nf4")
+    else:
+        model = load_causal_lm(TINY, quant_type, double_quant=True, compute_dtype=torch.float32, device=CPU)
     layers = targeted(model)
     assert len(layers) == 4 * model.config.num_hidden_layers
     not_4bit = [n for n, m in layers.items() if not isinstance(m, bnb.nn.Linear4bit)]
@@ -44,9 +47,9 @@ def test_plain_transformers_load_stays_full_precision():
     assert quantized_layers(model) == {}
 
 
-def test_quantized_model_still_predicts_like_the_full_precision_one():
+def test_quantized_model_still_predicts_like_the_full_precision_one(tiny_nf4):
     full = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    quant = load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=CPU)
+    quant = tiny_nf4
     ids = torch.randint(0, full.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = full(ids).logits, quant(ids).logits

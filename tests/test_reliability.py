@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli
+from conftest import REPO, cli, run_process, tiny_arguments
 
 from lightning_falcon.checkpoint_io import AtomicCheckpointIO, swap_in_directory
 from lightning_falcon.cli import find_last
@@ -33,7 +33,7 @@ AtomicCheckpointIO().save_checkpoint({"global_step": 20}, sys.argv[1])
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 10, "state_dict": {"w": torch.ones(3)}}, last)
-    proc = subprocess.run([sys.executable, "-c", KILLED_DURING_SAVE, str(last)], capture_output=True, timeout=120)
+    proc = run_process([sys.executable, "-c", KILLED_DURING_SAVE, str(last)], timeout=120)
     assert proc.returncode == -9, proc.stderr  # it really died mid-write
     assert torch.load(last, weights_only=True)["global_step"] == 10
     assert find_last([last.parent]) == last  # the torn temporary file is not a candidate for --ckpt_path last
@@ -69,9 +69,7 @@ def test_a_sharded_checkpoint_swapped_in_whole_or_found_under_its_old_name(tmp_p
     assert (last / "checkpoint" / "rank0.pt").read_text() == "20" and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
 
     staged = shards(tmp_path / ".last.ckpt.tmp-step30", 30)
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(staged), str(last)], capture_output=True, timeout=120
-    )
+    proc = run_process([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(staged), str(last)], timeout=120)
     assert proc.returncode == -9, proc.stderr
     # No last.ckpt at this instant, but the previous one, complete, is what `--ckpt_path last` resumes from.
     found = find_last([tmp_path])
@@ -94,12 +92,11 @@ def test_fit_saves_through_the_atomic_writer(tmp_path):
 def test_a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # A learning rate ramping to 1e4 blows the tiny model up a few steps after step 4 (seeded, CPU).
     command = [
-        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+        sys.executable, "-m", "lightning_falcon", *tiny_arguments(tmp_path, "fit"),
         "--model.learning_rate", "1e4", "--model.warmup_steps", "40", "--trainer.gradient_clip_val", "null",
         "--trainer.max_steps", "60", "--checkpoint.every_n_train_steps", "4",
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = run_process(command, cwd=tmp_path)
     err = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     found = re.match(r"lightning_falcon: error: loss is not finite \(this rank: nan\) at step (\d+) ", err)
@@ -150,25 +147,22 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
 
 
 def fit_process(root: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
-        "--trainer.logger.init_args.save_dir", str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "fit", *args)]
+    return run_process(command, cwd=root, env={**os.environ, **env})
 
 
 # ---------------------------------------------------------------------------------- a full disk
 def small_disk(size: str, mount: Path, keep: Path, *command: str, env: dict | None = None):
     """Run `command` with a `size` tmpfs at `mount`, in a private mount namespace (no root needed), and copy
     what it left there to `keep`: the disk vanishes with the namespace."""
-    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+    if run_process(["unshare", "-rm", "true"], timeout=60).returncode != 0:
         pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small disk")
     script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; m=$2; k=$3; shift 3; "$@"; rc=$?; '
     script += 'cp -a "$m/." "$k/"; exit $rc'
     mount.mkdir()
     keep.mkdir()
     command = ["unshare", "-rm", "sh", "-c", script, "sh", size, str(mount), str(keep), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return run_process(command, env={**os.environ, **(env or {})})
 
 
 WRITE_PAST_THE_END = """
@@ -219,8 +213,7 @@ def test_a_full_disk_stops_fit_before_a_write_and_keeps_the_last_good_checkpoint
     # A tiny checkpoint is ~0.75 MB (LoRA weights + AdamW state): 4 MB holds step=5, last, step=10 and little more.
     disk, keep = tmp_path / "disk", tmp_path / "kept"
     command = [
-        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs/tiny.yaml"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+        sys.executable, "-m", "lightning_falcon", *tiny_arguments(tmp_path, "fit"),
         "--checkpoint.dirpath", str(disk), "--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "100",
         "--generation.samples", "[]",
     ]  # fmt: skip

@@ -1,6 +1,9 @@
 """Secrets stay out of everything a run writes (remote code: test_module.py; pickled code: test_bad_input.py)."""
 
+import pytest
 from conftest import PLANTED_TOKEN, files_holding_the_token
+
+pytestmark = pytest.mark.slow  # it searches the 500-step subprocess fit
 
 
 def test_a_planted_hub_token_is_in_no_file_of_the_run_nor_its_output(fitted):

@@ -17,8 +17,6 @@ import torch
 from conftest import PLANTED_TOKEN, REPO, files_holding_the_token, scalars
 from slurm_cluster import LocalSlurm, install
 
-pytestmark = pytest.mark.slow
-
 # The scripts ask for 8 GPUs; this node has 2 CPUs and no GPUs (slurm/README.md, "A CPU-only Slurm").
 CPU_ALLOCATION = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 
@@ -34,7 +32,7 @@ def slurm(tmp_path_factory):
         pytest.skip(f"Slurm did not start: {e}")
     yield cluster
     # A failed test may leave its job running: cancel every job before the daemons go.
-    subprocess.run(["scancel", "--partition=debug"], env=cluster.env, capture_output=True)
+    subprocess.run(["scancel", "--partition=debug"], env=cluster.env, capture_output=True, check=False)
     time.sleep(2)
     cluster.stop()
 
@@ -106,6 +104,7 @@ def tiny(root: Path, *overrides: str) -> list[str]:
     return [str(REPO / "configs/tiny.yaml"), "--data.cache_dir", str(root / "cache"), *overrides]
 
 
+@pytest.mark.slow
 def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, tmp_path):
     overrides = ("--trainer.max_steps", "30", "--trainer.val_check_interval", "15")
     job = Job(slurm, tmp_path, *tiny(tmp_path, *overrides), env={"HF_TOKEN": PLANTED_TOKEN})
@@ -128,6 +127,7 @@ def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, t
     assert holding == []
 
 
+@pytest.mark.slow
 def test_multinode_script_runs_one_task_on_each_of_two_nodes(slurm, tmp_path):
     job = Job(
         slurm,
@@ -144,6 +144,7 @@ def test_multinode_script_runs_one_task_on_each_of_two_nodes(slurm, tmp_path):
     assert (job.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_signalled_job_saves_requeues_and_resumes_to_the_planned_step(slurm, tmp_path):
     steps = 200
     job = Job(
@@ -176,6 +177,7 @@ def test_signalled_job_saves_requeues_and_resumes_to_the_planned_step(slurm, tmp
     assert max(step for step, _ in scalars(job.run_dir)["train/loss"]) >= steps - 5
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_on_the_way_out(slurm, tmp_path):
     # A preemption without the user signal, or scancel: save at the next step, exit, no requeue.
     job = Job(slurm, tmp_path, *tiny(tmp_path, "--trainer.max_steps", "400", "--checkpoint.every_n_train_steps", "20"))
@@ -189,6 +191,7 @@ def test_sigterm_saves_last_checkpoint_on_the_way_out(slurm, tmp_path):
     assert last["global_step"] == int(saved[0]) and not (job.run_dir / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_missing_config_fails_before_srun(slurm, tmp_path):
     job = Job(slurm, tmp_path, "configs/nope.yaml")
     info = job.finished()
@@ -199,6 +202,7 @@ def test_missing_config_fails_before_srun(slurm, tmp_path):
     assert "[slurm] srun" not in job.log()
 
 
+@pytest.mark.slow
 def test_config_contradicting_the_allocation_fails_before_srun(slurm, tmp_path):
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text("trainer:\n  devices: 4\n  num_nodes: 2\n")
@@ -212,6 +216,7 @@ def test_config_contradicting_the_allocation_fails_before_srun(slurm, tmp_path):
     assert "[slurm] srun" not in job.log() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_unresolvable_first_node_fails_before_srun_instead_of_hanging(slurm, tmp_path):
     # Without MASTER_ADDR the ranks would meet at the first node, n1, which no resolver knows here:
     # torch's rendezvous would wait for it for 30 minutes.
