@@ -351,22 +351,42 @@ def main(args: list[str] | None = None) -> None:
 
         listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
     try:
-        if argv[:1] and argv[0] in SUBCOMMANDS:
-            SUBCOMMANDS[argv[0]](argv[1:])
-            return
-        saving = {"save_config_kwargs": {"overwrite": True}}
-        if argv[:1] == ["predict"]:
-            # One process: one JSONL in input order (ranks would each write a share), and generation needs
-            # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
-            # Its output is the JSONL alone: no config.yaml.
-            args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
-        FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, **saving)
+        run(argv, args)
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (NonFiniteLoss, DiskFull) as e:  # the run stopped; its last good checkpoint is on disk
+    except (NonFiniteLoss, DiskFull) as e:  # every rank stopped together; the last good checkpoint is on disk
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
+        end_process_group()
         sys.exit(1)
+    end_process_group()
+
+
+def run(argv: list[str], args: list[str] | None) -> None:
+    """One subcommand: ours (`SUBCOMMANDS`) or one of LightningCLI's, which reads `sys.argv` when `args` is None."""
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
+        return
+    saving = {"save_config_kwargs": {"overwrite": True}}
+    if argv[:1] == ["predict"]:
+        # One process: one JSONL in input order (ranks would each write a share), and generation needs
+        # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
+        # Its output is the JSONL alone: no config.yaml.
+        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
+    FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, **saving)
+
+
+def end_process_group() -> None:
+    """Destroy the process group a distributed run leaves behind (Lightning never does), while Python is whole.
+
+    Left to interpreter exit, gloo's worker threads are torn down with the process and can abort it
+    ("terminate called without an active exception", pytorch/pytorch#190489): Slurm then marks a job
+    that trained and saved its adapter FAILED. torch's docs ask for this call at the end of every run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The fast tier's end-to-end check: the tiny default trained through the CLI in this process, with what it writes."""
 
 import torch
-from conftest import adapter_changes_the_model, sample_texts, scalars
+from conftest import adapter_changes_the_model, fit_in_process, sample_texts, scalars
 
 
 def test_fit_writes_config_scalars_lora_only_checkpoints_and_an_adapter(quick_fit):
@@ -21,4 +21,16 @@ def test_fit_writes_config_scalars_lora_only_checkpoints_and_an_adapter(quick_fi
     assert state["global_step"] == 10
     assert state["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in state["state_dict"])
     adapter_changes_the_model(run / "adapter")
+
+
+def test_a_distributed_fit_leaves_no_process_group_behind(tmp_path):
+    # Left alive, gloo's threads can abort the process at exit, and Slurm marks the finished job FAILED.
+    import torch.distributed as dist
+
+    fit_in_process(
+        tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "0", "--generation.samples", "[]",
+    )  # fmt: skip
+    assert (tmp_path / "runs" / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not dist.is_initialized()
 
