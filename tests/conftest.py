@@ -1,7 +1,6 @@
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from processes import run_process
 
 from lightning_falcon.assets import resolve
 
@@ -25,9 +25,8 @@ GUANACO = resolve("asset:data/guanaco-sample.jsonl")
 
 
 # pytest's own per-test limit is `timeout` in pyproject.toml (the fast tier); a slow-tier test gets this.
-# It outlasts CHILD_TIMEOUT, so a hung child process is reported with its own stacks first (run_process).
+# It outlasts processes.CHILD_TIMEOUT, so a hung child process is reported with its own stacks first.
 SLOW_TIMEOUT = 1200
-CHILD_TIMEOUT = 600
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,28 +36,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
-
-
-def run_process(command, *, timeout: float = CHILD_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run(command, capture_output=True, text=True)`, but a child still running after `timeout`
-    seconds prints the stack of every thread, in each of its processes (DDP ranks included), before the
-    test fails with that output. A plain timeout would kill it and say nothing of where it hung."""
-    env = {**(kwargs.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
-    # Its own process group, so the signal reaches the ranks it launches too.
-    child = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
-    )
-    try:
-        out, err = child.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGABRT)  # faulthandler dumps every thread's traceback, then the process ends
-        try:
-            out, err = child.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            out, err = child.communicate()
-        pytest.fail(f"{' '.join(map(str, command))} still ran after {timeout} s; its threads:\n{err[-20000:]}")
-    return subprocess.CompletedProcess(command, child.returncode, out, err)
 
 
 @contextlib.contextmanager

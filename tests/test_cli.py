@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_changes_the_model, cli, run_process, scalars
+from conftest import adapter_changes_the_model, cli, scalars
+from processes import run_process
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, run_process, tuned_tiny
+from conftest import TINY, tuned_tiny
+from processes import run_process
 
 from lightning_falcon.export import export
 

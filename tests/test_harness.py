@@ -1,9 +1,12 @@
-"""The suite's own guards: a hang fails with the test's name and every thread's stack, in this process or a child."""
+"""The suite's own guards: a hang fails with the test's name and every thread's stack, in this process or a child,
+and a test stopped by its time limit leaves no child process behind."""
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import run_process
+from processes import run_process
 
 pytest_plugins = ["pytester"]
 
@@ -41,3 +44,23 @@ def test_a_test_past_its_timeout_fails_by_name_with_every_threads_stack(pytester
     output = result.stdout.str()
     assert "Timeout" in output and "test_waits_forever" in output
     assert "Stack of peer" in output  # the other thread too, not only the test's own
+
+
+def test_a_test_stopped_by_its_time_limit_leaves_no_child_running(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # tests/processes.py
+    pid_file = pytester.path / "child.pid"
+    pytester.makepyfile(
+        test_stuck=f"""
+        import sys
+        from processes import run_process
+
+        def test_waits_for_its_child():
+            child = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+            run_process([sys.executable, "-c", child])
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "timeout", "--timeout=3", "--timeout-method=signal")
+    result.assert_outcomes(failed=1)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, not orphaned into the tests that follow

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli, run_process, tiny_arguments
+from conftest import REPO, cli, tiny_arguments
+from processes import run_process
 
 from lightning_falcon.checkpoint_io import AtomicCheckpointIO, swap_in_directory
 from lightning_falcon.cli import find_last
