@@ -40,7 +40,7 @@ def fused_adamw(model: dict) -> bool:
     side of a comparison uses the same one."""
     import inspect
 
-    from lightning_falcon.module import FalconQLoRA
+    from lightning_falcon.model.module import FalconQLoRA
 
     return model.get("fused_adamw", inspect.signature(FalconQLoRA).parameters["fused_adamw"].default)
 

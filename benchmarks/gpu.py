@@ -62,7 +62,7 @@ def model_flops_per_token(config_path: str, lora_r: int, length: int) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lightning_falcon.assets import resolve
-    from lightning_falcon.lora import FALCON_TARGET_MODULES
+    from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 
     config = AutoConfig.from_pretrained(resolve(config_path))
     with torch.device("meta"):

@@ -59,7 +59,7 @@ def fit_args(
 def fit_worker(steps: int, warmup: int, extra: list[str] = (), config: str = str(TINY_CONFIG), timer: str = "") -> None:
     """`python -m lightning_falcon fit --config CONFIG EXTRA...`, in this process, timed by `timer`
     (default `LightningWindow`)."""
-    from lightning_falcon.cli import main
+    from lightning_falcon.commands.main import main
 
     with tempfile.TemporaryDirectory() as logdir:
         main(fit_args(steps, warmup, logdir, extra, config, timer))
@@ -76,9 +76,9 @@ class HandLoop:
 
         from lightning_falcon.assets import resolve
         from lightning_falcon.data import PromptDataModule
-        from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
-        from lightning_falcon.module import lr_lambda
-        from lightning_falcon.quantization import load_causal_lm
+        from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+        from lightning_falcon.model.module import lr_lambda
+        from lightning_falcon.model.quantization import load_causal_lm
 
         config = tiny_settings()
         m, d, t = config["model"], config["data"], config["trainer"]

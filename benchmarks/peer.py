@@ -46,9 +46,9 @@ def trl_worker(steps: int, warmup: int, config: str = str(TINY_CONFIG), override
 
     from lightning_falcon.assets import resolve
     from lightning_falcon.data import PromptDataModule
-    from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
-    from lightning_falcon.quantization import load_causal_lm, resolve_compute_dtype
-    from lightning_falcon.random_weights import random_checkpoint
+    from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
+    from lightning_falcon.model.random_weights import random_checkpoint
 
     c = settings(config, overrides or {})
     m, d, t = c["model"], c["data"], c["trainer"]

@@ -8,7 +8,7 @@ if "SLURM_JOB_ID" in os.environ:
     # imports), a preemption warning must not end the task.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
-from lightning_falcon.cli import main
+from lightning_falcon.commands.main import main
 
 if __name__ == "__main__":
     main()

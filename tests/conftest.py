@@ -68,7 +68,7 @@ def tiny_arguments(root: Path, subcommand: str, *args: str) -> list[str]:
 
 def fit_in_process(root: Path, *args: str) -> Path:
     """`lightning_falcon fit --config configs/tiny.yaml ARGS` in this process, outputs under `root`; its run dir."""
-    from lightning_falcon.cli import main
+    from lightning_falcon.commands.main import main
 
     with restored_process_state():
         main(tiny_arguments(root, "fit", "--trainer.enable_progress_bar", "false", *args))
@@ -121,7 +121,7 @@ def tiny_nf4():
 
     Shared: a test may run it, but must not change it.
     """
-    from lightning_falcon.quantization import load_causal_lm
+    from lightning_falcon.model.quantization import load_causal_lm
 
     return load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=torch.device("cpu"))
 
@@ -205,9 +205,9 @@ def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) 
 
 def tuned_tiny(adapter_dir) -> torch.nn.Module:
     """The trained tiny model as predict builds it: the 4-bit base (fp32 compute) + the adapter's LoRA weights."""
-    from lightning_falcon.adapter import load_weights
-    from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
-    from lightning_falcon.quantization import load_causal_lm
+    from lightning_falcon.model.adapter import load_weights
+    from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.model.quantization import load_causal_lm
 
     base = load_causal_lm(TINY, "nf4", True, torch.float32, torch.device("cpu"))
     model = apply_lora(base, 16, 32, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)

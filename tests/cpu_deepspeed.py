@@ -13,7 +13,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_falcon.strategy import QLoRADeepSpeedStrategy
+from lightning_falcon.training.strategy import QLoRADeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(QLoRADeepSpeedStrategy):

@@ -9,9 +9,10 @@ from conftest import REPO
 
 DATA = REPO / "tests" / "fixtures" / "data"
 
-import lightning_falcon.module
-import lightning_falcon.quantization
-from lightning_falcon.cli import main
+import lightning_falcon.commands.export
+import lightning_falcon.model.module
+import lightning_falcon.model.quantization
+from lightning_falcon.commands.main import main
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +20,8 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the error")
 
-    monkeypatch.setattr(lightning_falcon.module, "load_causal_lm", refuse)
-    monkeypatch.setattr(lightning_falcon.quantization, "load_causal_lm", refuse)  # export's merge
+    monkeypatch.setattr(lightning_falcon.model.module, "load_causal_lm", refuse)
+    monkeypatch.setattr(lightning_falcon.commands.export, "load_causal_lm", refuse)  # export's merge
 
 
 def run(tmp_path, capsys, *args, subcommand="fit"):
@@ -150,7 +151,7 @@ def test_paged_optimizer_with_offload_is_refused():
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from lightning_falcon.errors import ConfigError
-    from lightning_falcon.strategy import QLoRADeepSpeedStrategy, check_strategy
+    from lightning_falcon.training.strategy import QLoRADeepSpeedStrategy, check_strategy
 
     with pytest.raises(ConfigError, match="paged_adamw_8bit cannot run with DeepSpeed optimizer offload"):
         check_strategy(QLoRADeepSpeedStrategy(stage=3, offload_optimizer=True), "nf4", "paged_adamw_8bit")
@@ -181,7 +182,7 @@ def test_lora_rank_below_one(tmp_path, capsys):
 
 
 def test_a_quantization_this_machine_cannot_run(tmp_path, capsys, monkeypatch):
-    from lightning_falcon.quantization import check_quantization_runs
+    from lightning_falcon.model.quantization import check_quantization_runs
 
     # bitsandbytes 0.50 runs every mode on CPU, so none is refused there, and
     # the check leaves the seeded random state as it found it ...
@@ -198,12 +199,12 @@ def test_a_quantization_this_machine_cannot_run(tmp_path, capsys, monkeypatch):
 
 
 def test_a_quantized_layer_that_fails_on_this_device_is_one_line(tmp_path, capsys, monkeypatch):
-    import lightning_falcon.quantization
+    import lightning_falcon.model.quantization
 
     def no_kernel(*args):  # as bitsandbytes fails on a device it has no kernel for
         raise NotImplementedError("no gemv_4bit kernel for this device\n(details)")
 
-    monkeypatch.setattr(lightning_falcon.quantization, "_run_quantized_layer", no_kernel)
+    monkeypatch.setattr(lightning_falcon.model.quantization, "_run_quantized_layer", no_kernel)
     err = run(tmp_path, capsys, "--model.quantization", "fp4")
     assert "model.quantization fp4 (float32 compute) does not run on cpu with bitsandbytes 0." in err
     assert ": no gemv_4bit kernel for this device. Fix: choose another --model.quantization" in err

@@ -7,10 +7,10 @@ import torch
 from conftest import GUANACO, TINY, cli, prepared_datamodule, scalars
 
 from lightning_falcon import PromptDataModule
-from lightning_falcon.batching import PackedRows, pack
-from lightning_falcon.module import FalconQLoRA
-from lightning_falcon.prompts import IGNORE_INDEX
-from lightning_falcon.resume import ResumableSampler
+from lightning_falcon.data.batching import PackedRows, pack
+from lightning_falcon.data.prompts import IGNORE_INDEX
+from lightning_falcon.data.sampler import ResumableSampler
+from lightning_falcon.model.module import FalconQLoRA
 
 make = prepared_datamodule
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_falcon.cli import main
+from lightning_falcon.commands.main import main
 from lightning_falcon.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_config_opens_with_its_command_and_per_gpu_memory(path):
 def build(*args):
     """Instantiate the CLI's trainer and model from configs, as `fit` would, without running anything."""
     from lightning_falcon import FalconQLoRA, PromptDataModule
-    from lightning_falcon.cli import FalconCLI
+    from lightning_falcon.commands.cli import FalconCLI
 
     return FalconCLI(FalconQLoRA, PromptDataModule, run=False, args=list(args))
 
@@ -53,7 +53,7 @@ def test_strategy_overlay_composes_and_constructs_its_strategy(path):
     from lightning.pytorch.accelerators import CUDAAccelerator
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lightning_falcon.strategy import QLoRADeepSpeedStrategy, check_strategy, zero_stage
+    from lightning_falcon.training.strategy import QLoRADeepSpeedStrategy, check_strategy, zero_stage
 
     cli = build("--config", str(REPO / "configs/tiny.yaml"), "--config", str(path), "--trainer.devices", "2")
     strategy = cli.trainer.strategy
@@ -76,7 +76,7 @@ def test_strategy_overlay_composes_and_constructs_its_strategy(path):
 def test_falcon_40b_config_is_zero3_over_8_gpus_per_node():
     config = yaml.safe_load((REPO / "configs/falcon-40b-qlora.yaml").read_text())
     strategy = config["trainer"]["strategy"]
-    assert strategy["class_path"] == "lightning_falcon.strategy.QLoRADeepSpeedStrategy"
+    assert strategy["class_path"] == "lightning_falcon.training.strategy.QLoRADeepSpeedStrategy"
     assert strategy["init_args"]["stage"] == 3 and config["trainer"]["devices"] == 8
 
 

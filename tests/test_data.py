@@ -9,8 +9,8 @@ import torch
 from conftest import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 
 from lightning_falcon import PromptDataModule
+from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.prompts import IGNORE_INDEX
 
 make = prepared_datamodule
 
@@ -77,7 +77,7 @@ def test_tokenized_once_then_read_from_cache(tmp_path, monkeypatch):
 
 
 def test_predict_batches_are_the_held_out_prompts_as_written_then_left_padded(tmp_path):
-    from lightning_falcon.generation import left_pad
+    from lightning_falcon.model.generation import left_pad
 
     dm = make(tmp_path, batch_size=4)
     batch = next(iter(dm.predict_dataloader()))

@@ -34,3 +34,59 @@ def test_a_distributed_fit_leaves_no_process_group_behind(tmp_path):
     assert (tmp_path / "runs" / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
     assert not dist.is_initialized()
 
+
+def test_the_module_trains_under_a_plain_trainer_with_no_product_callbacks(tmp_path):
+    """A library user's `Trainer(callbacks=[])`: the module alone learns, and saves LoRA-only checkpoints."""
+    import lightning as L
+
+    from lightning_falcon import FalconQLoRA, PromptDataModule
+    from lightning_falcon.training.callbacks import default_callbacks
+
+    L.seed_everything(0)
+    module = FalconQLoRA(
+        "asset:tiny-falcon", lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=5e-3, warmup_steps=5
+    )
+    data = PromptDataModule(
+        "asset:data/midjourney.jsonl", tokenizer="asset:tiny-falcon", max_length=128, batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    quiet = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+
+    def val_loss() -> float:
+        return L.Trainer(**quiet).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+
+    trainer = L.Trainer(
+        **quiet, max_steps=20, callbacks=[], default_root_dir=tmp_path, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    before = val_loss()
+    trainer.fit(module, datamodule=data)
+    after = val_loss()
+    assert after < before - 1.0, (before, after)  # 20 steps take a random-init toy well down
+
+    product = tuple(type(c) for c in default_callbacks())
+    assert not [c for c in trainer.callbacks if isinstance(c, product)]
+    assert not (tmp_path / "adapter").exists()  # SaveAdapter is the CLI's, not the module's
+    (checkpoint,) = (tmp_path / "checkpoints").iterdir()  # Lightning's own ModelCheckpoint
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+
+
+def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
+    from conftest import restored_process_state, tiny_arguments
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_falcon import FalconQLoRA, PromptDataModule
+    from lightning_falcon.commands.cli import FalconCLI, trainer_defaults
+    from lightning_falcon.training.callbacks import default_callbacks
+
+    args = [
+        *tiny_arguments(tmp_path, "fit")[1:],
+        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+    ]
+    with restored_process_state():
+        cli = FalconCLI(FalconQLoRA, PromptDataModule, args=args, run=False, trainer_defaults=trainer_defaults())
+    installed = [type(c) for c in cli.trainer.callbacks]
+    assert all(type(c) in installed for c in default_callbacks()), installed
+    assert LearningRateMonitor in installed
+    assert cli.model.configure_callbacks() == []  # nothing of the module's replaces the trainer's

@@ -7,7 +7,7 @@ import pytest
 from conftest import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
 
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.generation import GenerationSettings, generate
+from lightning_falcon.model.generation import GenerationSettings, generate
 
 TINY_CONFIG = str(REPO / "configs/tiny.yaml")
 REQUESTS = [
@@ -19,7 +19,7 @@ REQUESTS = [
 
 @pytest.mark.slow
 def test_greedy_generation_is_deterministic_and_independent_of_the_batch(fitted, tokenizer):
-    from lightning_falcon.prompts import pair_prompt_ids
+    from lightning_falcon.data.prompts import pair_prompt_ids
 
     _, run, _ = fitted
     model = tuned_tiny(run / "adapter")
@@ -163,7 +163,7 @@ def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
 def test_beam_search_and_seeded_sampling_stop_at_eos_and_repeat(fitted, tokenizer):
     import torch
 
-    from lightning_falcon.prompts import pair_prompt_ids
+    from lightning_falcon.data.prompts import pair_prompt_ids
 
     _, run, _ = fitted
     model = tuned_tiny(run / "adapter")

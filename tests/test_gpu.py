@@ -8,7 +8,7 @@ import torch
 from conftest import MIDJOURNEY, TINY, scalars
 
 from lightning_falcon import FalconQLoRA, PromptDataModule
-from lightning_falcon.quantization import quantized_layers, resolve_compute_dtype
+from lightning_falcon.model.quantization import quantized_layers, resolve_compute_dtype
 
 pytestmark = pytest.mark.gpu
 
@@ -61,14 +61,12 @@ def test_each_ddp_rank_would_load_onto_its_own_gpu():
     """The quantized load goes to the strategy's root device (cuda:LOCAL_RANK), never cuda:0 for everyone."""
     from unittest import mock
 
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     model = FalconQLoRA(model_name_or_path=TINY)
     trainer = mock.Mock()
-    trainer.strategy.root_device = torch.device("cuda", torch.cuda.device_count() - 1)
-    model._trainer = trainer
-    with (
-        mock.patch("lightning_falcon.module.zero_stage", return_value=0),
-        mock.patch("lightning_falcon.module.check_strategy"),
-    ):
-        model.configure_model()
+    trainer.strategy = SingleDeviceStrategy(device=torch.device("cuda", torch.cuda.device_count() - 1))
+    model.trainer = trainer
+    model.configure_model()
     layers = quantized_layers(model.model)
     assert {m.weight.device for m in layers.values()} == {trainer.strategy.root_device}

@@ -6,7 +6,7 @@ from conftest import TINY
 
 from lightning_falcon import FalconQLoRA
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.module import lr_lambda
+from lightning_falcon.model.module import lr_lambda
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_fp16_amp_keeps_adamw_unfused_so_checks_and_clipping_see_unscaled_gradie
     import lightning as L
     from lightning.pytorch.plugins import MixedPrecision
 
-    from lightning_falcon.module import fused_adamw_fits
+    from lightning_falcon.model.module import fused_adamw_fits
 
     amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     assert not fused_adamw_fits(L.Trainer(accelerator="cpu", logger=False, plugins=[amp], gradient_clip_val=1.0))

@@ -8,10 +8,10 @@ from conftest import REPO, TINY
 from transformers import AutoConfig
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.cli import main
-from lightning_falcon.lora import FALCON_TARGET_MODULES, apply_lora
-from lightning_falcon.plan import Setup, count_model, parse_bytes, plan
-from lightning_falcon.quantization import layer_bytes, load_causal_lm, quantized_layers
+from lightning_falcon.commands.main import main
+from lightning_falcon.commands.plan import Setup, count_model, parse_bytes, plan
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+from lightning_falcon.model.quantization import layer_bytes, load_causal_lm, quantized_layers
 
 
 def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
@@ -111,7 +111,7 @@ def test_plan_takes_devices_and_nodes(capsys):
 
 
 def test_gpu_count_reads_every_form_of_trainer_devices():
-    from lightning_falcon.plan import gpu_count
+    from lightning_falcon.commands.plan import gpu_count
 
     assert gpu_count(4) == gpu_count("4") == 4
     assert gpu_count([0, 1]) == gpu_count("0,1") == gpu_count("[0, 1, 2]") - 1 == 2

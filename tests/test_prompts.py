@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_falcon.prompts import (
+from lightning_falcon.data.prompts import (
     IGNORE_INDEX,
     encode_pair,
     encode_turns,

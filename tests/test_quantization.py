@@ -6,8 +6,8 @@ import torch
 from conftest import TINY
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lightning_falcon.lora import FALCON_TARGET_MODULES
-from lightning_falcon.quantization import (
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.model.quantization import (
     layer_bytes,
     load_causal_lm,
     quantized_layers,

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli, tiny_arguments
+from conftest import REPO, cli, restored_process_state, tiny_arguments
 from processes import run_process
 
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO, swap_in_directory
-from lightning_falcon.cli import find_last
+from lightning_falcon.commands.cli import find_last
+from lightning_falcon.files import swap_in_directory
+from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
 
 # The child saves through the real class; its torch.save writes part of the file and then the process
 # is killed (SIGKILL, as the OOM killer or a node failure would), at that exact point of the write.
 KILLED_DURING_SAVE = """
 import os, signal, sys, torch
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO
+from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
 
 def write_half_then_die(obj, f):
     f.write(b"PK" + b"\\0" * 100_000)
@@ -43,7 +44,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_whole(tmp_
 KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
-from lightning_falcon import checkpoint_io
+from lightning_falcon import files
 
 calls = []
 real_replace = os.replace
@@ -54,8 +55,8 @@ def replace_then_die(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real_replace(src, dst)
 
-checkpoint_io.os.replace = replace_then_die
-checkpoint_io.swap_in_directory(Path(sys.argv[1]), Path(sys.argv[2]), "step20")
+files.os.replace = replace_then_die
+files.swap_in_directory(Path(sys.argv[1]), Path(sys.argv[2]), "step20")
 """
 
 
@@ -78,15 +79,15 @@ def test_a_sharded_checkpoint_swapped_in_whole_or_found_under_its_old_name(tmp_p
 
 
 def test_fit_saves_through_the_atomic_writer(tmp_path):
-    import lightning as L
+    from lightning_falcon import FalconQLoRA, PromptDataModule
+    from lightning_falcon.commands.cli import FalconCLI, trainer_defaults
 
-    from lightning_falcon.module import FalconQLoRA
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
-    module = FalconQLoRA("asset:tiny-falcon")
-    module.trainer = trainer
-    module.setup("fit")
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    with restored_process_state():
+        cli = FalconCLI(
+            FalconQLoRA, PromptDataModule, args=tiny_arguments(tmp_path, "fit")[1:], run=False,
+            trainer_defaults=trainer_defaults(),
+        )  # fmt: skip
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 @pytest.mark.slow
@@ -167,7 +168,7 @@ def small_disk(size: str, mount: Path, keep: Path, *command: str, env: dict | No
 
 WRITE_PAST_THE_END = """
 import sys, torch
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull
+from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO, DiskFull
 
 io, last = AtomicCheckpointIO(), sys.argv[1] + "/last.ckpt"
 io.save_checkpoint({"global_step": 1, "w": torch.ones(100_000)}, last)  # 0.4 MB of the 1 MB disk
@@ -191,7 +192,7 @@ def test_a_write_that_runs_out_of_space_removes_its_partial_file_and_keeps_the_l
 
 
 def test_a_quota_error_inside_torch_save_is_reported_as_a_full_disk(tmp_path):
-    from lightning_falcon.checkpoint_io import DiskFull, atomic_write
+    from lightning_falcon.training.checkpoint_io import DiskFull, write_checkpoint
 
     last = tmp_path / "last.ckpt"
     last.write_bytes(b"the previous checkpoint")
@@ -204,7 +205,7 @@ def test_a_quota_error_inside_torch_save_is_reported_as_a_full_disk(tmp_path):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     with pytest.raises(DiskFull, match="the disk filled up while writing checkpoint .*; the partial file was removed"):
-        atomic_write(last, over_quota)
+        write_checkpoint(last, over_quota)
     assert os.listdir(tmp_path) == ["last.ckpt"] and last.read_bytes() == b"the previous checkpoint"
 
 

@@ -230,7 +230,7 @@ def test_unresolvable_first_node_fails_before_srun_instead_of_hanging(slurm, tmp
 
 # ---------------------------------------------------------------- the allocation, without a cluster
 def test_allocation_reads_slurm_environment():
-    from lightning_falcon.slurm import Allocation
+    from lightning_falcon.commands.slurm_args import Allocation
 
     env = {
         "SLURM_JOB_ID": "77",
@@ -247,8 +247,8 @@ def test_allocation_reads_slurm_environment():
 def test_fit_arguments_follow_the_allocation_and_list_every_contradiction():
     from jsonargparse import Namespace
 
+    from lightning_falcon.commands.slurm_args import Allocation, fit_arguments
     from lightning_falcon.errors import ConfigError
-    from lightning_falcon.slurm import Allocation, fit_arguments
 
     logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(version=None))
     resolved = Namespace(trainer=Namespace(accelerator="gpu", logger=logger))
@@ -272,7 +272,7 @@ def test_fit_arguments_follow_the_allocation_and_list_every_contradiction():
 
 
 def test_slurm_args_outside_a_job_is_a_one_line_error(capsys, monkeypatch):
-    from lightning_falcon.cli import main
+    from lightning_falcon.commands.main import main
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(SystemExit) as e:
@@ -284,7 +284,7 @@ def test_slurm_args_outside_a_job_is_a_one_line_error(capsys, monkeypatch):
 def test_a_warning_signal_before_training_is_kept_not_fatal(monkeypatch):
     import signal
 
-    from lightning_falcon import preemption
+    from lightning_falcon.training import preemption
 
     monkeypatch.setitem(preemption._received, "requeue", False)
     previous = preemption.listen()  # what the CLI does first under Slurm, before the model loads
@@ -296,7 +296,7 @@ def test_a_warning_signal_before_training_is_kept_not_fatal(monkeypatch):
 
 
 def test_slurm_args_pass_a_users_ckpt_path_through(capsys, monkeypatch):
-    from lightning_falcon.cli import main
+    from lightning_falcon.commands.main import main
 
     for key, value in {"SLURM_JOB_ID": "5", "SLURM_TASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(key, value)

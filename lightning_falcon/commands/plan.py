@@ -42,6 +42,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from lightning_falcon.assets import resolve
+from lightning_falcon.commands.cli import ParseOnlyCLI, parse_only
+from lightning_falcon.model.config import read_model_config, warn_remote_code
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.upstream import falcon_linear_as_nn_linear
+
 GiB = 2**30
 STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
 WORKSPACE_RESERVE = 1 * GiB  # CUDA context + cuBLAS workspace + allocator slack: an assumption
@@ -66,8 +72,6 @@ class ModelCount:
 def count_model(config, target_modules: list[str], lora_r: int, quantized: bool = True) -> ModelCount:
     """Build `config` on the meta device and count what each part holds. No weights are read or allocated."""
     from transformers import AutoModelForCausalLM
-
-    from lightning_falcon.quantization import falcon_linear_as_nn_linear
 
     with falcon_linear_as_nn_linear(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -219,8 +223,6 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
 # ----------------------------------------------------------------- from a parsed run config to the table
 def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu_memory: str) -> str:
     """The `plan` table for a parsed config (its model/data/trainer sections); devices/num_nodes override it."""
-    from lightning_falcon.lora import FALCON_TARGET_MODULES
-
     devices = devices if devices is not None else gpu_count(trainer.devices)
     nodes = num_nodes if num_nodes is not None else int(trainer.num_nodes or 1)
     setup = Setup(
@@ -295,9 +297,6 @@ def model_config(model_name_or_path: str, trust_remote_code: bool):
     """(config.json, a note on its source): a local directory or the HF cache, else the shipped copy, else the Hub."""
     from transformers import AutoConfig
 
-    from lightning_falcon.assets import resolve
-    from lightning_falcon.module import read_model_config, warn_remote_code
-
     if trust_remote_code:
         warn_remote_code(model_name_or_path)
     try:  # a local directory, or the Hub model already in the local cache
@@ -310,3 +309,19 @@ def model_config(model_name_or_path: str, trust_remote_code: bool):
         shipped = SHIPPED_CONFIGS[model_name_or_path]
         return read_model_config(shipped), f" (architecture from the shipped {shipped})"
     return read_model_config(model_name_or_path, trust_remote_code), ""
+
+
+class PlanCLI(ParseOnlyCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--devices", type=int | None, default=None, help="GPUs per node (default: the config's)")
+        parser.add_argument("--num_nodes", type=int | None, default=None, help="Nodes (default: the config's)")
+        parser.add_argument(
+            "--gpu_memory", type=str, default="80GB", help="Memory of one GPU for the verdict, e.g. 24GB, 40GB, 80GB"
+        )
+
+
+def main(args: list[str]) -> None:
+    """`plan`: print the per-GPU memory of a config for its strategy and every alternative."""
+    config = parse_only(PlanCLI, args, "plan").config
+    print(report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory))

@@ -8,41 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_falcon.assets import resolve
-from lightning_falcon.batching import Batching, PackedRows
-from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.generation import special_ids
-from lightning_falcon.prompts import (
-    IGNORE_INDEX,
-    TEMPLATES,
-    encode_pair,
-    encode_turns,
-    pair_prompt_ids,
-    prompt_length,
-    turn_prompt_ids,
-)
-from lightning_falcon.textfile import check_utf8, diagnose_json
+from lightning_falcon.data.batching import Batching, PackedRows
+from lightning_falcon.data.formats import FormatName, data_format
+from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
+from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
+from lightning_falcon.data.sources import empty, load_source, local_file
+from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.files import staged_directory
 
-# File suffix -> the `datasets` builder that reads it.
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text;
 # 3: rows with an empty or null field are skipped and counted, not trained on as "None").
 CACHE_FORMAT = 3
-
-
-def _empty(source: str) -> ConfigError:
-    return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
 
 
 def _blank(value: Any) -> bool:
@@ -58,7 +43,7 @@ class PromptDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         split: str = "train",
         val_split: str | None = None,
-        format: Literal["prompt_response", "turns"] = "prompt_response",
+        format: FormatName = "prompt_response",
         prompt_column: str = "prompt",
         response_column: str = "response",
         text_column: str = "text",
@@ -89,7 +74,7 @@ class PromptDataModule(L.LightningDataModule):
             prompt_column: Column holding the request (format `prompt_response`).
             response_column: Column holding the target response (format `prompt_response`).
             text_column: Column holding the whole conversation (format `turns`).
-            template: Named prompt template, one of `lightning_falcon.prompts.TEMPLATES`.
+            template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
             human_marker: Marker that opens a human turn (format `turns`).
             assistant_marker: Marker that opens an assistant turn (format `turns`).
             tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
@@ -107,9 +92,8 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        problems = []
-        if format == "prompt_response" and template not in TEMPLATES:
-            problems.append(f"data.template {template!r} is unknown. Fix: choose one of {sorted(TEMPLATES)}")
+        self.format = data_format(self.hparams)
+        problems = self.format.problems()
         if val_dataset is None and not 0.0 < val_fraction < 1.0:
             problems.append(
                 f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}. "
@@ -127,66 +111,19 @@ class PromptDataModule(L.LightningDataModule):
         self.predict_inputs: list[str] | None = None
 
     # ----------------------------------------------------------------- loading and checking
-    def _load_raw(self, source: str, split: str):
-        """Load one data source through `datasets.load_dataset`, with one-line errors."""
-        import datasets
-
-        path = Path(resolve(source)).expanduser()
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if path.is_dir():
-            raise ConfigError(f"dataset {source} is a directory. Fix: give a {'/'.join(FILE_BUILDERS)} file")
-        if builder is not None or path.exists():
-            if not path.is_file():
-                raise ConfigError(
-                    f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset"
-                )
-            if builder is None:
-                raise ConfigError(
-                    f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
-                )
-            if path.stat().st_size == 0:
-                raise _empty(source)
-            if builder in ("json", "csv"):
-                check_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
-            verbosity = datasets.logging.get_verbosity()
-            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats ours
-            try:
-                return datasets.load_dataset(builder, data_files=str(path), split="train")
-            except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
-                if "corresponds to no data" in str(e):  # datasets' wording for a header-only file
-                    raise _empty(source) from e
-                if builder == "json":  # datasets' own error has no line number
-                    diagnose_json(path, "dataset")
-                raise ConfigError(
-                    f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
-                ) from e
-            finally:
-                datasets.logging.set_verbosity(verbosity)
-        try:
-            return datasets.load_dataset(source, split=split)
-        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise ConfigError(
-                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
-                "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
-            ) from e
-
-    def _required_columns(self) -> list[str]:
-        hp = self.hparams
-        return [hp.prompt_column, hp.response_column] if hp.format == "prompt_response" else [hp.text_column]
-
     def _check(self, source: str, ds) -> None:
-        missing = [c for c in self._required_columns() if c not in ds.column_names]
+        missing = [c for c in self.format.columns if c not in ds.column_names]
         if missing:
             raise ConfigError(
                 f"dataset {source} lacks column(s) {missing}; it has {ds.column_names}. "
                 "Fix: set --data.prompt_column/--data.response_column (or --data.format turns --data.text_column)"
             )
         if len(ds) == 0:
-            raise _empty(source)
+            raise empty(source)
 
     def _drop_blank(self, source: str, ds) -> tuple[Any, int]:
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
-        columns = self._required_columns()
+        columns = self.format.columns
         kept = ds.filter(lambda row: not any(_blank(row[c]) for c in columns))
         if len(kept) == 0:
             raise ConfigError(
@@ -196,82 +133,42 @@ class PromptDataModule(L.LightningDataModule):
         return kept, len(ds) - len(kept)
 
     def _tokenizer(self):
-        from transformers import AutoTokenizer
-
         if self.tokenizer is None:
-            if self.hparams.tokenizer is None:
-                raise ConfigError(
-                    "data.tokenizer is not set. "
-                    "Fix: set --data.tokenizer (the CLI defaults it to model.model_name_or_path)"
-                )
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.hparams.tokenizer))
-            except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
-                raise ConfigError(
-                    f"tokenizer {self.hparams.tokenizer!r} not found: not a local directory and not loadable from "
-                    f"the Hub ({first_line(e)}). Fix: set --data.tokenizer or --model.model_name_or_path"
-                ) from e
-            if self.tokenizer.eos_token_id is None:
-                raise ConfigError(
-                    f"tokenizer {self.hparams.tokenizer} has no EOS token, and responses must end with one. "
-                    "Fix: use the model's own tokenizer (--data.tokenizer)"
-                )
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self.tokenizer
 
     # ----------------------------------------------------------------- tokenizing and caching
-    def _encode(self, row: dict):
-        hp, tok = self.hparams, self._tokenizer()
-        if hp.format == "prompt_response":
-            return encode_pair(
-                tok, str(row[hp.prompt_column]), str(row[hp.response_column]), hp.template, hp.max_length
-            )
-        return encode_turns(tok, str(row[hp.text_column]), hp.human_marker, hp.assistant_marker, hp.max_length)
-
     def check_max_length(self) -> None:
         """Fail before tokenizing when `max_length` cannot hold even the template (every row would be dropped)."""
-        hp, tok = self.hparams, self._tokenizer()
-        if hp.format == "prompt_response":
-            scaffold, what = len(pair_prompt_ids(tok, "", hp.template)), f"the {hp.template!r} template"
-        else:
-            scaffold, what = len(turn_prompt_ids(tok, "", hp.human_marker, hp.assistant_marker)), "the turn markers"
-        if hp.max_length <= scaffold:
+        scaffold, what = self.format.scaffold(self._tokenizer())
+        max_length = self.hparams.max_length
+        if max_length <= scaffold:
             raise ConfigError(
-                f"data.max_length={hp.max_length} is no longer than {what}, which alone takes {scaffold} tokens, "
+                f"data.max_length={max_length} is no longer than {what}, which alone takes {scaffold} tokens, "
                 f"so no prompt or response fits. Fix: raise --data.max_length well above {scaffold}"
             )
 
     def encode_input(self, text: str) -> list[int]:
         """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
-        hp, tok = self.hparams, self._tokenizer()
-        if hp.format == "prompt_response":
-            return pair_prompt_ids(tok, text, hp.template)
-        return turn_prompt_ids(tok, text, hp.human_marker, hp.assistant_marker)
+        return self.format.prompt_ids(self._tokenizer(), text)
 
     def prompt_format(self) -> dict[str, Any]:
         """How inputs were rendered in training, as saved beside an adapter."""
-        hp = self.hparams
-        if hp.format == "prompt_response":
-            return {"format": hp.format, "template": hp.template, "template_text": TEMPLATES[hp.template]}
-        return {"format": hp.format, "human_marker": hp.human_marker, "assistant_marker": hp.assistant_marker}
-
-    def _raw_input(self, row: dict, input_ids: list[int], labels: list[int]) -> str:
-        """What a user would have typed for this row: the prompt, or for turns the conversation before the reply."""
-        if self.hparams.format == "prompt_response":
-            return str(row[self.hparams.prompt_column])
-        return self._tokenizer().decode(input_ids[: prompt_length(labels)]).strip()
+        return self.format.describe()
 
     def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
         import datasets
 
+        tokenizer, max_length = self._tokenizer(), self.hparams.max_length
         ids, labels, inputs, truncated, dropped = [], [], [], 0, 0
         for row in ds:
-            enc = self._encode(row)
+            enc = self.format.encode(tokenizer, row, max_length)
             if enc is None:  # no response token fits within max_length
                 dropped += 1
                 continue
             ids.append(enc.input_ids)
             labels.append(enc.labels)
-            inputs.append(self._raw_input(row, enc.input_ids, enc.labels))
+            inputs.append(self.format.raw_input(tokenizer, row, enc))
             truncated += enc.truncated
         if not ids:
             raise ConfigError(
@@ -285,8 +182,8 @@ class PromptDataModule(L.LightningDataModule):
         """Hash of the data's content (or Hub name), the tokenizer's vocabulary and every setting."""
         h = hashlib.sha256()
         for source in (self.hparams.dataset, self.hparams.val_dataset):
-            path = Path(resolve(source)).expanduser() if source else None
-            if path is not None and path.is_file():
+            path = local_file(source)
+            if path is not None:
                 with open(path, "rb") as f:  # in chunks: a data file may be larger than memory
                     h.update(hashlib.file_digest(f, "sha256").digest())
             else:
@@ -322,14 +219,14 @@ class PromptDataModule(L.LightningDataModule):
         target = self.cache_path
         if (target / "stats.json").exists():
             return
-        train = self._load_raw(hp.dataset, hp.split)
+        train = load_source(hp.dataset, hp.split)
         self._check(hp.dataset, train)
         train, empty = self._drop_blank(hp.dataset, train)
         skipped = {"train": empty, "val": 0}  # a held-out split comes from rows already kept
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
         if hp.val_dataset is not None:
-            val = self._load_raw(hp.val_dataset, hp.val_split or hp.split)
+            val = load_source(hp.val_dataset, hp.val_split or hp.split)
             self._check(hp.val_dataset, val)
             val, skipped["val"] = self._drop_blank(hp.val_dataset, val)
             sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
@@ -341,22 +238,14 @@ class PromptDataModule(L.LightningDataModule):
                 )
             parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
+        # Several nodes sharing the filesystem may write the same cache at once: the first one stands.
+        with staged_directory(target) as tmp:
             stats = {}
             for name, (source, ds) in sources.items():
                 tokenized, stats[name] = self._tokenize(source, ds)
                 stats[name]["empty"] = skipped[name]
                 tokenized.save_to_disk(str(tmp / name))
             (tmp / "stats.json").write_text(json.dumps(stats))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another node wrote the same cache meanwhile (a shared filesystem): keep theirs
-                if not (target / "stats.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def setup(self, stage: str | None = None) -> None:
         import datasets
@@ -393,8 +282,7 @@ class PromptDataModule(L.LightningDataModule):
         width = max(lengths)
 
         def padded(key: str, fill: int) -> torch.Tensor:
-            # Padded as lists, then one tensor per field: a tensor per row and field was a third of a step's
-            # data loading on tiny (BENCHMARKS.md).
+            # Padded as lists, then one tensor per field: a tensor per row and field costs far more.
             return torch.tensor([r[key] + [fill] * (width - n) for r, n in zip(rows, lengths)], dtype=torch.long)
 
         batch = {
@@ -429,15 +317,13 @@ class PromptDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
             # Its own generator, even unshuffled: a loader without one draws its workers' seed from the global
-            # generator on every pass, which would shift dropout after each validation (see resume.py).
+            # generator on every pass, which would shift dropout after each validation (see sampler.py).
             generator=torch.Generator().manual_seed(self.hparams.seed),
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from (seed, epoch) and resumable mid-epoch (resume.py); split across ranks."""
-        from lightning_falcon.resume import ResumableLoader, ResumableSampler
-
+        """Shuffled per epoch from (seed, epoch) and resumable mid-epoch (sampler.py); split across ranks."""
         hp, trainer, rows, lengths = self.hparams, self.trainer, self._splits["train"], None
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if hp.batching != "padded":

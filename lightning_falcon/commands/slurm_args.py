@@ -10,7 +10,7 @@
 * `--trainer.logger.init_args.version=slurm-JOBID`: the job logs to `runs/<name>/slurm-JOBID/`, the
   same directory after each requeue, so its checkpoints, TensorBoard events and adapter stay together;
 * on a restart (SLURM_RESTART_COUNT > 0), `--ckpt_path=last`. The version being pinned, `last` means
-  this job's own last checkpoint when it has one (`cli.find_last`), never another run's, so a
+  this job's own last checkpoint when it has one (`commands.cli.find_last`), never another run's, so a
   requeued job resumes where it stopped, or from step 0 if it never saved.
 
 It fails, in one line listing every problem, when the allocation runs a number of tasks per node
@@ -21,16 +21,19 @@ else the job's first node) does not resolve: torch would wait for it, silently, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from lightning_falcon.commands.cli import ParseOnlyCLI, parse_only
+from lightning_falcon.commands.plan import device_count
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.plan import device_count
 
 # Loggers whose `version` names the run directory; others are left to number their own runs.
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -139,7 +142,7 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
     if class_path.endswith(VERSIONED_LOGGERS) and getattr(init_args, "version", None) is None:
         args.append(f"--trainer.logger.init_args.version=slurm-{alloc.job_id}")
     if alloc.restarts > 0 and explicit.get("ckpt_path") is None:
-        args.append("--ckpt_path=last")  # resolved by the CLI inside this job's own directory (cli.find_last)
+        args.append("--ckpt_path=last")  # resolved by the CLI inside this job's own directory (commands.cli.find_last)
     return args
 
 
@@ -149,3 +152,19 @@ def resolves(host: str) -> bool:
     except OSError:
         return False
     return True
+
+
+class SlurmArgsCLI(ParseOnlyCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        # fit's own argument, passed through the sbatch scripts: a resubmitted job names its checkpoint.
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="As for fit")
+
+
+def main(args: list[str]) -> None:
+    """`slurm-args`, inside a Slurm job: print the fit arguments its allocation implies, one per line."""
+    alloc = Allocation.from_env()  # first: outside a job nothing else matters
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the arguments, for the sbatch script
+        cli = parse_only(SlurmArgsCLI, args, "slurm-args")
+        explicit = cli.parser.parse_args(args, defaults=False)  # only what the config files and overrides set
+    print("\n".join(fit_arguments(explicit, cli.config, alloc)))

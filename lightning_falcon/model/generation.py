@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,12 +85,6 @@ class Generated:
     text: str
     new_tokens: int
     stopped_at_eos: bool
-
-
-def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """(eos, pad). Falcon has no pad token: pad with EOS, which the attention mask hides."""
-    eos = tokenizer.eos_token_id
-    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

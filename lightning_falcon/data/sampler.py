@@ -1,30 +1,25 @@
-"""Exact resume: a run killed anywhere and resumed with `--ckpt_path last` ends where an uninterrupted run ends.
+"""Exact resume of the data order: a run killed mid-epoch and resumed trains on the rows it had not yet seen.
 
-Lightning restores the weights, the optimizer, the scheduler and the loop counters. This file provides
-the two pieces it does not restore by itself:
+Lightning restores the weights, the optimizer, the scheduler and the loop counters, but not where in
+an epoch's order a run stopped. `ResumableSampler` draws each epoch's order from (seed, epoch) alone,
+and skips what the interrupted epoch had already used. `ResumableLoader` counts the batches it has
+handed out and checkpoints the count. Lightning checkpoints any train loader that has `state_dict` /
+`load_state_dict`, and it fetches no batch ahead when the loader has a length, so the count is
+exactly the batches trained on. Checkpoints fall on optimizer-step boundaries, so a kill inside a
+gradient-accumulation window replays that whole window.
 
-- **The data order within an epoch.** `ResumableSampler` draws each epoch's order from (seed, epoch)
-  alone, and skips what the interrupted epoch had already used. `ResumableLoader` counts the batches it
-  has handed out and checkpoints the count. Lightning checkpoints any train loader that has
-  `state_dict` / `load_state_dict`, and it fetches no batch ahead when the loader has a length, so the
-  count is exactly the batches trained on. Checkpoints fall on optimizer-step boundaries, so a kill
-  inside a gradient-accumulation window replays that whole window.
-- **The random number generators** (dropout draws from them): `RNGState` saves them with each
-  checkpoint and puts them back as training restarts, after the sanity check has run.
+The random number generators are the other half of an exact resume: `training.rng.RNGState`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_falcon.batching import group_by_length
+from lightning_falcon.data.batching import group_by_length
 
 
 class ResumableSampler(DistributedSampler):
@@ -91,38 +86,3 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.sampler.skip(state_dict["epoch"], state_dict["batches"] * self.batch_size)
-
-
-class RNGState(Callback):
-    """Saves the torch (CPU and CUDA), NumPy and Python generators with each checkpoint, and restores them
-    when training restarts from one.
-
-    The saved state is rank 0's. DDP ranks are seeded alike and draw alike, so their generators match.
-    """
-
-    def __init__(self) -> None:
-        self._to_restore: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        # plain lists and tensors, so checkpoints still load with torch.load(weights_only=True)
-        numpy = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-        state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._to_restore = state_dict
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Here, not at load time: the sanity check and the loaders' set-up in between draw from them too.
-        state, self._to_restore = self._to_restore, None
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,34 +1,36 @@
-"""bitsandbytes settings -> a quantized Falcon load. The only module that imports bitsandbytes.
+"""bitsandbytes settings -> a quantized Falcon load. With `upstream.py`, the only module that imports bitsandbytes.
 
 The trap this file exists for: transformers 5.x swaps in bitsandbytes layers only for modules whose
-type is *exactly* `nn.Linear`. Falcon builds its projections from `FalconLinear(nn.Linear)`, so a
-plain "4-bit" load of Falcon silently stays full precision. `falcon_linear_as_nn_linear` builds
-the model with `nn.Linear` in their place: the two compute the same `x @ W.T + b` and have the same
-state-dict keys, so checkpoints load unchanged and the quantizer now sees them.
+type is *exactly* `nn.Linear`, and Falcon's are `FalconLinear(nn.Linear)`, so a plain "4-bit" load of
+Falcon silently stays full precision. The load builds Falcon with `nn.Linear` in their place
+(`upstream.falcon_linear_as_nn_linear`), and `tests/test_quantization.py` proves every targeted layer
+is quantized.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import nn
 
+from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.upstream import falcon_linear_as_nn_linear, keep_4bit_layout_trainable
+
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The dtypes a config names (model.compute_dtype, export --dtype).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_compute_dtype(compute_dtype: ComputeDtype, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on CUDA that supports it, else fp16 on CUDA, and fp32 on CPU.
 
-    fp32 on CPU is deliberate: bitsandbytes' bf16 4-bit path on CPU measured ~14x slower here.
+    fp32 on CPU is deliberate: bitsandbytes' bf16 4-bit path on CPU is far slower (BENCHMARKS.md).
     """
     if compute_dtype != "auto":
-        return _DTYPES[compute_dtype]
+        return DTYPES[compute_dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -41,8 +43,6 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
     and int8 on CPU), so this asks the machine rather than a table: it quantizes one small layer on
     `device`, as the load will.
     """
-    from lightning_falcon.errors import ConfigError, first_line
-
     if quantization == "none":
         return
     try:
@@ -67,8 +67,8 @@ def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dty
 def _run_quantized_layer(bnb, quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
     """Quantize a 64x64 layer on `device` (bitsandbytes quantizes as it moves the weights there).
 
-    It runs no matmul: running the layer here, before training, made a resumed CPU run end 4e-6 to 1e-5
-    away from the uninterrupted one (bitsandbytes 0.50; tests/test_reliability.py) in some runs.
+    It runs no matmul: a matmul here, before training, has made a resumed CPU run drift from the
+    uninterrupted one (bitsandbytes 0.50; tests/test_reliability.py requires them bit-identical).
     """
     dense = nn.Linear(64, 64)
     if quantization == "int8":
@@ -109,19 +109,6 @@ def bnb_config(
     )
 
 
-@contextlib.contextmanager
-def falcon_linear_as_nn_linear() -> Iterator[None]:
-    """Build Falcon with plain `nn.Linear` projections so transformers' quantizer replaces them."""
-    from transformers.models.falcon import modeling_falcon
-
-    original = modeling_falcon.FalconLinear
-    modeling_falcon.FalconLinear = nn.Linear
-    try:
-        yield
-    finally:
-        modeling_falcon.FalconLinear = original
-
-
 def load_causal_lm(
     model_name_or_path: str,
     quantization: Quantization,
@@ -158,21 +145,6 @@ def load_causal_lm(
         model.to(device)
     keep_4bit_layout_trainable(model)
     return model
-
-
-def keep_4bit_layout_trainable(model: nn.Module) -> None:
-    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` on its first eval-mode forward
-    without grad (Lightning's sanity check, any validation). After that, backward through the layer
-    returns no input gradient, so every LoRA adapter below it silently stops learning.
-    `tests/test_quantization.py` checks the gradient.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

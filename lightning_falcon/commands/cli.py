@@ -1,20 +1,11 @@
-"""The LightningCLI: `python -m lightning_falcon {fit,validate,test,predict} --config X.yaml [--section.key value ...]`.
+"""The LightningCLI of lightning_falcon: its parser, its one-line errors, and the checks that run before any load.
 
-python -m lightning_falcon fit --config configs/tiny.yaml
-python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
-python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
-python -m lightning_falcon fit --config configs/tiny.yaml --print_config
-python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml --gpu_memory 40GB   # per-GPU memory
-python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a Slurm job: the fit arguments it implies
-python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
-python -m lightning_falcon predict --config configs/tiny.yaml --ckpt_path last --generation.inputs '["a boy in snow"]'
-python -m lightning_falcon evaluate --config configs/tiny.yaml --ckpt_path last     # base vs fine-tuned report
-python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output out --merge
+`commands.main` runs it for `fit`, `validate`, `test` and `predict`; `evaluate` and the parse-only
+subcommands (`plan`, `slurm-args`, `prefetch`) build on it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import re
@@ -23,24 +14,36 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_falcon import adapter
-from lightning_falcon.checkpoint_io import DiskFull
 from lightning_falcon.data import PromptDataModule
+from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.generation import GenerationSettings
-from lightning_falcon.module import FalconQLoRA, NonFiniteLoss
-from lightning_falcon.quantization import check_quantization_runs, resolve_compute_dtype
-from lightning_falcon.strategy import check_strategy
+from lightning_falcon.model import FalconQLoRA, adapter
+from lightning_falcon.model.generation import GenerationSettings
+from lightning_falcon.model.quantization import check_quantization_runs, resolve_compute_dtype
+from lightning_falcon.training import default_callbacks
+from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
+from lightning_falcon.training.strategy import check_strategy
+from lightning_falcon.upstream import (
+    JSONARGPARSE_BAD_VALUE,
+    JSONARGPARSE_UNKNOWN_KEY,
+    LIGHTNING_MACHINE_ERROR,
+    parser_keys,
+)
 
-TRAINER_DEFAULTS = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
-    }
+LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
 }
+
+
+def trainer_defaults() -> dict:
+    """The trainer's defaults in every subcommand: TensorBoard, and the product's callbacks (new for each CLI:
+    they hold a run's state). LightningCLI adds these callbacks to any the config lists."""
+    return {"logger": LOGGER, "callbacks": default_callbacks()}
 
 
 class FalconArgumentParser(LightningArgumentParser):
@@ -60,16 +63,14 @@ def explain_parse_error(message: str, parser) -> str:
     # `__main__.py [options] fit` for a subcommand, `__main__.py` for the root, `lightning_falcon plan` for ours
     words = parser.prog.replace(" [options]", "").split()
     help_command = f"`python -m lightning_falcon {' '.join(words[1:2] + ['--help'])}`"
-    found = re.search(r"does not accept option '([^']+)'", message) or re.search(
-        r"unrecognized arguments: (\S+)", message
-    )
+    found = next((m for m in (re.search(p, message) for p in JSONARGPARSE_UNKNOWN_KEY) if m), None)
     if found:
         key = found.group(1).lstrip("-").split("=")[0]
-        keys = [action.dest for action in parser._actions if action.dest != "help"]
+        keys = parser_keys(parser)
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
         fix = f"did you mean {close[0]}?" if close else "remove it."
         return f"unknown key {key}. Fix: {fix} {help_command} lists every key"
-    found = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.DOTALL)
+    found = re.match(JSONARGPARSE_BAD_VALUE, message, re.DOTALL)
     if found:
         key, problem = found.group(1), " ".join(found.group(2).split())
         return f"bad value for {key}: {problem}. Fix: correct {key} ({help_command} shows what it takes)"
@@ -97,7 +98,7 @@ class FalconCLI(LightningCLI):
         parser.add_class_arguments(GenerationSettings, "generation")
 
     def _parse_ckpt_path(self) -> None:
-        """Keep the model config the user wrote, whatever `--ckpt_path` names.
+        """Keep the model config the user wrote, whatever `--ckpt_path` names (a library touch point: upstream.py).
 
         Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
         dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an
@@ -114,12 +115,23 @@ class FalconCLI(LightningCLI):
         self.model.generation = self._section(self.config_init)["generation"]
 
     def instantiate_trainer(self, **kwargs):
+        """The trainer, with atomic checkpoint writes unless the config chose its own checkpoint IO.
+
+        Lightning's default writes through a temporary file in the system temp dir, which is a copy (not a
+        rename) when checkpoints live on another filesystem (`training.checkpoint_io`).
+        """
+        trainer = self._trainer_or_config_error(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _trainer_or_config_error(self, **kwargs):
         # Lightning rejects an accelerator, strategy or device count this machine lacks with a traceback.
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:
             problem = " ".join(str(e).split())
-            if re.search(r"accelerator|strateg|device|gpu|cuda|backend", problem, re.IGNORECASE):
+            if re.search(LIGHTNING_MACHINE_ERROR, problem, re.IGNORECASE):
                 raise ConfigError(
                     f"the trainer settings do not fit this machine: {problem} "
                     "Fix: change --trainer.accelerator / --trainer.strategy / --trainer.devices "
@@ -206,8 +218,6 @@ class FalconCLI(LightningCLI):
 
     def _prepare_predict(self, source: Path | None) -> None:
         """Read predict's inputs (failing on an empty file now, not after loading) and place its output."""
-        from lightning_falcon.inputs import read_inputs
-
         generation = self.model.generation
         if generation.input_file:
             self.datamodule.predict_inputs = read_inputs(generation.input_file, self.datamodule.hparams.prompt_column)
@@ -260,134 +270,8 @@ def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> 
             FalconQLoRA,
             PromptDataModule,
             run=False,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults=trainer_defaults(),
             parser_kwargs={"prog": f"lightning_falcon {command}"},
         )
     finally:
         sys.argv = argv
-
-
-class SlurmArgsCLI(ParseOnlyCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        # fit's own argument, passed through the sbatch scripts: a resubmitted job names its checkpoint.
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="As for fit")
-
-
-class PlanCLI(ParseOnlyCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--devices", type=int | None, default=None, help="GPUs per node (default: the config's)")
-        parser.add_argument("--num_nodes", type=int | None, default=None, help="Nodes (default: the config's)")
-        parser.add_argument(
-            "--gpu_memory", type=str, default="80GB", help="Memory of one GPU for the verdict, e.g. 24GB, 40GB, 80GB"
-        )
-
-
-def run_plan(args: list[str]) -> None:
-    """Print the per-GPU memory of a config for its strategy and every alternative."""
-    from lightning_falcon.plan import report
-
-    config = parse_only(PlanCLI, args, "plan").config
-    print(report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory))
-
-
-def run_slurm_args(args: list[str]) -> None:
-    """Inside a Slurm job: print the fit arguments its allocation implies, one per line (see slurm.py)."""
-    from lightning_falcon.slurm import Allocation, fit_arguments
-
-    alloc = Allocation.from_env()  # first: outside a job nothing else matters
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the arguments, for the sbatch script
-        cli = parse_only(SlurmArgsCLI, args, "slurm-args")
-        explicit = cli.parser.parse_args(args, defaults=False)  # only what the config files and overrides set
-    print("\n".join(fit_arguments(explicit, cli.config, alloc)))
-
-
-def run_prefetch(args: list[str]) -> None:
-    """Download the config's model, tokenizer and data into the caches a job without internet reads."""
-    from lightning_falcon.offline import prefetch
-
-    config = parse_only(ParseOnlyCLI, args, "prefetch").config
-    print("\n".join(prefetch(config.model, config.data)))
-
-
-def run_export(args: list[str]) -> None:
-    """Export an adapter directory, or merge it into its base (see export.py)."""
-    from lightning_falcon.export import export
-
-    parser = FalconArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
-    parser.add_function_arguments(export)
-    # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
-    flags = ("--merge", "--overwrite", "--private", "--trust_remote_code")
-    args = [
-        f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
-        for i, a in enumerate(args)
-    ]
-    config = parser.parse_args(args)
-    export(**config.as_dict())
-
-
-def run_evaluate(args: list[str]) -> None:
-    """Validation loss and generations of the base and the fine-tuned model, side by side (see evaluate.py)."""
-    from lightning_falcon.evaluate import evaluate
-
-    evaluate(args)
-
-
-SUBCOMMANDS = {
-    "plan": run_plan,
-    "slurm-args": run_slurm_args,
-    "prefetch": run_prefetch,
-    "export": run_export,
-    "evaluate": run_evaluate,
-}
-
-
-def main(args: list[str] | None = None) -> None:
-    """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
-    argv = sys.argv[1:] if args is None else args
-    if "SLURM_JOB_ID" in os.environ:
-        from lightning_falcon.preemption import listen
-
-        listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
-    try:
-        run(argv, args)
-    except ConfigError as e:
-        print(f"lightning_falcon: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLoss, DiskFull) as e:  # every rank stopped together; the last good checkpoint is on disk
-        print(f"lightning_falcon: error: {e}", file=sys.stderr)
-        end_process_group()
-        sys.exit(1)
-    end_process_group()
-
-
-def run(argv: list[str], args: list[str] | None) -> None:
-    """One subcommand: ours (`SUBCOMMANDS`) or one of LightningCLI's, which reads `sys.argv` when `args` is None."""
-    if argv[:1] and argv[0] in SUBCOMMANDS:
-        SUBCOMMANDS[argv[0]](argv[1:])
-        return
-    saving = {"save_config_kwargs": {"overwrite": True}}
-    if argv[:1] == ["predict"]:
-        # One process: one JSONL in input order (ranks would each write a share), and generation needs
-        # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
-        # Its output is the JSONL alone: no config.yaml.
-        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
-    FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, **saving)
-
-
-def end_process_group() -> None:
-    """Destroy the process group a distributed run leaves behind (Lightning never does), while Python is whole.
-
-    Left to interpreter exit, gloo's worker threads are torn down with the process and can abort it
-    ("terminate called without an active exception", pytorch/pytorch#190489): Slurm then marks a job
-    that trained and saved its adapter FAILED. torch's docs ask for this call at the end of every run.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -32,6 +32,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_falcon.training.checkpoint_io import checkpoint_dir
+from lightning_falcon.upstream import cluster_environment
+
 # Set by the handlers, read at step boundaries: "stop" for SIGTERM, "requeue" for the warning signal.
 _received = {"requeue": False, "stop": False}
 
@@ -61,7 +64,7 @@ class SlurmRequeue(Callback):
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer, pl_module, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         if stage != "fit" or not isinstance(environment, SLURMEnvironment):
             return
         # Lightning registers its own handler in fit's _run, after this hook, unless auto_requeue is off.
@@ -116,8 +119,6 @@ class SlurmRequeue(Callback):
 
 def save_last(trainer) -> Path:
     """Write the run's `last.ckpt` (the file `--ckpt_path last` resumes from) through ModelCheckpoint's path."""
-    from lightning_falcon.checkpoint_io import checkpoint_dir
-
     callback = trainer.checkpoint_callback
     path = checkpoint_dir(trainer) / "last.ckpt"
     if callback is not None and callback.dirpath:

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from lightning_falcon.checkpoint_io import load_weights_only
+from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.lora import FALCON_TARGET_MODULES
+from lightning_falcon.files import load_weights_only
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA = "lightning_falcon.json"
@@ -161,8 +162,6 @@ def save(
 ) -> None:
     """Write the adapter, the tokenizer, a generation config with EOS/pad, and our metadata, to `out`."""
     from transformers import GenerationConfig
-
-    from lightning_falcon.generation import special_ids
 
     peft_model.save_pretrained(out, state_dict=state)
     if tokenizer is not None:

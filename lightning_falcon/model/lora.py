@@ -34,10 +34,12 @@ def check_target_modules(available: list[str], target_modules: list[str]) -> Non
 def apply_lora(
     model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool
 ) -> nn.Module:
-    """Prepare a (k-bit) base for training and wrap it with LoRA adapters; only LoRA weights train."""
+    """Prepare a (k-bit) base for training and wrap it with LoRA adapters; only LoRA weights train.
+
+    The targets are checked before this, on the model's skeleton (`FalconQLoRA.check_targets`).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    check_target_modules(linear_module_names(model), target_modules)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Freezes the base, upcasts norms for stability and enables input grads for checkpointing.
         model = prepare_model_for_kbit_training(

@@ -14,18 +14,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from lightning_falcon import adapter as adapters
 from lightning_falcon.assets import resolve
-from lightning_falcon.checkpoint_io import swap_in_directory
+from lightning_falcon.commands.cli import FalconArgumentParser
+from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.files import staged_directory
+from lightning_falcon.model import adapter as adapters
+from lightning_falcon.model.config import read_model_config
+from lightning_falcon.model.quantization import DTYPES, load_causal_lm
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # An existing --output is replaced (with --overwrite) only if it holds one of these: an earlier export.
 EXPORT_MARKERS = ("adapter_config.json", "config.json")
 
@@ -93,21 +95,13 @@ def export(
         )
     ConfigError.collect(problems)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_directory(out, replace=True) as staging:  # an earlier export is kept until this one is whole
         if merge:
             _merge(source, metadata, staging, merge_into, dtype, base, device, trust_remote_code)
         else:
             for path in source.iterdir():
                 if path.is_file():
                     shutil.copy2(path, staging / path.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is for others to read
-        swap_in_directory(staging, out, tag=staging.name.rsplit("-", 1)[-1])  # an earlier export kept until then
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"[export] wrote {'a merged model' if merge else 'the adapter'} to {out}")
     if push_to_hub:
         _push(out, push_to_hub, token, private)
@@ -150,10 +144,6 @@ def _merge(
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_falcon.generation import special_ids
-    from lightning_falcon.module import read_model_config
-    from lightning_falcon.quantization import load_causal_lm
 
     base_path = _base_of(source, metadata, base)
     config = read_model_config(base_path, trust)  # a missing base fails here, before any weights load
@@ -210,3 +200,17 @@ def _push(out: Path, repo: str, token: str, private: bool) -> None:
             "Fix: check the repo name, the token's write access and the network, then run export again"
         ) from e
     print(f"[export] pushed {out} to https://huggingface.co/{repo}")
+
+
+def main(args: list[str]) -> None:
+    """`export`: an adapter directory exported, or merged into its base."""
+    parser = FalconArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
+    parser.add_function_arguments(export)
+    # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
+    flags = ("--merge", "--overwrite", "--private", "--trust_remote_code")
+    args = [
+        f"{a}=true" if a in flags and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
+    config = parser.parse_args(args)
+    export(**config.as_dict())

@@ -8,27 +8,24 @@ target is at every moment either the old checkpoint or the new one.
 
 A DeepSpeed checkpoint is a directory (one shard per rank), which no single rename can replace. It is
 written whole under a hidden name, then swapped in with two renames. Between them the previous one
-exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`cli.find_last`).
+exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`commands.cli.find_last`).
 
-A full disk is found before a write where possible (`room_problem`, checked by the module on every rank),
+A full disk is found before a write where possible (`room_problem`, checked on every rank by
+`disk_space.DiskSpaceCheck`),
 and otherwise during it: the partial file is removed and `DiskFull` names the directory.
 """
 
 from __future__ import annotations
 
 import errno
-import os
-import pickle
-import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.files import atomic_write
 
 # Room asked for beyond a checkpoint's tensor bytes: its pickle, and the filesystem's own rounding.
 ROOM_MARGIN_BYTES = 1 << 20
@@ -94,35 +91,6 @@ def room_problem(directory: Path, checkpoint: dict[str, Any]) -> str | None:
     )
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (its entry is on disk, not only in the page cache)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then atomically move it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        if write_failed_for_space(e, path.parent):
-            raise disk_full(path) from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
 def write_failed_for_space(error: BaseException | None, directory: Path) -> bool:
     """Whether a failed checkpoint write ran out of space or quota in `directory`.
 
@@ -148,45 +116,21 @@ def disk_full(path: Path) -> DiskFull:
     )
 
 
+def write_checkpoint(path: str | Path, write) -> None:
+    """`files.atomic_write`, reporting a write that ran out of space or quota as `DiskFull`."""
+    path = Path(path)
+    atomic_write(path, write, on_error=lambda e: disk_full(path) if write_failed_for_space(e, path.parent) else None)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose saves are atomic on a local or shared POSIX filesystem."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        write_checkpoint(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, *args: Any, weights_only: bool | None = None, **kwargs: Any) -> dict[str, Any]:
         # Tensors and plain types only unless the user asks otherwise (`--weights_only false`): before torch 2.6
         # Lightning's default (None) unpickled whatever the file holds.
         return super().load_checkpoint(*args, weights_only=True if weights_only is None else weights_only, **kwargs)
-
-
-def load_weights_only(path: str | os.PathLike, mmap: bool = False) -> Any:
-    """`torch.load` of tensors and plain types only, which runs no code a checkpoint's pickle might carry."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        refused = f"it would call {found.group(1)}" if found else first_line(e)
-        raise ConfigError(
-            f"checkpoint {path} holds Python objects besides tensors, so it does not load with weights_only=True "
-            f"({refused}). Fix: use a checkpoint lightning_falcon wrote, which holds none"
-        ) from None
-
-
-def swap_in_directory(staged: Path, target: Path, tag: str) -> None:
-    """Replace directory (or file) `target` with the complete directory `staged`, the previous kept to the end.
-
-    `tag` names the previous copy while both exist: `<stem>.old-<tag><suffix>`, which still matches
-    `last*.ckpt` if a crash falls between the two renames.
-    """
-    old = target.with_name(f"{target.stem}.old-{tag}{target.suffix}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staged, target)
-    _fsync_directory(target.parent)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink(missing_ok=True)

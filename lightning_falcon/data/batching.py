@@ -3,7 +3,7 @@
 - `padded`: rows in random order, each batch right-padded to its longest row (what HF/TRL do by default).
 - `grouped`: rows of similar length share a batch (HF's `group_by_length`): a random permutation is cut
   into megabatches of `GROUP_MEGABATCHES` batches, each sorted by length, then the batches are shuffled
-  (`group_by_length`, used by `resume.ResumableSampler`, so a grouped epoch resumes exactly too).
+  (`group_by_length`, used by `sampler.ResumableSampler`, so a grouped epoch resumes exactly too).
 - `packed`: rows are packed whole into sequences of at most `max_length` tokens, of near-equal size (`pack`).
   Examples never attend to each other: position ids restart at each example, and the attention mask
   is block-diagonal causal (`segment_attention_mask`), or FlashAttention-2 reads the boundaries from
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_falcon.prompts import IGNORE_INDEX
+from lightning_falcon.data.prompts import IGNORE_INDEX
 
 Batching = Literal["padded", "grouped", "packed"]
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.commands.cli import ParseOnlyCLI, parse_only
+from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.model.config import warn_remote_code
 
 CONFIG_FILES = ["*.json", "tokenizer*", "*.model", "*.txt", "*.py"]  # *.py: trust_remote_code repositories
 
@@ -54,8 +57,6 @@ def check_offline(name: str, tokenizer: str, weights: bool, trust_remote_code: b
     """Load the config and tokenizer with `local_files_only=True`; a missing weight file is an error too."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lightning_falcon.module import warn_remote_code
-
     if trust_remote_code:
         warn_remote_code(name)
     try:
@@ -75,8 +76,6 @@ def check_offline(name: str, tokenizer: str, weights: bool, trust_remote_code: b
 
 def prefetch(model, data) -> list[str]:
     """Fetch the model, tokenizer and data of a parsed config; returns a report, one line per item."""
-    from lightning_falcon.data import PromptDataModule
-
     weights = not model.random_init  # random_init builds the weights from config.json alone
     tokenizer = data.tokenizer or model.model_name_or_path
     report = []
@@ -94,3 +93,9 @@ def prefetch(model, data) -> list[str]:
         "the same HF_HOME and the same data.cache_dir"
     )
     return report
+
+
+def main(args: list[str]) -> None:
+    """`prefetch`: download the config's model, tokenizer and data into the caches a job without internet reads."""
+    config = parse_only(ParseOnlyCLI, args, "prefetch").config
+    print("\n".join(prefetch(config.model, config.data)))

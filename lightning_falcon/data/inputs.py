@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.data.textfile import json_lines, read_utf8
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.textfile import json_lines, read_utf8
 
 # Fields a JSONL line may carry its input in, in order of preference.
 INPUT_FIELDS = ("input", "prompt", "query")

@@ -5,11 +5,13 @@ Three things go wrong with the stock strategy (pytorch-lightning #19731, #20949,
 1. It runs `configure_model` inside `deepspeed.zero.Init`, which partitions every parameter the moment
    its module is built. transformers cannot load a quantized model into partitioned parameters (it
    skips zero.Init for quantized models itself), so the load fails or mixes devices.
-   `QLoRADeepSpeedStrategy` instead hands its DeepSpeed config to transformers (`HfDeepSpeedConfig`):
+   `QLoRADeepSpeedStrategy` instead hands its DeepSpeed config to transformers (`HfDeepSpeedConfig`)
+   when the model asks, just before its load (`prepare_quantized_load`, `model.placement`):
    transformers builds an unquantized base under zero.Init, and loads a quantized one onto this rank's
    device with its 4-bit weights in a floating storage dtype; `deepspeed.initialize` then partitions it.
    LoRA layers are added afterwards, outside zero.Init, so PEFT initialises them normally.
-2. Its checkpoints include the frozen base; here `exclude_frozen_parameters` defaults to True.
+2. Its checkpoints include the frozen base; here `exclude_frozen_parameters` defaults to True, and the
+   quantization constants are left out too (`upstream.keep_only_trainable_in_checkpoints`).
 3. Saving the adapter on rank 0 under ZeRO-3 writes empty tensors; `SaveAdapter` gathers them first.
 
 Its checkpoint directories are also swapped in whole, so a crash mid-save keeps the previous one.
@@ -28,6 +30,10 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.files import swap_in_directory
+from lightning_falcon.model.placement import zero_stage
+from lightning_falcon.training.checkpoint_io import disk_full, write_failed_for_space
+from lightning_falcon.upstream import forget_hf_deepspeed_config, keep_only_trainable_in_checkpoints
 
 
 class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
@@ -51,21 +57,26 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
 
     @contextlib.contextmanager
     def model_sharded_context(self) -> Iterator[None]:
-        # No zero.Init around configure_model (see the module docstring, point 1); the module calls
-        # `share_config_with_transformers` just before its `from_pretrained` instead.
+        # No zero.Init around configure_model (see the module docstring, point 1): the model calls
+        # `prepare_quantized_load` just before its `from_pretrained` instead.
         self._init_config_if_needed()
         yield
 
-    def share_config_with_transformers(self) -> None:
-        """Tell transformers (and PEFT) this run is ZeRO-3, so their loaders and generate() act on it.
+    def prepare_quantized_load(self) -> torch.dtype | None:
+        """`model.placement.ShardsQuantizedBase`: under ZeRO-3, tell transformers (and PEFT) the run is ZeRO-3,
+        so that their loaders and generate() act on it, and return the dtype DeepSpeed keeps parameters in.
+        DeepSpeed shards the packed 4-bit weights only when they are stored in it. Elsewhere None.
 
-        transformers holds only a weak reference to this config, so the strategy keeps it alive for the run.
+        transformers holds only a weak reference to the config, so the strategy keeps it alive for the run.
         """
         from transformers.integrations import HfDeepSpeedConfig
 
         self._init_config_if_needed()
-        if self.zero_stage_3 and self._hf_deepspeed_config is None:
+        if not self.zero_stage_3:
+            return None
+        if self._hf_deepspeed_config is None:
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
+        return deepspeed_param_dtype(self)
 
     def init_deepspeed(self) -> None:
         super().init_deepspeed()
@@ -74,9 +85,7 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's directory of shards, written whole under a hidden name and then swapped in
-        (`checkpoint_io.swap_in_directory`): a crash mid-save leaves the previous checkpoint usable."""
-        from lightning_falcon.checkpoint_io import disk_full, swap_in_directory, write_failed_for_space
-
+        (`files.swap_in_directory`): a crash mid-save leaves the previous checkpoint usable."""
         target = Path(self.broadcast(str(filepath)))
         tag = f"step{checkpoint.get('global_step', 0)}"  # the same name on every rank
         staged = target.with_name(f".{target.name}.tmp-{tag}")
@@ -99,38 +108,8 @@ class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
     def teardown(self) -> None:
         super().teardown()
         if self._hf_deepspeed_config is not None:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
+            forget_hf_deepspeed_config()
             self._hf_deepspeed_config = None
-
-
-def keep_only_trainable_in_checkpoints(engine: Any) -> None:
-    """Make the engine's checkpointed module state hold only trainable (LoRA) weights.
-
-    DeepSpeed's `exclude_frozen_parameters` drops frozen *parameters* by name, but bitsandbytes writes
-    each 4-bit layer's quantization constants (absmax, quant_map, ...) as extra state-dict entries, and
-    a tied lm_head survives under its second name: for Falcon-40B that is ~0.7 GB per rank per checkpoint.
-    All of it is rebuilt from the base model on load, so none of it is needed.
-    """
-    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
-    module_state_dict = engine.module_state_dict
-
-    def trainable_only(*args: Any, **kwargs: Any) -> dict:
-        state = module_state_dict(*args, **kwargs)
-        for key in [k for k in state if k not in trainable]:
-            del state[key]
-        return state
-
-    engine.module_state_dict = trainable_only
-
-
-def zero_stage(strategy: Strategy) -> int:
-    """The DeepSpeed ZeRO stage of `strategy`, 0 if it is not DeepSpeed."""
-    if not isinstance(strategy, DeepSpeedStrategy):
-        return 0
-    config = strategy.config or {}
-    return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
 def deepspeed_param_dtype(strategy: Strategy) -> torch.dtype:
@@ -165,7 +144,7 @@ def check_strategy(strategy: Strategy, quantization: str, optimizer: str) -> Non
         problems.append(
             "Lightning's DeepSpeedStrategy builds the model inside zero.Init, which cannot hold a quantized base "
             "(pytorch-lightning #19731). Fix: use --config configs/strategy/deepspeed-zero3.yaml "
-            "(lightning_falcon.strategy.QLoRADeepSpeedStrategy)"
+            "(lightning_falcon.training.QLoRADeepSpeedStrategy)"
         )
     if stage == 3 and quantization == "int8":
         problems.append(

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lightning_falcon.files import staged_directory
 
 
 def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, trust_remote_code: bool = False) -> Path:
@@ -28,22 +28,12 @@ def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, tru
     target = Path(cache_dir).expanduser() / f"random-{config.model_type}-{key}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # On CPU: Lightning calls configure_model under the GPU as default device, and a full bf16
     # 7B (14 GB) or 40B (80 GB) must not land there. A forked RNG keeps the caller's seed intact.
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
-    # Write to a temporary sibling and rename, so an interrupted write never leaves a half checkpoint.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another node sharing this directory renamed its identical copy first; theirs stands.
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Several nodes sharing the cache may build the same checkpoint at once: the first one stands.
+    with staged_directory(target) as staged:
+        model.save_pretrained(staged)
     return target

@@ -10,32 +10,35 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.batching import packed_attention_mask
-from lightning_falcon.callbacks import log_to_loggers, logging_step
-from lightning_falcon.checkpoint_io import AtomicCheckpointIO, DiskFull, checkpoint_dir, room_problem
-from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.generation import Generated, GenerationSettings, generate
-from lightning_falcon.lora import (
+from lightning_falcon.data.batching import packed_attention_mask
+from lightning_falcon.data.prompts import IGNORE_INDEX
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.model.adapter import check_matches, load_weights
+from lightning_falcon.model.config import read_model_config
+from lightning_falcon.model.generation import Generated, GenerationSettings, generate
+from lightning_falcon.model.lora import (
     FALCON_TARGET_MODULES,
     apply_lora,
     check_target_modules,
     linear_module_names,
     parameter_report,
 )
-from lightning_falcon.quantization import (
+from lightning_falcon.model.placement import base_placement, zero_stage
+from lightning_falcon.model.quantization import (
     ComputeDtype,
     Quantization,
     load_causal_lm,
+    paged_adamw_8bit,
     quantized_layers,
     resolve_compute_dtype,
 )
-from lightning_falcon.strategy import check_strategy, deepspeed_param_dtype, zero_stage
+from lightning_falcon.model.random_weights import random_checkpoint
+from lightning_falcon.upstream import attn_implementation, last_saved_step, log_to_loggers, logging_step
 
 
 class FalconQLoRA(L.LightningModule):
@@ -124,10 +127,15 @@ class FalconQLoRA(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
         self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
+        self._targets_checked = False
 
     # ----------------------------------------------------------------- building
-    def _target_device(self) -> torch.device:
-        return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+    def _strategy(self) -> Strategy | None:
+        """The trainer's strategy, or None for a module used on its own (tests, notebooks)."""
+        try:
+            return self.trainer.strategy
+        except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
+            return None
 
     def skeleton(self) -> torch.nn.Module:
         """The configured model without weights (on the meta device), from its config.json alone."""
@@ -139,13 +147,13 @@ class FalconQLoRA(L.LightningModule):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
 
     def check_targets(self) -> None:
-        """Fail before any weights load if a LoRA target is missing."""
-        check_target_modules(linear_module_names(self.skeleton()), self.target_modules)
+        """Fail before any weights load if a LoRA target is missing (once: the CLI asks before the data loads)."""
+        if not self._targets_checked:
+            check_target_modules(linear_module_names(self.skeleton()), self.target_modules)
+            self._targets_checked = True
 
     def check_checkpoint(self, path: str | Path) -> None:
         """Fail before any weights load if a checkpoint or adapter directory cannot fit this model."""
-        from lightning_falcon.adapter import check_matches
-
         hp = self.hparams
         check_matches(path, hp.lora_r, hp.lora_alpha, self.target_modules, self.skeleton())
 
@@ -158,8 +166,6 @@ class FalconQLoRA(L.LightningModule):
             self._random_checkpoint()
 
     def _random_checkpoint(self) -> str:
-        from lightning_falcon.random_weights import random_checkpoint
-
         hp = self.hparams
         return str(random_checkpoint(resolve(hp.model_name_or_path), hp.random_init_dir, hp.trust_remote_code))
 
@@ -169,16 +175,10 @@ class FalconQLoRA(L.LightningModule):
             return
         hp = self.hparams
         self.check_targets()
-        device = self._target_device()
+        strategy = self._strategy()
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         compute_dtype = resolve_compute_dtype(hp.compute_dtype, device)
-        load_device, quant_storage = device, torch.uint8
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None:
-            check_strategy(strategy, hp.quantization, hp.optimizer)
-            if zero_stage(strategy) == 3:
-                # DeepSpeed shards the 4-bit weights only when they are stored in the dtype it keeps parameters in.
-                load_device, quant_storage = None, deepspeed_param_dtype(strategy)
-                strategy.share_config_with_transformers()
+        load_device, quant_storage = base_placement(strategy, device)
         # With random_init, prepare_data has written the checkpoint already: this only finds it.
         path = self._random_checkpoint() if hp.random_init else resolve(hp.model_name_or_path)
         self.base_path, self.compute_dtype = path, compute_dtype  # recorded beside the adapter
@@ -201,35 +201,12 @@ class FalconQLoRA(L.LightningModule):
             base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
         )
         if self.adapter_dir is not None:
-            from lightning_falcon.adapter import load_weights
-
             load_weights(self.model, self.adapter_dir)
             rank_zero_info(f"[model] adapter loaded from {self.adapter_dir}")
         # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
         # without this, dropout (LoRA's included) would be silently off for the whole fit.
         self.model.train()
         self.report = parameter_report(self.model, n_quantized)
-
-    def setup(self, stage: str) -> None:
-        # Lightning's default writes through a temporary file in the system temp dir, which is a copy (not
-        # a rename) when checkpoints live on another filesystem: atomic writes instead (checkpoint_io.py).
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
-
-    def configure_callbacks(self):
-        from lightning_falcon.callbacks import GenerationSamples, PredictionWriter, SaveAdapter, TokenThroughput
-        from lightning_falcon.preemption import SlurmRequeue
-        from lightning_falcon.resume import RNGState
-
-        return [
-            TokenThroughput(),
-            SaveAdapter(),
-            PredictionWriter(),
-            GenerationSamples(),
-            RNGState(),
-            SlurmRequeue(),
-        ]
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
@@ -259,7 +236,7 @@ class FalconQLoRA(L.LightningModule):
         """`position_ids` marks packed batches (`data.batching: packed`): examples restart at position 0."""
         if position_ids is not None:
             attention_mask = packed_attention_mask(
-                position_ids, self.model.config._attn_implementation, self.compute_dtype
+                position_ids, attn_implementation(self.model.config), self.compute_dtype
             )
         with self._adapter():
             return self.model(
@@ -273,14 +250,14 @@ class FalconQLoRA(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self(**batch).loss  # the mean over the batch's label tokens
         self._stop_if_not_finite("loss", loss)
-        if logging_step(self.trainer):  # only the steps Lightning writes: a log call costs ~1 ms (callbacks.py)
+        if logging_step(self.trainer):  # only on the steps Lightning writes: a log call is not free
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
             log_to_loggers(self.trainer, {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]})
         return loss
 
     def _eval_step(self, batch, stage: str) -> torch.Tensor:
         loss = self(**batch).loss
-        n = (batch["labels"][:, 1:] != -100).sum()  # the tokens that mean is over (the loss is shifted by one)
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the tokens that mean is over (the loss is shifted by one)
         self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
         return loss
 
@@ -319,7 +296,7 @@ class FalconQLoRA(L.LightningModule):
         ]
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # The LoRA weights, listed once: walking the whole model's parameters each step cost ~0.7 ms on tiny.
+        # The LoRA weights, listed once in configure_optimizers: not a walk over every parameter each step.
         grads = [p.grad.detach() for p in self._trainable if p.grad is not None]
         self._grad_norm = None
         if grads:
@@ -351,7 +328,7 @@ class FalconQLoRA(L.LightningModule):
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             step, callback = self.trainer.global_step, self.trainer.checkpoint_callback
-            saved = getattr(callback, "_last_global_step_saved", -1)
+            saved = last_saved_step(callback) if callback else -1
             if not callback or not callback.last_model_path:
                 where = "No checkpoint was saved yet"
             elif saved == step:  # the weights just saved are the ones that gave this value
@@ -370,11 +347,9 @@ class FalconQLoRA(L.LightningModule):
         params = self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         kwargs = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": tuple(hp.betas)}
         if hp.optimizer == "paged_adamw_8bit":
-            from lightning_falcon.quantization import paged_adamw_8bit
-
             optimizer = paged_adamw_8bit(params, **kwargs)
         else:
-            # fused: on tiny's 16 LoRA tensors on CPU, 0.44 ms a step against 1.62 ms (BENCHMARKS.md)
+            # fused: one kernel for all the LoRA tensors, the same update (BENCHMARKS.md has the timings)
             fused = hp.fused_adamw and fused_adamw_fits(self.trainer)
             optimizer = torch.optim.AdamW(params, fused=fused or None, **kwargs)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -396,28 +371,6 @@ class FalconQLoRA(L.LightningModule):
                 f"{len(poisoned)} LoRA weights hold NaN or inf at step {self.trainer.global_step} "
                 f"(e.g. {poisoned[0]}); the checkpoint was not written. "
                 "Fix: lower --model.learning_rate, or use bf16 rather than fp16"
-            )
-        if self._trainer is not None:  # a module saved outside a Trainer has no checkpoint directory
-            self._stop_if_no_room(checkpoint)
-
-    def _stop_if_no_room(self, checkpoint: dict[str, Any]) -> None:
-        """Stop every rank together, before anything is written, when the checkpoint will not fit on disk.
-
-        This hook runs on every rank before the strategy writes (only rank 0 does under DDP): one rank
-        raising alone would leave the others waiting for it forever.
-        """
-        trainer, callback = self.trainer, self.trainer.checkpoint_callback
-        problem = room_problem(checkpoint_dir(trainer), checkpoint)
-        full = problem is not None
-        if trainer.world_size > 1:
-            full = trainer.strategy.reduce_boolean_decision(full, all=False)
-        if full:
-            # Lightning names last.ckpt in last_model_path before writing it; this is set only once a save is done.
-            last = getattr(callback, "_last_checkpoint_saved", "") if callback is not None else ""
-            kept = f"the last good checkpoint stays: {last}" if last and Path(last).exists() else "none was saved yet"
-            raise DiskFull(
-                f"{problem or 'another rank has no room for its checkpoint'}; nothing was written, and {kept}. "
-                "Fix: free space there, or point --checkpoint.dirpath at a larger disk (resume with --ckpt_path)"
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -445,29 +398,6 @@ class FalconQLoRA(L.LightningModule):
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or inf; the CLI prints it as one line and exits 1."""
-
-
-def warn_remote_code(model_name_or_path: str) -> None:
-    """Say, once per process, that trust_remote_code lets a repository's Python code run here."""
-    rank_zero_warn(
-        f"trust_remote_code is on: Python code shipped with {model_name_or_path} will run on this machine with "
-        "your permissions. Turn it on only for repositories you trust; Falcon needs none (native in transformers)"
-    )
-
-
-def read_model_config(model_name_or_path: str, trust_remote_code: bool = False):
-    """The model's config.json (only that file is read), from a directory, an `asset:` or the Hub; one-line error."""
-    from transformers import AutoConfig
-
-    if trust_remote_code:
-        warn_remote_code(model_name_or_path)
-    try:
-        return AutoConfig.from_pretrained(resolve(model_name_or_path), trust_remote_code=trust_remote_code)
-    except OSError as e:  # transformers' "not a local folder and not a valid model identifier"
-        raise ConfigError(
-            f"model {model_name_or_path!r} not found: not a local directory and not loadable from the Hub "
-            f"({first_line(e)}). Fix: set --model.model_name_or_path to a Hub id or a directory with config.json"
-        ) from e
 
 
 def clips_by_norm_itself(trainer) -> bool:

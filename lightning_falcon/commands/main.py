@@ -1,0 +1,79 @@
+"""The entry point: `python -m lightning_falcon {fit,validate,test,predict} --config X.yaml [--section.key value ...]`.
+
+python -m lightning_falcon fit --config configs/tiny.yaml
+python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
+python -m lightning_falcon fit --config configs/tiny.yaml --ckpt_path last      # resume the run
+python -m lightning_falcon fit --config configs/tiny.yaml --print_config
+python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml --gpu_memory 40GB   # per-GPU memory
+python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a Slurm job: the fit arguments it implies
+python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
+python -m lightning_falcon predict --config configs/tiny.yaml --ckpt_path last --generation.inputs '["a boy in snow"]'
+python -m lightning_falcon evaluate --config configs/tiny.yaml --ckpt_path last     # base vs fine-tuned report
+python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output out --merge
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning_falcon.commands import evaluate, export, plan, prefetch, slurm_args
+from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, trainer_defaults
+from lightning_falcon.data import PromptDataModule
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.model import FalconQLoRA, NonFiniteLoss
+from lightning_falcon.training.checkpoint_io import DiskFull
+from lightning_falcon.training.preemption import listen
+
+# Ours, besides LightningCLI's fit, validate, test and predict: each takes the arguments after its name.
+SUBCOMMANDS = {
+    "plan": plan.main,
+    "slurm-args": slurm_args.main,
+    "prefetch": prefetch.main,
+    "export": export.main,
+    "evaluate": evaluate.evaluate,
+}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
+    argv = sys.argv[1:] if args is None else args
+    if "SLURM_JOB_ID" in os.environ:
+        listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
+    try:
+        run(argv, args)
+    except ConfigError as e:
+        print(f"lightning_falcon: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (NonFiniteLoss, DiskFull) as e:  # every rank stopped together; the last good checkpoint is on disk
+        print(f"lightning_falcon: error: {e}", file=sys.stderr)
+        end_process_group()
+        sys.exit(1)
+    end_process_group()
+
+
+def run(argv: list[str], args: list[str] | None) -> None:
+    """One subcommand: ours (`SUBCOMMANDS`) or one of LightningCLI's, which reads `sys.argv` when `args` is None."""
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
+        return
+    saving = {"save_config_kwargs": {"overwrite": True}}
+    if argv[:1] == ["predict"]:
+        # One process: one JSONL in input order (ranks would each write a share), and generation needs
+        # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
+        # Its output is the JSONL alone: no config.yaml.
+        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
+    FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=trainer_defaults(), **saving)
+
+
+def end_process_group() -> None:
+    """Destroy the process group a distributed run leaves behind (Lightning never does), while Python is whole.
+
+    Left to interpreter exit, gloo's worker threads are torn down with the process and can abort it
+    ("terminate called without an active exception", pytorch/pytorch#190489): Slurm then marks a job
+    that trained and saved its adapter FAILED. torch's docs ask for this call at the end of every run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

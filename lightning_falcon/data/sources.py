@@ -1,0 +1,67 @@
+"""A data source (a local file or a Hub dataset) loaded through `datasets.load_dataset`, with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_falcon.assets import resolve
+from lightning_falcon.data.textfile import check_utf8, diagnose_json
+from lightning_falcon.errors import ConfigError, first_line
+from lightning_falcon.upstream import DATASETS_NO_ROWS
+
+# File suffix -> the `datasets` builder that reads it.
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def empty(source: str) -> ConfigError:
+    return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+
+
+def local_file(source: str) -> Path | None:
+    """The file `source` names, or None for a Hub dataset name."""
+    path = Path(resolve(source)).expanduser() if source else None
+    return path if path is not None and path.is_file() else None
+
+
+def load_source(source: str, split: str):
+    """Load one data source: a .jsonl/.json/.csv/.parquet file, or the `split` of a Hub dataset."""
+    import datasets
+
+    path = Path(resolve(source)).expanduser()
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if path.is_dir():
+        raise ConfigError(f"dataset {source} is a directory. Fix: give a {'/'.join(FILE_BUILDERS)} file")
+    if builder is not None or path.exists():
+        if not path.is_file():
+            raise ConfigError(
+                f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset"
+            )
+        if builder is None:
+            raise ConfigError(
+                f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
+            )
+        if path.stat().st_size == 0:
+            raise empty(source)
+        if builder in ("json", "csv"):
+            check_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats ours
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
+            if DATASETS_NO_ROWS in str(e):
+                raise empty(source) from e
+            if builder == "json":  # datasets' own error has no line number
+                diagnose_json(path, "dataset")
+            raise ConfigError(
+                f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
+            ) from e
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ConfigError(
+            f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
+            "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
+        ) from e

@@ -1,0 +1,5 @@
+"""The model layer: the LightningModule, the quantized load, LoRA, generation and the adapter directory."""
+
+from lightning_falcon.model.module import FalconQLoRA, NonFiniteLoss
+
+__all__ = ["FalconQLoRA", "NonFiniteLoss"]

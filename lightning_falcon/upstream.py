@@ -1,0 +1,163 @@
+"""Every place lightning_falcon leans on a library's internals, each with the reason no public API serves.
+
+A new release of lightning, transformers, bitsandbytes, deepspeed or jsonargparse may change any of
+these without notice, so each has a canary in `tests/test_upstream.py` that fails, naming the touch
+point, when the library underneath it changes. `pyproject.toml` bounds those libraries above, and the
+README's "Library touch points" lists the same set. Two touch points are methods of our subclasses
+and stay with them: `FalconCLI._parse_ckpt_path` (commands/cli.py) and the calls to
+`DeepSpeedStrategy._init_config_if_needed` (training/strategy.py).
+
+This module imports only libraries, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+# ----------------------------------------------------------------- error texts matched by a regex
+# No library gives these as data; the messages are read so that the user gets one line with a fix.
+# jsonargparse: an unknown key, as its parser or argparse words it.
+JSONARGPARSE_UNKNOWN_KEY = (r"does not accept option '([^']+)'", r"unrecognized arguments: (\S+)")
+# jsonargparse: a value that does not fit its key's type.
+JSONARGPARSE_BAD_VALUE = r'Parser key "([^"]+)":\s*(.*)'
+# Lightning's MisconfigurationException/ValueError texts that are about the machine, not the setting.
+LIGHTNING_MACHINE_ERROR = r"accelerator|strateg|device|gpu|cuda|backend"
+# datasets: a CSV (or other file) with a header and no rows.
+DATASETS_NO_ROWS = "corresponds to no data"
+# torch.load(weights_only=True): the global it refused to unpickle.
+TORCH_REFUSED_GLOBAL = r"Unsupported global: GLOBAL (\S+)"
+
+
+# ----------------------------------------------------------------- lightning
+def logging_step(trainer) -> bool:
+    """Whether Lightning writes this step's logs (every `trainer.log_every_n_steps`).
+
+    Train scalars are computed only on those steps, as `self.log` costs about a millisecond a call
+    whether or not the step is written. Lightning keeps the decision private; its own
+    LearningRateMonitor asks it the same way.
+    """
+    return trainer._logger_connector.should_update_logs
+
+
+def logged_step(trainer) -> int:
+    """The step Lightning's `self.log` writes metrics at (optimizer steps taken, not `global_step`)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_to_loggers(trainer, metrics: dict[str, float]) -> None:
+    """Write step scalars straight to the loggers (rank 0), at the step Lightning's `self.log` would use.
+
+    For values neither shown in the progress bar nor averaged over an epoch: `self.log` spends most of
+    its time moving its result collection between devices. Lightning's LearningRateMonitor and
+    ThroughputMonitor log the same way.
+    """
+    step = logged_step(trainer)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def last_saved_step(callback) -> int:
+    """The global step of ModelCheckpoint's last completed save (-1 before any)."""
+    return callback._last_global_step_saved
+
+
+def last_saved_path(callback) -> str:
+    """The file of ModelCheckpoint's last completed save ("" before any).
+
+    The public `last_model_path` names `last.ckpt` before that file is written, so it cannot say
+    whether a good copy exists.
+    """
+    return callback._last_checkpoint_saved
+
+
+def cluster_environment(trainer):
+    """The trainer's cluster environment (a SLURMEnvironment under Slurm).
+
+    Parallel strategies expose it publicly; a single-device strategy has none, and Lightning's own
+    SIGUSR1 handler reads it from the accelerator connector, so that is where `auto_requeue` must be off.
+    """
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    return environment if environment is not None else trainer._accelerator_connector.cluster_environment
+
+
+# ----------------------------------------------------------------- jsonargparse / argparse
+def parser_keys(parser) -> list[str]:
+    """Every key a parser accepts (for "did you mean"). argparse keeps its actions private."""
+    return [action.dest for action in parser._actions if action.dest != "help"]
+
+
+# ----------------------------------------------------------------- transformers
+@contextlib.contextmanager
+def falcon_linear_as_nn_linear() -> Iterator[None]:
+    """Build Falcon with plain `nn.Linear` projections, so that transformers' quantizer replaces them.
+
+    transformers 5.x swaps in bitsandbytes layers only for modules whose type is exactly `nn.Linear`,
+    and Falcon builds its projections from `FalconLinear(nn.Linear)`: a plain 4-bit load of Falcon
+    silently stays full precision. The two compute the same `x @ W.T + b` with the same state-dict
+    keys, so checkpoints load unchanged. transformers has no hook for this; the module global is swapped.
+    """
+    from transformers.models.falcon import modeling_falcon
+
+    original = modeling_falcon.FalconLinear
+    modeling_falcon.FalconLinear = nn.Linear
+    try:
+        yield
+    finally:
+        modeling_falcon.FalconLinear = original
+
+
+def attn_implementation(config) -> str:
+    """The attention backend transformers resolved for a model (`sdpa`, `eager`, `flash_attention_2`).
+
+    A packed batch needs a block-diagonal mask for eager and SDPA, and none for FlashAttention-2, so the
+    resolved backend matters; transformers exposes only the setting it was given.
+    """
+    return config._attn_implementation
+
+
+def forget_hf_deepspeed_config() -> None:
+    """Undo `HfDeepSpeedConfig` at the end of a ZeRO-3 run, so that later loads in the process are plain."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+# ----------------------------------------------------------------- bitsandbytes
+def keep_4bit_layout_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` on its first eval-mode forward
+    without grad (Lightning's sanity check, any validation). After that, backward through the layer
+    returns no input gradient, so every LoRA adapter below it silently stops learning. The switch is
+    an undocumented instance attribute.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+# ----------------------------------------------------------------- deepspeed
+def keep_only_trainable_in_checkpoints(engine: Any) -> None:
+    """Make a DeepSpeed engine's checkpointed module state hold only trainable (LoRA) weights.
+
+    DeepSpeed's `exclude_frozen_parameters` drops frozen *parameters* by name, but bitsandbytes writes
+    each 4-bit layer's quantization constants (absmax, quant_map, ...) as extra state-dict entries, and
+    a tied lm_head survives under its second name. All of it is rebuilt from the base on load. DeepSpeed
+    has no filter for its checkpointed state, so the engine's `module_state_dict` is wrapped.
+    """
+    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    module_state_dict = engine.module_state_dict
+
+    def trainable_only(*args: Any, **kwargs: Any) -> dict:
+        state = module_state_dict(*args, **kwargs)
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
+        return state
+
+    engine.module_state_dict = trainable_only
