@@ -1,5 +1,6 @@
-"""Writes that a crash cannot tear, and reads that run no code: every file lightning_falcon writes goes through here.
+"""Writes that a crash cannot tear, and reads that run no code.
 
+Checkpoints, tokenized data caches, random-weights checkpoints and exports are written through these:
 - `atomic_write`: one file, written beside its target, flushed to disk and renamed over it. On POSIX
   the target is at every moment either the old file or the new one.
 - `staged_directory`: a directory built whole under a hidden name beside its target, then renamed
@@ -90,14 +91,16 @@ def swap_in_directory(staged: Path, target: Path, tag: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(target: Path, replace: bool = False) -> Iterator[Path]:
+def staged_directory(target: Path, replace: bool = False, complete: str | None = None) -> Iterator[Path]:
     """An empty hidden directory beside `target` to write into; it becomes `target` when the block ends cleanly.
 
-    `replace=False`: `target` is written once. If it appeared meanwhile (another process renamed its
-    copy first), that copy stands and this one is dropped. `replace=True`: an existing `target` is
-    replaced (`swap_in_directory`). On an error in the block nothing is renamed and the staged
-    directory is removed.
+    `replace=False`: `target` is written once, and `complete` names the file a whole copy holds. If a
+    whole copy appeared meanwhile (another process renamed its own first), it stands and this one is
+    dropped; anything else in the way is an error. `replace=True`: an existing `target` is replaced
+    (`swap_in_directory`). On an error in the block nothing is renamed and the staged directory is removed.
     """
+    if not replace and complete is None:
+        raise TypeError("staged_directory(replace=False) needs `complete`: the file a whole copy holds")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -109,8 +112,8 @@ def staged_directory(target: Path, replace: bool = False) -> Iterator[Path]:
         else:
             try:
                 os.replace(staged, target)
-            except OSError:  # a non-empty target exists: another process won the race, and theirs is whole
-                if not target.is_dir():
+            except OSError:  # a non-empty target is in the way: another process's whole copy, or a stale one
+                if not (target / complete).is_file():
                     raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -13,6 +13,7 @@ This module imports only libraries, so every layer may use it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,6 +89,18 @@ def cluster_environment(trainer):
 def parser_keys(parser) -> list[str]:
     """Every key a parser accepts (for "did you mean"). argparse keeps its actions private."""
     return [action.dest for action in parser._actions if action.dest != "help"]
+
+
+def jsonargparse_recovers(parser) -> bool:
+    """Whether jsonargparse will catch what its `error(message, ex)` raises: it parses tentatively with
+    `exit_on_error` off, and `JSONARGPARSE_DEBUG` asks for tracebacks. An `error` override must then raise."""
+    return not parser.exit_on_error or bool(os.environ.get("JSONARGPARSE_DEBUG"))
+
+
+def failing_parser(parser, error: Exception | None):
+    """The parser whose keys a parse error is about: jsonargparse marks an error inside a subcommand with that
+    subcommand's parser (an undocumented attribute), whose keys are the ones to suggest."""
+    return getattr(error, "subcommand_parser", None) or parser
 
 
 # ----------------------------------------------------------------- transformers

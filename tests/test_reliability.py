@@ -234,3 +234,27 @@ def test_a_full_disk_stops_fit_before_a_write_and_keeps_the_last_good_checkpoint
     steps = sorted(torch.load(path, weights_only=True)["global_step"] for path in keep.glob("step=*.ckpt"))
     assert steps[:2] == [5, 10] and last["global_step"] in steps  # every file whole; the run stopped early
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_a_staged_directory_keeps_another_processs_whole_copy_and_refuses_a_partial_one(tmp_path):
+    from lightning_falcon.files import staged_directory, umask
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / "stats.json").write_text("theirs")  # another node renamed its copy into place first
+    with staged_directory(whole, complete="stats.json") as staged:
+        (staged / "stats.json").write_text("ours")
+    assert (whole / "stats.json").read_text() == "theirs" and os.listdir(tmp_path) == ["whole"]
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train").write_text("left by a crash")  # not a whole copy: no stats.json
+    with pytest.raises(OSError), staged_directory(partial, complete="stats.json") as staged:
+        (staged / "stats.json").write_text("ours")
+    assert sorted(os.listdir(tmp_path)) == ["partial", "whole"]  # nothing staged left behind
+
+    fresh = tmp_path / "fresh"
+    with staged_directory(fresh, complete="stats.json") as staged:
+        (staged / "stats.json").write_text("ours")
+    assert (fresh / "stats.json").read_text() == "ours"
+    assert fresh.stat().st_mode & 0o777 == 0o777 & ~umask()  # as the umask allows, not mkdtemp's 0700

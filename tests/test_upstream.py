@@ -100,6 +100,19 @@ def test_jsonargparse_error_texts_and_parser_actions():
     assert found and found.group(1) == "model.lora_r", str(bad.value)
 
 
+def test_jsonargparse_error_hook_still_takes_the_error_and_marks_subcommand_errors():
+    from jsonargparse import ArgumentParser
+
+    assert list(inspect.signature(ArgumentParser.error).parameters) == ["self", "message", "ex"], (
+        "jsonargparse's ArgumentParser.error(message, ex) changed: FalconArgumentParser.error overrides it"
+    )
+    source = inspect.getsource(ArgumentParser.error)
+    assert "exit_on_error" in source and "subcommand_parser" in source, "jsonargparse's error() contract changed"
+    assert "ex.subcommand_parser = " in inspect.getsource(ArgumentParser), "errors no longer carry subcommand_parser"
+    parser = ArgumentParser(exit_on_error=False)
+    assert upstream.jsonargparse_recovers(parser) and upstream.failing_parser(parser, ValueError()) is parser
+
+
 # ----------------------------------------------------------------- transformers
 def falcon_skeleton():
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -7,7 +7,6 @@ subcommands (`plan`, `slurm-args`, `prefetch`) build on it.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +30,8 @@ from lightning_falcon.upstream import (
     JSONARGPARSE_BAD_VALUE,
     JSONARGPARSE_UNKNOWN_KEY,
     LIGHTNING_MACHINE_ERROR,
+    failing_parser,
+    jsonargparse_recovers,
     parser_keys,
 )
 
@@ -50,10 +51,9 @@ class FalconArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, reporting a bad key or value in one line with its fix (not 100 lines of usage)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        # jsonargparse parses tentatively with exit_on_error off and catches what this raises: leave that alone.
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+        if jsonargparse_recovers(self):
             super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
+        parser = failing_parser(self, ex)
         print(f"lightning_falcon: error: {explain_parse_error(message, parser)}", file=sys.stderr)
         sys.exit(2)
 

@@ -239,7 +239,7 @@ class PromptDataModule(L.LightningDataModule):
             parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
             sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
         # Several nodes sharing the filesystem may write the same cache at once: the first one stands.
-        with staged_directory(target) as tmp:
+        with staged_directory(target, complete="stats.json") as tmp:
             stats = {}
             for name, (source, ds) in sources.items():
                 tokenized, stats[name] = self._tokenize(source, ds)

@@ -39,6 +39,6 @@ def base_placement(strategy: Strategy | None, device: torch.device) -> tuple[tor
     if zero_stage(strategy) == 3:
         raise TypeError(
             f"{type(strategy).__name__} runs ZeRO-3 but cannot shard a quantized base: "
-            "use lightning_falcon.training.QLoRADeepSpeedStrategy"
+            "use lightning_falcon.training.strategy.QLoRADeepSpeedStrategy"
         )
     return device, torch.uint8

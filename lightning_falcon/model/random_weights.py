@@ -34,6 +34,6 @@ def random_checkpoint(model_name_or_path: str, cache_dir: str | os.PathLike, tru
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
     # Several nodes sharing the cache may build the same checkpoint at once: the first one stands.
-    with staged_directory(target) as staged:
+    with staged_directory(target, complete="config.json") as staged:
         model.save_pretrained(staged)
     return target

@@ -17,7 +17,8 @@ class DiskSpaceCheck(Callback):
     `on_save_checkpoint` runs on every rank before the strategy writes (only rank 0 writes under DDP):
     the ranks decide together, as one rank raising alone would leave the others waiting for it forever.
     What is left on disk is the last good checkpoint. A disk that fills during the write is caught by
-    the checkpoint IO instead (`checkpoint_io.write_checkpoint`).
+    the checkpoint IO instead (`checkpoint_io.write_checkpoint`). Lightning calls this hook for full
+    checkpoints only: with `checkpoint.save_weights_only` only the write itself is checked.
     """
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:

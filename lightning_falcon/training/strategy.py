@@ -144,7 +144,7 @@ def check_strategy(strategy: Strategy, quantization: str, optimizer: str) -> Non
         problems.append(
             "Lightning's DeepSpeedStrategy builds the model inside zero.Init, which cannot hold a quantized base "
             "(pytorch-lightning #19731). Fix: use --config configs/strategy/deepspeed-zero3.yaml "
-            "(lightning_falcon.training.QLoRADeepSpeedStrategy)"
+            "(lightning_falcon.training.strategy.QLoRADeepSpeedStrategy)"
         )
     if stage == 3 and quantization == "int8":
         problems.append(
