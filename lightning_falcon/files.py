@@ -91,23 +91,21 @@ def swap_in_directory(staged: Path, target: Path, tag: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(target: Path, replace: bool = False, complete: str | None = None) -> Iterator[Path]:
+def staged_directory(target: Path, complete: str | None = None) -> Iterator[Path]:
     """An empty hidden directory beside `target` to write into; it becomes `target` when the block ends cleanly.
 
-    `replace=False`: `target` is written once, and `complete` names the file a whole copy holds. If a
-    whole copy appeared meanwhile (another process renamed its own first), it stands and this one is
-    dropped; anything else in the way is an error. `replace=True`: an existing `target` is replaced
-    (`swap_in_directory`). On an error in the block nothing is renamed and the staged directory is removed.
+    With `complete` (the file a whole copy holds), `target` is written once: if a whole copy appeared
+    meanwhile (another process renamed its own first), it stands and this one is dropped, and anything
+    else in the way is an error. Without it, an existing `target` is replaced (`swap_in_directory`).
+    On an error in the block nothing is renamed and the staged directory is removed.
     """
-    if not replace and complete is None:
-        raise TypeError("staged_directory(replace=False) needs `complete`: the file a whole copy holds")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield staged
         staged.chmod(0o777 & ~umask())  # mkdtemp makes it private to this user
-        if replace:
+        if complete is None:
             swap_in_directory(staged, target, tag=staged.name.rsplit("-", 1)[-1])
         else:
             try:

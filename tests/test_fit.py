@@ -77,7 +77,7 @@ def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from lightning_falcon import FalconQLoRA, PromptDataModule
-    from lightning_falcon.commands.cli import FalconCLI, trainer_defaults
+    from lightning_falcon.commands.cli import FalconCLI
     from lightning_falcon.training.callbacks import default_callbacks
 
     args = [
@@ -85,7 +85,7 @@ def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
         "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
     ]
     with restored_process_state():
-        cli = FalconCLI(FalconQLoRA, PromptDataModule, args=args, run=False, trainer_defaults=trainer_defaults())
+        cli = FalconCLI(FalconQLoRA, PromptDataModule, args=args, run=False)
     installed = [type(c) for c in cli.trainer.callbacks]
     assert all(type(c) in installed for c in default_callbacks()), installed
     assert LearningRateMonitor in installed

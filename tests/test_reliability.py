@@ -80,12 +80,11 @@ def test_a_sharded_checkpoint_swapped_in_whole_or_found_under_its_old_name(tmp_p
 
 def test_fit_saves_through_the_atomic_writer(tmp_path):
     from lightning_falcon import FalconQLoRA, PromptDataModule
-    from lightning_falcon.commands.cli import FalconCLI, trainer_defaults
+    from lightning_falcon.commands.cli import FalconCLI
 
     with restored_process_state():
         cli = FalconCLI(
             FalconQLoRA, PromptDataModule, args=tiny_arguments(tmp_path, "fit")[1:], run=False,
-            trainer_defaults=trainer_defaults(),
         )  # fmt: skip
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 

@@ -80,6 +80,7 @@ def explain_parse_error(message: str, parser) -> str:
 class FalconCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_class", FalconArgumentParser)
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -270,7 +271,6 @@ def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> 
             FalconQLoRA,
             PromptDataModule,
             run=False,
-            trainer_defaults=trainer_defaults(),
             parser_kwargs={"prog": f"lightning_falcon {command}"},
         )
     finally:

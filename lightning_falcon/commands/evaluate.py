@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, is_deepspeed_checkpoint, run_dir, trainer_defaults
+from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, is_deepspeed_checkpoint, run_dir
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.inputs import Query, read_queries
 from lightning_falcon.errors import ConfigError
@@ -48,7 +48,6 @@ def evaluate(args: list[str]) -> Path:
         PromptDataModule,
         args=[*args, *SINGLE_DEVICE],
         run=False,
-        trainer_defaults=trainer_defaults(),
         save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
         parser_kwargs={"prog": "lightning_falcon evaluate"},
     )

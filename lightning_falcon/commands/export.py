@@ -95,7 +95,7 @@ def export(
         )
     ConfigError.collect(problems)
 
-    with staged_directory(out, replace=True) as staging:  # an earlier export is kept until this one is whole
+    with staged_directory(out) as staging:  # an earlier export is kept until this one is whole
         if merge:
             _merge(source, metadata, staging, merge_into, dtype, base, device, trust_remote_code)
         else:

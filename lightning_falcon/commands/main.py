@@ -18,7 +18,7 @@ import os
 import sys
 
 from lightning_falcon.commands import evaluate, export, plan, prefetch, slurm_args
-from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, trainer_defaults
+from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA, NonFiniteLoss
@@ -63,7 +63,7 @@ def run(argv: list[str], args: list[str] | None) -> None:
         # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
         # Its output is the JSONL alone: no config.yaml.
         args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
-    FalconCLI(FalconQLoRA, PromptDataModule, args=args, trainer_defaults=trainer_defaults(), **saving)
+    FalconCLI(FalconQLoRA, PromptDataModule, args=args, **saving)
 
 
 def end_process_group() -> None:

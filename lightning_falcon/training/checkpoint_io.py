@@ -11,8 +11,8 @@ written whole under a hidden name, then swapped in with two renames. Between the
 exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`commands.cli.find_last`).
 
 A full disk is found before a write where possible (`room_problem`, checked on every rank by
-`disk_space.DiskSpaceCheck`),
-and otherwise during it: the partial file is removed and `DiskFull` names the directory.
+`disk_space.DiskSpaceCheck`), and otherwise during it: the partial file is removed and `DiskFull`
+names the directory.
 """
 
 from __future__ import annotations
