@@ -9,7 +9,8 @@ Checkpoints, tokenized data caches, random-weights checkpoints and exports are w
   identical copy first, theirs stands), or it replaces the previous one, which is kept until the new
   one is in place (`swap_in_directory`).
 
-Both make what they write readable as the umask allows, as any other file the user creates.
+Both make what they write readable as the umask allows, as any other file the user creates: a
+directory's files included, which libraries may have written private (safetensors writes 0600).
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes a plain `open`/`mkdir` would have given them.
+
+    mkdtemp makes a directory private to its user, and safetensors writes its files 0600: on a shared
+    cluster a teammate could then not read an adapter or a cache this process wrote.
+    """
+    mask = umask()
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(
@@ -104,7 +118,7 @@ def staged_directory(target: Path, complete: str | None = None) -> Iterator[Path
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield staged
-        staged.chmod(0o777 & ~umask())  # mkdtemp makes it private to this user
+        follow_umask(staged)
         if complete is None:
             swap_in_directory(staged, target, tag=staged.name.rsplit("-", 1)[-1])
         else:

@@ -1,7 +1,11 @@
 """The fast tier's end-to-end check: the tiny default trained through the CLI in this process, with what it writes."""
 
+from pathlib import Path
+
 import torch
 from conftest import adapter_changes_the_model, fit_in_process, sample_texts, scalars
+
+from lightning_falcon.files import umask
 
 
 def test_fit_writes_config_scalars_lora_only_checkpoints_and_an_adapter(quick_fit):
@@ -21,6 +25,14 @@ def test_fit_writes_config_scalars_lora_only_checkpoints_and_an_adapter(quick_fi
     assert state["global_step"] == 10
     assert state["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in state["state_dict"])
     adapter_changes_the_model(run / "adapter")
+
+
+def test_everything_a_fit_writes_is_as_readable_as_the_umask_allows(quick_fit):
+    mask = umask()
+    modes = {p.relative_to(quick_fit): p.stat().st_mode & 0o777 for p in quick_fit.rglob("*")}
+    assert (Path("adapter") / "adapter_model.safetensors") in modes  # safetensors alone would write it 0600
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o777 if (quick_fit / p).is_dir() else 0o666) & ~mask}
+    assert not wrong, wrong
 
 
 def test_a_distributed_fit_leaves_no_process_group_behind(tmp_path):

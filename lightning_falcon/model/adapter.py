@@ -16,7 +16,7 @@ import torch
 
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.files import load_weights_only
+from lightning_falcon.files import load_weights_only, staged_directory
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -160,12 +160,17 @@ def save(
     tokenizer,
     metadata: dict[str, Any],
 ) -> None:
-    """Write the adapter, the tokenizer, a generation config with EOS/pad, and our metadata, to `out`."""
+    """Write the adapter, the tokenizer, a generation config with EOS/pad, and our metadata, to `out`.
+
+    The directory is built whole beside `out` and renamed into place, so a crash leaves the previous adapter.
+    """
     from transformers import GenerationConfig
 
-    peft_model.save_pretrained(out, state_dict=state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-        eos, pad = special_ids(tokenizer)
-        GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id).save_pretrained(out)
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    with staged_directory(out) as staged:
+        peft_model.save_pretrained(staged, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+            eos, pad = special_ids(tokenizer)
+            generation = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
+            generation.save_pretrained(staged)
+        (staged / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
