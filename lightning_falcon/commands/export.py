@@ -26,6 +26,7 @@ from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import staged_directory
 from lightning_falcon.model import adapter as adapters
 from lightning_falcon.model.config import read_model_config
+from lightning_falcon.model.merge import merge_into_dequantized
 from lightning_falcon.model.quantization import DTYPES, load_causal_lm
 
 # An existing --output is replaced (with --overwrite) only if it holds one of these: an earlier export.
@@ -154,7 +155,7 @@ def _merge(
     quantization = metadata.get("quantization", "nf4")
     if merge_into == "dequantized" and quantization != "none":
         # The same load as training (settings from the adapter's metadata), so the 4-bit weights are the
-        # very ones the adapter learned against; then each 4-bit layer becomes a dense nn.Linear.
+        # very ones the adapter learned against; then each 4-bit layer in turn becomes a dense nn.Linear.
         compute = getattr(torch, metadata.get("compute_dtype", "float32"))
         model = load_causal_lm(
             base_path,
@@ -164,11 +165,11 @@ def _merge(
             device=run_device,
             trust_remote_code=trust,
         )
-        model = model.dequantize()
+        merged = merge_into_dequantized(PeftModel.from_pretrained(model, str(source)), target)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=target, trust_remote_code=trust)
         model.to(run_device)
-    merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
     merged = merged.to(device="cpu", dtype=target)
     merged.config.use_cache = True  # training switched the KV cache off
     tokenizer = AutoTokenizer.from_pretrained(source if (source / "tokenizer_config.json").is_file() else base_path)
