@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.model.quantization import constant_bytes
 
 # Falcon's attention and MLP projections (the QLoRA paper adapts every linear layer of the block).
 FALCON_TARGET_MODULES = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -75,7 +76,9 @@ class ParameterReport:
         )
 
 
-def parameter_report(peft_model: nn.Module, quantized_layers: int) -> ParameterReport:
+def parameter_report(peft_model: nn.Module, quantized: dict[str, nn.Module]) -> ParameterReport:
+    """The report for `peft_model`, whose bitsandbytes layers are `quantized` (name -> module)."""
     # PEFT counts 4-bit parameters unpacked (two values per stored byte), unlike numel().
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return ParameterReport(quantized_layers, trainable, total, peft_model.get_memory_footprint())
+    constants = sum(constant_bytes(m) for m in quantized.values())
+    return ParameterReport(len(quantized), trainable, total, peft_model.get_memory_footprint() + constants)

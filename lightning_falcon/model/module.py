@@ -194,8 +194,8 @@ class FalconQLoRA(L.LightningModule):
         )
         if device.type == "cuda":  # train/peak_mem_gib then reports training, not the load
             torch.cuda.reset_peak_memory_stats(device)
-        n_quantized = len(quantized_layers(base))
-        if hp.quantization != "none" and n_quantized == 0:
+        quantized = quantized_layers(base)
+        if hp.quantization != "none" and not quantized:
             raise RuntimeError(f"{path} loaded with quantization={hp.quantization} but no layer was quantized")
         self.model = apply_lora(
             base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
@@ -206,7 +206,7 @@ class FalconQLoRA(L.LightningModule):
         # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
         # without this, dropout (LoRA's included) would be silently off for the whole fit.
         self.model.train()
-        self.report = parameter_report(self.model, n_quantized)
+        self.report = parameter_report(self.model, quantized)
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")

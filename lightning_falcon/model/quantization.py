@@ -156,14 +156,21 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def layer_bytes(module: nn.Module) -> int:
     """Bytes a linear layer really holds: packed weights, bias and quantization constants."""
-    total = sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False)) + constant_bytes(module)
+
+
+def constant_bytes(module: nn.Module) -> int:
+    """Bytes of a quantized layer's constants, which are neither parameters nor buffers (so
+    `get_memory_footprint` leaves them out): 4-bit absmax (with its own constants under double
+    quantization) and codes, or 8-bit row scales."""
+    total = 0
     quant_state = getattr(module.weight, "quant_state", None)
-    if quant_state is not None:  # 4-bit: absmax (and its own constants under double quantization)
+    if quant_state is not None:
         for t in quant_state.as_dict(packed=False).values():
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     scb = getattr(module.weight, "SCB", None)
-    if isinstance(scb, torch.Tensor):  # 8-bit: one scale per row
+    if isinstance(scb, torch.Tensor):
         total += scb.numel() * scb.element_size()
     return total
 
