@@ -24,7 +24,7 @@ MIDJOURNEY = resolve("asset:data/midjourney.jsonl")
 GUANACO = resolve("asset:data/guanaco-sample.jsonl")
 
 
-# pytest's own per-test limit is `timeout` in pyproject.toml (the fast tier); a slow-tier test gets this.
+# pytest's own per-test limit is `timeout` in pyproject.toml (the fast tier); a slow- or scale-tier test gets this.
 # It outlasts processes.CHILD_TIMEOUT, so a hung child process is reported with its own stacks first.
 SLOW_TIMEOUT = 1200
 
@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+        if ("slow" in item.keywords or "scale" in item.keywords) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
