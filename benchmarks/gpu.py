@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common import REPO, alternate, median, table
 from peer import as_flags
+from shapes import falcon_shape
 
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
 CONFIG_40B = str(REPO / "configs" / "falcon-40b-qlora.yaml")
@@ -119,11 +120,8 @@ def forty_b(quick: bool) -> list[list]:
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = long_rows(Path(tmp) / "long.jsonl", 50)
-        base = json.loads((REPO / "lightning_falcon/assets/falcon-40b/config.json").read_text())
         for layers in (1, 2):
-            shape = Path(tmp) / f"falcon-40b-{layers}-layers"
-            shape.mkdir()
-            (shape / "config.json").write_text(json.dumps({**base, "num_hidden_layers": layers}))
+            shape = falcon_shape("40b", layers, Path(tmp))
             overrides = {
                 "model.random_init": True,
                 "model.model_name_or_path": str(shape),
