@@ -17,12 +17,12 @@ from processes import run_process
 from test_distributed import CPU_DEEPSPEED
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from shapes import falcon_shape, fit_arguments, held_bytes  # noqa: E402
+from shapes import falcon_shape, fit_arguments, held_bytes
 
-from lightning_falcon.commands.plan import Setup, count_model, plan  # noqa: E402
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora, parameter_report  # noqa: E402
-from lightning_falcon.model.quantization import load_causal_lm, quantized_layers  # noqa: E402
-from lightning_falcon.model.random_weights import random_checkpoint  # noqa: E402
+from lightning_falcon.commands.plan import Setup, count_model, plan
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora, parameter_report
+from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
+from lightning_falcon.model.random_weights import random_checkpoint
 
 pytestmark = pytest.mark.scale
 VOCAB = 65_024
