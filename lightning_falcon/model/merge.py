@@ -1,7 +1,7 @@
 """LoRA merged into a quantized base one layer at a time, so a merged 7B never needs twice its size in memory.
 
 Expanding the whole 4-bit model first (`model.dequantize()`) holds every layer dense in the compute
-dtype at once: 28 GB for a 7B in fp32, more than the merged model itself (14 GB in bf16). Here each
+dtype at once: 26.5 GB of weights for a 7B in fp32, twice the merged model itself (13.8 GB in bf16). Here each
 layer is expanded, gets its LoRA update in fp32, is cast to the target dtype and replaces the 4-bit
 layer, which is then freed: the peak is the merged model plus what is still 4-bit plus one fp32 layer.
 """
