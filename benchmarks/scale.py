@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, device_line, table, versions
-from shapes import falcon_shape, fit_arguments, held_bytes
+from shapes import falcon_shape, fit_arguments, held_bytes, rss_anon_bytes
 
 GiB = 2**30
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
@@ -55,16 +55,6 @@ def descendants(pid: int) -> list[int]:
     return tree
 
 
-def anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def dir_bytes(*paths: Path) -> int:
     return sum(f.stat().st_size for p in paths if p.exists() for f in p.rglob("*") if f.is_file())
 
@@ -85,7 +75,7 @@ class Run:
         reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         while self.proc.poll() is None:
-            sizes = [anon(p) for p in descendants(self.proc.pid)]
+            sizes = [rss_anon_bytes(p) for p in descendants(self.proc.pid)]
             self.samples.append((time.perf_counter(), sum(sizes), max(sizes, default=0)))
             time.sleep(0.2)
         reader.join()

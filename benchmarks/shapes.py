@@ -52,10 +52,14 @@ def held_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def rss_anon_bytes(pid: int | str = "self") -> int:
-    """Anonymous resident memory of a process (RssAnon): RSS without file mappings such as mmapped safetensors."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
+    """Anonymous resident memory of a process (RssAnon): RSS without file mappings such as mmapped safetensors.
+    0 for a process that has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 

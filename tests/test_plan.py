@@ -1,5 +1,6 @@
 """The memory planner against reality: its weight bytes match a real bitsandbytes + PEFT load of the tiny model."""
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -11,26 +12,22 @@ from lightning_falcon.assets import resolve
 from lightning_falcon.commands.main import main
 from lightning_falcon.commands.plan import Setup, count_model, parse_bytes, plan
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
-from lightning_falcon.model.quantization import layer_bytes, load_causal_lm, quantized_layers
+from lightning_falcon.model.quantization import load_causal_lm
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from shapes import held_bytes
 
 
 def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
     """Bytes a real load holds, by the planner's rows (on CPU, so the compute dtype is fp32)."""
     base = load_causal_lm(TINY, quantization, double_quant, torch.float32, torch.device("cpu"))
     model = apply_lora(base, r, 2 * r, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
-    layers = quantized_layers(model)
-    in_layers = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
-    rows = {"quantized": sum(layer_bytes(m) for m in layers.values()), "unquantized": 0, "lora": 0}
-    for p in {id(p): p for p in model.parameters()}.values():
-        if p.requires_grad:
-            rows["lora"] += p.numel() * p.element_size()
-        elif id(p) not in in_layers:
-            rows["unquantized"] += p.numel() * p.element_size()
-    # biases of quantized layers are ordinary tensors too; the planner counts them as unquantized
-    bias = sum(m.bias.numel() * m.bias.element_size() for m in layers.values() if m.bias is not None)
-    rows["quantized"] -= bias
-    rows["unquantized"] += bias
-    return rows
+    rows = held_bytes(model)
+    return {
+        "quantized": rows["quantized"] + rows["constants"],
+        "unquantized": rows["unquantized"],
+        "lora": rows["lora"],
+    }
 
 
 @pytest.mark.parametrize("quantization,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)])
