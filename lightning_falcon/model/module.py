@@ -28,6 +28,7 @@ from lightning_falcon.model.lora import (
     linear_module_names,
     parameter_report,
 )
+from lightning_falcon.model.loss import chunked_causal_lm_loss
 from lightning_falcon.model.placement import base_placement, zero_stage
 from lightning_falcon.model.quantization import (
     ComputeDtype,
@@ -56,6 +57,8 @@ class FalconQLoRA(L.LightningModule):
         lora_dropout: float = 0.05,
         target_modules: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        upcast_frozen: bool = True,
+        loss_chunk_size: int | None = 256,
         optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
         fused_adamw: bool = True,
         learning_rate: float = 2e-4,
@@ -85,6 +88,12 @@ class FalconQLoRA(L.LightningModule):
             target_modules: Linear layers that get adapters; None = Falcon's query_key_value, dense,
                 dense_h_to_4h and dense_4h_to_h.
             gradient_checkpointing: Recompute activations in backward to save memory (KV cache stays off).
+            upcast_frozen: Upcast the frozen unquantized weights (embeddings, norms, biases) to fp32, as PEFT's
+                `prepare_model_for_kbit_training` does for stability. False keeps them in the compute dtype: at
+                Falcon-7B with bf16, 0.55 GiB less. No difference where the compute dtype is fp32 (CPU).
+            loss_chunk_size: The training and validation loss runs the output layer this many positions at a time,
+                so the whole vocabulary's logits never exist at once (`model/loss.py`); the same loss. None: the
+                model's own loss over the batch's full logits.
             optimizer: `adamw` (torch) or `paged_adamw_8bit` (bitsandbytes, CUDA only).
             fused_adamw: `adamw` as torch's fused kernel (CPU or CUDA): one kernel for all LoRA tensors, the
                 same update. False: torch's default (a loop over tensors on CPU, `foreach` on CUDA).
@@ -112,6 +121,10 @@ class FalconQLoRA(L.LightningModule):
             problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}. Fix: --model.warmup_steps 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}. Fix: --model.min_lr_ratio 0.0")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            problems.append(
+                f"model.loss_chunk_size must be >= 1 or null, got {loss_chunk_size}. Fix: --model.loss_chunk_size 256"
+            )
         if optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
             problems.append("model.optimizer paged_adamw_8bit needs CUDA. Fix: use --model.optimizer adamw on CPU")
         ConfigError.collect(problems)
@@ -198,7 +211,13 @@ class FalconQLoRA(L.LightningModule):
         if hp.quantization != "none" and not quantized:
             raise RuntimeError(f"{path} loaded with quantization={hp.quantization} but no layer was quantized")
         self.model = apply_lora(
-            base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, self.target_modules, hp.gradient_checkpointing
+            base,
+            hp.lora_r,
+            hp.lora_alpha,
+            hp.lora_dropout,
+            self.target_modules,
+            hp.gradient_checkpointing,
+            hp.upcast_frozen,
         )
         if self.adapter_dir is not None:
             load_weights(self.model, self.adapter_dir)
@@ -232,23 +251,40 @@ class FalconQLoRA(L.LightningModule):
         """The LoRA adapter on, or (evaluate's base pass) switched off for the duration."""
         return contextlib.nullcontext() if self.adapter_enabled else self.model.disable_adapter()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+    def _attention_mask(self, attention_mask, position_ids):
         """`position_ids` marks packed batches (`data.batching: packed`): examples restart at position 0."""
-        if position_ids is not None:
-            attention_mask = packed_attention_mask(
-                position_ids, attn_implementation(self.model.config), self.compute_dtype
-            )
+        if position_ids is None:
+            return attention_mask
+        return packed_attention_mask(position_ids, attn_implementation(self.model.config), self.compute_dtype)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        """The model's own output: logits at every position, and its loss when `labels` are given."""
         with self._adapter():
             return self.model(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
+                attention_mask=self._attention_mask(attention_mask, position_ids),
                 position_ids=position_ids,
                 labels=labels,
                 use_cache=False,
             )
 
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean next-token loss over the batch's label tokens; chunked unless `loss_chunk_size` is None."""
+        chunk = self.hparams.loss_chunk_size
+        if chunk is None:
+            return self(**batch).loss
+        causal_lm = self.model.get_base_model()  # the transformers model, LoRA layers inside
+        with self._adapter():
+            hidden = causal_lm.base_model(
+                input_ids=batch["input_ids"],
+                attention_mask=self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")),
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+            ).last_hidden_state
+        return chunked_causal_lm_loss(hidden, causal_lm.get_output_embeddings(), batch["labels"], chunk)
+
     def training_step(self, batch, batch_idx):
-        loss = self(**batch).loss  # the mean over the batch's label tokens
+        loss = self.batch_loss(batch)
         self._stop_if_not_finite("loss", loss)
         if logging_step(self.trainer):  # only on the steps Lightning writes: a log call is not free
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
@@ -256,7 +292,7 @@ class FalconQLoRA(L.LightningModule):
         return loss
 
     def _eval_step(self, batch, stage: str) -> torch.Tensor:
-        loss = self(**batch).loss
+        loss = self.batch_loss(batch)
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the tokens that mean is over (the loss is shifted by one)
         self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
         return loss
