@@ -33,24 +33,35 @@ def check_target_modules(available: list[str], target_modules: list[str]) -> Non
 
 
 def apply_lora(
-    model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool
+    model: nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    gradient_checkpointing: bool,
+    upcast_frozen: bool = True,
 ) -> nn.Module:
     """Prepare a (k-bit) base for training and wrap it with LoRA adapters; only LoRA weights train.
 
+    `upcast_frozen`: a k-bit base gets PEFT's `prepare_model_for_kbit_training`, which upcasts every
+    unquantized weight to fp32. Without it the base is frozen as it is and keeps its compute dtype.
     The targets are checked before this, on the model's skeleton (`FalconQLoRA.check_targets`).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if kbit and upcast_frozen:
         # Freezes the base, upcasts norms for stability and enables input grads for checkpointing.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        model.requires_grad_(False)  # get_peft_model freezes the base too; a k-bit base is frozen here
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
     # The KV cache is useless while training and conflicts with checkpointing.
     model.config.use_cache = False
     config = LoraConfig(
