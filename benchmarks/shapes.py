@@ -70,8 +70,9 @@ def fit_arguments(
 
     The config's model settings stand (nf4, double quantization, LoRA r 64 on the four projections,
     gradient checkpointing); only what a CPU needs changes: fp32 compute (bitsandbytes' bf16 4-bit path on
-    CPU is far slower), one sequence per step, and the shipped tiny tokenizer (no Hub download). The random
-    checkpoint is written once into `random_dir`; the run's data cache and logs go under `root`.
+    CPU is far slower), torch's AdamW (paged 8-bit AdamW is CUDA only), one sequence per step, and the
+    shipped tiny tokenizer (no Hub download). The random checkpoint is written once into `random_dir`; the
+    run's data cache and logs go under `root`.
     """
     return [
         "fit", "--config", config,
@@ -79,6 +80,7 @@ def fit_arguments(
         "--model.random_init_dir", str(random_dir), "--data.tokenizer", "asset:tiny-falcon",
         "--data.cache_dir", str(root / "cache"), "--trainer.logger.init_args.save_dir", str(root / "runs"),
         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compute_dtype", "fp32",
+        "--model.optimizer", "adamw",
         "--data.batch_size", "1", "--data.max_length", str(max_length), "--trainer.accumulate_grad_batches", "1",
         "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1", "--generation.max_new_tokens", "4",
         "--trainer.enable_progress_bar", "false", *extra,

@@ -46,6 +46,32 @@ def test_weight_bytes_match_a_real_load_within_5_percent(quantization, double_qu
     assert sum(predicted.values()) == pytest.approx(sum(real.values()), rel=0.05)
 
 
+def test_frozen_weights_kept_in_bf16_plan_and_load_at_2_bytes():
+    """`upcast_frozen: false`: the unquantized weights stay in the compute dtype, as the planner counts them."""
+    count = count_model(AutoConfig.from_pretrained(TINY), FALCON_TARGET_MODULES, 8)
+    base = load_causal_lm(TINY, "nf4", True, torch.bfloat16, torch.device("cpu"))
+    kept = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON_TARGET_MODULES, False, upcast_frozen=False))
+    base = load_causal_lm(TINY, "nf4", True, torch.bfloat16, torch.device("cpu"))
+    upcast = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON_TARGET_MODULES, False, upcast_frozen=True))
+    rows = {
+        frozen: plan(count, Setup(compute_bytes=2, upcast_frozen=frozen), "single").rows["unquantized parameters"]
+        for frozen in (True, False)
+    }
+    assert kept["unquantized"] == rows[False] == count.unquantized * 2
+    assert upcast["unquantized"] == rows[True] == count.unquantized * 4
+
+
+def test_the_chunked_loss_plans_one_chunk_of_logits_not_the_batch():
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
+    setup = Setup(batch_size=4, max_length=512)
+    whole = plan(count, setup, "single").rows["logits"]
+    chunked = plan(count, replace(setup, loss_chunk_size=256), "single").rows["logits"]
+    assert whole == 4 * 512 * 65_024 * (2 + 8)  # 1.24 GiB: bf16 logits, fp32 log-probabilities, fp32 gradient
+    assert chunked == 256 * 65_024 * (2 + 8) + 4 * 512 * 4544 * 2  # one chunk, and the hidden states it recomputes from
+    adam8 = plan(count, replace(setup, optimizer="paged_adamw_8bit"), "single").rows["LoRA optimizer states"]
+    assert adam8 == pytest.approx(count.lora * (2 + 8 / 256))
+
+
 def test_falcon_7b_count_is_the_published_parameter_count():
     count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
     assert count.quantized_weights + count.unquantized == 6_921_720_704  # tiiuae/falcon-7b's model card

@@ -16,16 +16,19 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   ZeRO-3 divides the packed weights by N; the constants stay whole on every GPU (they are attributes
   of the weight, not parameters DeepSpeed can partition).
 * unquantized parameters (embeddings, norms, biases): 4 bytes each, because PEFT's
-  prepare_model_for_kbit_training upcasts them to fp32; under DeepSpeed with bf16/fp16 precision
-  DeepSpeed casts them back to 2 bytes. ZeRO-3 divides them by N.
+  prepare_model_for_kbit_training upcasts them to fp32 (c bytes with `model.upcast_frozen: false`);
+  under DeepSpeed with bf16/fp16 precision DeepSpeed casts them back to 2 bytes. ZeRO-3 divides them by N.
 * LoRA: r x (in + out) per adapted layer; 4 bytes of weight + 4 of gradient + 8 of AdamW state
-  (paged 8-bit AdamW: 2). ZeRO-2 divides gradient and optimizer state by N, ZeRO-3 all three;
+  (paged 8-bit AdamW: 2, plus an fp32 scale per block of 256 for each of its two states).
+  ZeRO-2 divides gradient and optimizer state by N, ZeRO-3 all three;
   offload moves gradient and optimizer state to CPU memory. DDP adds a bucket copy of the gradients.
 * activations: L x b·s·h x 34 x c/2 without checkpointing (Korthikanti et al. 2022, "Reducing
   Activation Recomputation", eq. 1, with the 5·a·s/h attention-score term dropped because SDPA and
   flash attention do not store the scores); with checkpointing, L x b·s·h·c (each layer's input)
-  plus one layer recomputed in full. Plus the logits: b·s·V x (c + 8) (the logits, their fp32 copy
-  for the loss and its gradient).
+  plus one layer recomputed in full. Plus the logits: p·V x (c + 8) (the logits, their fp32
+  log-probabilities for the loss and their gradient) for p positions: the batch's b·s with the model's
+  own loss, one chunk of `model.loss_chunk_size` positions with the chunked loss (model/loss.py), which
+  also keeps the final hidden states, b·s·h·c, as its checkpoint.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
@@ -122,6 +125,8 @@ class Setup:
     max_length: int = 512
     world_size: int = 1
     mixed_16bit: bool = True  # trainer precision is bf16/fp16 (DeepSpeed then keeps parameters in 16 bits)
+    upcast_frozen: bool = True  # frozen unquantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
+    loss_chunk_size: int | None = None  # positions per chunk of the loss; None: the whole batch's logits at once
 
 
 @dataclass
@@ -148,8 +153,10 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
     else:
         parts = [quantized_layer_bytes(i * o, o, setup.quantization, setup.double_quant) for i, o in count.quantized]
         weights, constants = sum(w for w, _ in parts), sum(k for _, k in parts)
-        unquantized = count.unquantized * (2 if zero and setup.mixed_16bit else 4)
-    optimizer_bytes = 2 if setup.optimizer == "paged_adamw_8bit" else 8
+        frozen_bytes = 4 if setup.upcast_frozen else c
+        unquantized = count.unquantized * (2 if zero and setup.mixed_16bit else frozen_bytes)
+    # bitsandbytes' 8-bit AdamW: two uint8 states, each with an fp32 absmax per block of 256
+    optimizer_bytes = 2 + 2 * 4 / 256 if setup.optimizer == "paged_adamw_8bit" else 8
     lora_param, lora_grad, lora_optim = 4 * count.lora, 4 * count.lora, optimizer_bytes * count.lora
 
     p = Plan(strategy)
@@ -168,7 +175,11 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
         p.rows["activations"] = L * b * s * h * c + per_layer
     else:
         p.rows["activations"] = L * per_layer
-    p.rows["logits"] = b * s * count.vocab * (c + 8)
+    positions = b * s
+    if setup.loss_chunk_size is None:
+        p.rows["logits"] = positions * count.vocab * (c + 8)
+    else:
+        p.rows["logits"] = min(setup.loss_chunk_size, positions) * count.vocab * (c + 8) + positions * h * c
 
     largest = max((i * o for i, o in count.quantized), default=0)
     workspace = largest * c + WORKSPACE_RESERVE
@@ -235,6 +246,8 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
         max_length=data.max_length,
         world_size=devices * nodes,
         mixed_16bit="16" in str(trainer.precision),
+        upcast_frozen=model.upcast_frozen,
+        loss_chunk_size=model.loss_chunk_size,
     )
     hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
     targets = model.target_modules or FALCON_TARGET_MODULES
