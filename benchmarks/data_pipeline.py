@@ -1,7 +1,10 @@
 """CPU: the data pipeline. Rows/s of tokenization and caching, padding efficiency, and what it buys in `fit`.
 
 - **Tokenize and cache**: `prepare_data` on a fresh cache (load, check, tokenize, write), then `setup`
-  on the warm cache, on the shipped samples repeated to a realistic size.
+  on the warm cache, on the shipped samples repeated to a realistic size, with the peak anonymous
+  memory sampled during `prepare_data` (this process's RssAnon; the Pss_Anon of it and its tokenizing
+  workers together). `--synthetic-rows 100000 1000000` adds the
+  Midjourney sample repeated to that many rows, to show the rate at scale and memory flat in the rows.
 - **Padding efficiency**: real tokens / all tokens over one epoch of the real train loader, for the
   shipped Midjourney and guanaco samples at their configs' settings, with `data.batching` padded,
   grouped and packed. The guanaco sample is also measured repeated 300x (9,600 rows, about the size of
@@ -11,19 +14,25 @@
 The tokenizer is the tiny one shipped with the package (the real Falcon tokenizer needs the Hub), so
 token counts are the tiny tokenizer's: about 1.5-2x Falcon's on English text.
 
-    python benchmarks/data_pipeline.py [--speed-steps 200] [--repeats 5]
+    python benchmarks/data_pipeline.py [--speed-steps 200] [--repeats 5] [--synthetic-rows 100000 1000000]
+    python benchmarks/data_pipeline.py --tokenize-only --synthetic-rows 100000 1000000 [--num-proc 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from common import REPO, alternate, floor_rate, median, table
+from shapes import rss_anon_bytes
 
 ASSETS = REPO / "lightning_falcon" / "assets" / "data"
 # sample -> (file, the config whose data settings it is measured with, extra datamodule settings)
@@ -41,26 +50,94 @@ def data_settings(config: str, path: Path) -> dict:
     return settings
 
 
-def repeated(path: Path, times: int, directory: str) -> Path:
-    rows = path.read_text().splitlines()
-    out = Path(directory) / f"{path.stem}-x{times}.jsonl"
-    out.write_text("\n".join(rows * times) + "\n")
+def repeated(path: Path, times: int, directory: str, rows: int | None = None) -> Path:
+    """`path`'s rows repeated `times` times, or cut to `rows` rows when given, written as a file of its own."""
+    lines = path.read_text().splitlines()
+    if rows is not None:
+        times = -(-rows // len(lines))
+    out = Path(directory) / f"{path.stem}-{f'{rows}rows' if rows is not None else f'x{times}'}.jsonl"
+    with out.open("w") as f:  # one repeat at a time: a million rows need not be held as one string
+        left = rows if rows is not None else len(lines) * times
+        while left > 0:
+            f.write("\n".join(lines[:left]) + "\n")
+            left -= min(left, len(lines))
     return out
 
 
-def tokenize_rate(path: Path, config: str, directory: str) -> dict:
+def children(pid: int | str = "self") -> list[str]:
+    """The ids of a process's child processes (its tokenizing workers), from every one of its threads."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += (task / "children").read_text().split()
+        except OSError:  # the thread has ended
+            pass
+    return found
+
+
+def pss_anon_bytes(pid: int | str) -> int:
+    """A process's proportional share of anonymous memory (Pss_Anon): a page it shares with others (copy-on-write
+    after a fork) counts in part, so the sum over processes is what they hold together. 0 once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak memory sampled every 20 ms while open: this process's RssAnon, and the Pss_Anon of this process
+    and its child processes (the tokenizing workers) summed, as they are at the same moment."""
+
+    def __enter__(self) -> Self:
+        self.own = rss_anon_bytes()
+        self.total = pss_anon_bytes("self")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.own = max(self.own, rss_anon_bytes())
+            self.total = max(self.total, sum(pss_anon_bytes(pid) for pid in ["self", *children()]))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tokenize_rate(path: Path, config: str, directory: str, num_proc: int | None = None) -> dict:
+    import datasets  # noqa: F401  (importing it, a second or so, is not per-row work)
+
     from lightning_falcon.data import PromptDataModule
 
-    dm = PromptDataModule(**data_settings(config, path), cache_dir=str(Path(directory) / f"cache-{path.stem}"))
+    settings = data_settings(config, path)
+    if num_proc is not None:
+        settings["num_proc"] = num_proc
+    dm = PromptDataModule(**settings, cache_dir=str(Path(directory) / f"cache-{path.stem}"))
     dm._tokenizer()  # loading the tokenizer is not per-row work
+    with open(path, "rb") as f:
+        rows = sum(1 for _ in f)
+    before = rss_anon_bytes()
     start = time.perf_counter()
-    dm.prepare_data()
+    with PeakMemory() as peak:
+        dm.prepare_data()
     cold = time.perf_counter() - start
-    rows = len(path.read_text().splitlines())
     start = time.perf_counter()
     dm.setup("fit")
     warm = time.perf_counter() - start
-    return {"rows": rows, "rows_per_sec": rows / cold, "prepare_s": cold, "setup_s": warm}
+    return {
+        "rows": rows,
+        "rows_per_sec": rows / cold,
+        "prepare_s": cold,
+        "setup_s": warm,
+        "rss_anon_before_mib": before / 2**20,
+        "rss_anon_peak_mib": peak.own / 2**20,
+        "pss_anon_peak_with_workers_mib": peak.total / 2**20,
+    }
 
 
 def efficiency(path: Path, config: str, batching: str, directory: str) -> dict:
@@ -88,24 +165,53 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--synthetic-rows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also tokenize the Midjourney sample repeated to each of these many rows (e.g. 100000 1000000)",
+    )
+    parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: the datamodule's)")
+    parser.add_argument("--tokenize-only", action="store_true", help="only the tokenize-and-cache table")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
+        # `datasets` keeps an Arrow copy of every file it loads: keep the million-row ones out of the user's cache.
+        os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tmp) / "hf-datasets"))
+        midjourney, guanaco = SAMPLES["midjourney (360 rows)"][0], SAMPLES["guanaco sample (32 rows)"][0]
+        # (name, sample, times repeated, rows cut to, the config whose data settings apply)
+        cases = [
+            ("midjourney x50", midjourney, 50, None, "configs/tiny.yaml"),
+            ("guanaco-sample x300", guanaco, 300, None, "configs/falcon-7b-guanaco.yaml"),
+        ]
+        cases += [(f"midjourney to {n:,} rows", midjourney, 0, n, "configs/tiny.yaml") for n in args.synthetic_rows]
         rates = []
-        for name, times in (("midjourney", 50), ("guanaco-sample", 300)):
-            path, config, _ = next(v for k, v in SAMPLES.items() if k.startswith(name.split("-")[0]))
-            r = tokenize_rate(repeated(path, times, tmp), config, tmp)
+        for name, sample, times, rows, config in cases:
+            path = repeated(sample, times, tmp, rows)
+            r = tokenize_rate(path, config, tmp, args.num_proc)
+            path.unlink()
+            shutil.rmtree(Path(tmp) / f"cache-{path.stem}")
+            print(json.dumps({"data": name, **r}), flush=True)
             rates.append(
                 [
-                    f"{name} x{times}",
+                    name,
                     f"{r['rows']:,}",
                     f"{r['rows_per_sec']:,.0f}",
                     f"{r['prepare_s']:.2f}",
                     f"{r['setup_s']:.2f}",
+                    f"{r['rss_anon_before_mib']:,.0f}",
+                    f"{r['rss_anon_peak_mib']:,.0f}",
+                    f"{r['pss_anon_peak_with_workers_mib']:,.0f}",
                 ]
             )
-        print("## Tokenize and cache\n")
-        print(table(["data", "rows", "rows/s (prepare_data, cold)", "prepare_data s", "setup s (warm cache)"], rates))
+        num_proc = args.num_proc if args.num_proc is not None else "default"
+        print(f"\n## Tokenize and cache (data.num_proc {num_proc})\n")
+        header = ["data", "rows", "rows/s (prepare_data, cold)", "prepare_data s", "setup s (warm cache)"]
+        header += ["RssAnon before MiB", "peak RssAnon MiB", "peak Pss_Anon with workers MiB"]
+        print(table(header, rates))
+        if args.tokenize_only:
+            return
 
         samples = dict(SAMPLES)
         guanaco, config, _ = SAMPLES["guanaco sample (32 rows)"]

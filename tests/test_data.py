@@ -9,6 +9,7 @@ import torch
 from conftest import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 
 from lightning_falcon import PromptDataModule
+from lightning_falcon.data import datamodule
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.errors import ConfigError
 
@@ -68,7 +69,7 @@ def test_other_file_types_load(tmp_path, suffix):
 
 def test_tokenized_once_then_read_from_cache(tmp_path, monkeypatch):
     make(tmp_path)
-    monkeypatch.setattr(PromptDataModule, "_tokenize", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(datamodule, "tokenize_split", lambda *a, **k: pytest.fail("tokenized again"))
     dm = make(tmp_path)  # same data, tokenizer and settings: a cache hit
     assert dm.stats["train"]["rows"] > 0
     monkeypatch.undo()

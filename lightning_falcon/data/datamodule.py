@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
 from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
 from lightning_falcon.data.sources import empty, load_source, local_file
 from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
+from lightning_falcon.data.tokenizing import tokenize_split
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import staged_directory
 
@@ -56,6 +58,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 4,
         batching: Batching = "padded",
         num_workers: int = 0,
+        num_proc: int | None = None,
         seed: int = 42,
         cache_dir: str = "~/.cache/lightning_falcon",
     ) -> None:
@@ -87,6 +90,8 @@ class PromptDataModule(L.LightningDataModule):
                 tokens that do not attend to each other (more rows per step), batched by length like
                 `grouped`. Validation stays `padded`.
             num_workers: DataLoader worker processes.
+            num_proc: Processes that tokenize in `prepare_data`. None: one per `ROWS_PER_PROCESS` rows of a split
+                (lightning_falcon/data/tokenizing.py), at most one per CPU this process may run on.
             seed: Seed of the held-out split and of shuffling.
             cache_dir: Where tokenized data is cached, keyed on the data, the tokenizer and these settings.
         """
@@ -103,6 +108,10 @@ class PromptDataModule(L.LightningDataModule):
             problems.append(f"data.max_length must be at least 2, got {max_length}. Fix: --data.max_length 512")
         if batch_size < 1:
             problems.append(f"data.batch_size must be at least 1, got {batch_size}. Fix: --data.batch_size 4")
+        if num_proc is not None and num_proc < 1:
+            problems.append(
+                f"data.num_proc must be at least 1, got {num_proc}. Fix: --data.num_proc 2, or leave it unset"
+            )
         ConfigError.collect(problems)
         self.tokenizer = None
         self.stats: dict[str, dict[str, int]] = {}
@@ -123,11 +132,15 @@ class PromptDataModule(L.LightningDataModule):
 
     def _drop_blank(self, source: str, ds) -> tuple[Any, int]:
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
-        columns = self.format.columns
-        kept = ds.filter(lambda row: not any(_blank(row[c]) for c in columns))
+        kept = ds.filter(
+            lambda *columns: [not any(_blank(v) for v in row) for row in zip(*columns)],
+            batched=True,
+            input_columns=self.format.columns,
+        )
         if len(kept) == 0:
             raise ConfigError(
-                f"every one of the {len(ds)} rows of dataset {source} has an empty or null {' or '.join(columns)}. "
+                f"every one of the {len(ds)} rows of dataset {source} has an empty or null "
+                f"{' or '.join(self.format.columns)}. "
                 "Fix: fill them in, or name the columns that hold the text (--data.prompt_column etc.)"
             )
         return kept, len(ds) - len(kept)
@@ -156,28 +169,6 @@ class PromptDataModule(L.LightningDataModule):
         """How inputs were rendered in training, as saved beside an adapter."""
         return self.format.describe()
 
-    def _tokenize(self, source: str, ds) -> tuple[Any, dict[str, int]]:
-        import datasets
-
-        tokenizer, max_length = self._tokenizer(), self.hparams.max_length
-        ids, labels, inputs, truncated, dropped = [], [], [], 0, 0
-        for row in ds:
-            enc = self.format.encode(tokenizer, row, max_length)
-            if enc is None:  # no response token fits within max_length
-                dropped += 1
-                continue
-            ids.append(enc.input_ids)
-            labels.append(enc.labels)
-            inputs.append(self.format.raw_input(tokenizer, row, enc))
-            truncated += enc.truncated
-        if not ids:
-            raise ConfigError(
-                f"every one of the {len(ds)} rows of dataset {source} leaves no response token "
-                f"within data.max_length={self.hparams.max_length}. Fix: raise --data.max_length"
-            )
-        stats = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
-        return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "input": inputs}), stats
-
     def _cache_key(self) -> str:
         """Hash of the data's content (or Hub name), the tokenizer's vocabulary and every setting."""
         h = hashlib.sha256()
@@ -198,7 +189,7 @@ class PromptDataModule(L.LightningDataModule):
         settings = {
             k: v
             for k, v in self.hparams.items()
-            if k not in ("batch_size", "batching", "num_workers", "cache_dir") and not k.startswith("_")
+            if k not in ("batch_size", "batching", "num_workers", "num_proc", "cache_dir") and not k.startswith("_")
         }
         settings["template_text"] = TEMPLATES.get(self.hparams.template)
         settings["cache_format"] = CACHE_FORMAT
@@ -242,9 +233,22 @@ class PromptDataModule(L.LightningDataModule):
         with staged_directory(target, complete="stats.json") as tmp:
             stats = {}
             for name, (source, ds) in sources.items():
-                tokenized, stats[name] = self._tokenize(source, ds)
+                scratch = tmp / f".{name}-tokenizing"  # inside the staged directory: removed with it on an error
+                tokenized, stats[name] = tokenize_split(
+                    source,
+                    ds,
+                    self.format,
+                    self._tokenizer(),
+                    hp.max_length,
+                    hp.num_proc,
+                    scratch,
+                    fingerprint=f"{target.name}-{name}",
+                )
                 stats[name]["empty"] = skipped[name]
+                # A copy into `save_to_disk`'s layout, which `setup` reads (`load_from_disk`) as it always has.
                 tokenized.save_to_disk(str(tmp / name))
+                del tokenized
+                shutil.rmtree(scratch)
             (tmp / "stats.json").write_text(json.dumps(stats))
 
     def setup(self, stage: str | None = None) -> None:

@@ -17,7 +17,9 @@ from lightning_falcon.data.prompts import (
     TEMPLATES,
     Encoded,
     encode_pair,
+    encode_pairs,
     encode_turns,
+    encode_turns_batch,
     pair_prompt_ids,
     prompt_length,
     turn_prompt_ids,
@@ -40,6 +42,9 @@ class DataFormat(Protocol):
 
     def encode(self, tokenizer, row: dict, max_length: int) -> Encoded | None:
         """A row's ids and labels, cut to `max_length`; None when no trained token fits."""
+
+    def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
+        """`encode` of each row of a batch given as columns (`columns` holds at least `self.columns`), batched."""
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         """The ids generation starts from for a user's input, rendered as training rendered prompts."""
@@ -74,6 +79,11 @@ class PromptResponse:
         prompt, response = str(row[self.prompt_column]), str(row[self.response_column])
         return encode_pair(tokenizer, prompt, response, self.template, max_length)
 
+    def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
+        prompts = [str(p) for p in columns[self.prompt_column]]
+        responses = [str(r) for r in columns[self.response_column]]
+        return encode_pairs(tokenizer, prompts, responses, self.template, max_length)
+
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         return pair_prompt_ids(tokenizer, text, self.template)
 
@@ -103,6 +113,10 @@ class Turns:
 
     def encode(self, tokenizer, row: dict, max_length: int) -> Encoded | None:
         return encode_turns(tokenizer, str(row[self.text_column]), self.human_marker, self.assistant_marker, max_length)
+
+    def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
+        texts = [str(t) for t in columns[self.text_column]]
+        return encode_turns_batch(tokenizer, texts, self.human_marker, self.assistant_marker, max_length)
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         return turn_prompt_ids(tokenizer, text, self.human_marker, self.assistant_marker)

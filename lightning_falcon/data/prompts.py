@@ -3,6 +3,10 @@
 Labels are -100 (ignored by the loss) on every prompt token; response tokens and the EOS that
 ends each response are trained. Prompt and response are tokenized separately and concatenated,
 so the boundary between masked and trained tokens is exact whatever the tokenizer merges.
+
+Each format has a per-row encoder (the definition, also used to render generation prompts) and a
+batched one for tokenizing a dataset, which makes one tokenizer call for a whole batch of rows and
+gives exactly the per-row result (tests/test_tokenizing.py).
 """
 
 from __future__ import annotations
@@ -69,6 +73,13 @@ def _split_template(template: str, prompt: str) -> tuple[str, str]:
     return stripped, text[len(stripped) :]
 
 
+def batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, as `tokenizer(text)` gives them, from one batched call (a fast tokenizer encodes in Rust)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def pair_prompt_ids(tokenizer, prompt: str, template: str) -> list[int]:
     """The ids a response follows in format (a): what training conditions on, and what generation starts from."""
     return tokenizer(_split_template(template, prompt)[0], add_special_tokens=False)["input_ids"]
@@ -80,6 +91,17 @@ def encode_pair(tokenizer, prompt: str, response: str, template: str, max_length
     prompt_ids = pair_prompt_ids(tokenizer, prompt, template)
     response_ids = tokenizer(lead + response, add_special_tokens=False)["input_ids"]
     return _assemble([(prompt_ids, False), (response_ids + [tokenizer.eos_token_id], True)], max_length)
+
+
+def encode_pairs(
+    tokenizer, prompts: list[str], responses: list[str], template: str, max_length: int
+) -> list[Encoded | None]:
+    """`encode_pair` of each (prompt, response), with one tokenizer call for all prompts and one for all responses."""
+    split = [_split_template(template, prompt) for prompt in prompts]
+    prompt_ids = batch_ids(tokenizer, [text for text, _ in split])
+    response_ids = batch_ids(tokenizer, [lead + response for (_, lead), response in zip(split, responses)])
+    eos = [tokenizer.eos_token_id]
+    return [_assemble([(p, False), (r + eos, True)], max_length) for p, r in zip(prompt_ids, response_ids)]
 
 
 def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tuple[str, str]]:
@@ -122,3 +144,33 @@ def encode_turns(tokenizer, text: str, human_marker: str, assistant_marker: str,
     if not pieces:
         return None
     return _assemble(pieces, max_length)
+
+
+def encode_turns_batch(
+    tokenizer, texts: list[str], human_marker: str, assistant_marker: str, max_length: int
+) -> list[Encoded | None]:
+    """`encode_turns` of each text, with one tokenizer call for the turns of all of them."""
+    conversations = [split_turns(text, human_marker, assistant_marker) for text in texts]
+    # the pieces `encode_turns` tokenizes, but the assistant marker, which is the same every time
+    turn_ids = iter(
+        batch_ids(
+            tokenizer,
+            [
+                human_marker + content if role == "human" else content.rstrip()
+                for turns in conversations
+                for role, content in turns
+            ],
+        )
+    )
+    marker = tokenizer(assistant_marker, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    encoded: list[Encoded | None] = []
+    for turns in conversations:
+        pieces: list[tuple[list[int], bool]] = []
+        for role, _ in turns:
+            if role == "human":
+                pieces.append((next(turn_ids), False))
+            else:
+                pieces += [(marker, False), (next(turn_ids) + eos, True)]
+        encoded.append(_assemble(pieces, max_length) if pieces else None)
+    return encoded
