@@ -21,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,19 +78,58 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AnonPeak:
+    """This process's peak anonymous memory (RssAnon) from `start()` on, sampled by a thread every `interval` s.
+
+    RssAnon, not RSS: RSS also counts the mmapped safetensors files, which are page cache, not the process's.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.before, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from shapes import rss_anon_bytes
+
+        self.before = self.peak = rss_anon_bytes()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, rss_anon_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        """{'anon_before_mib': at start(), 'anon_peak_mib': the peak since}."""
+        from shapes import rss_anon_bytes
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_anon_bytes())
+        return {"anon_before_mib": self.before / 2**20, "anon_peak_mib": self.peak / 2**20}
+
+
 class StepWindow:
     """Times training steps `warmup` .. `steps - 1` and counts their real tokens (attention_mask ones).
 
     The first `warmup` steps (allocator, thread pools, first-call costs) are left out on every side alike.
+    `anon_memory`: also sample the peak RssAnon from the first step's start on (every step, warmup
+    included: the first one allocates the optimizer state), and RssAnon just before it.
     """
 
-    def __init__(self, warmup: int, steps: int) -> None:
+    def __init__(self, warmup: int, steps: int, anon_memory: bool = False) -> None:
         self.warmup, self.steps = warmup, steps
         self.stamps: list[float] = []  # at each timed step's start, and at the last one's end
         self.step_tokens: list[int] = []
         self.losses: list = []  # each timed step's loss, kept as tensors: no extra sync inside the window
+        self.anon = AnonPeak() if anon_memory else None
 
     def step_start(self, step: int, batch: dict) -> None:
+        if step == 0 and self.anon is not None:
+            self.anon.start()
         if self.warmup <= step < self.steps:
             self.stamps.append(time.perf_counter())
             self.step_tokens.append(int(batch["attention_mask"].sum()))
@@ -116,6 +156,8 @@ class StepWindow:
             "losses": [float(x) for x in self.losses],
             "peak_rss_mib": peak_rss_mib(),
         }
+        if self.anon is not None:
+            out.update(self.anon.stop())
         if torch.cuda.is_available():  # since the model was loaded (each side resets the peak after loading)
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -172,9 +214,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def lightning_window_callback(warmup: int, steps: int) -> str:
+def lightning_window_callback(warmup: int, steps: int, anon_memory: bool = False) -> str:
     """The `--trainer.callbacks+=` value that times a `fit` run with `LightningWindow`."""
-    return json.dumps({"class_path": "common.LightningWindow", "init_args": {"warmup": warmup, "steps": steps}})
+    init = {"warmup": warmup, "steps": steps, "anon_memory": anon_memory}
+    return json.dumps({"class_path": "common.LightningWindow", "init_args": init})
 
 
 try:
@@ -186,8 +229,8 @@ except ImportError:  # pragma: no cover - lightning is a dependency
 class LightningWindow(Callback):
     """`StepWindow` as a Lightning callback: reports when training ends (rank 0)."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.window = StepWindow(warmup, steps)
+    def __init__(self, warmup: int, steps: int, anon_memory: bool = False) -> None:
+        self.window = StepWindow(warmup, steps, anon_memory)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.window.step_start(trainer.global_step, batch)

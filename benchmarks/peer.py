@@ -39,7 +39,13 @@ def as_flags(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value).strip('"'))]
 
 
-def trl_worker(steps: int, warmup: int, config: str = str(TINY_CONFIG), overrides: dict | None = None) -> None:
+def trl_worker(
+    steps: int,
+    warmup: int,
+    config: str = str(TINY_CONFIG),
+    overrides: dict | None = None,
+    anon_memory: bool = False,
+) -> None:
     import torch
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -69,7 +75,7 @@ def trl_worker(steps: int, warmup: int, config: str = str(TINY_CONFIG), override
     model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, checkpointing)
     if device.type == "cuda":  # training's peak, not the load's: as fit reports it
         torch.cuda.reset_peak_memory_stats()
-    window = StepWindow(warmup, steps)
+    window = StepWindow(warmup, steps, anon_memory)
 
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
