@@ -46,6 +46,15 @@ def fused_adamw(model: dict) -> bool:
     return model.get("fused_adamw", inspect.signature(FalconQLoRA).parameters["fused_adamw"].default)
 
 
+def loss_chunk_size(model: dict) -> int | None:
+    """The chunk of positions `fit`'s loss takes with these `model:` settings (None: the model's own loss)."""
+    import inspect
+
+    from lightning_falcon.model.module import FalconQLoRA
+
+    return model.get("loss_chunk_size", inspect.signature(FalconQLoRA).parameters["loss_chunk_size"].default)
+
+
 def versions() -> str:
     import bitsandbytes
     import lightning

@@ -26,6 +26,7 @@ from common import (
     compare_sides,
     fused_adamw,
     lightning_window_callback,
+    loss_chunk_size,
     report,
     run_worker,
     sides_table,
@@ -98,6 +99,7 @@ class HandLoop:
         schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], 0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.clip = t["gradient_clip_val"]
+        self.chunk = loss_chunk_size(m)
         self.batches = self._epochs()
 
     def _epochs(self):
@@ -107,12 +109,24 @@ class HandLoop:
             yield from self.loader
             epoch += 1
 
+    def loss(self, batch: dict):
+        """The loss `fit` computes: chunked through the output layer (model/loss.py) unless the config says not."""
+        from lightning_falcon.model.loss import chunked_causal_lm_loss
+
+        if self.chunk is None:
+            return self.model(**batch, use_cache=False).loss
+        causal_lm = self.model.get_base_model()
+        hidden = causal_lm.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        return chunked_causal_lm_loss(hidden, causal_lm.get_output_embeddings(), batch["labels"], self.chunk)
+
     def step(self, batch: dict, stamps: list[float] | None = None):
         """One training step; `stamps` gets the time after the forward, the backward and the update."""
         import torch
 
         stamps = [] if stamps is None else stamps
-        loss = self.model(**batch, use_cache=False).loss
+        loss = self.loss(batch)
         stamps.append(time.perf_counter())
         loss.backward()
         stamps.append(time.perf_counter())
