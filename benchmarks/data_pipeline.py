@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Self
 
 from common import REPO, alternate, floor_rate, median, table
-from shapes import rss_anon_bytes
+from shapes import pss_anon_bytes, rss_anon_bytes
 
 ASSETS = REPO / "lightning_falcon" / "assets" / "data"
 # sample -> (file, the config whose data settings it is measured with, extra datamodule settings)
@@ -73,18 +73,6 @@ def children(pid: int | str = "self") -> list[str]:
         except OSError:  # the thread has ended
             pass
     return found
-
-
-def pss_anon_bytes(pid: int | str) -> int:
-    """A process's proportional share of anonymous memory (Pss_Anon): a page it shares with others (copy-on-write
-    after a fork) counts in part, so the sum over processes is what they hold together. 0 once it has ended."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss_Anon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class PeakMemory:

@@ -51,16 +51,27 @@ def held_bytes(model: nn.Module) -> dict[str, int]:
     return rows
 
 
-def rss_anon_bytes(pid: int | str = "self") -> int:
-    """Anonymous resident memory of a process (RssAnon): RSS without file mappings such as mmapped safetensors.
-    0 for a process that has ended."""
+def _proc_bytes(path: str, field: str) -> int:
+    """A `field: N kB` line of a /proc file, in bytes; 0 when the process has ended."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_anon_bytes(pid: int | str = "self") -> int:
+    """Anonymous resident memory of a process (RssAnon): RSS without file mappings such as mmapped safetensors.
+    0 for a process that has ended."""
+    return _proc_bytes(f"/proc/{pid}/status", "RssAnon")
+
+
+def pss_anon_bytes(pid: int | str = "self") -> int:
+    """A process's proportional share of anonymous memory (Pss_Anon): a page it shares with others (copy-on-write
+    after a fork) counts in part, so the sum over processes is what they hold together. 0 once it has ended."""
+    return _proc_bytes(f"/proc/{pid}/smaps_rollup", "Pss_Anon")
 
 
 def fit_arguments(
