@@ -140,6 +140,7 @@ class FalconQLoRA(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
         self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
+        self._window_loss: torch.Tensor | None = None  # the losses since the last optimizer step, on the device
         self._targets_checked = False
 
     # ----------------------------------------------------------------- building
@@ -285,7 +286,10 @@ class FalconQLoRA(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.batch_loss(batch)
-        self._stop_if_not_finite("loss", loss)
+        # Checked with the gradient norm before the optimizer step: one host read a step, and none between
+        # the forward and the backward, which on CUDA would stall the stream.
+        detached = loss.detach()
+        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
         if logging_step(self.trainer):  # only on the steps Lightning writes: a log call is not free
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
             log_to_loggers(self.trainer, {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]})
@@ -334,13 +338,14 @@ class FalconQLoRA(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The LoRA weights, listed once in configure_optimizers: not a walk over every parameter each step.
         grads = [p.grad.detach() for p in self._trainable if p.grad is not None]
-        self._grad_norm = None
-        if grads:
-            norm = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused (foreach) pass
+        checked = {"loss": self._window_loss} if self._window_loss is not None else {}
+        self._grad_norm, self._window_loss = None, None
+        if grads:  # none under DeepSpeed, whose engine holds them: the loss alone is checked there
             # A finite loss can still give inf gradients (fp16 overflow): stop before they reach the weights.
-            self._stop_if_not_finite("gradient norm", norm)
-            if logging_step(self.trainer):
-                log_to_loggers(self.trainer, {"train/grad_norm": norm.item()})
+            checked["gradient norm"] = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # one foreach pass
+        self._stop_if_not_finite(checked)
+        if grads and logging_step(self.trainer):
+            log_to_loggers(self.trainer, {"train/grad_norm": self._grad_norm.item()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the norm `on_before_optimizer_step` just computed, instead of Lightning computing it again.
@@ -354,15 +359,22 @@ class FalconQLoRA(L.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def _stop_if_not_finite(self, what: str, value: torch.Tensor) -> None:
-        """Stop every rank together when `value` is NaN or inf on any of them, before the weights change.
+    def _stop_if_not_finite(self, checked: dict[str, torch.Tensor]) -> None:
+        """Stop every rank together when a value of `checked` (name: scalar) is NaN or inf on any of them,
+        before the weights change. One host read, after one all-reduce where there are several ranks.
 
         Nothing is saved after it: the last checkpoint on disk is the last good one.
         """
-        bad = not math.isfinite(value.item())  # a scalar: .item() is one call, isfinite().all() were three
+        if not checked:
+            return
+        values = torch.stack([v.detach().float() for v in checked.values()])
+        bad = (~torch.isfinite(values)).any().float()
         if self.trainer.world_size > 1:  # one rank alone raising would leave the others waiting forever
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item():
+            here = [name for name, ok in zip(checked, torch.isfinite(values).tolist()) if not ok]
+            what = here[0] if here else " or ".join(checked)
+            value = f"this rank: {checked[what].float().item()}" if here else "finite on this rank, not on another"
             step, callback = self.trainer.global_step, self.trainer.checkpoint_callback
             saved = last_saved_step(callback) if callback else -1
             if not callback or not callback.last_model_path:
@@ -372,7 +384,7 @@ class FalconQLoRA(L.LightningModule):
             else:
                 where = f"Last good checkpoint: {callback.last_model_path} (step {saved})"
             raise NonFiniteLoss(
-                f"{what} is not finite (this rank: {value.detach().float().item()}) at step {step} "
+                f"{what} is not finite ({value}) at step {step} "
                 f"(epoch {self.trainer.current_epoch}); stopped before the weights changed, nothing saved. {where}. "
                 "Fix: lower --model.learning_rate, use bf16 rather than fp16, or check the data near this step"
             )

@@ -15,21 +15,43 @@ class TokenThroughput(Callback):
     ranks) and each rank's peak CUDA memory, at every logged step.
 
     The rate is the tokens since the last logged step over the time since then, so data loading counts;
-    validation does not (the window restarts after it).
+    validation does not (the window restarts after it). Each step adds its count on the device; the count
+    is read back (and summed over ranks) only on logged steps and checkpoints: no host sync, and no
+    all-reduce, on the other steps.
     """
 
     def __init__(self) -> None:
         self._start: float | None = None
         self._window = 0  # tokens since the window started
+        self._unread: torch.Tensor | None = None  # this rank's tokens not yet read back from the device
+        self._strategy = None
         self.tokens = 0  # seen by all ranks since the run began; checkpointed, so a resume continues the count
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._strategy = trainer.strategy
+
+    def _read(self) -> int:
+        """Add the tokens counted on the device since the last read (every rank's) to the totals.
+
+        Collective under several ranks: called only where every rank is (logged steps, checkpoints,
+        window restarts), so a step that is neither adds no host sync and no all-reduce.
+        """
+        if self._unread is None:
+            return 0
+        tokens = int(self._strategy.reduce(self._unread, reduce_op="sum").item())
+        self._unread = None
+        self.tokens += tokens
+        return tokens
+
     def state_dict(self) -> dict:
+        self._read()  # the checkpoint is written on every rank, so every rank is here
         return {"tokens": self.tokens}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
 
     def _restart(self, *args) -> None:
+        self._read()  # into the total, not into the next window's rate
         self._start, self._window = None, 0
 
     on_train_epoch_start = on_validation_end = _restart
@@ -40,11 +62,11 @@ class TokenThroughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Counted every step (not only when logged), so the checkpointed count is exact wherever a run stops.
-        tokens = int(trainer.strategy.reduce(batch["attention_mask"].sum().float(), reduce_op="sum").item())
-        self.tokens += tokens
-        self._window += tokens
+        tokens = batch["attention_mask"].sum()  # int64 on the device
+        self._unread = tokens if self._unread is None else self._unread + tokens
         if not logging_step(trainer):
             return
+        self._window += self._read()
         now = time.perf_counter()
         rate = self._window / max(now - self._start, 1e-9)
         pl_module.log("train/tokens_per_sec", rate, prog_bar=True, on_step=True, batch_size=1)
