@@ -102,3 +102,36 @@ def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
     assert all(type(c) in installed for c in default_callbacks()), installed
     assert LearningRateMonitor in installed
     assert cli.model.configure_callbacks() == []  # nothing of the module's replaces the trainer's
+
+
+def test_the_cli_shows_the_products_bar_unless_the_config_picks_its_own_or_none(tmp_path):
+    from conftest import restored_process_state, tiny_arguments
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_falcon import FalconQLoRA, PromptDataModule
+    from lightning_falcon.commands.cli import FalconCLI
+    from lightning_falcon.training.progress import ProgressBar
+
+    def bar(*args: str):
+        with restored_process_state():
+            cli = FalconCLI(FalconQLoRA, PromptDataModule, args=tiny_arguments(tmp_path, "fit", *args)[1:], run=False)
+        return cli.trainer.progress_bar_callback
+
+    assert type(bar()) is ProgressBar and bar().refresh_rate == 4
+    assert bar("--trainer.enable_progress_bar", "false") is None
+    assert type(bar("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")) is TQDMProgressBar
+
+
+def test_the_bar_updates_at_most_refresh_rate_times_a_second_and_always_after_a_pause(monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lightning_falcon.training import progress
+
+    drawn = []
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: drawn.append(i))
+    clock = iter([0.0, 0.1, 0.2, 0.26, 0.3, 5.0])  # seconds at each of six steps' ends
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.ProgressBar(refresh_rate=4)  # at most one update every 0.25 s
+    for i in range(6):
+        bar.on_train_batch_end(None, None, None, None, i)
+    assert drawn == [0, 3, 5]

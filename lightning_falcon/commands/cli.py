@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress import ProgressBar as LightningBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -25,6 +26,7 @@ from lightning_falcon.model.generation import GenerationSettings
 from lightning_falcon.model.quantization import check_quantization_runs, resolve_compute_dtype
 from lightning_falcon.training import default_callbacks
 from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
+from lightning_falcon.training.progress import ProgressBar
 from lightning_falcon.training.strategy import check_strategy
 from lightning_falcon.upstream import (
     JSONARGPARSE_BAD_VALUE,
@@ -116,11 +118,17 @@ class FalconCLI(LightningCLI):
         self.model.generation = self._section(self.config_init)["generation"]
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with atomic checkpoint writes unless the config chose its own checkpoint IO.
+        """The trainer, with the product's progress bar and atomic checkpoint writes, unless the config chose
+        its own bar or checkpoint IO.
 
         Lightning's default writes through a temporary file in the system temp dir, which is a copy (not a
         rename) when checkpoints live on another filesystem (`training.checkpoint_io`).
         """
+        settings = self._section(self.config_init)["trainer"]
+        chosen = settings.get("callbacks") or []
+        if settings.get("enable_progress_bar") is not False and not any(isinstance(c, LightningBar) for c in chosen):
+            # The product's bar, unless the config picked its own (Lightning refuses two) or none.
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], ProgressBar()]
         trainer = self._trainer_or_config_error(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -1,6 +1,7 @@
 """The callbacks a lightning_falcon run has, which the CLI installs as the trainer's (`trainer.callbacks`).
 
 A library user who builds a `Trainer` picks from these, or none: `FalconQLoRA` trains without any.
+The CLI also shows `training.progress.ProgressBar`, unless the config picks its own bar or none.
 """
 
 from __future__ import annotations
