@@ -6,7 +6,13 @@ the same AdamW, schedule, gradient clipping and number of steps. `fit` keeps eve
 does per step (logging to TensorBoard, the progress bar, the gradient-norm and NaN checks, the
 throughput meter); validation and periodic checkpoints are switched off, as the loop has neither.
 
-    python benchmarks/overhead.py [--steps 200] [--warmup 20] [--repeats 5]
+The fixed cost a step is a `fit` step's time less the loop's on the same batch, in one process
+(`Interleaved`): each step's median over the runs, averaged over the steps. `--real-size` measures the same on a step of real size:
+the shipped falcon-7b config at its real width and vocabulary with 2 layers (random weights), one
+sequence of `--max-length` tokens a step.
+
+    python benchmarks/overhead.py [--steps 200] [--warmup 20] [--repeats 5] [--interleaved-repeats 5]
+    python benchmarks/overhead.py --real-size --steps 12 --warmup 2 --interleaved-repeats 3 [--max-length 128]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from common import (
     Callback,
     StepWindow,
     compare_sides,
+    device_line,
     fused_adamw,
     lightning_window_callback,
     loss_chunk_size,
@@ -32,6 +39,7 @@ from common import (
     sides_table,
     table,
     tiny_settings,
+    versions,
 )
 
 
@@ -69,34 +77,44 @@ def fit_worker(steps: int, warmup: int, extra: list[str] = (), config: str = str
 class HandLoop:
     """The hand-written loop: the package's loader and data, PEFT, torch's AdamW; nothing else.
 
-    Seeded as `fit` seeds itself, so both train the same batches from the same weights.
+    `settings` are a config's `model`, `data` and `trainer` sections and its `seed_everything` (default:
+    configs/tiny.yaml's). Seeded as `fit` seeds itself, so both train the same batches from the same weights.
     """
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, settings: dict | None = None) -> None:
         import torch
 
         from lightning_falcon.assets import resolve
         from lightning_falcon.data import PromptDataModule
         from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
         from lightning_falcon.model.module import lr_lambda
-        from lightning_falcon.model.quantization import load_causal_lm
+        from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
+        from lightning_falcon.model.random_weights import random_checkpoint
 
-        config = tiny_settings()
-        m, d, t = config["model"], config["data"], config["trainer"]
+        config = settings or tiny_settings()
+        m, d, t = config["model"], dict(config["data"]), config["trainer"]
         torch.manual_seed(config["seed_everything"])
-        dm = PromptDataModule(**d, tokenizer=m["model_name_or_path"])
+        d["tokenizer"] = d.get("tokenizer") or m["model_name_or_path"]
+        dm = PromptDataModule(**d)
         dm.prepare_data()
         dm.setup("fit")
         self.loader = dm.train_dataloader()
         path = resolve(m["model_name_or_path"])
-        base = load_causal_lm(path, m["quantization"], True, torch.float32, torch.device("cpu"))
-        self.model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, False)
+        if m.get("random_init"):  # the checkpoint fit has written (or would write) for this architecture
+            path = str(random_checkpoint(path, m["random_init_dir"]))
+        cpu = torch.device("cpu")
+        dtype = resolve_compute_dtype(m.get("compute_dtype", "auto"), cpu)
+        base = load_causal_lm(path, m["quantization"], m.get("double_quant", True), dtype, cpu)
+        self.model = apply_lora(
+            base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], m.get("target_modules") or FALCON_TARGET_MODULES,
+            m.get("gradient_checkpointing", False), m.get("upcast_frozen", True),
+        )  # fmt: skip
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=m["learning_rate"], weight_decay=m["weight_decay"], fused=fused_adamw(m) or None
         )
-        schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], 0.0)
+        schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], m.get("min_lr_ratio", 0.0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.clip = t["gradient_clip_val"]
         self.chunk = loss_chunk_size(m)
@@ -165,6 +183,22 @@ PHASES = {
 }
 
 
+def live_settings(trainer, pl_module) -> dict:
+    """The settings this `fit` runs with, as `HandLoop` takes them: the module's and the data's arguments
+    as the CLI gave them, the clipping, and the seed the CLI set."""
+    import os
+
+    def arguments(hparams) -> dict:  # less what jsonargparse adds to them (`_instantiator`)
+        return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+    return {
+        "model": arguments(pl_module.hparams),
+        "data": arguments(trainer.datamodule.hparams),
+        "trainer": {"gradient_clip_val": trainer.gradient_clip_val},
+        "seed_everything": int(os.environ["PL_GLOBAL_SEED"]),
+    }
+
+
 class Interleaved(Callback):
     """`fit` and `HandLoop` in one process, a step each in turn: after each `fit` step, the loop trains
     its own copy of the model on its own next batch (the same batch, as both are seeded alike).
@@ -187,7 +221,10 @@ class Interleaved(Callback):
         import torch
 
         with torch.random.fork_rng():  # fit's own random stream stays as it would be without the loop
-            self.hand = HandLoop(self.steps)
+            self.hand = HandLoop(self.steps, live_settings(trainer, pl_module))
+        # The loop's steps draw from a stream of their own that starts where fit's does: the same dropout
+        # masks on both sides, and neither side's draws move the other's.
+        self._loop_rng = torch.get_rng_state()
 
     def _timed(self, step: int) -> bool:
         return self.warmup <= step < self.steps
@@ -213,6 +250,8 @@ class Interleaved(Callback):
         self._stamps["after_backward"] = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import torch
+
         end = self._stamps["end"] = time.perf_counter()
         step = trainer.global_step - 1
         if self._timed(step):
@@ -226,8 +265,11 @@ class Interleaved(Callback):
             )
         start = time.perf_counter()
         batch = next(self.hand.batches)
-        stamps = [time.perf_counter()]
-        loss = self.hand.step(batch, stamps)
+        with torch.random.fork_rng():
+            torch.set_rng_state(self._loop_rng)
+            stamps = [time.perf_counter()]
+            loss = self.hand.step(batch, stamps)
+            self._loop_rng = torch.get_rng_state()
         fetched, forward, backward, updated = stamps
         self._loop_seconds = updated - start
         if self._timed(step):
@@ -254,6 +296,18 @@ class Interleaved(Callback):
         report(result)
 
 
+def step_differences(run: dict) -> list[float]:
+    """Each timed step's `fit` time less the loop's on the same batch, in ms."""
+    return [1e3 * (a - b) for a, b in zip(run["fit"]["step_seconds"], run["loop"]["step_seconds"])]
+
+
+def fixed_cost_ms(runs: list[dict]) -> float:
+    """`fit`'s cost over the loop a step, in ms: for each step, the median over the runs of its difference
+    (a slow spell of the machine hits one run's step, not all of them), then the mean over the steps (so
+    the logged steps' extra cost counts at its real share, which a median over steps would leave out)."""
+    return statistics.mean(statistics.median(d) for d in zip(*map(step_differences, runs)))
+
+
 def _mean_ms(side: dict, phase: str | None) -> float:
     """A side's mean time a step in `phase` (None: the whole step), in ms."""
     seconds = side["step_seconds"] if phase is None else [p[phase] for p in side["phases"]]
@@ -269,54 +323,98 @@ def phase_table(runs: list[dict]) -> str:
     return table(["phase", "fit ms/step", "loop ms/step", "fit - loop", "what each side does in it"], rows)
 
 
-def interleaved(steps: int, warmup: int, repeats: int) -> dict:
-    """`repeats` fresh processes of `Interleaved`: each run's loop-over-fit time ratio, and their median."""
-    runs = [
-        run_worker(Path(__file__), "--worker", "interleaved", "--steps", str(steps), "--warmup", str(warmup))
-        for _ in range(repeats)
-    ]
+def interleaved(steps: int, warmup: int, repeats: int, extra: list[str] = (), timeout: int = 900) -> dict:
+    """`repeats` fresh processes of `Interleaved` (`extra`: the worker's `fit` arguments): each run's
+    loop-over-fit time ratio and fixed cost a step, and their medians."""
+    common = ["--worker", "interleaved", "--steps", str(steps), "--warmup", str(warmup)]
+    runs = [run_worker(Path(__file__), *common, *extra, timeout=timeout) for _ in range(repeats)]
     ratios = [r["fit"]["tokens_per_sec"] / r["loop"]["tokens_per_sec"] for r in runs]
-    return {"runs": runs, "ratios": ratios, "ratio": statistics.median(ratios)}
+    return {
+        "runs": runs,
+        "ratios": ratios,
+        "ratio": statistics.median(ratios),
+        "fixed_costs_ms": [fixed_cost_ms([r]) for r in runs],  # each run's mean difference
+        "fixed_cost_ms": fixed_cost_ms(runs),
+    }
+
+
+def real_size_arguments(work: Path, max_length: int, layers: int) -> list[str]:
+    """`fit` arguments for configs/falcon-7b-qlora.yaml at its real width with `layers` layers (random
+    weights), one sequence of exactly `max_length` tokens a step; CPU-only changes as in loss_memory.py."""
+    from loss_memory import CONFIG_7B, overrides
+    from peer import as_flags
+
+    settings = overrides(work, max_length, layers)
+    settings["trainer.enable_progress_bar"] = True  # as a user's fit has it, like the tiny side
+    return ["--config-file", CONFIG_7B, *as_flags(settings)]
 
 
 def compare(steps: int, warmup: int, repeats: int) -> dict:
     return compare_sides(Path(__file__), ("fit", "loop"), steps, warmup, repeats)
 
 
+def print_interleaved(inter: dict, repeats: int) -> None:
+    rows = [
+        [i + 1, f"{r['fit']['tokens_per_sec']:,.1f}", f"{r['loop']['tokens_per_sec']:,.1f}", f"{ratio:.3f}",
+         f"{1e3 * statistics.median(r['loop']['step_seconds']):,.1f}", f"{cost:+.2f}"]
+        for i, (r, ratio, cost) in enumerate(zip(inter["runs"], inter["ratios"], inter["fixed_costs_ms"]))
+    ]  # fmt: skip
+    same = all(r["fit"]["losses"] == r["loop"]["losses"] for r in inter["runs"])
+    header = ["run", "fit tokens/s", "loop tokens/s", "fit / loop", "loop ms/step (median)", "fit - loop ms (mean)"]
+    print(table(header, rows))
+    print(
+        f"\noverhead ratio fit / loop, interleaved: {inter['ratio']:.3f} median of {repeats} runs; fixed cost "
+        f"{inter['fixed_cost_ms']:.2f} ms a step (fit step - loop step: each step's median over the runs, "
+        "averaged over the steps); "
+        f"losses identical on both sides at every step: {same}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating (0: none)")
     parser.add_argument("--interleaved-repeats", type=int, default=5, help="runs of `Interleaved` (0: none)")
+    parser.add_argument(
+        "--real-size", action="store_true",
+        help="only the interleaved runs, on configs/falcon-7b-qlora.yaml at its real width (--layers, --max-length)",
+    )  # fmt: skip
+    parser.add_argument("--layers", type=int, default=2, help="--real-size: decoder layers")
+    parser.add_argument("--max-length", type=int, default=128, help="--real-size: tokens a step (one sequence)")
+    parser.add_argument("--config-file", default=str(TINY_CONFIG), help=argparse.SUPPRESS)  # a worker's config
     parser.add_argument("--worker", choices=["fit", "loop", "interleaved"])
     args, extra = parser.parse_known_args()
     if args.worker == "fit":
-        return fit_worker(args.steps, args.warmup, extra)
+        return fit_worker(args.steps, args.warmup, extra, args.config_file)
     if args.worker == "loop":
         return loop_worker(args.steps, args.warmup)
     if args.worker == "interleaved":
         timer = {"class_path": "overhead.Interleaved", "init_args": {"warmup": args.warmup, "steps": args.steps}}
-        return fit_worker(args.steps, args.warmup, extra, timer=json.dumps(timer))
-    out = compare(args.steps, args.warmup, args.repeats)
-    print("## Alternating processes\n\n" + sides_table(out, ("fit", "loop")))
-    print(
-        f"\noverhead ratio fit / loop: {out['ratio']['floor']:.3f} step-by-step floor (target >= 0.95), "
-        f"{out['ratio']['median']:.3f} median of {args.repeats} runs"
-    )
-    if args.interleaved_repeats:
-        inter = interleaved(args.steps, args.warmup, args.interleaved_repeats)
-        rows = [
-            [i + 1, f"{r['fit']['tokens_per_sec']:,.0f}", f"{r['loop']['tokens_per_sec']:,.0f}", f"{ratio:.3f}"]
-            for i, (r, ratio) in enumerate(zip(inter["runs"], inter["ratios"]))
-        ]
-        same = all(r["fit"]["losses"] == r["loop"]["losses"] for r in inter["runs"])
-        print("\n## Interleaved in one process (a fit step, then a loop step)\n")
-        print(table(["run", "fit tokens/s", "loop tokens/s", "fit / loop"], rows))
+        return fit_worker(args.steps, args.warmup, extra, args.config_file, timer=json.dumps(timer))
+    if args.real_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            flags = real_size_arguments(Path(tmp), args.max_length, args.layers)
+            inter = interleaved(args.steps, args.warmup, args.interleaved_repeats, [*flags, *extra], timeout=3600)
+        print(f"{device_line()}; {versions()}")
         print(
-            f"\noverhead ratio fit / loop, interleaved: {inter['ratio']:.3f} median of {args.interleaved_repeats} "
-            f"runs (target >= 0.95); losses identical on both sides at every step: {same}"
+            f"configs/falcon-7b-qlora.yaml at falcon-7b width, {args.layers} layers, batch 1 x {args.max_length} "
+            f"tokens, {args.steps} steps, steps {args.warmup}-{args.steps - 1} timed\n"
         )
+        print_interleaved(inter, args.interleaved_repeats)
+        print("\n## Where the time goes (mean of the timed steps)\n")
+        return print(phase_table(inter["runs"]))
+    if args.repeats:
+        out = compare(args.steps, args.warmup, args.repeats)
+        print("## Alternating processes\n\n" + sides_table(out, ("fit", "loop")))
+        print(
+            f"\noverhead ratio fit / loop: {out['ratio']['floor']:.3f} step-by-step floor, "
+            f"{out['ratio']['median']:.3f} median of {args.repeats} runs"
+        )
+    if args.interleaved_repeats:
+        inter = interleaved(args.steps, args.warmup, args.interleaved_repeats, extra)  # extra: fit's arguments
+        print("\n## Interleaved in one process (a fit step, then a loop step)\n")
+        print_interleaved(inter, args.interleaved_repeats)
         print("\n## Where fit's extra time goes (interleaved runs above; mean of the timed steps)\n")
         print(phase_table(inter["runs"]))
 

@@ -36,6 +36,9 @@ def test_interleaved_overhead_run_trains_both_sides_alike_in_one_process():
     assert len(fit["step_seconds"]) == len(loop["step_seconds"]) == 6 and fit["step_tokens"] == loop["step_tokens"]
     assert fit["losses"] == loop["losses"] and all(t > 0 for t in fit["step_seconds"] + loop["step_seconds"])
     assert out["ratio"] == pytest.approx(loop["seconds"] / fit["seconds"])
+    # One run: its fixed cost is the mean over the steps of fit's step time less the loop's.
+    differences = [1e3 * (a - b) for a, b in zip(fit["step_seconds"], loop["step_seconds"])]
+    assert out["fixed_cost_ms"] == pytest.approx(sum(differences) / len(differences))
     # Each timed step splits into the same phases on both sides, and they add up to the step's time.
     for side in (fit, loop):
         assert len(side["phases"]) == 6 and all(set(p) == set(overhead.PHASES) for p in side["phases"])
