@@ -6,8 +6,18 @@ DeepSpeed strategy) > `model` (the LightningModule, quantization, LoRA, generati
 datamodule, formats, batching) > `errors`, `files`, `upstream`, `assets`.
 """
 
-from lightning_falcon.data import PromptDataModule
-from lightning_falcon.model import FalconQLoRA
+from __future__ import annotations
 
 __all__ = ["FalconQLoRA", "PromptDataModule"]
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that `python -m lightning_falcon --help` does not load torch first.
+_LAZY = {"FalconQLoRA": "lightning_falcon.model", "PromptDataModule": "lightning_falcon.data"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_falcon' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_falcon.commands.program import program
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.errors import ConfigError
@@ -62,9 +63,9 @@ class FalconArgumentParser(LightningArgumentParser):
 
 def explain_parse_error(message: str, parser) -> str:
     """jsonargparse's message as one line, with the nearest valid key for an unknown one."""
-    # `__main__.py [options] fit` for a subcommand, `__main__.py` for the root, `lightning_falcon plan` for ours
-    words = parser.prog.replace(" [options]", "").split()
-    help_command = f"`python -m lightning_falcon {' '.join(words[1:2] + ['--help'])}`"
+    # `PROGRAM [options] fit` for a subcommand, `PROGRAM` for the root, `PROGRAM plan` for ours
+    words = parser.prog.replace(" [options]", "").removeprefix(program()).split()
+    help_command = f"`{' '.join([program(), *words[:1], '--help'])}`"
     found = next((m for m in (re.search(p, message) for p in JSONARGPARSE_UNKNOWN_KEY) if m), None)
     if found:
         key = found.group(1).lstrip("-").split("=")[0]
@@ -279,7 +280,7 @@ def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> 
             FalconQLoRA,
             PromptDataModule,
             run=False,
-            parser_kwargs={"prog": f"lightning_falcon {command}"},
+            parser_kwargs={"prog": f"{program()} {command}"},
         )
     finally:
         sys.argv = argv

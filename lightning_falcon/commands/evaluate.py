@@ -19,6 +19,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, is_deepspeed_checkpoint, run_dir
+from lightning_falcon.commands.program import program
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.inputs import Query, read_queries
 from lightning_falcon.errors import ConfigError
@@ -49,7 +50,7 @@ def evaluate(args: list[str]) -> Path:
         args=[*args, *SINGLE_DEVICE],
         run=False,
         save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
-        parser_kwargs={"prog": "lightning_falcon evaluate"},
+        parser_kwargs={"prog": f"{program()} evaluate"},
     )
     config = cli.config_init
     problems = []

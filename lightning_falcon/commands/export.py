@@ -21,6 +21,7 @@ import torch
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.cli import FalconArgumentParser
+from lightning_falcon.commands.program import program
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import staged_directory
@@ -205,7 +206,7 @@ def _push(out: Path, repo: str, token: str, private: bool) -> None:
 
 def main(args: list[str]) -> None:
     """`export`: an adapter directory exported, or merged into its base."""
-    parser = FalconArgumentParser(prog="lightning_falcon export", description=export.__doc__.splitlines()[0])
+    parser = FalconArgumentParser(prog=f"{program()} export", description=export.__doc__.splitlines()[0])
     parser.add_function_arguments(export)
     # `--merge` alone reads as `--merge true`, as with argparse's store_true flags.
     flags = ("--merge", "--overwrite", "--private", "--trust_remote_code")

@@ -1,4 +1,4 @@
-"""The entry point: `python -m lightning_falcon {fit,validate,test,predict} --config X.yaml [--section.key value ...]`.
+"""The entry point: `python -m lightning_falcon SUBCOMMAND --config X.yaml [--section.key value ...]`.
 
 python -m lightning_falcon fit --config configs/tiny.yaml
 python -m lightning_falcon fit --config configs/tiny.yaml --trainer.max_steps 50 --model.lora_r 16
@@ -14,30 +14,60 @@ python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
-from lightning_falcon.commands import evaluate, export, plan, prefetch, slurm_args
-from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI
-from lightning_falcon.data import PromptDataModule
-from lightning_falcon.errors import ConfigError
-from lightning_falcon.model import FalconQLoRA, NonFiniteLoss
-from lightning_falcon.training.checkpoint_io import DiskFull
-from lightning_falcon.training.preemption import listen
+from lightning_falcon.commands.program import program
 
-# Ours, besides LightningCLI's fit, validate, test and predict: each takes the arguments after its name.
-SUBCOMMANDS = {
-    "plan": plan.main,
-    "slurm-args": slurm_args.main,
-    "prefetch": prefetch.main,
-    "export": export.main,
-    "evaluate": evaluate.evaluate,
+# Every subcommand, with its one line of help and where it lives ("module:function", imported only when it
+# runs, so that the top-level help answers before torch, Lightning and transformers load). None: LightningCLI's.
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "fit": ("train LoRA adapters on a config's model and data; --ckpt_path last resumes", None),
+    "validate": ("the validation loss and perplexity of a checkpoint or adapter", None),
+    "test": ("the same as validate, logged as test/ scalars", None),
+    "predict": ("generate for generation.inputs or .input_file: one JSON line per input", None),
+    "evaluate": ("the base against the fine-tuned model on the same prompts: a Markdown report", "evaluate:evaluate"),
+    "export": ("an adapter as a PEFT directory, or merged into the base model (--merge)", "export:main"),
+    "plan": ("per-GPU memory of a config, for each strategy, before anything loads", "plan:main"),
+    "prefetch": ("download a config's model, tokenizer and data for offline nodes", "prefetch:main"),
+    "slurm-args": ("inside a Slurm job: the fit arguments its allocation implies", "slurm_args:main"),
 }
+
+
+def usage() -> str:
+    """The top-level help: every subcommand with its line."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {line}" for name, (line, _) in COMMANDS.items()]
+    return "\n".join(
+        [
+            f"usage: {program()} SUBCOMMAND [--config X.yaml] [--section.key value ...]",
+            "",
+            "QLoRA fine-tuning of Falcon LLMs with PyTorch Lightning.",
+            "",
+            "subcommands:",
+            *lines,
+            "",
+            f"`{program()} SUBCOMMAND --help` lists a subcommand's own options.",
+            f"Start: {program()} fit --config configs/tiny.yaml",
+        ]
+    )
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS:
+        print(f"{usage()}\n\n{program()}: error: unknown subcommand {argv[0]!r}", file=sys.stderr)
+        sys.exit(2)
+    from lightning_falcon.errors import ConfigError
+    from lightning_falcon.model import NonFiniteLoss
+    from lightning_falcon.training.checkpoint_io import DiskFull
+    from lightning_falcon.training.preemption import listen
+
     if "SLURM_JOB_ID" in os.environ:
         listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
     try:
@@ -53,16 +83,23 @@ def main(args: list[str] | None = None) -> None:
 
 
 def run(argv: list[str], args: list[str] | None) -> None:
-    """One subcommand: ours (`SUBCOMMANDS`) or one of LightningCLI's, which reads `sys.argv` when `args` is None."""
-    if argv[:1] and argv[0] in SUBCOMMANDS:
-        SUBCOMMANDS[argv[0]](argv[1:])
+    """One subcommand: ours (`COMMANDS` with a function) or one of LightningCLI's, which reads `sys.argv`
+    when `args` is None."""
+    where = COMMANDS[argv[0]][1]
+    if where is not None:
+        module, function = where.split(":")
+        getattr(importlib.import_module(f"lightning_falcon.commands.{module}"), function)(argv[1:])
         return
-    saving = {"save_config_kwargs": {"overwrite": True}}
+    from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI
+    from lightning_falcon.data import PromptDataModule
+    from lightning_falcon.model import FalconQLoRA
+
+    saving = {"save_config_kwargs": {"overwrite": True}, "parser_kwargs": {"prog": program()}}
     if argv[:1] == ["predict"]:
         # One process: one JSONL in input order (ranks would each write a share), and generation needs
         # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
         # Its output is the JSONL alone: no config.yaml.
-        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
+        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None, "parser_kwargs": saving["parser_kwargs"]}
     FalconCLI(FalconQLoRA, PromptDataModule, args=args, **saving)
 
 
