@@ -3,9 +3,10 @@
 A new release of lightning, transformers, bitsandbytes, deepspeed or jsonargparse may change any of
 these without notice, so each has a canary in `tests/test_upstream.py` that fails, naming the touch
 point, when the library underneath it changes. `pyproject.toml` bounds those libraries above, and the
-README's "Library touch points" lists the same set. Two touch points are methods of our subclasses
-and stay with them: `FalconCLI._parse_ckpt_path` (commands/cli.py) and the calls to
-`DeepSpeedStrategy._init_config_if_needed` (training/strategy.py).
+README's "Library touch points" lists the same set. Three touch points are methods of our subclasses
+and stay with them: `FalconCLI._parse_ckpt_path` (commands/cli.py), the calls to
+`DeepSpeedStrategy._init_config_if_needed` (training/strategy.py) and
+`ProgressBar._get_train_description` (training/progress.py).
 
 This module imports only libraries, so every layer may use it.
 """

@@ -1,5 +1,6 @@
 """The command surface a user meets first: the top-level help, under the name the program was started by."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,34 @@ def test_each_subcommand_keeps_its_own_help_under_the_programs_name(subcommand):
     proc = run([sys.executable, "-m", "lightning_falcon", subcommand, "--help"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: python -m lightning_falcon ") and subcommand in proc.stdout.splitlines()[0]
+
+
+def test_a_fit_console_shows_ours_and_none_of_the_libraries_notices(tmp_path):
+    # A stand-in `srun` on PATH: Lightning's srun hint appears wherever Slurm is installed, outside a job too.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    command = [
+        sys.executable, "-m", "lightning_falcon", "fit", "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--generation.samples", "[]",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    noise = [
+        "The `srun` command is available",  # Lightning, outside a Slurm job
+        "💡 Tip",  # Lightning's litlogger / litmodels advertisement
+        "Setting accelerator to CPU",  # DeepSpeed, though not in use
+        "is deprecated",  # FutureWarnings from transformers and Lightning internals
+        "Total estimated model params size",  # Lightning's summary, untrue of a 4-bit model
+        "Epoch 0/-2",  # Lightning's bar in a run bounded by steps
+        "Failed to load CPU gemm_4bit_forward",  # bitsandbytes' optional kernel
+    ]
+    assert not [line for line in console.splitlines() if any(n in line for n in noise)], console[-3000:]
+    assert "[model] quantized linear layers: 8 | trainable params:" in console  # the 4-bit-aware summary
+    assert "Epoch 0 of a 2-step run" in console
+    assert "[adapter] saved to" in console

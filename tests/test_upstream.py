@@ -199,3 +199,13 @@ def test_torch_still_names_the_global_a_weights_only_load_refuses(tmp_path):
         torch.load(tmp_path / "objects.ckpt", weights_only=True)
     found = re.search(upstream.TORCH_REFUSED_GLOBAL, str(e.value))
     assert found and found.group(1) == "argparse.Namespace", str(e.value)[:500]
+
+
+def test_lightnings_rich_bar_still_describes_the_train_bar_with_get_train_description():
+    import inspect
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    # training/progress.py overrides it to say "step S of MAX" where Lightning says "Epoch N/-2"
+    assert list(inspect.signature(RichProgressBar._get_train_description).parameters) == ["self", "current_epoch"]
+    assert "self._get_train_description(" in inspect.getsource(RichProgressBar.on_train_epoch_start)

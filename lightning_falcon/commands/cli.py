@@ -45,9 +45,12 @@ LOGGER = {
 
 
 def trainer_defaults() -> dict:
-    """The trainer's defaults in every subcommand: TensorBoard, and the product's callbacks (new for each CLI:
-    they hold a run's state). LightningCLI adds these callbacks to any the config lists."""
-    return {"logger": LOGGER, "callbacks": default_callbacks()}
+    """The trainer's defaults in every subcommand: TensorBoard, the product's callbacks (new for each CLI:
+    they hold a run's state) and no Lightning model summary. LightningCLI adds these callbacks to any the
+    config lists."""
+    # Lightning's model summary counts a 4-bit weight as a parameter of the compute dtype: the module's own
+    # `[model]` line (quantized layers, trainable of total, the real footprint) replaces it.
+    return {"logger": LOGGER, "callbacks": default_callbacks(), "enable_model_summary": False}
 
 
 class FalconArgumentParser(LightningArgumentParser):

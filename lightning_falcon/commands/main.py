@@ -63,6 +63,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"{usage()}\n\n{program()}: error: unknown subcommand {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
+    from lightning_falcon.commands.console import quiet_console
+
+    quiet_console()  # before the libraries load: some speak on import
     from lightning_falcon.errors import ConfigError
     from lightning_falcon.model import NonFiniteLoss
     from lightning_falcon.training.checkpoint_io import DiskFull
