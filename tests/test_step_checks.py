@@ -99,3 +99,27 @@ def test_the_checkpointed_token_count_is_exact_at_a_step_that_logs_nothing(tmp_p
         state = torch.load(tmp_path / "ckpt" / f"epoch=0-step={step}.ckpt", weights_only=True)
         assert state["callbacks"]["TokenThroughput"] == {"tokens": counted.after_step[step - 1]}, step
     assert counted.after_step[2] > 0
+
+
+def test_a_checkpoint_between_logged_steps_keeps_its_tokens_in_the_logged_rate(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_falcon.training import throughput
+
+    clock = iter(range(100))  # one second a call of perf_counter
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: float(next(clock)))
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.setdefault(name, value), device=torch.device("cpu"))
+    monkeypatch.setattr(throughput, "log_to_loggers", lambda trainer, metrics: None)
+    meter = throughput.TokenThroughput()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    meter.setup(trainer, module, "fit")
+    batch = {"attention_mask": torch.ones(1, 10, dtype=torch.long)}  # 10 tokens a step
+    for step in range(4):  # logged at the 4th step; a checkpoint reads the count after the 3rd
+        monkeypatch.setattr(throughput, "logging_step", lambda t, step=step: step == 3)
+        meter.on_train_batch_start(trainer, module, batch, step)
+        meter.on_train_batch_end(trainer, module, None, batch, step)
+        if step == 2:
+            assert meter.state_dict() == {"tokens": 30}
+    # 40 tokens from the first step's start (t=0) to the logged step's end (t=1): the checkpoint lost none
+    assert logged["train/tokens_per_sec"] == 40.0 and meter.tokens == 40

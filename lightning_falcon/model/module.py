@@ -240,6 +240,7 @@ class FalconQLoRA(L.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def on_train_start(self) -> None:
+        self._window_loss = None  # a fit stopped inside an accumulation window left its losses here
         # After the checkpoint is restored: a resumed run states where it continues.
         trainer = self.trainer
         rank_zero_info(

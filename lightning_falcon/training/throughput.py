@@ -31,7 +31,7 @@ class TokenThroughput(Callback):
         self._strategy = trainer.strategy
 
     def _read(self) -> int:
-        """Add the tokens counted on the device since the last read (every rank's) to the totals.
+        """Add the tokens counted on the device since the last read (every rank's) to the total and the window.
 
         Collective under several ranks: called only where every rank is (logged steps, checkpoints,
         window restarts), so a step that is neither adds no host sync and no all-reduce.
@@ -41,6 +41,7 @@ class TokenThroughput(Callback):
         tokens = int(self._strategy.reduce(self._unread, reduce_op="sum").item())
         self._unread = None
         self.tokens += tokens
+        self._window += tokens  # a read between logged steps (a checkpoint) still counts toward the rate
         return tokens
 
     def state_dict(self) -> dict:
@@ -66,7 +67,7 @@ class TokenThroughput(Callback):
         self._unread = tokens if self._unread is None else self._unread + tokens
         if not logging_step(trainer):
             return
-        self._window += self._read()
+        self._read()
         now = time.perf_counter()
         rate = self._window / max(now - self._start, 1e-9)
         pl_module.log("train/tokens_per_sec", rate, prog_bar=True, on_step=True, batch_size=1)
