@@ -122,16 +122,26 @@ def test_the_cli_shows_the_products_bar_unless_the_config_picks_its_own_or_none(
     assert type(bar("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")) is TQDMProgressBar
 
 
-def test_the_bar_updates_at_most_refresh_rate_times_a_second_and_always_after_a_pause(monkeypatch):
+def test_the_bar_updates_at_most_refresh_rate_times_a_second_and_always_on_the_last_batch(monkeypatch):
+    from types import SimpleNamespace
+
     from lightning.pytorch.callbacks import RichProgressBar
 
     from lightning_falcon.training import progress
 
     drawn = []
     monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: drawn.append(i))
-    clock = iter([0.0, 0.1, 0.2, 0.26, 0.3, 5.0])  # seconds at each of six steps' ends
+    clock = iter([0.0, 0.1, 0.2, 0.26, 0.3, 5.0, 5.1])  # seconds at each of seven steps' ends
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     bar = progress.ProgressBar(refresh_rate=4)  # at most one update every 0.25 s
-    for i in range(6):
-        bar.on_train_batch_end(None, None, None, None, i)
-    assert drawn == [0, 3, 5]
+    for i in range(7):
+        trainer = SimpleNamespace(num_training_batches=7, max_steps=100, global_step=i + 1)
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    assert drawn == [0, 3, 5, 6]  # 6: the epoch's last batch, 0.1 s after the one before
+    drawn.clear()
+    clock = iter([10.0, 10.1])
+    for step in (99, 100):  # the run's last step, mid-epoch
+        bar.on_train_batch_end(
+            SimpleNamespace(num_training_batches=7, max_steps=100, global_step=step), None, None, None, 2
+        )
+    assert drawn == [2, 2]

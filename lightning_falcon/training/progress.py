@@ -10,10 +10,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 class ProgressBar(RichProgressBar):
     """Lightning's `RichProgressBar`, updated at most `refresh_rate` times a second during training.
 
-    Lightning's default updates the bar's state at every step and wakes a drawing thread 100 times a
-    second. On a short step (the tiny model's 50 ms on CPU) that costs about a millisecond of every step;
-    a person reads nothing faster than a few redraws a second. Validation and prediction bars are
-    Lightning's own.
+    Lightning's default updates the bar's state at every step and wakes its drawing thread 100 times a
+    second, which on a short step is a measurable share of it (BENCHMARKS.md); a person reads nothing
+    faster than a few redraws a second. The last batch of an epoch and of the run is always shown.
+    Validation and prediction bars are Lightning's own.
     """
 
     def __init__(self, refresh_rate: int = 4, leave: bool = False) -> None:
@@ -37,7 +37,8 @@ class ProgressBar(RichProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
-        if self.refresh_rate and now - self._updated < 1 / self.refresh_rate:
+        last = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= trainer.global_step
+        if self.refresh_rate and now - self._updated < 1 / self.refresh_rate and not last:
             return  # the next update sets the bar to its batch: nothing is lost by skipping this one
         self._updated = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
