@@ -206,6 +206,6 @@ def test_lightnings_rich_bar_still_describes_the_train_bar_with_get_train_descri
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    # training/progress.py overrides it to say "step S of MAX" where Lightning says "Epoch N/-2"
+    # training/progress.py overrides it to say "Epoch N of a MAX-step run" where Lightning says "Epoch N/-2"
     assert list(inspect.signature(RichProgressBar._get_train_description).parameters) == ["self", "current_epoch"]
     assert "self._get_train_description(" in inspect.getsource(RichProgressBar.on_train_epoch_start)

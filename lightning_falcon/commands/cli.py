@@ -67,7 +67,8 @@ class FalconArgumentParser(LightningArgumentParser):
 def explain_parse_error(message: str, parser) -> str:
     """jsonargparse's message as one line, with the nearest valid key for an unknown one."""
     # `PROGRAM [options] fit` for a subcommand, `PROGRAM` for the root, `PROGRAM plan` for ours
-    words = parser.prog.replace(" [options]", "").removeprefix(program()).split()
+    name = parser.prog.replace(" [options]", "")
+    words = name.removeprefix(program()).split() if name.startswith(program()) else name.split()[1:]
     help_command = f"`{' '.join([program(), *words[:1], '--help'])}`"
     found = next((m for m in (re.search(p, message) for p in JSONARGPARSE_UNKNOWN_KEY) if m), None)
     if found:

@@ -60,8 +60,8 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
-    if argv[0] not in COMMANDS:
-        print(f"{usage()}\n\n{program()}: error: unknown subcommand {argv[0]!r}", file=sys.stderr)
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # `-c X.yaml fit`: LightningCLI's root options
+        print(f"{usage()}\n\nlightning_falcon: error: unknown subcommand {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
     from lightning_falcon.commands.console import quiet_console
 
@@ -88,7 +88,7 @@ def main(args: list[str] | None = None) -> None:
 def run(argv: list[str], args: list[str] | None) -> None:
     """One subcommand: ours (`COMMANDS` with a function) or one of LightningCLI's, which reads `sys.argv`
     when `args` is None."""
-    where = COMMANDS[argv[0]][1]
+    where = COMMANDS.get(argv[0], ("", None))[1]
     if where is not None:
         module, function = where.split(":")
         getattr(importlib.import_module(f"lightning_falcon.commands.{module}"), function)(argv[1:])
