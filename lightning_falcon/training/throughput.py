@@ -30,19 +30,18 @@ class TokenThroughput(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._strategy = trainer.strategy
 
-    def _read(self) -> int:
+    def _read(self) -> None:
         """Add the tokens counted on the device since the last read (every rank's) to the total and the window.
 
         Collective under several ranks: called only where every rank is (logged steps, checkpoints,
         window restarts), so a step that is neither adds no host sync and no all-reduce.
         """
         if self._unread is None:
-            return 0
+            return
         tokens = int(self._strategy.reduce(self._unread, reduce_op="sum").item())
         self._unread = None
         self.tokens += tokens
         self._window += tokens  # a read between logged steps (a checkpoint) still counts toward the rate
-        return tokens
 
     def state_dict(self) -> dict:
         self._read()  # the checkpoint is written on every rank, so every rank is here
