@@ -178,6 +178,23 @@ class FalconCLI(LightningCLI):
             self._prepare_predict(source)
         return source
 
+    def one_device_source(self, command: str) -> Path | None:
+        """`check_run` for a one-device command that reads a run (evaluate, chat): `last` must find a
+        checkpoint, and a DeepSpeed checkpoint (a shard per rank) is refused with the fix to read the
+        run's adapter. Returns the checkpoint or adapter directory (None: the base model)."""
+        asked = self._section(self.config_init).get("ckpt_path")
+        source = self.check_run()
+        if source is None and asked is not None:
+            raise ConfigError(
+                f"{command} found no checkpoint for --ckpt_path {asked}. Fix: train first, or name a checkpoint"
+            )
+        if source is not None and is_deepspeed_checkpoint(source):
+            raise ConfigError(
+                f"{source} is a DeepSpeed checkpoint (one shard per rank), and {command} runs on one device. "
+                f"Fix: give the run's adapter: --ckpt_path {run_dir(source) / 'adapter'}"
+            )
+        return source
+
     def _resolve_last(self) -> None:
         """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
 
@@ -276,15 +293,19 @@ class ParseOnlyCLI(FalconCLI):
         pass
 
 
-def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> ParseOnlyCLI:
-    # LightningCLI reads sys.argv when given no args; the extra subcommand is not one of its own, so drop it there.
+def build(cli_class: type[FalconCLI], args: list[str], command: str | None, **kwargs) -> FalconCLI:
+    """`cli_class` on `args` alone, its usage named `PROGRAM command` (None: a LightningCLI subcommand leads `args`).
+
+    LightningCLI reads `sys.argv` unless it is given `args`, and warns when given both: it reads `args` here
+    as its command line, with the program's own name first.
+    """
+    prog = f"{program()} {command}" if command else program()
     argv, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
-        return cli_class(
-            FalconQLoRA,
-            PromptDataModule,
-            run=False,
-            parser_kwargs={"prog": f"{program()} {command}"},
-        )
+        return cli_class(FalconQLoRA, PromptDataModule, parser_kwargs={"prog": prog}, **kwargs)
     finally:
         sys.argv = argv
+
+
+def parse_only(cli_class: type[ParseOnlyCLI], args: list[str], command: str) -> ParseOnlyCLI:
+    return build(cli_class, args, command, run=False)

@@ -18,9 +18,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, is_deepspeed_checkpoint, run_dir
-from lightning_falcon.commands.program import program
-from lightning_falcon.data import PromptDataModule
+from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build, run_dir
 from lightning_falcon.data.inputs import Query, read_queries
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA
@@ -44,14 +42,8 @@ class EvaluateCLI(FalconCLI):
 
 def evaluate(args: list[str]) -> Path:
     """Parse, check everything cheap, then validate and generate twice and write the report."""
-    cli = EvaluateCLI(
-        FalconQLoRA,
-        PromptDataModule,
-        args=[*args, *SINGLE_DEVICE],
-        run=False,
-        save_config_callback=None,  # the report is the output: no config.yaml beside it (nor in the cwd)
-        parser_kwargs={"prog": f"{program()} evaluate"},
-    )
+    # The report is the output: no config.yaml beside it (nor in the cwd).
+    cli = build(EvaluateCLI, [*args, *SINGLE_DEVICE], "evaluate", run=False, save_config_callback=None)
     config = cli.config_init
     problems = []
     if config.get("ckpt_path") is None:
@@ -61,14 +53,7 @@ def evaluate(args: list[str]) -> Path:
     except ConfigError as e:
         problems.append(str(e))
     ConfigError.collect(problems)
-    source = cli.check_run()
-    if source is None:
-        raise ConfigError("evaluate found no checkpoint for --ckpt_path last. Fix: train first, or name a checkpoint")
-    if is_deepspeed_checkpoint(source):
-        raise ConfigError(
-            f"{source} is a DeepSpeed checkpoint (one shard per rank), and evaluate runs on one device. "
-            f"Fix: evaluate the run's adapter: --ckpt_path {run_dir(source) / 'adapter'}"
-        )
+    source = cli.one_device_source("evaluate")
     report = Path(config["report"]) if config.get("report") else run_dir(source) / "evaluation.md"
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     trainer.loggers = []  # nor a new TensorBoard version

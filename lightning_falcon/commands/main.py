@@ -74,7 +74,7 @@ def main(args: list[str] | None = None) -> None:
     if "SLURM_JOB_ID" in os.environ:
         listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
     try:
-        run(argv, args)
+        run(argv)
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -85,25 +85,22 @@ def main(args: list[str] | None = None) -> None:
     end_process_group()
 
 
-def run(argv: list[str], args: list[str] | None) -> None:
-    """One subcommand: ours (`COMMANDS` with a function) or one of LightningCLI's, which reads `sys.argv`
-    when `args` is None."""
+def run(argv: list[str]) -> None:
+    """One subcommand: ours (`COMMANDS` with a function) or one of LightningCLI's."""
     where = COMMANDS.get(argv[0], ("", None))[1]
     if where is not None:
         module, function = where.split(":")
         getattr(importlib.import_module(f"lightning_falcon.commands.{module}"), function)(argv[1:])
         return
-    from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI
-    from lightning_falcon.data import PromptDataModule
-    from lightning_falcon.model import FalconQLoRA
+    from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build
 
-    saving = {"save_config_kwargs": {"overwrite": True}, "parser_kwargs": {"prog": program()}}
+    saving = {"save_config_kwargs": {"overwrite": True}}
     if argv[:1] == ["predict"]:
         # One process: one JSONL in input order (ranks would each write a share), and generation needs
         # no cross-rank lockstep (ZeRO-3 ranks given unequal shares would wait on each other forever).
         # Its output is the JSONL alone: no config.yaml.
-        args, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None, "parser_kwargs": saving["parser_kwargs"]}
-    FalconCLI(FalconQLoRA, PromptDataModule, args=args, **saving)
+        argv, saving = [*argv, *SINGLE_DEVICE], {"save_config_callback": None}
+    build(FalconCLI, argv, None, **saving)
 
 
 def end_process_group() -> None:
