@@ -10,17 +10,26 @@ import pytest
 CHILD_TIMEOUT = 600  # seconds; below the slow tier's per-test limit (conftest.SLOW_TIMEOUT)
 
 
-def run_process(command, *, timeout: float = CHILD_TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run(command, capture_output=True, text=True)`, but a child still running after `timeout`
+def run_process(
+    command, *, timeout: float = CHILD_TIMEOUT, input: str | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, input=input)`, but a child still running after `timeout`
     seconds prints the stack of every thread, in each of its processes (DDP ranks included), before the
     test fails with that output. A plain timeout would kill it and say nothing of where it hung."""
     env = {**(kwargs.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
     # Its own process group, so the signal reaches the ranks it launches too.
     child = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+        command,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
     )
     try:
-        out, err = child.communicate(timeout=timeout)
+        out, err = child.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         signal_group(child, signal.SIGABRT)  # faulthandler prints every thread's traceback, then the process ends
         try:

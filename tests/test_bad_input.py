@@ -230,9 +230,10 @@ def lora_checkpoint(path, lora_r=16):
     return str(path)
 
 
-def test_checkpoint_with_other_lora_shapes(tmp_path, capsys):
+@pytest.mark.parametrize("subcommand", ["predict", "chat"])
+def test_checkpoint_with_other_lora_shapes(tmp_path, capsys, subcommand):
     ckpt = lora_checkpoint(tmp_path / "r16.ckpt")
-    err = run(tmp_path, capsys, "--ckpt_path", ckpt, "--model.lora_r", "8", subcommand="predict")
+    err = run(tmp_path, capsys, "--ckpt_path", ckpt, "--model.lora_r", "8", subcommand=subcommand)
     assert "does not match the model config: it was trained with lora_r=16 (config: 8)" in err
     assert "Fix: pass --model.lora_r 16" in err
 
@@ -254,6 +255,18 @@ def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, capsys, subcomman
     err = run(tmp_path, capsys, "--ckpt_path", str(evil), subcommand=subcommand)
     assert f"checkpoint {evil} holds Python objects besides tensors, so it does not load with weights_only=True" in err
     assert "it would call io.open" in err and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["evaluate", "chat"])
+def test_one_device_commands_need_a_run_to_read(tmp_path, capsys, subcommand):
+    err = run(tmp_path, capsys, "--ckpt_path", "last", subcommand=subcommand)
+    assert f"{subcommand} found no checkpoint for --ckpt_path last. Fix: train first, or name a checkpoint" in err
+    shards = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    (shards / "checkpoint").mkdir(parents=True)
+    (shards / "latest").write_text("checkpoint")
+    err = run(tmp_path, capsys, "--ckpt_path", str(shards), subcommand=subcommand)
+    assert f"is a DeepSpeed checkpoint (one shard per rank), and {subcommand} runs on one device" in err
+    assert f"Fix: give the run's adapter: --ckpt_path {shards.parent.parent / 'adapter'}" in err
 
 
 def test_adapter_directory_without_adapter_config(tmp_path, capsys):

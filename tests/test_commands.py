@@ -57,7 +57,7 @@ def test_an_unknown_subcommand_is_one_line_with_the_list():
     assert "  fit " in proc.stderr
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "plan", "export"])
+@pytest.mark.parametrize("subcommand", ["fit", "plan", "export", "chat"])
 def test_each_subcommand_keeps_its_own_help_under_the_programs_name(subcommand):
     proc = run([sys.executable, "-m", "lightning_falcon", subcommand, "--help"])
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -109,9 +109,6 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
     base, tuned = results["base"], results["fine-tuned"]
     sb, st = output_stats(base["outputs"]), output_stats(tuned["outputs"])
     g = model.generation
-    decoding = f"beam search ({g.num_beams} beams)" if g.num_beams > 1 else "greedy"
-    if g.do_sample:
-        decoding = f"sampling (temperature {g.temperature}, top_p {g.top_p})"
     lines = [
         f"# Evaluation of {source}",
         "",
@@ -120,7 +117,7 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
             f"fine-tuned: the base + `{source}`"
         ),
         f"- Held-out split: {datamodule.stats['val']['rows']} rows of `{datamodule.hparams.dataset}`",
-        f"- Generation: {decoding}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
+        f"- Generation: {g.decoding()}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
         f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
         "## Summary",

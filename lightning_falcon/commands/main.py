@@ -8,6 +8,7 @@ python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml --gpu_mem
 python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a Slurm job: the fit arguments it implies
 python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
 python -m lightning_falcon predict --config configs/tiny.yaml --ckpt_path last --generation.inputs '["a boy in snow"]'
+python -m lightning_falcon chat --config configs/tiny.yaml --ckpt_path last         # talk to the trained model
 python -m lightning_falcon evaluate --config configs/tiny.yaml --ckpt_path last     # base vs fine-tuned report
 python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output out --merge
 """
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "validate": ("the validation loss and perplexity of a checkpoint or adapter", None),
     "test": ("the same as validate, logged as test/ scalars", None),
     "predict": ("generate for generation.inputs or .input_file: one JSON line per input", None),
+    "chat": ("talk to a trained model: streamed on a terminal, one answer a line on a pipe", "chat:main"),
     "evaluate": ("the base against the fine-tuned model on the same prompts: a Markdown report", "evaluate:evaluate"),
     "export": ("an adapter as a PEFT directory, or merged into the base model (--merge)", "export:main"),
     "plan": ("per-GPU memory of a config, for each strategy, before anything loads", "plan:main"),

@@ -17,6 +17,7 @@ from lightning_falcon.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from transformers.generation.streamers import BaseStreamer
 
 
 @dataclass
@@ -68,6 +69,12 @@ class GenerationSettings:
             problems.append("generation.inputs and generation.input_file are both set. Fix: give one of them")
         ConfigError.collect(problems)
 
+    def decoding(self) -> str:
+        """How tokens are chosen, in words: greedy, beam search or sampling with its settings."""
+        if self.do_sample:
+            return f"sampling (temperature {self.temperature}, top_p {self.top_p})"
+        return f"beam search ({self.num_beams} beams)" if self.num_beams > 1 else "greedy"
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments of `model.generate`; sampling settings only when sampling (else transformers warns)."""
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample}
@@ -80,11 +87,13 @@ class GenerationSettings:
 
 @dataclass
 class Generated:
-    """One output: the text before the first EOS, how many tokens that is, and whether EOS ended it."""
+    """One output: the text before the first EOS, how many tokens that is, whether EOS ended it, and its ids
+    (without the EOS: what a conversation keeps of a reply)."""
 
     text: str
     new_tokens: int
     stopped_at_eos: bool
+    ids: list[int] = field(default_factory=list, repr=False)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +116,13 @@ def generate(
     batch_size: int,
     synced_gpus: bool = False,
     device: torch.device | None = None,
+    streamer: BaseStreamer | None = None,
 ) -> list[Generated]:
     """Generate for token prompts in left-padded batches of `batch_size`; the model's mode is restored after.
 
     `synced_gpus` keeps every rank stepping until all are done, which DeepSpeed ZeRO-3 needs: each forward
     gathers parameters from all ranks. `device` is where the inputs go (default: the first parameter's).
+    `streamer` (transformers') receives the tokens as they are generated: one prompt, no beam search.
     """
     eos, pad = special_ids(tokenizer)
     device = device or next(model.parameters()).device
@@ -128,13 +139,14 @@ def generate(
                 pad_token_id=pad,
                 use_cache=True,  # training switches the KV cache off in the model config
                 synced_gpus=synced_gpus,
+                streamer=streamer,
                 **settings.generate_kwargs(),
             )
             for row in out[:, input_ids.shape[1] :].cpu():
                 hits = (row == eos).nonzero()
                 n = int(hits[0]) if len(hits) else len(row)
                 text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                results.append(Generated(text, n, bool(len(hits))))
+                results.append(Generated(text, n, bool(len(hits)), row[:n].tolist()))
     finally:
         model.train(was_training)
     return results

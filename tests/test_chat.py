@@ -1,0 +1,231 @@
+"""`chat`: requests rendered as training rendered them, answered as `generate` answers them, on a terminal
+(a real pseudo-terminal, `pexpect`) and on a pipe; the conversation of a `turns` model."""
+
+import io
+import os
+import sys
+
+import pytest
+from conftest import GUANACO, tiny_arguments, tuned_tiny
+from processes import run_process
+
+from lightning_falcon.commands.chat import one_line
+from lightning_falcon.data.conversation import Conversation
+from lightning_falcon.data.formats import PromptResponse, Turns
+from lightning_falcon.data.prompts import IGNORE_INDEX, encode_turns, pair_prompt_ids, turn_prompt_ids
+from lightning_falcon.model.generation import GenerationSettings, generate
+
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+REQUESTS = ["Midjourney prompt for a fantasy village at night", "mj prompt: a lighthouse in a storm"]
+
+
+def trained_starts(labels: list[int]) -> list[int]:
+    """The positions where a trained (unmasked) run of labels begins: each reply's first token."""
+    return [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+
+
+def test_a_conversation_reads_its_history_as_training_lays_out_turns(tokenizer):
+    turns = Turns("text", HUMAN, ASSISTANT)
+    conversation = Conversation(turns, tokenizer, max_length=512)
+    first = conversation.prompt("hello there")
+    assert first == turn_prompt_ids(tokenizer, "hello there", HUMAN, ASSISTANT)
+    conversation.add("hello there", tokenizer(" hi, friend", add_special_tokens=False)["input_ids"])
+    second = conversation.prompt("how are you")
+    # The same conversation as a training row: the prompt is everything before the second reply.
+    row = encode_turns(
+        tokenizer,
+        f"{HUMAN} hello there {ASSISTANT} hi, friend{HUMAN} how are you {ASSISTANT} fine",
+        HUMAN,
+        ASSISTANT,
+        512,
+    )
+    assert second == row.input_ids[: trained_starts(row.labels)[1]]
+    assert row.input_ids[len(first) + len(tokenizer(" hi, friend")["input_ids"])] == tokenizer.eos_token_id
+
+    conversation.reset()
+    assert conversation.prompt("how are you") == turn_prompt_ids(tokenizer, "how are you", HUMAN, ASSISTANT)
+
+
+def test_a_conversation_drops_its_oldest_exchanges_to_fit_max_length(tokenizer):
+    request = turn_prompt_ids(tokenizer, "how are you", HUMAN, ASSISTANT)
+    conversation = Conversation(Turns("text", HUMAN, ASSISTANT), tokenizer, max_length=len(request) + 20)
+    conversation.add("one", list(range(100, 110)))
+    conversation.add("two", list(range(200, 205)))
+    prompt = conversation.prompt("how are you")
+    assert conversation.dropped == 1  # the first exchange no longer fits; the second still does
+    assert prompt[: len(prompt) - len(request)] == [
+        *turn_prompt_ids(tokenizer, "two", HUMAN, ASSISTANT), *range(200, 205), tokenizer.eos_token_id
+    ]  # fmt: skip
+    assert len(prompt) <= len(request) + 20
+
+
+@pytest.mark.parametrize(
+    "format, history",
+    [(PromptResponse("prompt", "response", "instruction"), True), (Turns("text", HUMAN, ASSISTANT), False)],
+)
+def test_single_prompt_models_and_history_false_answer_each_request_on_its_own(tokenizer, format, history):
+    conversation = Conversation(format, tokenizer, max_length=512, history=history)
+    conversation.add("one", [100, 101])
+    assert not conversation.keeps_history
+    assert conversation.prompt("two") == format.prompt_ids(tokenizer, "two")
+
+
+def test_an_answer_on_one_line_is_reversible():
+    text = 'a\nb\\n "c"\r\n'
+    line = one_line(text)
+    assert "\n" not in line and "\r" not in line
+    unescaped = line.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+    assert unescaped == text
+
+
+def run_chat(monkeypatch, capsys, stdin: io.StringIO, root, *args: str) -> list[str]:
+    """`chat --config configs/tiny.yaml ARGS` in this process, reading `stdin`: the lines of its stdout."""
+    from lightning_falcon.commands.main import main
+
+    monkeypatch.setattr(sys, "stdin", stdin)
+    main(tiny_arguments(root, "chat", *args))
+    return capsys.readouterr().out.splitlines()
+
+
+def test_chat_on_a_pipe_answers_a_line_for_each_line_as_generate_does(
+    quick_fit, tmp_path, tokenizer, monkeypatch, capsys
+):
+    lines = [REQUESTS[0], "", REQUESTS[1], "/exit", "never read"]
+    out = run_chat(
+        monkeypatch, capsys, io.StringIO("\n".join(lines) + "\n"), tmp_path,
+        "--ckpt_path", str(quick_fit / "adapter"), "--generation.max_new_tokens", "24",
+    )  # fmt: skip
+    model = tuned_tiny(quick_fit / "adapter")
+    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    expected = [one_line(g.text) for g in generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=24), 1)]
+    assert all(expected)
+    assert out == [expected[0], "", expected[1]]  # stdout holds the answers alone; /exit ends before the last
+
+
+def test_chat_with_a_turns_model_reads_the_conversation_until_reset(tmp_path, tokenizer, tiny_nf4, monkeypatch, capsys):
+    messages = ["tell me a story", "and then?"]
+    out = run_chat(
+        monkeypatch, capsys, io.StringIO(f"{messages[0]}\n{messages[1]}\n/reset\n{messages[0]}\n"), tmp_path,
+        "--data.dataset", GUANACO, "--data.format", "turns", "--data.max_length", "256",
+        "--generation.max_new_tokens", "12",
+    )  # fmt: skip
+    # The base alone (no --ckpt_path): a new LoRA adds exact zeros, so the plain 4-bit model answers the same.
+    settings, eos = GenerationSettings(max_new_tokens=12), tokenizer.eos_token_id
+    first_prompt = turn_prompt_ids(tokenizer, messages[0], HUMAN, ASSISTANT)
+    (first,) = generate(tiny_nf4, tokenizer, [first_prompt], settings, 1)
+    second_prompt = [*first_prompt, *first.ids, eos, *turn_prompt_ids(tokenizer, messages[1], HUMAN, ASSISTANT)]
+    (second,) = generate(tiny_nf4, tokenizer, [second_prompt], settings, 1)
+    assert first.text and second.text
+    assert out == [one_line(first.text), one_line(second.text), one_line(first.text)]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ctrl_c_stops_an_answer_which_the_conversation_then_forgets(tmp_path, monkeypatch, capsys):
+    from lightning_falcon.commands import chat
+
+    writes = []
+    real = chat.Streamer.on_finalized_text
+
+    def interrupted_once(self, text, stream_end=False):
+        writes.append(text)
+        if len(writes) == 3:  # the first answer, mid-stream: what Ctrl-C raises in the main thread
+            raise KeyboardInterrupt
+        real(self, text, stream_end)
+
+    monkeypatch.setattr(chat.Streamer, "on_finalized_text", interrupted_once)
+    kept = []
+    monkeypatch.setattr(chat.Conversation, "add", lambda self, message, ids: kept.append(message))
+    out = run_chat(
+        monkeypatch, capsys, Terminal("first\nsecond\n"), tmp_path,
+        "--data.dataset", GUANACO, "--data.format", "turns", "--generation.max_new_tokens", "12",
+    )  # fmt: skip
+    assert "[stopped]" in out
+    assert kept == ["second"]  # the stopped answer is not part of the conversation
+    assert len(writes) > 4  # the second answer streamed in several writes
+
+
+# --------------------------------------------------------------------------- the slow tier: real processes
+
+
+def chat_command(root, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "chat", *args)]
+
+
+def offline_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_chat_through_a_pipe_with_the_trained_model(fitted, tokenizer):
+    root, run, _ = fitted
+    proc = run_process(
+        chat_command(root, "--ckpt_path", "last"), input="\n".join(REQUESTS) + "\n", cwd=root, env=offline_env()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = tuned_tiny(run / "adapter")  # last.ckpt holds the adapter's weights: the run ends with both
+    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    expected = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=128), 1)
+    assert all(g.stopped_at_eos for g in expected)  # the trained model ends its answers itself
+    assert proc.stdout.splitlines() == [one_line(g.text) for g in expected]
+    assert "[chat]" in proc.stderr and "[chat]" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_chat_on_a_terminal_streams_and_takes_reset_exit_and_ctrl_d(fitted, tokenizer):
+    import pexpect
+
+    root, run, _ = fitted
+    (expected,) = generate(
+        tuned_tiny(run / "adapter"),
+        tokenizer,
+        [pair_prompt_ids(tokenizer, REQUESTS[0], "instruction")],
+        GenerationSettings(max_new_tokens=128),
+        1,
+    )
+    command = chat_command(root, "--ckpt_path", str(run / "adapter"))
+    child = pexpect.spawn(command[0], command[1:], cwd=str(root), env=offline_env(), encoding="utf-8", timeout=120)
+    child.expect_exact(">> ")
+    child.sendline(REQUESTS[0])
+    child.expect_exact(expected.text)
+    child.expect_exact(">> ")
+    child.sendline("/reset")
+    child.expect_exact("[chat] new conversation")
+    child.expect_exact(">> ")
+    child.sendintr()  # Ctrl-C at the prompt: a new prompt, not the end
+    child.expect_exact("/exit or Ctrl-D quits")
+    child.expect_exact(">> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    child = pexpect.spawn(command[0], command[1:], cwd=str(root), env=offline_env(), encoding="utf-8", timeout=120)
+    child.expect_exact(">> ")
+    child.sendeof()  # Ctrl-D
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_terminal_stops_a_streaming_answer(tmp_path):
+    """The untrained base never reaches EOS on this request (greedy, deterministic), so an answer of 100,000
+    tokens is still streaming when Ctrl-C arrives: text on the screen before the end is the streaming."""
+    import pexpect
+
+    command = chat_command(tmp_path, "--generation.max_new_tokens", "100000")
+    child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), env=offline_env(), encoding="utf-8", timeout=120)
+    child.expect_exact(">> ")
+    child.sendline("tell me a long story")
+    child.expect(r"tell me a long story\r\n\S+")  # the echo, then the first streamed text
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(">> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
