@@ -64,6 +64,19 @@ def test_each_subcommand_keeps_its_own_help_under_the_programs_name(subcommand):
     assert proc.stdout.startswith("usage: python -m lightning_falcon ") and subcommand in proc.stdout.splitlines()[0]
 
 
+def test_the_readmes_first_screen_names_only_subcommands_and_configs_that_exist():
+    """The first-hour block: install without extras, then fit, chat and TensorBoard (the slow tier runs the
+    same fit and chat commands: tests/test_chat.py)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## The first hour", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].split() for line in block.splitlines()]
+    ours = [words for words in commands if words[:3] == ["python", "-m", "lightning_falcon"]]
+    assert [words[3] for words in ours] == ["fit", "chat"]
+    for words in ours:
+        assert words[3] in COMMANDS and (REPO / words[words.index("--config") + 1]).is_file()
+    assert ["pip", "install", "-e", "."] in commands and ["tensorboard", "--logdir", "runs"] in commands
+
+
 @pytest.mark.slow
 def test_a_fit_console_shows_ours_and_none_of_the_libraries_notices(tmp_path):
     # A stand-in `srun` on PATH: Lightning's srun hint appears wherever Slurm is installed, outside a job too.
