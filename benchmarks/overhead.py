@@ -70,8 +70,10 @@ def fit_worker(steps: int, warmup: int, extra: list[str] = (), config: str = str
     (default `LightningWindow`)."""
     from lightning_falcon.commands.main import main
 
+    # The bar a user at a terminal has: a worker's stdout is a pipe, where the CLI would write lines instead.
+    bar = "--trainer.callbacks+=lightning_falcon.training.progress.ProgressBar"
     with tempfile.TemporaryDirectory() as logdir:
-        main(fit_args(steps, warmup, logdir, extra, config, timer))
+        main(fit_args(steps, warmup, logdir, [*extra, bar], config, timer))
 
 
 class HandLoop:

@@ -1,5 +1,6 @@
 """The fast tier's end-to-end check: the tiny default trained through the CLI in this process, with what it writes."""
 
+import sys
 from pathlib import Path
 
 import torch
@@ -104,22 +105,48 @@ def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
     assert cli.model.configure_callbacks() == []  # nothing of the module's replaces the trainer's
 
 
-def test_the_cli_shows_the_products_bar_unless_the_config_picks_its_own_or_none(tmp_path):
+def test_the_cli_shows_the_products_bar_unless_the_config_picks_its_own_or_none(tmp_path, monkeypatch):
     from conftest import restored_process_state, tiny_arguments
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from lightning_falcon import FalconQLoRA, PromptDataModule
     from lightning_falcon.commands.cli import FalconCLI
-    from lightning_falcon.training.progress import ProgressBar
+    from lightning_falcon.training.progress import ProgressBar, ProgressLines
 
     def bar(*args: str):
         with restored_process_state():
             cli = FalconCLI(FalconQLoRA, PromptDataModule, args=tiny_arguments(tmp_path, "fit", *args)[1:], run=False)
         return cli.trainer.progress_bar_callback
 
+    assert type(bar()) is ProgressLines  # pytest's stdout is not a terminal: a Slurm log's case
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert type(bar()) is ProgressBar and bar().refresh_rate == 4
     assert bar("--trainer.enable_progress_bar", "false") is None
     assert type(bar("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")) is TQDMProgressBar
+
+
+def test_off_a_terminal_progress_is_a_line_at_each_tenth_and_after_each_validation(tmp_path, capsys):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        fit_in_process(
+            tmp_path, "--trainer.enable_progress_bar", "true", "--trainer.max_steps", "20",
+            "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "20",
+            "--trainer.log_every_n_steps", "1", "--generation.samples", "[]",
+        )  # fmt: skip
+    finally:
+        logger.removeHandler(handler)
+    lines = [r for r in records if r.startswith(("[fit] step", "[val]"))]
+    steps = [int(r.split()[2].split("/")[0]) for r in lines if r.startswith("[fit] step")]
+    assert steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # the first, each tenth of 20 steps, once each
+    assert lines[1].startswith("[fit] step 2/20 (10%) · train/loss ") and " elapsed, " in lines[1]
+    assert lines[-1].startswith("[val] step 20 · val/loss ")
+    assert "Epoch" not in capsys.readouterr().out  # no bar drawn
 
 
 def test_the_bar_updates_at_most_refresh_rate_times_a_second_and_always_on_the_last_batch(monkeypatch):

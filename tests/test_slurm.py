@@ -113,6 +113,11 @@ def test_two_task_job_completes_with_adapter_scalars_and_world_size_two(slurm, t
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "[fit] world size 2 (1 node(s) x 2 device(s), DDPStrategy)" in log
     assert "LoRA weights identical on all 2 ranks" in log
+    # A log is no terminal: progress comes as lines (from rank 0 alone), not as a bar drawn at the end.
+    assert [line.split(" · ")[0] for line in log.splitlines() if line.startswith("[fit] step 30/")] == [
+        "[fit] step 30/30 (100%)"
+    ]
+    assert "[val] step 15 · val/loss " in log and "Epoch 0" not in log
     assert (job.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (job.run_dir / "adapter" / "adapter_config.json").is_file()
     tags = scalars(job.run_dir)

@@ -27,7 +27,7 @@ from lightning_falcon.model.generation import GenerationSettings
 from lightning_falcon.model.quantization import check_quantization_runs, resolve_compute_dtype
 from lightning_falcon.training import default_callbacks
 from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
-from lightning_falcon.training.progress import ProgressBar
+from lightning_falcon.training.progress import ProgressBar, ProgressLines
 from lightning_falcon.training.strategy import check_strategy
 from lightning_falcon.upstream import (
     JSONARGPARSE_BAD_VALUE,
@@ -123,8 +123,8 @@ class FalconCLI(LightningCLI):
         self.model.generation = self._section(self.config_init)["generation"]
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with the product's progress bar and atomic checkpoint writes, unless the config chose
-        its own bar or checkpoint IO.
+        """The trainer, with the product's progress display and atomic checkpoint writes, unless the config
+        chose its own bar or checkpoint IO.
 
         Lightning's default writes through a temporary file in the system temp dir, which is a copy (not a
         rename) when checkpoints live on another filesystem (`training.checkpoint_io`).
@@ -132,8 +132,10 @@ class FalconCLI(LightningCLI):
         settings = self._section(self.config_init)["trainer"]
         chosen = settings.get("callbacks") or []
         if settings.get("enable_progress_bar") is not False and not any(isinstance(c, LightningBar) for c in chosen):
-            # The product's bar, unless the config picked its own (Lightning refuses two) or none.
-            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], ProgressBar()]
+            # The product's bar, unless the config picked its own (Lightning refuses two) or none. A live bar
+            # draws nothing where stdout is not a terminal (a Slurm log): lines there instead.
+            bar = ProgressBar() if sys.stdout.isatty() else ProgressLines()
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], bar]
         trainer = self._trainer_or_config_error(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
