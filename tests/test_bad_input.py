@@ -336,3 +336,28 @@ def fake_adapter(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
     return str(tmp_path / "adapter")
+
+
+def test_gguf_options_that_do_not_fit_are_listed_before_loading(tmp_path, capsys, fake_adapter):
+    err = fail(capsys, "export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--gguf_type", "q8_0")
+    assert "--gguf_type applies only with --format gguf. Fix: add --format gguf" in err
+    out = ["--output", str(tmp_path / "out"), "--format", "gguf"]
+    err = fail(capsys, "export", "--adapter", fake_adapter, *out, "--dtype", "bf16")
+    assert "a GGUF's weights take --gguf_type. Fix: drop --dtype" in err
+
+
+def test_a_gguf_of_a_model_llama_cpp_cannot_run_fails_before_loading(tmp_path, capsys, fake_adapter):
+    base = tmp_path / "alibi-falcon"
+    base.mkdir()
+    config = json.loads((REPO / "lightning_falcon/assets/tiny-falcon/config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    meta = {"base": str(base), "quantization": "nf4", "prompt": None}
+    (tmp_path / "adapter" / "lightning_falcon.json").write_text(json.dumps(meta))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "adapter" / name).write_bytes((REPO / "lightning_falcon/assets/tiny-falcon" / name).read_bytes())
+    with pytest.raises(SystemExit):
+        main(["export", "--adapter", fake_adapter, "--output", str(tmp_path / "out"), "--format", "gguf"])
+    err = capsys.readouterr().err
+    assert "the model uses ALiBi, which llama.cpp's Falcon does not" in err
+    assert "does not say how training rendered prompts" in err  # every problem, in one go
+    assert not (tmp_path / "out").exists()

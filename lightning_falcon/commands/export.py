@@ -22,16 +22,18 @@ import torch
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.cli import FalconArgumentParser
 from lightning_falcon.commands.program import program
+from lightning_falcon.data.modelfile import modelfile
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import staged_directory
 from lightning_falcon.model import adapter as adapters
+from lightning_falcon.model import gguf_writer
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.merge import merge_into_dequantized
 from lightning_falcon.model.quantization import DTYPES, load_causal_lm
 
 # An existing --output is replaced (with --overwrite) only if it holds one of these: an earlier export.
-EXPORT_MARKERS = ("adapter_config.json", "config.json")
+EXPORT_MARKERS = ("adapter_config.json", "config.json", "Modelfile")
 
 
 def hub_token() -> str | None:
@@ -51,6 +53,8 @@ def export(
     push_to_hub: str | None = None,
     private: bool = True,
     trust_remote_code: bool = False,
+    format: Literal["transformers", "gguf"] = "transformers",
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] | None = None,
 ) -> Path:
     """Export a trained adapter, or merge it into its base, as a directory; optionally push it to the Hub.
 
@@ -70,6 +74,10 @@ def export(
         private: Create the Hub repo as private.
         trust_remote_code: Run custom modelling code from the base's repository, for an adapter trained with
             `model.trust_remote_code`. Never taken from the adapter's metadata: only you can consent to it.
+        format: `transformers`: a directory for transformers and PEFT (as `--merge` says). `gguf`: the merged
+            model (always merged) as one GGUF file for llama.cpp, with an Ollama `Modelfile` beside it.
+        gguf_type: The GGUF weights' type: `f32`, `f16` (default), `bf16` or `q8_0` (8-bit, about half of f16).
+            Norms and biases stay f32. The merge is in fp32 for `f32`, else in the base's own dtype.
     """
     out = Path(output).expanduser().resolve()
     problems = []
@@ -83,8 +91,14 @@ def export(
     token = hub_token() if push_to_hub else None
     if push_to_hub and not token:
         problems.append("--push_to_hub needs a Hub token in the environment. Fix: export HF_TOKEN=hf_...")
-    if not merge and (dtype or base or merge_into != "dequantized"):
+    gguf = format == "gguf"
+    if not (merge or gguf) and (dtype or base or merge_into != "dequantized"):
         problems.append("--dtype, --base and --merge_into apply only with --merge. Fix: add --merge")
+    if gguf and dtype:
+        problems.append("--dtype is the transformers format's; a GGUF's weights take --gguf_type. Fix: drop --dtype")
+    if gguf_type and not gguf:
+        problems.append("--gguf_type applies only with --format gguf. Fix: add --format gguf")
+    merge = merge or gguf
     if merge and merge_into == "dequantized" and source and not metadata:
         problems.append(
             f"{source} has no {adapters.METADATA}, so how its base was quantized in training is unknown. "
@@ -95,16 +109,32 @@ def export(
             f"{source} was trained with trust_remote_code, so merging runs Python code from its base's repository. "
             "Fix: add --trust_remote_code true if you trust that repository"
         )
+    if gguf and source and not problems:
+        problems += _gguf_problems(source, metadata, base, trust_remote_code)
     ConfigError.collect(problems)
 
     with staged_directory(out) as staging:  # an earlier export is kept until this one is whole
-        if merge:
-            _merge(source, metadata, staging, merge_into, dtype, base, device, trust_remote_code)
+        if gguf:
+            gguf_type = gguf_type or "f16"
+            model, tokenizer = _merge(
+                source, metadata, merge_into, "fp32" if gguf_type == "f32" else None, base, device, trust_remote_code
+            )
+            name = f"{out.name}-{gguf_type}.gguf"
+            gguf_writer.write(model, tokenizer, staging / name, gguf_type, out.name)
+            stop = tokenizer.convert_ids_to_tokens(special_ids(tokenizer)[0])
+            (staging / "Modelfile").write_text(modelfile(name, metadata.get("prompt"), stop), encoding="utf-8")
+        elif merge:
+            model, tokenizer = _merge(source, metadata, merge_into, dtype, base, device, trust_remote_code)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         else:
             for path in source.iterdir():
                 if path.is_file():
                     shutil.copy2(path, staging / path.name)
-    print(f"[export] wrote {'a merged model' if merge else 'the adapter'} to {out}")
+        if merge and (source / adapters.METADATA).is_file():
+            shutil.copy2(source / adapters.METADATA, staging / adapters.METADATA)
+    what = "a GGUF file and its Modelfile" if gguf else "a merged model" if merge else "the adapter"
+    print(f"[export] wrote {what} to {out}")
     if push_to_hub:
         _push(out, push_to_hub, token, private)
     return out
@@ -134,16 +164,38 @@ def _base_of(source: Path, metadata: dict, base: str | None) -> str:
     return json.loads((source / adapters.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
+def _gguf_problems(source: Path, metadata: dict, base: str | None, trust: bool) -> list[str]:
+    """What would stop a GGUF after the merge: a model llama.cpp's Falcon cannot compute, or a tokenizer it
+    cannot split as ours does. Read from config.json and the tokenizer alone, before any weights load."""
+    from transformers import AutoTokenizer
+
+    found = gguf_writer.problems(read_model_config(_base_of(source, metadata, base), trust))
+    try:
+        gguf_writer.pre_tokenizer(AutoTokenizer.from_pretrained(_tokenizer_dir(source, metadata, base)))
+    except ConfigError as e:
+        found.append(str(e))
+    if not metadata.get("prompt"):
+        found.append(
+            f"{source} does not say how training rendered prompts, which the Modelfile's template needs. "
+            "Fix: export an adapter that a lightning_falcon fit wrote (it has lightning_falcon.json)"
+        )
+    return found
+
+
+def _tokenizer_dir(source: Path, metadata: dict, base: str | None) -> Path | str:
+    return source if (source / "tokenizer_config.json").is_file() else _base_of(source, metadata, base)
+
+
 def _merge(
     source: Path,
     metadata: dict,
-    staging: Path,
     merge_into: str,
     dtype: str | None,
     base: str | None,
     device: str,
     trust: bool,
-) -> None:
+):
+    """The merged model on the CPU, in `dtype` (default the base's own), and the tokenizer, ready to save."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,13 +225,10 @@ def _merge(
         merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
     merged = merged.to(device="cpu", dtype=target)
     merged.config.use_cache = True  # training switched the KV cache off
-    tokenizer = AutoTokenizer.from_pretrained(source if (source / "tokenizer_config.json").is_file() else base_path)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(source, metadata, base))
     # generate() then stops at EOS and pads with it without being told (Falcon has no pad token).
     merged.generation_config.eos_token_id, merged.generation_config.pad_token_id = special_ids(tokenizer)
-    merged.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if (source / adapters.METADATA).is_file():
-        shutil.copy2(source / adapters.METADATA, staging / adapters.METADATA)
+    return merged, tokenizer
 
 
 def _config_dtype(config) -> torch.dtype:
