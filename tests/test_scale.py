@@ -152,3 +152,22 @@ def test_a_full_width_falcon_40b_layer_shards_under_zero3_on_two_processes(shape
     for shard in last.glob("checkpoint/*model_states.pt"):
         module = torch.load(shard, map_location="cpu", weights_only=False)["module"]
         assert module and all(".lora_A." in k or ".lora_B." in k for k in module), shard
+
+
+def test_a_falcon_7b_shaped_gguf_export_loads_and_generates_in_llama_cpp(shapes, tmp_path):
+    """The 7B trap: multi-query attention under a config that says 71 KV heads (tests/test_gguf.py)."""
+    import llama_cpp_build
+
+    from lightning_falcon.commands.export import export
+
+    shape, _ = shapes("7b", 2)
+    config = str(REPO / "configs" / "falcon-7b-qlora.yaml")
+    run_fit(fit_arguments(config, shape, shapes.random_dir, tmp_path, 64, 1), tmp_path)
+    adapter = tmp_path / "runs" / "falcon-7b-midjourney" / "version_0" / "adapter"
+    out = export(str(adapter), str(tmp_path / "gguf"), format="gguf", gguf_type="q8_0")
+    (gguf_file,) = out.glob("*.gguf")
+    got = llama_cpp_build.run({"model": str(gguf_file), "prompts": [[5, 6, 7, 8, 9]], "new_tokens": 8})
+    assert got["n_vocab"] == VOCAB and got["metadata"]["falcon.attention.head_count_kv"] == "1"
+    assert got["metadata"]["falcon.embedding_length"] == "4544" and got["metadata"]["falcon.block_count"] == "2"
+    (continuation,) = got["continuations"]
+    assert 0 < len(continuation) <= 8 and all(0 <= t < VOCAB for t in continuation)
