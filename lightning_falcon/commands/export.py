@@ -1,4 +1,5 @@
-"""`python -m lightning_falcon export`: ship a trained adapter, or a merged model any transformers user can load.
+"""`python -m lightning_falcon export`: ship a trained adapter, a merged model any transformers user can load,
+or the merged model as one GGUF file for llama.cpp and Ollama (`model/gguf_writer.py`).
 
 Merging a QLoRA adapter into the original 16-bit base changes the model's outputs (artidoro/qlora #28,
 peft #2321): the adapter was trained against the 4-bit weights, not the originals, and the difference

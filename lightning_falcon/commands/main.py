@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "predict": ("generate for generation.inputs or .input_file: one JSON line per input", None),
     "chat": ("talk to a trained model: streamed on a terminal, one answer a line on a pipe", "chat:main"),
     "evaluate": ("the base against the fine-tuned model on the same prompts: a Markdown report", "evaluate:evaluate"),
-    "export": ("an adapter as a PEFT directory, or merged into the base model (--merge)", "export:main"),
+    "export": ("an adapter, the merged model (--merge), or one GGUF file for llama.cpp (--format gguf)", "export:main"),
     "plan": ("per-GPU memory of a config, for each strategy, before anything loads", "plan:main"),
     "prefetch": ("download a config's model, tokenizer and data for offline nodes", "prefetch:main"),
     "slurm-args": ("inside a Slurm job: the fit arguments its allocation implies", "slurm_args:main"),
