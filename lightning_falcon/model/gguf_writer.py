@@ -139,15 +139,16 @@ def _vocabulary(tokenizer, size: int) -> tuple[list[str], list[int]]:
 
 
 def _encoded(tensor: torch.Tensor, gguf_type: str) -> np.ndarray:
-    from gguf import GGMLQuantizationType
+    from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     data = tensor.detach().to(torch.float32).cpu().numpy()
-    if data.ndim == 1 or gguf_type == "f32":
+    qtype = _type_of(data.shape, gguf_type)
+    if qtype == Q.F32:
         return data
-    if gguf_type == "f16":
+    if qtype == Q.F16:
         return data.astype(np.float16)
-    return quantize(data, GGMLQuantizationType.BF16 if gguf_type == "bf16" else GGMLQuantizationType.Q8_0)
+    return quantize(data, qtype)
 
 
 def _type_of(shape: tuple[int, ...], gguf_type: str):
