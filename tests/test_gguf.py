@@ -131,13 +131,13 @@ def training_prompts(tokenizer, n: int) -> tuple[list[str], list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def exports(fitted, tmp_path_factory):
-    """The 500-step tiny run exported as GGUF f32, f16 and q8_0, and merged as a transformers fp32 model."""
+    """The 500-step tiny run exported as GGUF f32, f16, bf16 and q8_0, and merged as a transformers fp32 model."""
     from lightning_falcon.commands.export import export
 
     _, run, _ = fitted
     out = tmp_path_factory.mktemp("gguf")
     adapter = str(run / "adapter")
-    done = {t: export(adapter, str(out / t), format="gguf", gguf_type=t) for t in ("f32", "f16", "q8_0")}
+    done = {t: export(adapter, str(out / t), format="gguf", gguf_type=t) for t in ("f32", "f16", "bf16", "q8_0")}
     done["merged"] = export(adapter, str(out / "merged"), merge=True, dtype="fp32")
     return done
 
@@ -174,8 +174,8 @@ def test_llama_cpp_tokenizes_and_generates_the_exported_tiny_model_as_transforme
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
-def test_f16_and_q8_0_exports_load_and_follow_the_f32_answers(exports, tokenizer, llama, gguf_type):
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_f16_bf16_and_q8_0_exports_load_and_follow_the_f32_answers(exports, tokenizer, llama, gguf_type):
     _, prompts = training_prompts(tokenizer, 6)
     got = llama({"model": gguf_file(exports[gguf_type]), "prompts": prompts, "new_tokens": 32})
     f32 = llama({"model": gguf_file(exports["f32"]), "prompts": prompts, "new_tokens": 32})
