@@ -58,21 +58,21 @@ def _isolated():
         yield
 
 
-def tiny_arguments(root: Path, subcommand: str, *args: str) -> list[str]:
-    """`SUBCOMMAND --config configs/tiny.yaml ARGS` with the run's logs and data cache under `root`."""
+def tiny_arguments(root: Path, subcommand: str, *args: str, config: str = "tiny.yaml") -> list[str]:
+    """`SUBCOMMAND --config configs/CONFIG ARGS` with the run's logs and data cache under `root`."""
     return [
-        subcommand, "--config", str(REPO / "configs/tiny.yaml"), "--trainer.logger.init_args.save_dir",
+        subcommand, "--config", str(REPO / "configs" / config), "--trainer.logger.init_args.save_dir",
         str(root / "runs"), "--data.cache_dir", str(root / "cache"), *args,
     ]  # fmt: skip
 
 
-def fit_in_process(root: Path, *args: str) -> Path:
-    """`lightning_falcon fit --config configs/tiny.yaml ARGS` in this process, outputs under `root`; its run dir."""
+def fit_in_process(root: Path, *args: str, config: str = "tiny.yaml") -> Path:
+    """`lightning_falcon fit --config configs/CONFIG ARGS` in this process, outputs under `root`; its run dir."""
     from lightning_falcon.commands.main import main
 
     with restored_process_state():
-        main(tiny_arguments(root, "fit", "--trainer.enable_progress_bar", "false", *args))
-    (run,) = (root / "runs" / "tiny").iterdir()
+        main(tiny_arguments(root, "fit", "--trainer.enable_progress_bar", "false", *args, config=config))
+    (run,) = (root / "runs" / Path(config).stem).iterdir()
     return run
 
 
@@ -126,12 +126,14 @@ def tiny_nf4():
     return load_causal_lm(TINY, "nf4", double_quant=True, compute_dtype=torch.float32, device=torch.device("cpu"))
 
 
-def cli(root: Path, subcommand: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m lightning_falcon SUBCOMMAND --config configs/tiny.yaml ARGS` with its outputs under `root`.
+def cli(
+    root: Path, subcommand: str, *args: str, env: dict | None = None, config: str = "tiny.yaml"
+) -> subprocess.CompletedProcess:
+    """`python -m lightning_falcon SUBCOMMAND --config configs/CONFIG ARGS` with its outputs under `root`.
 
     Arguments apply in order, so overrides (and further `--config` overlays) come after the tiny config.
     """
-    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, subcommand, *args)]
+    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, subcommand, *args, config=config)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     proc = run_process(command, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -361,3 +361,61 @@ def test_a_gguf_of_a_model_llama_cpp_cannot_run_fails_before_loading(tmp_path, c
     assert "the model uses ALiBi, which llama.cpp's Falcon does not" in err
     assert "does not say how training rendered prompts" in err  # every problem, in one go
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- data.datasets: the source is named
+def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
+    """The error of a mix of the Midjourney data and a source named `broken`, from an overlay on the tiny config."""
+    sources = [first or {"name": "midjourney", "dataset": "asset:data/midjourney.jsonl"}, {"name": "broken", **broken}]
+    overlay = tmp_path / "mix.yaml"
+    overlay.write_text(json.dumps({"data": {"dataset": None, "datasets": sources}}))
+    return run(tmp_path, capsys, "--config", str(overlay), *args)
+
+
+@pytest.mark.parametrize(
+    "broken, args, expected",
+    [
+        ({"dataset": str(DATA / "missing.jsonl")}, [], "dataset file not found: 'broken' ("),
+        ({"dataset": str(DATA / "rows.xml")}, [], "dataset 'broken' ("),
+        ({"dataset": "nobody/nothing"}, [], "unknown dataset 'broken' (nobody/nothing)"),
+        ({"dataset": str(DATA / "malformed.jsonl")}, [], "dataset 'broken': "),
+        ({"dataset": str(DATA / "latin1.jsonl")}, [], "dataset 'broken': "),
+        ({"dataset": str(DATA / "other_columns.jsonl")}, [], "Fix: set data.datasets[1].prompt_column"),
+        ({"dataset": str(DATA / "empty.jsonl")}, [], "dataset 'broken' ("),
+        ({"dataset": str(DATA / "all_empty.jsonl")}, [], "rows of dataset 'broken' ("),
+        ({"dataset": str(DATA / "too_long.jsonl")}, ["--data.max_length", "40"], "rows of dataset 'broken' ("),
+        ({"dataset": str(DATA / "some_empty.jsonl"), "val_dataset": str(DATA / "empty.jsonl")}, [], "'broken' ("),
+        ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [], "data.datasets[1].template 'nope'"),
+        ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.datasets[1].weight must be above 0"),
+        ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.datasets[1].val_fraction"),
+        ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.datasets[1].name 'a b'"),
+        ({"dataset": str(DATA / "missing.jsonl"), "name": "midjourney"}, [], "data.datasets[0], data.datasets[1]"),
+    ],
+    ids=[
+        "missing", "extension", "hub", "json", "utf8", "columns", "empty", "blank", "too-long", "empty-val",
+        "template", "weight", "val-fraction", "name", "same-name",
+    ],
+)  # fmt: skip
+def test_every_bad_source_of_a_mix_is_named(tmp_path, capsys, broken, args, expected):
+    err = mix_error(tmp_path, capsys, broken, *args)
+    assert expected in err and "Fix" in err, err
+
+
+def test_a_mix_lists_every_bad_source_at_once(tmp_path, capsys):
+    first = {"name": "midjourney", "dataset": "asset:data/midjourney.jsonl", "weight": -1}
+    err = mix_error(tmp_path, capsys, {"dataset": "x.jsonl", "template": "nope"}, first=first)
+    assert "data.datasets[0].weight" in err and "data.datasets[1].template" in err
+
+
+def test_max_length_shorter_than_a_sources_template_names_it(tmp_path, capsys):
+    broken = {"dataset": "asset:data/guanaco-sample.jsonl", "format": "turns", "human_marker": "### " + "Human " * 60}
+    err = mix_error(tmp_path, capsys, broken, "--data.max_length", "40")
+    assert "no longer than the turn markers (source 'broken')" in err and "midjourney" not in err
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+def test_one_dataset_and_a_list_of_them_are_refused_together(tmp_path, capsys):
+    overlay = tmp_path / "both.yaml"
+    overlay.write_text(json.dumps({"data": {"datasets": [{"dataset": "asset:data/midjourney.jsonl"}]}}))
+    err = run(tmp_path, capsys, "--config", str(overlay))  # the tiny config sets data.dataset
+    assert "data.dataset and data.datasets are both set. Fix: set data.dataset: null beside data.datasets" in err

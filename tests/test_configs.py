@@ -25,7 +25,7 @@ def print_config(capsys, *args) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path, capsys):
     config = print_config(capsys, "--config", str(path))
-    assert config["model"]["model_name_or_path"] and config["data"]["dataset"]
+    assert config["model"]["model_name_or_path"] and (config["data"]["dataset"] or config["data"]["datasets"])
     assert config["trainer"]["max_steps"] > 0
 
 

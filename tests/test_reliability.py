@@ -113,41 +113,55 @@ def test_a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulate, micro_batch", [(1, 0), (2, 1)], ids=["step", "inside-accumulation-window"])
-def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, accumulate, micro_batch):
+@pytest.mark.parametrize(
+    "accumulate, micro_batch, config, batching",
+    [
+        (1, 0, "tiny.yaml", None),
+        (2, 1, "tiny.yaml", None),
+        (1, 0, "tiny-mix.yaml", None),
+        (1, 0, "tiny-mix.yaml", "packed"),
+    ],
+    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed"],
+)
+def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
+    tmp_path, accumulate, micro_batch, config, batching
+):
     from safetensors.torch import load_file
 
     # 90 training rows in batches of 8: 12 batches an epoch, so the kill falls mid-epoch and the runs cross
     # epoch boundaries; dropout makes the generators matter; a validation falls between the kill and the end.
+    # The mix (90 Midjourney rows and 24 guanaco rows, 3 : 1) draws another epoch after the boundary.
     common = [
         "--data.max_samples", "100", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
         "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
         "--trainer.val_check_interval", "6", "--generation.samples", "[]",
+        *(["--data.batching", batching] if batching else []),
     ]  # fmt: skip
     env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     for root in (uninterrupted, interrupted):
         root.mkdir()
-    cli(uninterrupted, "fit", *common)
+    cli(uninterrupted, "fit", *common, config=config)
 
     killer = ["--trainer.callbacks+=killer.SigkillAt", "--trainer.callbacks.init_args.step", "6"]
     killer += ["--trainer.callbacks.init_args.micro_batch", str(micro_batch)]
-    proc = fit_process(interrupted, *common, *killer, env=env)
+    proc = fit_process(interrupted, *common, *killer, env=env, config=config)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: nothing ran on the way out
-    checkpoints = interrupted / "runs" / "tiny" / "version_0" / "checkpoints"
+    runs = Path(config).stem
+    checkpoints = interrupted / "runs" / runs / "version_0" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
-    proc = cli(interrupted, "fit", *common, "--ckpt_path", "last")
+    proc = cli(interrupted, "fit", *common, "--ckpt_path", "last", config=config)
     assert "dataloader is not resumable" not in proc.stderr
 
-    a = load_file(uninterrupted / "runs" / "tiny" / "version_0" / "adapter" / "adapter_model.safetensors")
-    b = load_file(interrupted / "runs" / "tiny" / "version_1" / "adapter" / "adapter_model.safetensors")
+    a = load_file(uninterrupted / "runs" / runs / "version_0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(interrupted / "runs" / runs / "version_1" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst == 0.0, f"largest difference of a LoRA weight, resumed vs uninterrupted: {worst:.3e}"
 
 
-def fit_process(root: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "fit", *args)]
+def fit_process(root: Path, *args: str, env: dict, config: str = "tiny.yaml") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "fit", *args, config=config)]
     return run_process(command, cwd=root, env={**os.environ, **env})
 
 

@@ -4,8 +4,6 @@ import datasets
 import pytest
 from conftest import GUANACO, MIDJOURNEY, prepared_datamodule
 
-from lightning_falcon.data.sources import load_source
-
 # (data settings as the shipped config sets them, or cut short so rows are truncated and dropped, num_proc)
 CASES = {
     "midjourney as configs/tiny.yaml": ({"dataset": MIDJOURNEY, "template": "instruction", "max_length": 128}, 1),
@@ -40,12 +38,13 @@ def test_the_batched_cache_holds_what_per_row_encoding_gives(tmp_path, case):
     settings, num_proc = CASES[case]
     dm = prepared_datamodule(tmp_path, num_proc=num_proc, **settings)
     # the splits prepare_data tokenized: the same rows, in the same order
-    rows, _ = dm._drop_blank(dm.hparams.dataset, load_source(dm.hparams.dataset, "train"))
+    (member,) = dm.members
+    rows, _ = dm._load(member, member.source.dataset, "train")
     parts = rows.train_test_split(test_size=dm.hparams.val_fraction, seed=dm.hparams.seed)
     totals = {"truncated": 0, "dropped": 0}
     for name, part in (("train", parts["train"]), ("val", parts["test"])):
         expected, stats = per_row(dm, part)
-        cached = datasets.load_from_disk(str(dm.cache_path / name))
+        cached = datasets.load_from_disk(str(dm.cache_paths[member.name] / name))
         assert cached.features == expected.features  # the same column types (input_ids as int32)
         assert cached.to_dict() == expected.to_dict()
         assert dm.stats[name] == {**stats, "empty": 0}
@@ -56,4 +55,4 @@ def test_the_batched_cache_holds_what_per_row_encoding_gives(tmp_path, case):
 
 def test_num_proc_is_not_part_of_the_cache_key(tmp_path):
     dm = prepared_datamodule(tmp_path, num_proc=2)
-    assert dm.cache_path == prepared_datamodule(tmp_path, num_proc=1).cache_path
+    assert dm.cache_paths == prepared_datamodule(tmp_path, num_proc=1).cache_paths

@@ -253,7 +253,9 @@ class FalconCLI(LightningCLI):
         """Read predict's inputs (failing on an empty file now, not after loading) and place its output."""
         generation = self.model.generation
         if generation.input_file:
-            self.datamodule.predict_inputs = read_inputs(generation.input_file, self.datamodule.hparams.prompt_column)
+            self.datamodule.predict_inputs = read_inputs(
+                generation.input_file, self.datamodule.members[0].source.prompt_column
+            )
         elif generation.inputs:
             self.datamodule.predict_inputs = list(generation.inputs)
         if generation.output is None:

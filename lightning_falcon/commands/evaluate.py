@@ -64,7 +64,12 @@ def evaluate(args: list[str]) -> Path:
         model.adapter_enabled = enabled
         metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
         outputs = next(cb for cb in trainer.callbacks if isinstance(cb, GenerationSamples)).outputs
-        results[name] = {"loss": float(metrics["val/loss"]), "outputs": outputs}
+        results[name] = {
+            "loss": float(metrics["val/loss"]),
+            # several data sources: each one's loss, so the report shows whether one skill gained at another's cost
+            "sources": {source: float(metrics[f"val/loss/{source}"]) for source in model.source_names},
+            "outputs": outputs,
+        }
     model.adapter_enabled = True
     text = render(queries, results, source, model, datamodule)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,7 @@ def as_json(queries: list[Query], results: dict) -> dict:
         name: {
             "val_loss": r["loss"],
             "val_perplexity": math.exp(r["loss"]),
+            "val_loss_by_source": r["sources"],
             **output_stats(r["outputs"]),
             "outputs": [
                 {"level": q.level, "input": q.input, "output": o.text, "tokens": o.new_tokens, "eos": o.stopped_at_eos}
@@ -116,7 +122,8 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
             f"- Base: `{model.hparams.model_name_or_path}` ({model.hparams.quantization}); "
             f"fine-tuned: the base + `{source}`"
         ),
-        f"- Held-out split: {datamodule.stats['val']['rows']} rows of `{datamodule.hparams.dataset}`",
+        f"- Held-out split: {datamodule.stats['val']['rows']} rows of "
+        + ", ".join(f"`{m.source.dataset}`" for m in datamodule.members),
         f"- Generation: {g.decoding()}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
         f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
@@ -125,6 +132,7 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
         "| | base | fine-tuned |",
         "|---|---|---|",
         f"| validation loss | {base['loss']:.4f} | {tuned['loss']:.4f} |",
+        *(f"| validation loss, {n} | {base['sources'][n]:.4f} | {tuned['sources'][n]:.4f} |" for n in tuned["sources"]),
         f"| validation perplexity | {math.exp(base['loss']):.2f} | {math.exp(tuned['loss']):.2f} |",
         f"| mean output length (tokens) | {sb['mean_tokens']:.1f} | {st['mean_tokens']:.1f} |",
         f"| mean output length (words) | {sb['mean_words']:.1f} | {st['mean_words']:.1f} |",

@@ -2,6 +2,10 @@
 
 `prepare_data` (one process per node) loads, checks and tokenizes; `setup` (every rank) reads the
 cache. Nothing heavy happens in the constructor, so `--print_config` and every rank stay cheap.
+
+The data is one source (`data.dataset`) or several (`data.datasets`, `source.Source`), each with its own
+format, template, held-out split and cache; an epoch draws from them by weight (`mixing.py`), and each
+source is validated on its own (`val_names`).
 """
 
 from __future__ import annotations
@@ -9,27 +13,30 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
-from lightning_falcon.data.formats import FormatName, data_format
+from lightning_falcon.data.formats import DataFormat, FormatName
+from lightning_falcon.data.loading import empty, load_source, local_file
+from lightning_falcon.data.mixing import Mix, quotas
 from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
 from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
-from lightning_falcon.data.sources import empty, load_source, local_file
+from lightning_falcon.data.source import Member, Source, members, setting
 from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
 from lightning_falcon.data.tokenizing import tokenize_split
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import staged_directory
 
 # Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text;
-# 3: rows with an empty or null field are skipped and counted, not trained on as "None").
-CACHE_FORMAT = 3
+# 3: rows with an empty or null field are skipped and counted, not trained on as "None"; 4: one cache per source).
+CACHE_FORMAT = 4
 
 
 def _blank(value: Any) -> bool:
@@ -40,7 +47,7 @@ def _blank(value: Any) -> bool:
 class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
-        dataset: str,
+        dataset: str | None = None,
         val_dataset: str | None = None,
         val_fraction: float = 0.1,
         split: str = "train",
@@ -52,6 +59,7 @@ class PromptDataModule(L.LightningDataModule):
         template: str = "instruction",
         human_marker: str = "### Human:",
         assistant_marker: str = "### Assistant:",
+        datasets: list[Source] | None = None,
         tokenizer: str | None = None,
         max_length: int = 512,
         max_samples: int | None = None,
@@ -62,11 +70,12 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 42,
         cache_dir: str = "~/.cache/lightning_falcon",
     ) -> None:
-        """Prompt/response data for causal-LM fine-tuning.
+        """Prompt/response data for causal-LM fine-tuning: one source, or several mixed by weight.
 
         Args:
             dataset: A local .jsonl/.json/.csv/.parquet file, or a Hub dataset name for `datasets.load_dataset`.
                 `asset:NAME` names data shipped with the package (e.g. `asset:data/midjourney.jsonl`).
+                The settings from here to `assistant_marker` describe it; `datasets` replaces them all.
             val_dataset: Optional separate validation data (same forms as `dataset`).
                 Without it, a seeded `val_fraction` of `dataset` is held out.
             val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
@@ -80,30 +89,32 @@ class PromptDataModule(L.LightningDataModule):
             template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
             human_marker: Marker that opens a human turn (format `turns`).
             assistant_marker: Marker that opens an assistant turn (format `turns`).
+            datasets: Several sources instead of `dataset`, each with the settings above, a `name` and a
+                `weight` (lightning_falcon/data/source.py). Each epoch holds as many rows as they have together,
+                each source's share following its weight, drawn without replacement from (seed, epoch)
+                (lightning_falcon/data/mixing.py). Each is validated on its own (`val/loss/<name>`).
+                Generation, chat and export render a request as the first source does.
             tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
             max_length: Sequences are cut to this many tokens; the number of cut rows is reported.
-            max_samples: Use at most this many rows of `dataset` (for quick runs); None uses all.
+            max_samples: Use at most this many rows of each source (for quick runs); None uses all.
             batch_size: Sequences per batch on each device (packed sequences with `batching: packed`).
             batching: How training rows form batches. `padded`: random order, each batch padded to its
                 longest row. `grouped`: rows of similar length batched together (less padding, still
                 `batch_size` rows per step). `packed`: whole rows packed into sequences of up to `max_length`
                 tokens that do not attend to each other (more rows per step), batched by length like
-                `grouped`. Validation stays `padded`.
+                `grouped`; a sequence holds rows of one source. Validation stays `padded`.
             num_workers: DataLoader worker processes.
             num_proc: Processes that tokenize in `prepare_data`. None: one per `ROWS_PER_PROCESS` rows of a split
                 (lightning_falcon/data/tokenizing.py), at most one per CPU this process may run on.
-            seed: Seed of the held-out split and of shuffling.
-            cache_dir: Where tokenized data is cached, keyed on the data, the tokenizer and these settings.
+            seed: Seed of the held-out split, of the mix and of shuffling.
+            cache_dir: Where tokenized data is cached, one entry per source, keyed on its data, the tokenizer
+                and the settings its rows depend on.
         """
+        if datasets is not None:  # plain mappings in the saved hyperparameters, so checkpoints load weights-only
+            datasets = [asdict(s) if isinstance(s, Source) else dict(s) for s in datasets]
         super().__init__()
         self.save_hyperparameters()
-        self.format = data_format(self.hparams)
-        problems = self.format.problems()
-        if val_dataset is None and not 0.0 < val_fraction < 1.0:
-            problems.append(
-                f"data.val_fraction must be in (0, 1) when data.val_dataset is not set, got {val_fraction}. "
-                "Fix: --data.val_fraction 0.1, or set --data.val_dataset"
-            )
+        self.members, problems = members(self.hparams)
         if max_length < 2:
             problems.append(f"data.max_length must be at least 2, got {max_length}. Fix: --data.max_length 512")
         if batch_size < 1:
@@ -114,36 +125,61 @@ class PromptDataModule(L.LightningDataModule):
             )
         ConfigError.collect(problems)
         self.tokenizer = None
-        self.stats: dict[str, dict[str, int]] = {}
-        self._splits: dict[str, Any] = {}
+        # totals over the sources (`train`, `val`), and each source's own (`sources[name][split]`)
+        self.stats: dict[str, Any] = {}
+        self._splits: dict[str, Any] = {}  # `train` and `val`: every source's rows, end to end
+        self._parts: dict[str, list[Any]] = {}  # `train` and `val`: each source's rows, in the order of `members`
         # Set by the CLI for `predict` (generation.inputs / input_file); None generates for the held-out prompts.
         self.predict_inputs: list[str] | None = None
 
+    @property
+    def format(self) -> DataFormat:
+        """How generation, chat and export render a request: as the first source's rows were."""
+        return self.members[0].format
+
+    @property
+    def val_names(self) -> list[str]:
+        """The source each validation dataloader holds, in order (one loader per source)."""
+        return [m.name for m in self.members]
+
     # ----------------------------------------------------------------- loading and checking
-    def _check(self, source: str, ds) -> None:
-        missing = [c for c in self.format.columns if c not in ds.column_names]
+    def _check(self, member: Member, dataset: str, ds) -> None:
+        fmt, option = member.format, member.option
+        missing = [c for c in fmt.columns if c not in ds.column_names]
         if missing:
+            pair = f"{setting(option, 'prompt_column')}/{setting(option, 'response_column')}"
+            fix = (
+                f"set {setting(option, 'text_column')} (or {setting(option, 'format', 'prompt_response')} {pair})"
+                if fmt.name == "turns"
+                else f"set {pair} (or {setting(option, 'format', 'turns')} {setting(option, 'text_column')})"
+            )
             raise ConfigError(
-                f"dataset {source} lacks column(s) {missing}; it has {ds.column_names}. "
-                "Fix: set --data.prompt_column/--data.response_column (or --data.format turns --data.text_column)"
+                f"dataset {member.label(dataset)} lacks column(s) {missing}; it has {ds.column_names}. Fix: {fix}"
             )
         if len(ds) == 0:
-            raise empty(source)
+            raise empty(member.label(dataset), option)
 
-    def _drop_blank(self, source: str, ds) -> tuple[Any, int]:
+    def _drop_blank(self, member: Member, dataset: str, ds) -> tuple[Any, int]:
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
+        columns = member.format.columns
         kept = ds.filter(
-            lambda *columns: [not any(_blank(v) for v in row) for row in zip(*columns)],
+            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values)],
             batched=True,
-            input_columns=self.format.columns,
+            input_columns=columns,
         )
         if len(kept) == 0:
             raise ConfigError(
-                f"every one of the {len(ds)} rows of dataset {source} has an empty or null "
-                f"{' or '.join(self.format.columns)}. "
-                "Fix: fill them in, or name the columns that hold the text (--data.prompt_column etc.)"
+                f"every one of the {len(ds)} rows of dataset {member.label(dataset)} has an empty or null "
+                f"{' or '.join(columns)}. "
+                f"Fix: fill them in, or name the columns that hold the text ({setting(member.option, 'prompt_column')} etc.)"
             )
         return kept, len(ds) - len(kept)
+
+    def _load(self, member: Member, dataset: str, split: str):
+        """One file or Hub split of a source, checked, with its blank rows skipped: (rows, rows skipped)."""
+        ds = load_source(dataset, split, member.name if member.mixed else None, member.option)
+        self._check(member, dataset, ds)
+        return self._drop_blank(member, dataset, ds)
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -152,14 +188,17 @@ class PromptDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- tokenizing and caching
     def check_max_length(self) -> None:
-        """Fail before tokenizing when `max_length` cannot hold even the template (every row would be dropped)."""
-        scaffold, what = self.format.scaffold(self._tokenizer())
-        max_length = self.hparams.max_length
-        if max_length <= scaffold:
-            raise ConfigError(
-                f"data.max_length={max_length} is no longer than {what}, which alone takes {scaffold} tokens, "
-                f"so no prompt or response fits. Fix: raise --data.max_length well above {scaffold}"
-            )
+        """Fail before tokenizing when `max_length` cannot hold even a source's template (every row would be dropped)."""
+        max_length, problems = self.hparams.max_length, []
+        for member in self.members:
+            scaffold, what = member.format.scaffold(self._tokenizer())
+            if max_length <= scaffold:
+                of = f" (source {member.name!r})" if member.mixed else ""
+                problems.append(
+                    f"data.max_length={max_length} is no longer than {what}{of}, which alone takes {scaffold} tokens, "
+                    f"so no prompt or response fits. Fix: raise --data.max_length well above {scaffold}"
+                )
+        ConfigError.collect(problems)
 
     def encode_input(self, text: str) -> list[int]:
         """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
@@ -169,75 +208,75 @@ class PromptDataModule(L.LightningDataModule):
         """How inputs were rendered in training, as saved beside an adapter."""
         return self.format.describe()
 
-    def _cache_key(self) -> str:
-        """Hash of the data's content (or Hub name), the tokenizer's vocabulary and every setting."""
+    def _cache_key(self, member: Member) -> str:
+        """Hash of a source's data (its content, or its Hub name), the tokenizer and every setting its rows depend on."""
         h = hashlib.sha256()
-        for source in (self.hparams.dataset, self.hparams.val_dataset):
-            path = local_file(source)
+        for dataset in (member.source.dataset, member.source.val_dataset):
+            path = local_file(dataset)
             if path is not None:
                 with open(path, "rb") as f:  # in chunks: a data file may be larger than memory
                     h.update(hashlib.file_digest(f, "sha256").digest())
             else:
-                h.update(str(source).encode())
+                h.update(str(dataset).encode())
         tok = self._tokenizer()
         h.update(
             tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode()
         )
         h.update(str(tok.eos_token_id).encode())
-        # Leading underscores are Lightning's bookkeeping (LightningCLI adds `_instantiator`), not settings:
-        # without this, `prefetch` (which builds the datamodule directly) would key a cache `fit` never finds.
+        hp = self.hparams
         settings = {
-            k: v
-            for k, v in self.hparams.items()
-            if k not in ("batch_size", "batching", "num_workers", "num_proc", "cache_dir") and not k.startswith("_")
+            **member.settings(),
+            "max_length": hp.max_length,
+            "max_samples": hp.max_samples,
+            "seed": hp.seed,
+            "template_text": TEMPLATES.get(member.source.template),
+            "cache_format": CACHE_FORMAT,
         }
-        settings["template_text"] = TEMPLATES.get(self.hparams.template)
-        settings["cache_format"] = CACHE_FORMAT
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:20]
 
     @property
-    def cache_path(self) -> Path:
-        return Path(self.hparams.cache_dir).expanduser() / "tokenized" / self._cache_key()
+    def cache_paths(self) -> dict[str, Path]:
+        """Each source's tokenized cache (its `train` and `val` splits and `stats.json`), by name."""
+        root = Path(self.hparams.cache_dir).expanduser() / "tokenized"
+        return {m.name: root / self._cache_key(m) for m in self.members}
 
     def prepare_data(self) -> None:
-        """Load, check and tokenize once (local rank 0), writing the cache atomically."""
+        """Load, check and tokenize each source whose cache is missing (local rank 0), writing its cache atomically."""
         import datasets
 
         # Our own one-line report replaces datasets' per-file progress bars.
         datasets.disable_progress_bars()
-        hp = self.hparams
-        target = self.cache_path
-        if (target / "stats.json").exists():
-            return
-        train = load_source(hp.dataset, hp.split)
-        self._check(hp.dataset, train)
-        train, empty = self._drop_blank(hp.dataset, train)
-        skipped = {"train": empty, "val": 0}  # a held-out split comes from rows already kept
+        for member, target in zip(self.members, self.cache_paths.values()):
+            if not (target / "stats.json").exists():
+                self._prepare(member, target)
+
+    def _prepare(self, member: Member, target: Path) -> None:
+        hp, source = self.hparams, member.source
+        train, empty_rows = self._load(member, source.dataset, source.split)
+        skipped = {"train": empty_rows, "val": 0}  # a held-out split comes from rows already kept
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
-        if hp.val_dataset is not None:
-            val = load_source(hp.val_dataset, hp.val_split or hp.split)
-            self._check(hp.val_dataset, val)
-            val, skipped["val"] = self._drop_blank(hp.val_dataset, val)
-            sources = {"train": (hp.dataset, train), "val": (hp.val_dataset, val)}
+        if source.val_dataset is not None:
+            val, skipped["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
+            splits = {"train": (source.dataset, train), "val": (source.val_dataset, val)}
         else:
             if len(train) < 2:
                 raise ConfigError(
-                    f"dataset {hp.dataset} has {len(train)} row; a held-out split needs at least 2. "
-                    "Fix: add rows or set --data.val_dataset"
+                    f"dataset {member.label()} has {len(train)} row; a held-out split needs at least 2. "
+                    f"Fix: add rows or set {setting(member.option, 'val_dataset')}"
                 )
-            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
-            sources = {"train": (hp.dataset, parts["train"]), "val": (hp.dataset, parts["test"])}
+            parts = train.train_test_split(test_size=source.val_fraction, seed=hp.seed)
+            splits = {"train": (source.dataset, parts["train"]), "val": (source.dataset, parts["test"])}
         # Several nodes sharing the filesystem may write the same cache at once: the first one stands.
         with staged_directory(target, complete="stats.json") as tmp:
             stats = {}
-            for name, (source, ds) in sources.items():
+            for name, (dataset, ds) in splits.items():
                 scratch = tmp / f".{name}-tokenizing"  # inside the staged directory: removed with it on an error
                 tokenized, stats[name] = tokenize_split(
-                    source,
+                    member.label(dataset),
                     ds,
-                    self.format,
+                    member.format,
                     self._tokenizer(),
                     hp.max_length,
                     hp.num_proc,
@@ -256,18 +295,32 @@ class PromptDataModule(L.LightningDataModule):
 
         if self._splits:
             return
-        target = self.cache_path
-        if not (target / "stats.json").exists():
-            raise RuntimeError(f"tokenized cache {target} is missing: prepare_data() must run before setup()")
-        self.stats = json.loads((target / "stats.json").read_text())
-        for name in ("train", "val"):
-            self._splits[name] = datasets.load_from_disk(str(target / name)).with_format("python")
-            s = self.stats[name]
-            rank_zero_info(
-                f"[data] {name}: {s['rows']} rows, {s['truncated']} truncated to max_length={self.hparams.max_length}, "
-                f"{s['dropped']} dropped (no response token within max_length), "
-                f"{s['empty']} skipped (an empty or null field)"
-            )
+        parts: dict[str, list] = {"train": [], "val": []}
+        self.stats = {"train": {}, "val": {}, "sources": {}}
+        for member, target in zip(self.members, self.cache_paths.values()):
+            if not (target / "stats.json").exists():
+                raise RuntimeError(f"tokenized cache {target} is missing: prepare_data() must run before setup()")
+            self.stats["sources"][member.name] = json.loads((target / "stats.json").read_text())
+            for name in ("train", "val"):
+                parts[name].append(datasets.load_from_disk(str(target / name)).with_format("python"))
+                for key, value in self.stats["sources"][member.name][name].items():
+                    self.stats[name][key] = self.stats[name].get(key, 0) + value
+        self._parts = parts
+        for name, rows in parts.items():
+            self._splits[name] = rows[0] if len(rows) == 1 else datasets.concatenate_datasets(rows)
+        self._report()
+
+    def _report(self) -> None:
+        """A `[data]` line for each split of each source: rows, truncated, dropped, skipped."""
+        for member in self.members:
+            for name in ("train", "val"):
+                s = self.stats["sources"][member.name][name]
+                of = f" {member.name}" if member.mixed else ""
+                rank_zero_info(
+                    f"[data] {name}{of}: {s['rows']} rows, {s['truncated']} truncated to "
+                    f"max_length={self.hparams.max_length}, {s['dropped']} dropped (no response token within "
+                    f"max_length), {s['empty']} skipped (an empty or null field)"
+                )
 
     # ----------------------------------------------------------------- batching
     @property
@@ -326,26 +379,53 @@ class PromptDataModule(L.LightningDataModule):
             **kwargs,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from (seed, epoch) and resumable mid-epoch (sampler.py); split across ranks."""
-        hp, trainer, rows, lengths = self.hparams, self.trainer, self._splits["train"], None
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if hp.batching != "padded":
-            lengths = [len(ids) for ids in rows["input_ids"]]
+    def _mixed_rows(self) -> tuple[Any, list[int] | None, Mix]:
+        """The training items end to end (rows, or packed sequences of one source's rows), their lengths
+        (None for `padded`), and the mix that draws each epoch's items from them."""
+        hp, parts = self.hparams, self._parts["train"]
+        rows = [len(part) for part in parts]
+        lengths = [[len(ids) for ids in part["input_ids"]] for part in parts] if hp.batching != "padded" else None
+        items: Any = self._splits["train"]
         if hp.batching == "packed":  # sequences of one or a few rows may still differ in length: grouped too
-            rows = PackedRows(rows, hp.max_length, lengths)
-            lengths = [sum(lengths[i] for i in b) for b in rows.bins]
-            rank_zero_info(
-                f"[data] packed {len(rows.rows)} train rows into {len(rows)} sequences of <= {hp.max_length}"
-            )
-        sampler = ResumableSampler(rows, world, rank, True, hp.seed, lengths=lengths, batch_size=hp.batch_size)
-        return self._loader(rows, self.collate, ResumableLoader, sampler=sampler)
+            packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths)]
+            lengths = [[sum(n[i] for i in b) for b in p.bins] for p, n in zip(packed, lengths)]
+            items = packed[0] if len(packed) == 1 else ConcatDataset(packed)
+            rank_zero_info(f"[data] packed {sum(rows)} train rows into {len(items)} sequences of <= {hp.max_length}")
+        counts = [len(n) for n in lengths] if hp.batching == "packed" else rows
+        weights = [m.source.weight for m in self.members]
+        mix = Mix(tuple(counts), tuple(quotas(weights, counts, rows)), hp.seed)
+        if len(self.members) > 1:
+            self._report_mix(mix, rows)
+        return items, None if lengths is None else [n for part in lengths for n in part], mix
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["val"], self.collate)
+    def _report_mix(self, mix: Mix, rows: list[int]) -> None:
+        """A `[data]` line for each source: its share of an epoch's rows, and how often each of its rows comes."""
+        epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items)]
+        about = "about " if self.hparams.batching == "packed" else ""  # whole sequences are drawn, not rows
+        for member, share, n in zip(self.members, epoch_rows, rows):
+            rank_zero_info(
+                f"[data] mix {member.name}: weight {member.source.weight:g}, {share / sum(epoch_rows):.1%} of an "
+                f"epoch's rows ({about}{share:.0f} of {sum(epoch_rows):.0f}), each of its {n} rows "
+                f"{share / n:.2f} times an epoch"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        """Drawn and shuffled per epoch from (seed, epoch) and resumable mid-epoch (sampler.py); split across ranks."""
+        hp, trainer = self.hparams, self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        items, lengths, mix = self._mixed_rows()
+        sampler = ResumableSampler(
+            items, world, rank, True, hp.seed, lengths=lengths, batch_size=hp.batch_size, mix=mix
+        )
+        return self._loader(items, self.collate, ResumableLoader, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The held-out rows; one loader per source when there are several (`val_names`), so each has its loss."""
+        loaders = [self._loader(part, self.collate) for part in self._parts["val"]]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out split doubles as the test set (there is no separate test split)."""
+        """The held-out rows of every source, together, double as the test set (there is no separate test split)."""
         return self._loader(self._splits["val"], self.collate)
 
     def predict_dataloader(self) -> DataLoader:

@@ -8,6 +8,8 @@ handed out and checkpoints the count. Lightning checkpoints any train loader tha
 exactly the batches trained on. Checkpoints fall on optimizer-step boundaries, so a kill inside a
 gradient-accumulation window replays that whole window.
 
+A mix of several sources changes which rows an epoch holds, from (seed, epoch) alone too (`mixing.Mix`).
+
 The random number generators are the other half of an exact resume: `training.rng.RNGState`.
 """
 
@@ -20,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_falcon.data.batching import group_by_length
+from lightning_falcon.data.mixing import Mix
 
 
 class ResumableSampler(DistributedSampler):
@@ -28,7 +31,8 @@ class ResumableSampler(DistributedSampler):
     The order of epoch `e` is a permutation seeded with `seed + e`, split across ranks as
     `DistributedSampler` does: the same for a resumed run as for an uninterrupted one. Given the rows'
     `lengths`, the permutation is grouped by length (`batching.group_by_length`) in blocks of
-    `batch_size` x ranks, so each rank's batch holds rows of similar length.
+    `batch_size` x ranks, so each rank's batch holds rows of similar length. Given a `mix`, the
+    permutation orders the items that `mix.draw(epoch)` gives instead of every item once.
     """
 
     def __init__(
@@ -40,17 +44,24 @@ class ResumableSampler(DistributedSampler):
         seed: int,
         lengths: Sequence[int] | None = None,
         batch_size: int = 1,
+        mix: Mix | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.lengths, self.batch_size = lengths, batch_size
+        self.mix = None if mix is None or mix.identity else mix
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank's share already used)
 
     def _order(self) -> list[int]:
-        if self.lengths is None:
+        if self.lengths is None and self.mix is None:
             return list(super().__iter__())
+        # DistributedSampler's own permutation, of the epoch's items (as many as the dataset has)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        order = group_by_length(order, self.lengths, self.batch_size * self.num_replicas, generator)
+        if self.mix is not None:
+            items = self.mix.draw(self.epoch)
+            order = [items[i] for i in order]
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch_size * self.num_replicas, generator)
         order = (order * -(-self.total_size // len(order)))[: self.total_size]  # DistributedSampler's equal shares
         return order[self.rank : self.total_size : self.num_replicas]
 

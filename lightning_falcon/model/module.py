@@ -138,6 +138,9 @@ class FalconQLoRA(L.LightningModule):
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # With several data sources, each validation dataloader's own loss (`setup`), logged as val/loss/<name>.
+        self.source_names: list[str] = []
+        self.source_loss = torch.nn.ModuleList()
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
         self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
         self._window_loss: torch.Tensor | None = None  # the losses since the last optimizer step, on the device
@@ -296,14 +299,24 @@ class FalconQLoRA(L.LightningModule):
             log_to_loggers(self.trainer, {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]})
         return loss
 
-    def _eval_step(self, batch, stage: str) -> torch.Tensor:
+    def setup(self, stage: str) -> None:
+        # Made here, before the strategy moves the module, so that every rank holds the same metrics.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "val_names", []))
+        if len(names) > 1:  # one source: its loss is val/loss
+            self.source_names = names
+            self.source_loss = torch.nn.ModuleList(MeanMetric() for _ in names)
+
+    def _eval_step(self, batch, stage: str, source: int | None = None) -> torch.Tensor:
         loss = self.batch_loss(batch)
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the tokens that mean is over (the loss is shifted by one)
         self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
+        if source is not None and self.source_names:
+            self.source_loss[source].update(loss.detach(), weight=n)
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        return self._eval_step(batch, "val")
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self._eval_step(batch, "val", dataloader_idx)
 
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, "test")
@@ -316,6 +329,9 @@ class FalconQLoRA(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
+        for name, metric in zip(self.source_names, self.source_loss):
+            self.log(f"val/loss/{name}", metric.compute())
+            metric.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")

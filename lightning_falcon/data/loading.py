@@ -1,10 +1,11 @@
-"""A data source (a local file or a Hub dataset) loaded through `datasets.load_dataset`, with one-line errors."""
+"""Loading one data file or Hub dataset through `datasets.load_dataset`, with one-line errors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lightning_falcon.assets import resolve
+from lightning_falcon.data.source import setting
 from lightning_falcon.data.textfile import check_utf8, diagnose_json
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.upstream import DATASETS_NO_ROWS
@@ -13,8 +14,8 @@ from lightning_falcon.upstream import DATASETS_NO_ROWS
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def empty(source: str) -> ConfigError:
-    return ConfigError(f"dataset {source} is empty. Fix: point --data.dataset at data with rows")
+def empty(label: str, option: str = "data") -> ConfigError:
+    return ConfigError(f"dataset {label} is empty. Fix: point {setting(option, 'dataset')} at data with rows")
 
 
 def local_file(source: str) -> Path | None:
@@ -23,38 +24,43 @@ def local_file(source: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def load_source(source: str, split: str):
-    """Load one data source: a .jsonl/.json/.csv/.parquet file, or the `split` of a Hub dataset."""
+def load_source(source: str, split: str, name: str | None = None, option: str = "data"):
+    """Load one data source: a .jsonl/.json/.csv/.parquet file, or the `split` of a Hub dataset.
+
+    Errors name it by `source`, and by its `name` in a mix; their fixes name the options under `option`.
+    """
     import datasets
 
+    label, what = (source, "dataset") if name is None else (f"{name!r} ({source})", f"dataset {name!r}:")
     path = Path(resolve(source)).expanduser()
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if path.is_dir():
-        raise ConfigError(f"dataset {source} is a directory. Fix: give a {'/'.join(FILE_BUILDERS)} file")
+        raise ConfigError(f"dataset {label} is a directory. Fix: give a {'/'.join(FILE_BUILDERS)} file")
     if builder is not None or path.exists():
         if not path.is_file():
             raise ConfigError(
-                f"dataset file not found: {source}. Fix: check the path of --data.dataset / --data.val_dataset"
+                f"dataset file not found: {label}. "
+                f"Fix: check the path of {setting(option, 'dataset')} / {setting(option, 'val_dataset')}"
             )
         if builder is None:
             raise ConfigError(
-                f"dataset {source}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
+                f"dataset {label}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
             )
         if path.stat().st_size == 0:
-            raise empty(source)
+            raise empty(label, option)
         if builder in ("json", "csv"):
-            check_utf8(path, "dataset")  # pyarrow loads bad bytes into strings, to fail on first use
+            check_utf8(path, what)  # pyarrow loads bad bytes into strings, to fail on first use
         verbosity = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats ours
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
             if DATASETS_NO_ROWS in str(e):
-                raise empty(source) from e
+                raise empty(label, option) from e
             if builder == "json":  # datasets' own error has no line number
-                diagnose_json(path, "dataset")
+                diagnose_json(path, what)
             raise ConfigError(
-                f"dataset {source} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
+                f"dataset {label} could not be read as {builder} ({first_line(e)}). Fix: check the file's format"
             ) from e
         finally:
             datasets.logging.set_verbosity(verbosity)
@@ -62,6 +68,7 @@ def load_source(source: str, split: str):
         return datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ConfigError(
-            f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
+            f"unknown dataset {label if label != source else repr(source)}: not a local file and not loadable "
+            f"from the Hub ({first_line(e)}). "
             "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
         ) from e
