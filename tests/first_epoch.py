@@ -1,7 +1,7 @@
 """The first epoch's training batches of each shipped single-dataset config, as a fingerprint.
 
 `tests/fixtures/first-epoch.json` holds the fingerprints the data path gave before datasets could be mixed
-(written by `python tests/first_epoch.py --write` at that commit); `test_data.py` checks that a config with
+(written by `python tests/first_epoch.py --write` at that commit); `test_mixing.py` checks that a config with
 one `data.dataset` still gives exactly those batches. Hub datasets are replaced by the shipped sample of
 the same shape, and every config is tokenized with the tiny model's tokenizer, so nothing needs the network.
 """

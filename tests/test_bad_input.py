@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 
 DATA = REPO / "tests" / "fixtures" / "data"
@@ -368,7 +369,7 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
     """The error of a mix of the Midjourney data and a source named `broken`, from an overlay on the tiny config."""
     sources = [first or {"name": "midjourney", "dataset": "asset:data/midjourney.jsonl"}, {"name": "broken", **broken}]
     overlay = tmp_path / "mix.yaml"
-    overlay.write_text(json.dumps({"data": {"dataset": None, "datasets": sources}}))
+    overlay.write_text(yaml.safe_dump({"data": {"dataset": None, "datasets": sources}}, width=1000))
     return run(tmp_path, capsys, "--config", str(overlay), *args)
 
 
@@ -384,16 +385,25 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         ({"dataset": str(DATA / "empty.jsonl")}, [], "dataset 'broken' ("),
         ({"dataset": str(DATA / "all_empty.jsonl")}, [], "rows of dataset 'broken' ("),
         ({"dataset": str(DATA / "too_long.jsonl")}, ["--data.max_length", "40"], "rows of dataset 'broken' ("),
-        ({"dataset": str(DATA / "some_empty.jsonl"), "val_dataset": str(DATA / "empty.jsonl")}, [], "'broken' ("),
+        ({"dataset": str(DATA / "some_empty.jsonl"), "val_dataset": str(DATA / "empty.jsonl")}, [],
+         "'broken' (" + str(DATA / "empty.jsonl") + ") is empty. Fix: point data.datasets[1].val_dataset"),
+        ({"dataset": str(DATA / "some_empty.jsonl"), "val_fraction": 0.9}, [], "'broken' ("),
         ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [], "data.datasets[1].template 'nope'"),
         ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.datasets[1].weight must be above 0"),
         ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.datasets[1].val_fraction"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.datasets[1].name 'a b'"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "midjourney"}, [], "data.datasets[0], data.datasets[1]"),
+        ({"dataset": "x.jsonl", "wieght": 3}, [], "unknown key data.datasets[1].wieght. Fix: did you mean data.datasets[1].weight?"),
+        ({"dataset": "x.jsonl", "weight": "x"}, [], "data.datasets[1].weight must be a number, got 'x'"),
+        ({"dataset": "x.jsonl", "weight": float("nan")}, [], "data.datasets[1].weight must be above 0, got nan"),
+        ({"dataset": "x.jsonl", "format": "chat"}, [], "data.datasets[1].format must be one of ['prompt_response', 'turns']"),
+        ({"template": "plain"}, [], "data.datasets[1] needs a dataset. Fix: data.datasets[1].dataset: "),
+        ({"dataset": "x.jsonl"}, ["--data.template", "guanaco"], "data.template set beside data.datasets would be ignored"),
     ],
     ids=[
-        "missing", "extension", "hub", "json", "utf8", "columns", "empty", "blank", "too-long", "empty-val",
-        "template", "weight", "val-fraction", "name", "same-name",
+        "missing", "extension", "hub", "json", "utf8", "columns", "empty", "blank", "too-long", "empty-val", "too-few-to-train",
+        "template", "weight", "val-fraction", "name", "same-name", "key", "weight-type",
+        "weight-nan", "format", "no-dataset", "setting-beside",
     ],
 )  # fmt: skip
 def test_every_bad_source_of_a_mix_is_named(tmp_path, capsys, broken, args, expected):

@@ -184,3 +184,9 @@ def test_validation_logs_each_sources_loss_beside_the_overall_one(tmp_path):
         logged["val/loss/midjourney"][-1][1]
     )
     assert "| validation loss, guanaco |" in (run / "evaluation.md").read_text()
+
+
+def test_a_source_whose_weight_rounds_to_no_row_is_warned_about(tmp_path):
+    dm = mixed(tmp_path, [MIX[0], {**MIX[1], "weight": 1e-6}])
+    with pytest.warns(UserWarning, match="source 'guanaco' gets no row of an epoch at weight 1e-06"):
+        dm.train_dataloader()

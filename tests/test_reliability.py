@@ -130,9 +130,10 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
 
     # 90 training rows in batches of 8: 12 batches an epoch, so the kill falls mid-epoch and the runs cross
     # epoch boundaries; dropout makes the generators matter; a validation falls between the kill and the end.
-    # The mix (90 Midjourney rows and 24 guanaco rows, 3 : 1) draws another epoch after the boundary.
+    # The mix (54 Midjourney rows and 24 guanaco rows, 3 : 1: 10 batches an epoch) draws another epoch after
+    # the boundary at step 10.
     common = [
-        "--data.max_samples", "100", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
+        "--data.max_samples", "100" if config == "tiny.yaml" else "60", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
         "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
         "--trainer.val_check_interval", "6", "--generation.samples", "[]",
         *(["--data.batching", batching] if batching else []),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
@@ -59,7 +60,8 @@ class PromptDataModule(L.LightningDataModule):
         template: str = "instruction",
         human_marker: str = "### Human:",
         assistant_marker: str = "### Assistant:",
-        datasets: list[Source] | None = None,
+        # plain `dict`: jsonargparse would read a `str` of `dict[str, Any]` as YAML ("### Human:" as a comment)
+        datasets: list[dict] | None = None,
         tokenizer: str | None = None,
         max_length: int = 512,
         max_samples: int | None = None,
@@ -89,8 +91,8 @@ class PromptDataModule(L.LightningDataModule):
             template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
             human_marker: Marker that opens a human turn (format `turns`).
             assistant_marker: Marker that opens an assistant turn (format `turns`).
-            datasets: Several sources instead of `dataset`, each with the settings above, a `name` and a
-                `weight` (lightning_falcon/data/source.py). Each epoch holds as many rows as they have together,
+            datasets: Several sources instead of `dataset`: each a mapping of the settings above (`dataset` to
+                `assistant_marker`), a `name` and a `weight` (lightning_falcon/data/source.py). Each epoch holds as many rows as they have together,
                 each source's share following its weight, drawn without replacement from (seed, epoch)
                 (lightning_falcon/data/mixing.py). Each is validated on its own (`val/loss/<name>`).
                 Generation, chat and export render a request as the first source does.
@@ -157,7 +159,7 @@ class PromptDataModule(L.LightningDataModule):
                 f"dataset {member.label(dataset)} lacks column(s) {missing}; it has {ds.column_names}. Fix: {fix}"
             )
         if len(ds) == 0:
-            raise empty(member.label(dataset), option)
+            raise empty(member.label(dataset), option, "dataset" if dataset == member.source.dataset else "val_dataset")
 
     def _drop_blank(self, member: Member, dataset: str, ds) -> tuple[Any, int]:
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
@@ -177,7 +179,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def _load(self, member: Member, dataset: str, split: str):
         """One file or Hub split of a source, checked, with its blank rows skipped: (rows, rows skipped)."""
-        ds = load_source(dataset, split, member.name if member.mixed else None, member.option)
+        key = "dataset" if dataset == member.source.dataset else "val_dataset"
+        ds = load_source(dataset, split, member.name if member.mixed else None, member.option, key)
         self._check(member, dataset, ds)
         return self._drop_blank(member, dataset, ds)
 
@@ -261,10 +264,13 @@ class PromptDataModule(L.LightningDataModule):
             val, skipped["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
             splits = {"train": (source.dataset, train), "val": (source.val_dataset, val)}
         else:
-            if len(train) < 2:
+            held_out = math.ceil(len(train) * source.val_fraction)  # as `train_test_split` counts them
+            if len(train) < 2 or held_out >= len(train):
                 raise ConfigError(
-                    f"dataset {member.label()} has {len(train)} row; a held-out split needs at least 2. "
-                    f"Fix: add rows or set {setting(member.option, 'val_dataset')}"
+                    f"dataset {member.label()} has {len(train)} row(s); holding out val_fraction="
+                    f"{source.val_fraction} of them leaves {max(len(train) - held_out, 0)} to train on. "
+                    f"Fix: add rows, lower {setting(member.option, 'val_fraction')} or set "
+                    f"{setting(member.option, 'val_dataset')}"
                 )
             parts = train.train_test_split(test_size=source.val_fraction, seed=hp.seed)
             splits = {"train": (source.dataset, parts["train"]), "val": (source.dataset, parts["test"])}
@@ -402,7 +408,12 @@ class PromptDataModule(L.LightningDataModule):
         """A `[data]` line for each source: its share of an epoch's rows, and how often each of its rows comes."""
         epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items)]
         about = "about " if self.hparams.batching == "packed" else ""  # whole sequences are drawn, not rows
-        for member, share, n in zip(self.members, epoch_rows, rows):
+        for member, share, n, quota in zip(self.members, epoch_rows, rows, mix.quotas):
+            if quota == 0:
+                rank_zero_warn(
+                    f"[data] source {member.name!r} gets no row of an epoch at weight {member.source.weight:g}: "
+                    "it does not train. Fix: raise its weight"
+                )
             rank_zero_info(
                 f"[data] mix {member.name}: weight {member.source.weight:g}, {share / sum(epoch_rows):.1%} of an "
                 f"epoch's rows ({about}{share:.0f} of {sum(epoch_rows):.0f}), each of its {n} rows "

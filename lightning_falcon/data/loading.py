@@ -14,8 +14,8 @@ from lightning_falcon.upstream import DATASETS_NO_ROWS
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def empty(label: str, option: str = "data") -> ConfigError:
-    return ConfigError(f"dataset {label} is empty. Fix: point {setting(option, 'dataset')} at data with rows")
+def empty(label: str, option: str = "data", key: str = "dataset") -> ConfigError:
+    return ConfigError(f"dataset {label} is empty. Fix: point {setting(option, key)} at data with rows")
 
 
 def local_file(source: str) -> Path | None:
@@ -24,10 +24,10 @@ def local_file(source: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def load_source(source: str, split: str, name: str | None = None, option: str = "data"):
+def load_source(source: str, split: str, name: str | None = None, option: str = "data", key: str = "dataset"):
     """Load one data source: a .jsonl/.json/.csv/.parquet file, or the `split` of a Hub dataset.
 
-    Errors name it by `source`, and by its `name` in a mix; their fixes name the options under `option`.
+    Errors name it by `source`, and by its `name` in a mix; their fixes name the setting `option.key` it came from.
     """
     import datasets
 
@@ -47,7 +47,7 @@ def load_source(source: str, split: str, name: str | None = None, option: str = 
                 f"dataset {label}: unsupported file type. Fix: convert it to one of {sorted(FILE_BUILDERS)}"
             )
         if path.stat().st_size == 0:
-            raise empty(label, option)
+            raise empty(label, option, key)
         if builder in ("json", "csv"):
             check_utf8(path, what)  # pyarrow loads bad bytes into strings, to fail on first use
         verbosity = datasets.logging.get_verbosity()
@@ -56,7 +56,7 @@ def load_source(source: str, split: str, name: str | None = None, option: str = 
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets wraps a bad line in DatasetGenerationError, without its number
             if DATASETS_NO_ROWS in str(e):
-                raise empty(label, option) from e
+                raise empty(label, option, key) from e
             if builder == "json":  # datasets' own error has no line number
                 diagnose_json(path, what)
             raise ConfigError(

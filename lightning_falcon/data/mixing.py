@@ -6,10 +6,11 @@ source's rows), so a mix of one source is that source, each item once, in its ow
 - **Quotas.** Source `i` gets `quota[i]` items an epoch, so that its share of the epoch's *rows* is
   `weight[i] / sum(weights)`: the shares are rounded to whole items by the largest remainder, so a count
   is off its exact share by less than one item, the same in every epoch (`quotas`).
-- **The draw** is sampling without replacement, pass by pass: a source whose quota is below its items
-  gives a fresh random subset each epoch; one above them gives every item once per whole pass and a
-  random subset for the rest. No item appears twice before every item of its source has appeared once.
-  A source whose quota equals its items gives each item once, drawing nothing (`Mix.draw`).
+- **The draw** is sampling without replacement within an epoch, pass by pass: a source whose quota is
+  below its items gives a random subset each epoch (each epoch's drawn afresh, so subsets of different
+  epochs may overlap); one above them gives every item once per whole pass and a random subset for the
+  rest, so within an epoch no item comes twice before every item of its source has come once. A source
+  whose quota equals its items gives each item once, drawing nothing (`Mix.draw`).
 
 The draw uses a generator of its own, seeded from (seed, epoch, source), so it leaves the order the
 sampler then shuffles the epoch into (`sampler.ResumableSampler`) as it was without a mix.

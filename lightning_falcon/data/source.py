@@ -6,10 +6,12 @@ the rest beside it) is read as a list of one, so a config written before mixing 
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.data.formats import DataFormat, FormatName, data_format
@@ -48,8 +50,9 @@ class Source:
     assistant_marker: str = "### Assistant:"
 
 
-# The settings of a `Source` that `data.dataset` and its siblings spell the same way.
+# The settings of a `Source` that `data.dataset` and its siblings spell the same way, and every field's default.
 SETTINGS = [f.name for f in fields(Source) if f.name not in ("name", "weight")]
+DEFAULTS = {f.name: f.default for f in fields(Source) if f.name != "dataset"} | {"dataset": None}
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,20 @@ def members(hparams: dict[str, Any]) -> tuple[list[Member], list[str]]:
         source = Source(dataset=single, **{k: hparams[k] for k in SETTINGS if k != "dataset"})
         return [Member(source, default_name(single), "data", mixed=False)], _problems(source, "data")
     found, problems = [], []
+    # each source sets its own: one set beside the list would be ignored, so it is refused
+    beside = [f"data.{k}" for k in SETTINGS if k != "dataset" and k in hparams and hparams[k] != DEFAULTS[k]]
+    if beside:
+        problems.append(
+            f"{', '.join(beside)} set beside data.datasets would be ignored: each source sets its own. "
+            f"Fix: move {'them' if len(beside) > 1 else 'it'} into the entries of data.datasets"
+        )
     for i, entry in enumerate(listed):
         option = f"data.datasets[{i}]"
         source = entry if isinstance(entry, Source) else _source(entry, option, problems)
         if source is None:
             continue
         problems += _problems(source, option)
-        if source.weight <= 0:
+        if not math.isfinite(source.weight) or source.weight <= 0:
             problems.append(
                 f"{option}.weight must be above 0, got {source.weight}. Fix: {setting(option, 'weight', 1)}"
             )
@@ -126,16 +136,34 @@ def members(hparams: dict[str, Any]) -> tuple[list[Member], list[str]]:
 
 
 def _source(entry: Any, option: str, problems: list[str]) -> Source | None:
-    """A `Source` from a config's mapping, or None with a problem named."""
-    known = {f.name for f in fields(Source)}
-    if not isinstance(entry, dict) or "dataset" not in entry:
+    """A `Source` from a config's mapping, or None with its problems named (each key's, with the fix)."""
+    if not isinstance(entry, dict) or entry.get("dataset") is None:
         problems.append(f"{option} needs a dataset. Fix: {setting(option, 'dataset', 'asset:data/midjourney.jsonl')}")
         return None
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        problems.append(f"{option} has unknown key(s) {unknown}. Fix: use only {sorted(known)}")
+    found = []
+    for key, value in entry.items():
+        if key not in DEFAULTS:
+            near = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+            fix = f"did you mean {option}.{near[0]}?" if near else f"use only {sorted(DEFAULTS)}"
+            found.append(f"unknown key {option}.{key}. Fix: {fix}")
+        elif key in ("weight", "val_fraction"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                found.append(
+                    f"{option}.{key} must be a number, got {value!r}. Fix: {setting(option, key, DEFAULTS[key])}"
+                )
+        elif key == "format":
+            if value not in get_args(FormatName):
+                found.append(
+                    f"{option}.format must be one of {list(get_args(FormatName))}, got {value!r}. "
+                    f"Fix: {setting(option, 'format', 'turns')}"
+                )
+        elif not isinstance(value, str) and not (value is None and DEFAULTS[key] is None):
+            found.append(f"{option}.{key} must be text, got {value!r}. Fix: quote it")
+    problems += found
+    if found:
         return None
-    return Source(**entry)
+    values = {k: float(v) if k in ("weight", "val_fraction") else v for k, v in entry.items()}
+    return Source(**values)
 
 
 def _problems(source: Source, option: str) -> list[str]:
