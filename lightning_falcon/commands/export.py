@@ -123,7 +123,7 @@ def export(
             name = f"{out.name}-{gguf_type}.gguf"
             gguf_writer.write(model, tokenizer, staging / name, gguf_type, out.name)
             stop = tokenizer.convert_ids_to_tokens(special_ids(tokenizer)[0])
-            (staging / "Modelfile").write_text(modelfile(name, metadata.get("prompt"), stop), encoding="utf-8")
+            (staging / "Modelfile").write_text(modelfile(name, metadata["prompt"], stop), encoding="utf-8")
         elif merge:
             model, tokenizer = _merge(source, metadata, merge_into, dtype, base, device, trust_remote_code)
             model.save_pretrained(staging)

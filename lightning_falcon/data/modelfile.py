@@ -12,25 +12,22 @@ import json
 from typing import Any
 
 from lightning_falcon.data.prompts import TEMPLATES
-from lightning_falcon.errors import ConfigError
 
 PROMPT = "{{ .Prompt }}"
 
 
-def template(prompt_format: dict[str, Any] | None) -> str:
-    """Ollama's TEMPLATE for the prompt format saved beside an adapter (`lightning_falcon.json`'s `prompt`)."""
-    if not prompt_format:
-        raise ConfigError(
-            "the adapter does not say how training rendered prompts (no `prompt` in lightning_falcon.json), "
-            "so the Modelfile's template is unknown. Fix: export an adapter a lightning_falcon fit wrote"
-        )
+def template(prompt_format: dict[str, Any]) -> str:
+    """Ollama's TEMPLATE for the prompt format saved beside an adapter (`lightning_falcon.json`'s `prompt`).
+
+    `export` refuses an adapter without one before any weights load (`commands/export.py`).
+    """
     if prompt_format["format"] == "turns":
         return f"{prompt_format['human_marker']} {PROMPT} {prompt_format['assistant_marker']}"
     text = prompt_format.get("template_text") or TEMPLATES[prompt_format["template"]]
     return text.replace("{prompt}", PROMPT).rstrip(" ")
 
 
-def modelfile(gguf_name: str, prompt_format: dict[str, Any] | None, stop: str) -> str:
+def modelfile(gguf_name: str, prompt_format: dict[str, Any], stop: str) -> str:
     """The Modelfile text: `ollama create NAME -f Modelfile` in its directory takes it as it is."""
     return "\n".join(
         [
