@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,22 @@ def test_a_fit_console_shows_ours_and_none_of_the_libraries_notices(tmp_path, co
     else:
         assert "[fit] step 2/2 (100%) · " in output and "Epoch 0" not in output
     assert "[adapter] saved to" in output
+
+
+# a subcommand's help is argparse's, which lets a closed pipe go and exits 0 itself
+@pytest.mark.parametrize(
+    "args, code", [(["--help"], 128 + signal.SIGPIPE), (["fit", "--help"], 0)], ids=["program", "subcommand"]
+)
+def test_help_into_a_pipe_whose_reader_has_gone_ends_quietly(args, code):
+    read, write = os.pipe()
+    os.close(read)  # the reader (`| head`) has already gone when help is written
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_falcon", *args],
+        check=False,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(write)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr

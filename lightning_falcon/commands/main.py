@@ -15,8 +15,10 @@ python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from lightning_falcon.commands.program import program
@@ -60,7 +62,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `python -m lightning_falcon` and the `lightning-falcon` console script."""
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        with reader_may_leave():
+            print(usage())
         return
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # `-c X.yaml fit`: LightningCLI's root options
         print(f"{usage()}\n\nlightning_falcon: error: unknown subcommand {argv[0]!r}", file=sys.stderr)
@@ -76,7 +79,8 @@ def main(args: list[str] | None = None) -> None:
     if "SLURM_JOB_ID" in os.environ:
         listen()  # a warning signal during start-up or loading is kept for the first step, not fatal
     try:
-        run(argv)
+        with reader_may_leave():
+            run(argv)
     except ConfigError as e:
         print(f"lightning_falcon: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -85,6 +89,18 @@ def main(args: list[str] | None = None) -> None:
         end_process_group()
         sys.exit(1)
     end_process_group()
+
+
+@contextlib.contextmanager
+def reader_may_leave():
+    """End quietly when the reader of stdout has gone (`--help | head`), as a command killed by SIGPIPE does."""
+    try:
+        yield
+        sys.stdout.flush()  # here, so that a closed pipe is found inside this block
+    except BrokenPipeError:
+        # Python's own recipe: stdout to /dev/null, so the flush at exit does not raise once more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def run(argv: list[str]) -> None:
