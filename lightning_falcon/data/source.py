@@ -113,7 +113,7 @@ def members(hparams: dict[str, Any]) -> tuple[list[Member], list[str]]:
         )
     for i, entry in enumerate(listed):
         option = f"data.datasets[{i}]"
-        source = entry if isinstance(entry, Source) else _source(entry, option, problems)
+        source = _source(entry, option, problems)  # the datamodule hands `Source`s over as mappings
         if source is None:
             continue
         problems += _problems(source, option)
