@@ -10,39 +10,117 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class RNGState(Callback):
-    """Saves the torch (CPU and CUDA), NumPy and Python generators with each checkpoint, and restores them
+    """Saves every rank's random number generators with each checkpoint, and gives each rank its own back
     when training restarts from one.
 
-    The saved state is rank 0's. DDP ranks are seeded alike and draw alike, so their generators match.
+    A rank's generators are the torch CPU generator, the CUDA generator of the device it trains on (its
+    current device; none when CUDA is unavailable), and the NumPy and Python ones. Ranks do not draw alike:
+    batches padded to different lengths advance dropout's generator by different amounts. Lightning calls
+    `state_dict` on every rank and only rank 0 writes, so the ranks' generators are gathered there: the
+    checkpoint holds `{"ranks": [rank 0's, rank 1's, ...]}`, in tensors, lists and plain values that
+    `torch.load(weights_only=True)` reads.
+
+    A checkpoint written by another number of ranks, with a GPU when there is none now (or the reverse), or in
+    the older layout (rank 0's generators, with the CUDA generator of every GPU rank 0 saw) restores what
+    applies and warns once that the resume is not bit-exact, and why.
     """
 
     def __init__(self) -> None:
         self._to_restore: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        # plain lists and tensors, so checkpoints still load with torch.load(weights_only=True)
-        numpy = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-        state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return {"ranks": gather_from_ranks(own_generators())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not at load time: the sanity check and the loaders' set-up in between draw from them too.
         state, self._to_restore = self._to_restore, None
         if state is None:
             return
-        torch.set_rng_state(state["torch"])
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "ranks" in state:
+            own, reasons = _entry_for_rank(state["ranks"], trainer.global_rank, trainer.world_size)
+        else:
+            own, reasons = _entry_from_rank_zero_layout(state, trainer.global_rank, trainer.world_size)
+        set_generators(own)
+        if reasons:
+            rank_zero_warn(
+                f"[resume] random generators restored in part, so the resume is not bit-exact: {'; '.join(reasons)}"
+            )
+
+
+def own_generators() -> dict[str, Any]:
+    """This process's generators, in values `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    return state
+
+
+def set_generators(state: dict[str, Any]) -> None:
+    """Set this process's generators to `own_generators()`'s `state`; the CUDA one (current device) if present."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+
+
+def gather_from_ranks(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's `state`, in rank order. Under torch.distributed it is a collective: every rank must call it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _entry_for_rank(ranks: list[dict[str, Any]], rank: int, world_size: int) -> tuple[dict[str, Any], list[str]]:
+    """The generators this rank restores from the `ranks` saved, and the reasons the resume is not exact."""
+    reasons = []
+    if len(ranks) != world_size:
+        reasons.append(
+            f"the checkpoint was written by {len(ranks)} rank(s) and this run has {world_size}, "
+            f"so rank r takes the generators of rank r % {len(ranks)}"
+        )
+    own = dict(ranks[rank % len(ranks)])
+    if "cuda" in own and not torch.cuda.is_available():
+        reasons.append("it was written with CUDA and CUDA is unavailable now, so the CUDA generator is not restored")
+        del own["cuda"]
+    elif "cuda" not in own and torch.cuda.is_available():
+        reasons.append("it was written without CUDA, so the CUDA generator keeps its seed")
+    return own, reasons
+
+
+def _entry_from_rank_zero_layout(state: dict[str, Any], rank: int, world_size: int) -> tuple[dict[str, Any], list[str]]:
+    """`_entry_for_rank` for the older layout: rank 0's generators, with `cuda` a list of every GPU's generator
+    as rank 0's process saw them (`get_rng_state_all`), of which only rank 0's current device is its own."""
+    reasons = []
+    own = {key: state[key] for key in ("torch", "numpy", "python")}
+    if world_size > 1:
+        reasons.append(
+            "the checkpoint holds rank 0's generators only (older layout), so the other ranks start "
+            "from rank 0's CPU generators and keep their CUDA generators' seeds"
+        )
+    if "cuda" in state and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            if rank == 0:
+                own["cuda"] = state["cuda"][device]
+        else:
+            reasons.append(f"it holds no CUDA generator for cuda:{device}, so that one keeps its seed")
+    elif "cuda" in state:
+        reasons.append("it was written with CUDA and CUDA is unavailable now, so the CUDA generator is not restored")
+    elif torch.cuda.is_available():
+        reasons.append("it was written without CUDA, so the CUDA generator keeps its seed")
+    return own, reasons
