@@ -81,8 +81,8 @@ def fit_arguments(
 
     The config's model settings stand (nf4, double quantization, LoRA r 64 on the four projections,
     gradient checkpointing); only what a CPU needs changes: fp32 compute (bitsandbytes' bf16 4-bit path on
-    CPU is far slower), torch's AdamW (paged 8-bit AdamW is CUDA only), one sequence per step, and the
-    shipped tiny tokenizer (no Hub download). The random checkpoint is written once into `random_dir`; the
+    CPU is far slower), torch's AdamW (the CPU figures in BENCHMARKS.md were taken with it), one sequence per
+    step, and the shipped tiny tokenizer (no Hub download). The random checkpoint is written once into `random_dir`; the
     run's data cache and logs go under `root`.
     """
     return [

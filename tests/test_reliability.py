@@ -114,17 +114,18 @@ def test_a_nan_loss_stops_the_run_with_its_step_and_keeps_the_last_good_checkpoi
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "accumulate, micro_batch, config, batching",
+    "accumulate, micro_batch, config, batching, optimizer",
     [
-        (1, 0, "tiny.yaml", None),
-        (2, 1, "tiny.yaml", None),
-        (1, 0, "tiny-mix.yaml", None),
-        (1, 0, "tiny-mix.yaml", "packed"),
+        (1, 0, "tiny.yaml", None, "adamw"),
+        (2, 1, "tiny.yaml", None, "adamw"),
+        (1, 0, "tiny-mix.yaml", None, "adamw"),
+        (1, 0, "tiny-mix.yaml", "packed", "adamw"),
+        (1, 0, "tiny.yaml", None, "paged_adamw_8bit"),  # the shipped GPU configs' optimizer (unpaged on CPU)
     ],
-    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed"],
+    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed", "paged-8bit-adamw"],
 )
 def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
-    tmp_path, accumulate, micro_batch, config, batching
+    tmp_path, accumulate, micro_batch, config, batching, optimizer
 ):
     from safetensors.torch import load_file
 
@@ -135,7 +136,7 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
     common = [
         "--data.max_samples", "100" if config == "tiny.yaml" else "60", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
         "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
-        "--trainer.val_check_interval", "6", "--generation.samples", "[]",
+        "--trainer.val_check_interval", "6", "--generation.samples", "[]", "--model.optimizer", optimizer,
         *(["--data.batching", batching] if batching else []),
     ]  # fmt: skip
     env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

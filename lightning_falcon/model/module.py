@@ -79,8 +79,9 @@ class FalconQLoRA(L.LightningModule):
             trust_remote_code: Allow custom modelling code from the Hub. Off: Falcon is native in transformers.
             quantization: Base weights as bitsandbytes `nf4` or `fp4` (4-bit), `int8`, or `none` (plain LoRA).
             double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight).
-            compute_dtype: Dtype of matmuls and unquantized weights. `auto`: bf16 on CUDA that supports it,
-                else fp16 on CUDA, and fp32 on CPU.
+            compute_dtype: Dtype of matmuls and unquantized weights. `auto`: bf16 on a GPU with native bf16
+                (compute capability 8.0 or later: A100, H100, L4, RTX 30xx), fp16 on older ones (T4, V100), fp32 on
+                CPU. bf16 on a GPU without native bf16 is refused before loading.
             attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default.
             lora_r: LoRA rank.
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
@@ -94,7 +95,8 @@ class FalconQLoRA(L.LightningModule):
             loss_chunk_size: The training and validation loss runs the output layer this many positions at a time,
                 so the whole vocabulary's logits never exist at once (`model/loss.py`); the same loss. None: the
                 model's own loss over the batch's full logits.
-            optimizer: `adamw` (torch) or `paged_adamw_8bit` (bitsandbytes, CUDA only).
+            optimizer: `adamw` (torch) or `paged_adamw_8bit` (bitsandbytes' 8-bit AdamW: 2 bytes of state per LoRA
+                weight, not 8; its states page to host memory under GPU memory pressure, and on CPU it runs unpaged).
             fused_adamw: `adamw` as torch's fused kernel (CPU or CUDA): one kernel for all LoRA tensors, the
                 same update. False: torch's default (a loop over tensors on CPU, `foreach` on CUDA).
             learning_rate: Peak learning rate, reached after warmup.
@@ -125,8 +127,6 @@ class FalconQLoRA(L.LightningModule):
             problems.append(
                 f"model.loss_chunk_size must be >= 1 or null, got {loss_chunk_size}. Fix: --model.loss_chunk_size 256"
             )
-        if optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
-            problems.append("model.optimizer paged_adamw_8bit needs CUDA. Fix: use --model.optimizer adamw on CPU")
         ConfigError.collect(problems)
         self.target_modules = list(targets)
         self.model: torch.nn.Module | None = None

@@ -25,15 +25,56 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_compute_dtype(compute_dtype: ComputeDtype, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on CUDA that supports it, else fp16 on CUDA, and fp32 on CPU.
+    """`auto` is bf16 on a GPU with native bf16 (`has_native_bf16`), else fp16 on CUDA, and fp32 on CPU.
 
     fp32 on CPU is deliberate: bitsandbytes' bf16 4-bit path on CPU is far slower (BENCHMARKS.md).
     """
     if compute_dtype != "auto":
         return DTYPES[compute_dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return torch.float32
+
+
+# Compute capability from which a GPU has bf16 tensor cores (Ampere: A100, A10, RTX 30xx; then H100, L4, ...).
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU `device` computes in bf16 natively (compute capability 8.0 or later).
+
+    Not `torch.cuda.is_bf16_supported()`: it also says yes where bf16 is only emulated (T4 7.5, V100 7.0),
+    and it allocates on the current device, which before Lightning sets it is GPU 0 for every DDP rank.
+    """
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
+def check_bf16_is_native(compute_dtype: torch.dtype, precision: str, device: torch.device) -> None:
+    """Fail in one line, before any weights load, when a run asks for bf16 on a GPU that only emulates it.
+
+    Args:
+        compute_dtype: The resolved compute dtype (`resolve_compute_dtype`).
+        precision: The trainer's precision (`bf16-mixed`, `bf16-true`, `16-mixed`, ...).
+        device: This rank's device; only a CUDA device is checked.
+    """
+    if device.type != "cuda":
+        return
+    asked, fixes, alternative = [], [], ""
+    if compute_dtype is torch.bfloat16:
+        asked.append("model.compute_dtype bf16")
+        fixes.append("--model.compute_dtype fp16")
+        alternative = " (or --model.compute_dtype auto, which picks fp16 there)"
+    if str(precision).startswith("bf16"):
+        asked.append(f"trainer.precision {precision}")
+        fixes.append("--trainer.precision 16-mixed")
+    if not asked or has_native_bf16(device):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    raise ConfigError(
+        f"{' and '.join(asked)} need{'s' if len(asked) == 1 else ''} a GPU with native bf16 (compute capability 8.0 "
+        f"or later), and {device} is {torch.cuda.get_device_name(device)} ({major}.{minor}), which only emulates it, "
+        f"far slower. Fix: {' '.join(fixes)}{alternative}"
+    )
 
 
 def check_quantization_runs(quantization: Quantization, compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -182,7 +223,7 @@ def unquantized_bytes(module: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
 
 
 def paged_adamw_8bit(params, **kwargs) -> torch.optim.Optimizer:
-    """bitsandbytes' paged 8-bit AdamW (CUDA only)."""
+    """bitsandbytes' paged 8-bit AdamW: paged on CUDA; bitsandbytes runs it unpaged on CPU."""
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW8bit(params, **kwargs)
