@@ -148,16 +148,76 @@ def test_lightnings_own_zero3_is_refused_with_the_fix(tmp_path, capsys):
     assert "frozen base into every checkpoint" in err  # every problem is listed, not just the first
 
 
-def test_paged_optimizer_with_offload_is_refused():
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def test_plan_refuses_what_fit_refuses_with_the_same_line(tmp_path, capsys):
+    offload = [*strategy_overlay("deepspeed-zero3-offload"), "--model.optimizer", "paged_adamw_8bit"]
+    fit = run(tmp_path, capsys, *offload)
+    plan = run(tmp_path, capsys, *offload, subcommand="plan")
+    assert fit == plan
+    assert "paged_adamw_8bit cannot run with DeepSpeed optimizer offload" in fit and "--model.optimizer adamw" in fit
+    # Every config problem, LoRA targets included, is listed at once, the same by both.
+    both = [*strategy_overlay("deepspeed-zero3"), "--model.quantization", "int8", "--model.target_modules", "[c_attn]"]
+    fit = run(tmp_path, capsys, *both)
+    assert fit == run(tmp_path, capsys, *both, subcommand="plan")
+    assert "model.target_modules ['c_attn'] not found" in fit and "int8 + ZeRO-3 cannot work" in fit
 
-    from lightning_falcon.errors import ConfigError
-    from lightning_falcon.training.strategy import QLoRADeepSpeedStrategy, check_strategy
 
-    with pytest.raises(ConfigError, match="paged_adamw_8bit cannot run with DeepSpeed optimizer offload"):
-        check_strategy(QLoRADeepSpeedStrategy(stage=3, offload_optimizer=True), "nf4", "paged_adamw_8bit")
-    with pytest.raises(ConfigError, match="exclude_frozen_parameters"):
-        check_strategy(DeepSpeedStrategy(stage=2), "nf4", "adamw")
+def test_a_deepspeed_strategy_that_keeps_the_frozen_base_is_refused():
+    from lightning_falcon.training.strategy import StrategySettings, strategy_problems
+
+    (problem,) = strategy_problems(StrategySettings.from_config("deepspeed_stage_2"), "nf4", "adamw")
+    assert "exclude_frozen_parameters" in problem
+
+
+def on_a_gpu(monkeypatch, capability: tuple[int, int], name: str) -> list:
+    """Make this CPU machine answer as a CUDA GPU of `capability` would; returns the devices asked about."""
+    asked = []
+
+    def get_device_capability(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "compute_dtype,precision,fix",
+    [
+        ("bf16", "bf16-mixed", "Fix: --model.compute_dtype fp16 --trainer.precision 16-mixed (or"),
+        ("auto", "bf16-true", "Fix: --trainer.precision 16-mixed"),
+        ("bf16", "32-true", "Fix: --model.compute_dtype fp16 (or --model.compute_dtype auto"),
+    ],
+)
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_before_loading(
+    tmp_path, capsys, monkeypatch, compute_dtype, precision, fix
+):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    asked = on_a_gpu(monkeypatch, (7, 5), "Tesla T4")
+    # fit on this CPU machine, with the trainer's device answering as this rank's GPU (not GPU 0) would
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: device))
+    err = run(tmp_path, capsys, "--model.compute_dtype", compute_dtype, "--trainer.precision", precision)
+    assert "a GPU with native bf16 (compute capability 8.0 or later), and cuda:1 is Tesla T4 (7.5)" in err
+    assert "which only emulates it" in err and fix in err and set(asked) == {device}
+
+
+def test_bf16_on_a_gpu_that_has_it_and_fp16_on_one_that_does_not_pass(monkeypatch):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    import lightning_falcon.commands.cli
+    from lightning_falcon.commands.cli import check_machine
+
+    probed = []
+    monkeypatch.setattr(lightning_falcon.commands.cli, "check_quantization_runs", lambda *args: probed.append(args))
+    device = torch.device("cuda", 0)
+    on_a_gpu(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
+    check_machine(SingleDeviceStrategy(device), "nf4", "bf16", "bf16-mixed")
+    on_a_gpu(monkeypatch, (7, 0), "Tesla V100-SXM2-32GB")
+    check_machine(SingleDeviceStrategy(device), "nf4", "auto", "16-mixed")
+    assert probed == [("nf4", torch.bfloat16, device), ("nf4", torch.float16, device)]
 
 
 def test_unknown_keys_name_the_nearest_valid_one(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Every shipped config parses through the real CLI (no model is built), and opens with how to run it."""
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,15 @@ def build(*args):
 
 @pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
 def test_strategy_overlay_composes_and_constructs_its_strategy(path):
-    from lightning.pytorch.accelerators import CUDAAccelerator
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lightning_falcon.training.strategy import QLoRADeepSpeedStrategy, check_strategy, zero_stage
+    from lightning_falcon.training.strategy import (
+        QLoRADeepSpeedStrategy,
+        StrategySettings,
+        check_strategy_runs,
+        strategy_problems,
+        zero_stage,
+    )
 
     cli = build("--config", str(REPO / "configs/tiny.yaml"), "--config", str(path), "--trainer.devices", "2")
     strategy = cli.trainer.strategy
@@ -65,12 +71,72 @@ def test_strategy_overlay_composes_and_constructs_its_strategy(path):
         assert zero_stage(strategy) == {"deepspeed-zero2": 2}.get(path.stem, 3)
         offload = strategy.config["zero_optimization"].get("offload_optimizer", {}).get("device")
         assert (offload == "cpu") == path.stem.endswith("offload")
-    if path.stem == "ddp" or isinstance(strategy.accelerator, CUDAAccelerator):
-        check_strategy(strategy, "nf4", "adamw")  # a valid combination passes the fail-fast check
-    else:  # tiny.yaml trains on CPU: its one problem is that DeepSpeed (as Lightning drives it) runs on CUDA only
+    # plan reads from the config what fit reads from the strategy it built
+    settings = StrategySettings.of(strategy)
+    assert StrategySettings.from_config(cli.config.trainer.strategy) == settings
+    assert strategy_problems(settings, "nf4", "adamw") == []  # a valid combination passes the config checks
+    if path.stem != "ddp":  # tiny.yaml trains on CPU: DeepSpeed (as Lightning drives it) runs on CUDA only
         with pytest.raises(ConfigError) as e:
-            check_strategy(strategy, "nf4", "adamw")
+            check_strategy_runs(strategy)
         assert str(e.value).startswith("DeepSpeed runs on CUDA GPUs only") and str(e.value).count("Fix:") == 1
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["auto", "ddp", "deepspeed", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload"],
+)
+def test_a_strategy_named_by_lightning_reads_the_same_from_the_config(strategy):
+    from lightning_falcon.training.strategy import StrategySettings
+
+    cli = build("--config", str(REPO / "configs/tiny.yaml"), "--trainer.strategy", strategy, "--trainer.devices", "2")
+    assert StrategySettings.from_config(cli.config.trainer.strategy) == StrategySettings.of(cli.trainer.strategy)
+
+
+def header_commands(path: Path) -> list[list[str]]:
+    """The `python -m lightning_falcon` commands a config's header shows, as argument lists. An `sbatch` line
+    becomes the fit its script runs (`slurm/fit.sbatch CONFIG ARGS` runs `fit --config CONFIG ARGS`)."""
+    header = "\n".join(line[1:] for line in path.read_text().splitlines() if line.startswith("#"))
+    commands = []
+    for line in header.replace("\\\n", " ").splitlines():
+        if line.split()[:3] == ["python", "-m", "lightning_falcon"]:
+            commands.append(shlex.split(line, comments=True)[3:])
+        elif line.split()[:1] == ["sbatch"]:
+            words = shlex.split(line, comments=True)
+            script = next(i for i, word in enumerate(words) if word.endswith(".sbatch"))
+            commands.append(["fit", "--config", *words[script + 1 :]])
+    return commands
+
+
+# The commands that read a config and run fit's checks before loading (export reads an adapter, not a config).
+CHECKED = {"fit", "validate", "test", "predict", "evaluate", "chat", "plan"}
+HEADER_COMMANDS = [(path, words) for path in CONFIGS + OVERLAYS for words in header_commands(path)]
+CHECKED_COMMANDS = [(path, words) for path, words in HEADER_COMMANDS if words[0] in CHECKED]
+
+
+@pytest.mark.parametrize("path,words", CHECKED_COMMANDS, ids=[f"{p.name}: {' '.join(w)}" for p, w in CHECKED_COMMANDS])
+def test_every_command_a_config_shows_passes_fits_config_checks(path, words, monkeypatch, capsys):
+    """Parsed as plan parses (nothing built, no GPU) and put through fit's config checks, which plan runs too;
+    the checks of the machine fit runs on are left out."""
+    from lightning_falcon.commands.cli import SINGLE_DEVICE, parse_only
+    from lightning_falcon.commands.plan import PlanCLI, report
+
+    class HeaderCLI(PlanCLI):  # plan's options and those of the commands that read a run
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.add_argument("--ckpt_path", type=str | None, default=None)
+
+    command, args = words[0], words[1:]
+    if command in ("predict", "evaluate", "chat"):  # one process on one device, whatever the config trains with
+        args = [*args, *SINGLE_DEVICE]
+    monkeypatch.chdir(REPO)
+    config = parse_only(HeaderCLI, args, command).config
+    report(config.model, config.data, config.trainer, config.devices, config.num_nodes, config.gpu_memory)
+
+
+def test_the_headers_show_fit_plan_and_slurm_commands():
+    commands = [words[0] for _, words in HEADER_COMMANDS]
+    assert {"fit", "plan", "predict", "evaluate", "export"} <= set(commands) and commands.count("fit") > 10
+    assert ["fit", "--config", "configs/falcon-40b-qlora.yaml"] in [words for _, words in HEADER_COMMANDS]
 
 
 def test_falcon_40b_config_is_zero3_over_8_gpus_per_node():

@@ -67,6 +67,30 @@ def test_auto_compute_dtype_is_fp32_on_cpu():
     assert resolve_compute_dtype("bf16", CPU) is torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16), ((7, 0), torch.float16)],
+    ids=["H100", "A100", "T4", "V100"],
+)
+def test_auto_compute_dtype_is_bf16_only_where_this_ranks_gpu_has_it_natively(monkeypatch, capability, expected):
+    asked = []
+
+    def get_device_capability(device=None):
+        asked.append(device)
+        return capability
+
+    def is_bf16_supported(*args, **kwargs):  # emulation counts for it; it must not decide
+        raise AssertionError("is_bf16_supported() was asked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    device = torch.device("cuda", 3)
+    assert resolve_compute_dtype("auto", device) is expected
+    assert asked == [device]  # this rank's GPU, not the current device (GPU 0 before Lightning sets it)
+    assert resolve_compute_dtype("fp16", device) is torch.float16 and asked == [device]  # explicit: no question
+
+
 def test_backward_through_4bit_layer_is_exact_after_an_eval_pass():
     """Validation before training (Lightning's sanity check) must not break gradients through the base."""
     import bitsandbytes.functional as F

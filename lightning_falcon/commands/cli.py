@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar as LightningBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -24,11 +25,17 @@ from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA, adapter
 from lightning_falcon.model.generation import GenerationSettings
-from lightning_falcon.model.quantization import check_quantization_runs, resolve_compute_dtype
+from lightning_falcon.model.lora import check_target_modules, linear_module_names
+from lightning_falcon.model.quantization import (
+    ComputeDtype,
+    check_bf16_is_native,
+    check_quantization_runs,
+    resolve_compute_dtype,
+)
 from lightning_falcon.training import default_callbacks
 from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
 from lightning_falcon.training.progress import ProgressBar, ProgressLines
-from lightning_falcon.training.strategy import check_strategy
+from lightning_falcon.training.strategy import StrategySettings, check_strategy_runs, strategy_problems
 from lightning_falcon.upstream import (
     JSONARGPARSE_BAD_VALUE,
     JSONARGPARSE_UNKNOWN_KEY,
@@ -163,16 +170,21 @@ class FalconCLI(LightningCLI):
             config.data.tokenizer = config.model.model_name_or_path
 
     def check_run(self) -> Path | None:
-        """Everything cheap, before the data is tokenized or any weights load (config.json only): LoRA targets,
-        the strategy, that bitsandbytes runs here, that `max_length` holds the template, and `--ckpt_path`.
+        """Everything cheap, before the data is tokenized or any weights load (config.json only): what `plan`
+        checks too (`check_config`), then this machine (`check_machine`), that `max_length` holds the template,
+        and `--ckpt_path`.
 
         Returns the checkpoint or adapter directory the run reads, if any.
         """
-        hp = self.model.hparams
-        self.model.check_targets()
-        check_strategy(self.trainer.strategy, hp.quantization, hp.optimizer)
-        device = self.trainer.strategy.root_device
-        check_quantization_runs(hp.quantization, resolve_compute_dtype(hp.compute_dtype, device), device)
+        hp, strategy = self.model.hparams, self.trainer.strategy
+        check_config(
+            StrategySettings.of(strategy),
+            hp.quantization,
+            hp.optimizer,
+            self.model.target_modules,
+            linear_module_names(self.model.skeleton()),
+        )
+        check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_max_length()
         self._resolve_last()
         source = self._use_checkpoint()
@@ -264,6 +276,48 @@ class FalconCLI(LightningCLI):
         self.trainer.loggers = []  # predict's output is that file: no new logger version (nor config.yaml: main)
 
     before_fit = before_validate = before_test = before_predict = check_run
+
+
+def check_config(
+    strategy: StrategySettings,
+    quantization: str,
+    optimizer: str,
+    target_modules: list[str],
+    linear_modules: list[str],
+) -> None:
+    """Refuse, listing every problem, a config that cannot run on any machine. fit and plan both call this, so
+    plan refuses what fit refuses, with the same line.
+
+    Args:
+        strategy: The trainer's strategy: fit reads it from the strategy it built, plan from the config.
+        quantization: `model.quantization`.
+        optimizer: `model.optimizer`.
+        target_modules: The LoRA targets (`model.target_modules`, or Falcon's when unset).
+        linear_modules: The leaf names of the model's linear layers, from its config.json alone.
+    """
+    problems = strategy_problems(strategy, quantization, optimizer)
+    try:
+        check_target_modules(linear_modules, target_modules)
+    except ConfigError as e:
+        problems.insert(0, str(e))
+    ConfigError.collect(problems)
+
+
+def check_machine(strategy: Strategy, quantization: str, compute_dtype: ComputeDtype, precision: str) -> None:
+    """fit's checks of the machine it runs on, after `check_config`: the strategy's accelerator, bf16 on this
+    rank's device, and that bitsandbytes quantizes there. plan skips them: it plans a run for another machine.
+
+    Args:
+        strategy: The trainer's strategy; its `root_device` is this rank's device.
+        quantization: `model.quantization`.
+        compute_dtype: `model.compute_dtype`, as configured (`auto` is resolved for this device).
+        precision: The trainer's precision (`bf16-mixed`, `16-mixed`, `32-true`, ...).
+    """
+    check_strategy_runs(strategy)
+    device = strategy.root_device
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    check_bf16_is_native(dtype, precision, device)
+    check_quantization_runs(quantization, dtype, device)
 
 
 # predict and evaluate run in one process on one device, whatever the config trains with.

@@ -46,9 +46,10 @@ import torch
 from torch import nn
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.commands.cli import ParseOnlyCLI, parse_only
+from lightning_falcon.commands.cli import ParseOnlyCLI, check_config, parse_only
 from lightning_falcon.model.config import read_model_config, warn_remote_code
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES, linear_module_names
+from lightning_falcon.training.strategy import StrategySettings
 from lightning_falcon.upstream import falcon_linear_as_nn_linear
 
 GiB = 2**30
@@ -66,6 +67,7 @@ class ModelCount:
     hidden: int
     layers: int
     vocab: int
+    linear_modules: list[str]  # the leaf names LoRA can target
 
     @property
     def quantized_weights(self) -> int:
@@ -97,6 +99,7 @@ def count_model(config, target_modules: list[str], lora_r: int, quantized: bool 
         hidden=config.hidden_size,
         layers=config.num_hidden_layers,
         vocab=config.vocab_size,
+        linear_modules=linear_module_names(model),
     )
 
 
@@ -233,7 +236,11 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
 
 # ----------------------------------------------------------------- from a parsed run config to the table
 def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu_memory: str) -> str:
-    """The `plan` table for a parsed config (its model/data/trainer sections); devices/num_nodes override it."""
+    """The `plan` table for a parsed config (its model/data/trainer sections); devices/num_nodes override it.
+
+    A config fit would refuse is refused here too, with fit's line (`cli.check_config`); fit's checks of the
+    machine it runs on are left out, since plan is for planning a GPU run from another machine.
+    """
     devices = devices if devices is not None else gpu_count(trainer.devices)
     nodes = num_nodes if num_nodes is not None else int(trainer.num_nodes or 1)
     setup = Setup(
@@ -251,14 +258,16 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     )
     hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
     targets = model.target_modules or FALCON_TARGET_MODULES
+    strategy = StrategySettings.from_config(trainer.strategy)
     count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
+    check_config(strategy, model.quantization, model.optimizer, targets, count.linear_modules)
     plans = [plan(count, setup, name) for name in STRATEGIES]
     title = (
         f"{model.model_name_or_path}{source}: {len(count.quantized)} {model.quantization} layers, "
         f"LoRA r={model.lora_r} ({count.lora:,} params), batch {data.batch_size} x {data.max_length} tokens, "
         f"{devices} GPU(s) x {nodes} node(s)"
     )
-    current = strategy_name(trainer.strategy, devices * nodes)
+    current = strategy_name(strategy, devices * nodes)
     return render(count, setup, plans, current, parse_bytes(gpu_memory), title)
 
 
@@ -279,20 +288,12 @@ def gpu_count(devices) -> int:
     return device_count(devices) or max(torch.cuda.device_count(), 1)
 
 
-def strategy_name(strategy, world_size: int) -> str:
-    """The planner's name for a `trainer.strategy` value: a registry string or a class_path with init_args."""
-    if hasattr(strategy, "class_path"):
-        init = dict(getattr(strategy, "init_args", None) or {})
-        if "DeepSpeed" not in strategy.class_path:
-            return "ddp" if world_size > 1 else "single"
-        stage = int(init.get("stage", 2))
-        offload = bool(init.get("offload_optimizer") or init.get("offload_parameters"))
-    else:
-        name = str(strategy or "auto")
-        if not name.startswith("deepspeed"):
-            return "ddp" if world_size > 1 else "single"
-        stage, offload = (3 if "stage_3" in name else 2), "offload" in name
-    if stage == 3:
+def strategy_name(strategy: StrategySettings, world_size: int) -> str:
+    """The planner's name for the strategy a config names."""
+    if not strategy.deepspeed:
+        return "ddp" if world_size > 1 else "single"
+    if strategy.stage == 3:
+        offload = strategy.offloads_optimizer or strategy.offloads_parameters
         return "deepspeed-zero3-offload" if offload else "deepspeed-zero3"
     return "deepspeed-zero2"
 

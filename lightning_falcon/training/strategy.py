@@ -20,16 +20,21 @@ Its checkpoint directories are also swapped in whole, so a crash mid-save keeps 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
+import json
+import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy, StrategyRegistry
 
-from lightning_falcon.errors import ConfigError
+from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import swap_in_directory
 from lightning_falcon.model.placement import zero_stage
 from lightning_falcon.training.checkpoint_io import disk_full, write_failed_for_space
@@ -122,48 +127,146 @@ def deepspeed_param_dtype(strategy: Strategy) -> torch.dtype:
     return torch.float32
 
 
-def check_strategy(strategy: Strategy, quantization: str, optimizer: str) -> None:
-    """Fail before any weights load on a strategy/model combination that cannot work, listing every reason."""
-    if not isinstance(strategy, DeepSpeedStrategy):
-        return
-    # strategy.config already holds the ZeRO settings. `_init_config_if_needed` must not run here: before the
-    # module is attached it would freeze DeepSpeed's batch size at a value it cannot use.
-    stage = zero_stage(strategy)
-    zero = (strategy.config or {}).get("zero_optimization", {})
-    problems = []
-    if isinstance(strategy, QLoRADeepSpeedStrategy):
-        supported = strategy.supports_accelerator()
-    else:
-        supported = isinstance(strategy.accelerator, CUDAAccelerator)
-    if not supported:
-        problems.append(
-            f"DeepSpeed runs on CUDA GPUs only, and this run's accelerator is {type(strategy.accelerator).__name__}. "
-            "Fix: on CPU train with --trainer.strategy ddp (or auto); use the DeepSpeed overlays on GPU nodes"
+@dataclass(frozen=True)
+class StrategySettings:
+    """What the run checks need of a strategy, as plain values: `of` reads them from the strategy fit builds,
+    `from_config` from the `trainer.strategy` a config names, building nothing (plan runs where DeepSpeed may not)."""
+
+    deepspeed: bool = False
+    stage: int = 0  # ZeRO stage; 0 without DeepSpeed
+    offloads_optimizer: bool = False
+    offloads_parameters: bool = False
+    shards_quantized_base: bool = False  # a QLoRADeepSpeedStrategy, which can load a quantized base under ZeRO-3
+    exclude_frozen_parameters: bool = False
+
+    @classmethod
+    def of(cls, strategy: Strategy) -> StrategySettings:
+        if not isinstance(strategy, DeepSpeedStrategy):
+            return cls()
+        # strategy.config already holds the ZeRO settings. `_init_config_if_needed` must not run here: before the
+        # module is attached it would freeze DeepSpeed's batch size at a value it cannot use.
+        return cls._deepspeed(
+            strategy.config or {},
+            isinstance(strategy, QLoRADeepSpeedStrategy),
+            bool(getattr(strategy, "exclude_frozen_parameters", False)),
         )
-    if stage == 3 and not isinstance(strategy, QLoRADeepSpeedStrategy):
+
+    @classmethod
+    def from_config(cls, value: Any) -> StrategySettings:
+        """`trainer.strategy` as a config parses it: a registry name (`ddp`, `deepspeed_stage_3`), a class_path
+        with init_args, or a Strategy. `tests/test_configs.py` checks that it reads what `of` reads."""
+        if isinstance(value, Strategy):
+            return cls.of(value)
+        if hasattr(value, "class_path"):
+            module, _, name = value.class_path.rpartition(".")
+            strategy_class, init = getattr(importlib.import_module(module), name), dict(value.init_args or {})
+        elif str(value) in StrategyRegistry:
+            entry = StrategyRegistry[str(value)]
+            strategy_class, init = entry["strategy"], dict(entry["init_params"])
+        else:  # `auto`: Lightning picks a single-device or DDP strategy
+            return cls()
+        if not issubclass(strategy_class, DeepSpeedStrategy):
+            return cls()
+        init = {**init_defaults(DeepSpeedStrategy), **init_defaults(strategy_class), **init}
+        return cls._deepspeed(
+            deepspeed_config(init),
+            issubclass(strategy_class, QLoRADeepSpeedStrategy),
+            bool(init["exclude_frozen_parameters"]),
+        )
+
+    @classmethod
+    def _deepspeed(cls, config: dict, shards_quantized_base: bool, exclude_frozen_parameters: bool) -> StrategySettings:
+        zero = config.get("zero_optimization", {})
+
+        def offloaded(key: str) -> bool:
+            return zero.get(key, {}).get("device", "none") not in (None, "none")
+
+        return cls(
+            deepspeed=True,
+            stage=int(zero.get("stage", 0)),
+            offloads_optimizer=offloaded("offload_optimizer"),
+            offloads_parameters=offloaded("offload_param"),
+            shards_quantized_base=shards_quantized_base,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+        )
+
+
+def init_defaults(strategy_class: type) -> dict[str, Any]:
+    """The keyword defaults of a strategy class's `__init__`."""
+    parameters = inspect.signature(strategy_class.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def deepspeed_config(init: dict[str, Any]) -> dict:
+    """The ZeRO part of the DeepSpeed config `DeepSpeedStrategy(**init)` would hold, as its `__init__` builds it:
+    the user's own config (a dict, a JSON file, or the file `PL_DEEPSPEED_CONFIG_PATH` names), else its arguments."""
+    config = init.get("config")
+    if config is None:
+        config = os.environ.get(DeepSpeedStrategy.DEEPSPEED_ENV_VAR)
+    if isinstance(config, dict):
+        return config
+    if config is not None:
+        try:
+            return json.loads(Path(config).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"cannot read the DeepSpeed config {config}: {first_line(e)}. Fix: give the path of a DeepSpeed "
+                "JSON config, or leave the strategy's config unset"
+            ) from e
+    if not init["zero_optimization"]:
+        return {}
+    zero: dict[str, Any] = {"stage": init["stage"]}
+    if init["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": init["offload_optimizer_device"]}
+    if init["offload_parameters"]:
+        zero["offload_param"] = {"device": init["offload_params_device"]}
+    return {"zero_optimization": zero}
+
+
+def strategy_problems(strategy: StrategySettings, quantization: str, optimizer: str) -> list[str]:
+    """The strategy/model combinations that cannot work on any machine, one line each (`check_config` lists them)."""
+    if not strategy.deepspeed:
+        return []
+    problems = []
+    if strategy.stage == 3 and not strategy.shards_quantized_base:
         problems.append(
             "Lightning's DeepSpeedStrategy builds the model inside zero.Init, which cannot hold a quantized base "
             "(pytorch-lightning #19731). Fix: use --config configs/strategy/deepspeed-zero3.yaml "
             "(lightning_falcon.training.strategy.QLoRADeepSpeedStrategy)"
         )
-    if stage == 3 and quantization == "int8":
+    if strategy.stage == 3 and quantization == "int8":
         problems.append(
             "int8 + ZeRO-3 cannot work: bitsandbytes int8 weights keep per-row scales beside an int8 tensor that "
             "DeepSpeed cannot partition. Fix: --model.quantization nf4, or ZeRO-2 "
             "(configs/strategy/deepspeed-zero2.yaml)"
         )
-    offloads_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
-    if optimizer == "paged_adamw_8bit" and offloads_optimizer:
+    if optimizer == "paged_adamw_8bit" and strategy.offloads_optimizer:
         problems.append(
-            "paged_adamw_8bit cannot run with DeepSpeed optimizer offload, which steps its own CPU Adam. "
-            "Fix: --model.optimizer adamw, or an overlay without offload"
+            "paged_adamw_8bit cannot run with DeepSpeed optimizer offload, which steps the optimizer on its CPU "
+            "partitions, where nothing pages. Fix: --model.optimizer adamw, or an overlay without offload"
         )
-    if not getattr(strategy, "exclude_frozen_parameters", False):
+    if not strategy.exclude_frozen_parameters:
         problems.append(
             "DeepSpeed would write the whole frozen base into every checkpoint (pytorch-lightning #20949). "
             "Fix: set exclude_frozen_parameters: true on the strategy, or use an overlay in configs/strategy/"
         )
-    ConfigError.collect(problems)
+    return problems
+
+
+def check_strategy_runs(strategy: Strategy) -> None:
+    """Fail before any weights load when this machine cannot run `strategy` (fit's check: plan plans a run for
+    another machine)."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return
+    if isinstance(strategy, QLoRADeepSpeedStrategy):
+        supported = strategy.supports_accelerator()
+    else:
+        supported = isinstance(strategy.accelerator, CUDAAccelerator)
+    if not supported:
+        raise ConfigError(
+            f"DeepSpeed runs on CUDA GPUs only, and this run's accelerator is {type(strategy.accelerator).__name__}. "
+            "Fix: on CPU train with --trainer.strategy ddp (or auto); use the DeepSpeed overlays on GPU nodes"
+        )
 
 
 def gathered_parameters(strategy: Strategy, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
