@@ -15,6 +15,7 @@ from conftest import REPO, adapter_changes_the_model, cli, sample_texts, scalars
 pytestmark = pytest.mark.slow
 
 TWO_RANKS = ["--trainer.devices", "2", "--trainer.log_every_n_steps", "1"]
+PAGED_8BIT_ADAMW = ["--model.optimizer", "paged_adamw_8bit"]
 CPU_DEEPSPEED = {
     "DS_ACCELERATOR": "cpu",
     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
@@ -48,9 +49,11 @@ def assert_one_adapter_that_changes_the_model(root: Path) -> Path:
     return adapters[0].parent
 
 
-def test_ddp_two_processes_one_adapter_identical_ranks_global_tokens(tmp_path):
+def test_ddp_two_processes_one_adapter_identical_ranks_global_tokens_and_resume(tmp_path):
     # 324 training rows over 2 ranks x batch 8 is 21 steps: one epoch, no row repeated or skipped.
-    proc = cli(tmp_path, "fit", *overlay("ddp"), *TWO_RANKS, "--trainer.max_steps", "21")
+    # The shipped GPU configs' optimizer, bitsandbytes' 8-bit AdamW (unpaged on CPU), saves and resumes.
+    ddp = [*overlay("ddp"), *TWO_RANKS, *PAGED_8BIT_ADAMW, "--checkpoint.every_n_train_steps", "10"]
+    proc = cli(tmp_path, "fit", *ddp, "--trainer.max_steps", "21")
     out = output(proc)
     assert "[adapter] LoRA weights identical on all 2 ranks" in out
     assert "terminate called" not in out  # no rank aborted at exit (its process group is destroyed first)
@@ -63,6 +66,16 @@ def test_ddp_two_processes_one_adapter_identical_ranks_global_tokens(tmp_path):
     assert s["train/tokens"][-1] == (20, float(train_split_tokens(tmp_path / "cache")))
     assert all(v > 0 for _, v in s["train/tokens_per_sec"])
     assert_samples_logged(run)
+
+    proc = cli(tmp_path, "fit", *ddp, "--trainer.max_steps", "25", "--ckpt_path", "last")
+    assert_resumed(proc, tmp_path / "runs" / "tiny", 20, 25)  # from step=20, the last saved
+
+
+def assert_resumed(proc, runs: Path, start: int, end: int) -> None:
+    """The second run restored the first's last checkpoint (optimizer state included) and trained on from it."""
+    assert "Restored all states" in output(proc)
+    steps = [step for step, _ in scalars(runs / "version_1")["train/loss"]]
+    assert min(steps) == start and max(steps) == end - 1
 
 
 def assert_samples_logged(run: Path) -> None:
@@ -81,12 +94,17 @@ def deepspeed_fit(root: Path, stage: str, *args: str):
         *TWO_RANKS,
         "--checkpoint.every_n_train_steps",
         "10",
+        *PAGED_8BIT_ADAMW,
+        "--model.gradient_checkpointing",
+        "true",
         *args,
         env=CPU_DEEPSPEED,
     )
 
 
 def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
+    # As the shipped GPU configs run it: gradient checkpointing (which deepspeed before 0.19.3 breaks under
+    # ZeRO-3 with frozen parameters: a CheckpointError in backward) and 8-bit AdamW.
     proc = deepspeed_fit(tmp_path, "deepspeed-zero3", "--trainer.max_steps", "20")
     out = output(proc)
     # Each rank holds half of the 4-bit storage (43008 elements of the tiny model): the base is sharded.
@@ -115,10 +133,12 @@ def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
     assert (resumed / "checkpoints" / "step=30.ckpt").is_dir()
 
 
-def test_zero2_two_processes_saves_one_adapter(tmp_path):
+def test_zero2_two_processes_saves_one_adapter_and_resumes(tmp_path):
     proc = deepspeed_fit(tmp_path, "deepspeed-zero2", "--trainer.max_steps", "10")
     out = output(proc)
     shards = re.findall(r"\[shards\] rank \d: 4-bit storage (\d+) of (\d+) elements", out)
     assert len(shards) == 2 and all(local == full for local, full in shards)  # stage 2 keeps the base whole
     assert "[adapter] LoRA weights identical on all 2 ranks" in out
     assert_one_adapter_that_changes_the_model(tmp_path)
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero2", "--trainer.max_steps", "14", "--ckpt_path", "last")
+    assert_resumed(proc, tmp_path / "runs" / "tiny", 10, 14)
