@@ -1,9 +1,14 @@
 """GPU: a Falcon-7B-shaped QLoRA at sequence lengths 512 and 2048 beside TRL's SFTTrainer, and Falcon-40B's memory
 per layer. Random weights (`--model.random_init true`, no Hub), written once and loaded through the real 4-bit loader.
 
-Both sides run configs/falcon-7b-qlora.yaml's settings (nf4 + double quantization, bf16, LoRA r 64 on
-every projection, gradient checkpointing, AdamW) on the same pre-tokenized rows, each exactly `L`
-tokens long (so no padding on either side), `tokens_per_step` tokens per step (batch = tokens_per_step / L).
+The 7B shape is falcon-7b's config.json (real width, multi-query attention, real vocabulary) with 4 decoder layers:
+every per-token figure of the 32-layer model but the layer count, and a few seconds to build instead of minutes.
+
+Both sides run configs/falcon-7b-qlora.yaml's settings (nf4 + double quantization, bf16, LoRA r 64 on every
+projection, gradient checkpointing, paged 8-bit AdamW, 4 micro-batches per optimizer step) on the same
+pre-tokenized rows, each exactly `L` tokens long (so no padding on either side), `tokens_per_batch` tokens per
+micro-batch (batch = tokens_per_batch / L). TRL is handed the same optimizer and accumulation; without `trl`
+its side is skipped with a line saying so.
 
 **MFU** = achieved model FLOPs/s / the GPU's dense bf16 peak. Model FLOPs per token:
     4 * N_base + 6 * N_lora + 12 * n_layers * d_model * L
@@ -16,27 +21,72 @@ The recomputation from activation checkpointing (one more forward, about 2 * N_b
 per token) is NOT counted: MFU counts the model's FLOPs, not the hardware's. 4-bit dequantization is not counted.
 
 **Falcon-40B per layer**: `fit` on the 40B config with 1 and then 2 decoder layers; the difference in peak
-memory is one layer's cost, `extrapolated` to its 60 layers and set beside `plan`'s figure.
+memory is one layer's cost, extrapolated to its 60 layers and set beside `plan`'s estimate for one GPU.
 
-    python benchmarks/gpu.py [--quick] [--only 7b|40b]
+Each table prints as soon as its section ends, each worker's figures as soon as it ends, and everything
+also goes to `--json`.
+
+    python benchmarks/gpu.py [--only 7b|40b] [--json runs/gpu-benchmark.json]
+    python benchmarks/gpu.py --dry-run     # CPU, every step but CUDA: tiny shapes, fp32, a few steps
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, alternate, median, table
+from common import REPO, device_line, run_worker, table, versions
 from peer import as_flags
-from shapes import falcon_shape
 
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
 CONFIG_40B = str(REPO / "configs" / "falcon-40b-qlora.yaml")
+FALCON = {"7b": "asset:falcon-7b", "40b": "asset:falcon-40b"}
 # Dense bf16 peak FLOPs/s by device name (NVIDIA data sheets, without sparsity).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class Run:
+    """What differs between the GPU run and its CPU dry run: the shapes' width, the lengths, the step counts and
+    the settings a CPU needs (fp32: bitsandbytes' bf16 4-bit path on CPU is far slower)."""
+
+    def __init__(self, dry_run: bool, steps: int | None, warmup: int | None) -> None:
+        self.dry_run = dry_run
+        self.lengths = (64, 128) if dry_run else (512, 2048)
+        self.tokens_per_batch = 256 if dry_run else 2048
+        # with the 1% held out (rounded up), 40 and 200 training rows: whole micro-batches at every length
+        self.rows = 41 if dry_run else 203
+        self.steps = steps or (3 if dry_run else 10)
+        self.warmup = warmup if warmup is not None else (1 if dry_run else 3)
+        self.layers_7b = 2 if dry_run else 4
+
+    def machine(self) -> dict:
+        """The overrides that put a run on this machine's device."""
+        if self.dry_run:
+            cpu = {"trainer.accelerator": "cpu", "trainer.precision": "32-true", "model.compute_dtype": "fp32"}
+            return {**cpu, "trainer.devices": 1}
+        return {"trainer.devices": 1}
+
+    def shape(self, size: str, layers: int, root: Path) -> Path:
+        """falcon-`size`'s config.json with `layers` decoder layers, written to a directory under `root`. The dry run
+        shrinks the width (hidden 128, 4 heads, its KV heads kept below them) and the vocabulary to the tiny
+        tokenizer's, keeping the architecture (multi-query 7B, grouped-query 40B)."""
+        from lightning_falcon.assets import resolve
+
+        config = json.loads((Path(resolve(FALCON[size])) / "config.json").read_text())
+        config["num_hidden_layers"] = layers
+        if self.dry_run:
+            config.update(hidden_size=128, num_attention_heads=4, vocab_size=1024)
+            if config.get("new_decoder_architecture"):
+                config["num_kv_heads"] = 2
+        out = root / f"falcon-{size}-{layers}layers{'-dry' if self.dry_run else ''}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return out
 
 
 def peak_flops(name: str) -> float | None:
@@ -44,9 +94,9 @@ def peak_flops(name: str) -> float | None:
 
 
 def long_rows(path: Path, rows: int) -> Path:
-    """Rows whose response runs past 2048 tokens of any tokenizer, so every row is cut to exactly `max_length`."""
+    """Rows whose response runs past 2048 tokens of the tiny tokenizer, so every row is cut to exactly `max_length`."""
     data = (REPO / "lightning_falcon/assets/data/midjourney.jsonl").read_text().splitlines()
-    story = " ".join([json.loads(line)["response"] for line in data] * 3)
+    story = " ".join(json.loads(line)["response"] for line in data[:60])
     path.write_text("".join(json.dumps({"prompt": f"mj prompt {i}", "response": story}) + "\n" for i in range(rows)))
     return path
 
@@ -56,16 +106,15 @@ def worker_args(steps: int, warmup: int, config: str, overrides: dict) -> list[s
     return ["--steps", str(steps), "--warmup", str(warmup), "--config", config, "--overrides", json.dumps(overrides)]
 
 
-def model_flops_per_token(config_path: str, lora_r: int, length: int) -> float:
+def model_flops_per_token(config_dir: str, lora_r: int, length: int) -> float:
     """4 * N_base + 6 * N_lora + 12 * n_layers * d_model * L, from the architecture alone (meta device)."""
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_falcon.assets import resolve
     from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 
-    config = AutoConfig.from_pretrained(resolve(config_path))
+    config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -76,83 +125,136 @@ def model_flops_per_token(config_path: str, lora_r: int, length: int) -> float:
     return 4 * base + 6 * lora + 12 * config.num_hidden_layers * config.hidden_size * length
 
 
-def seven_b(quick: bool, tokens_per_step: int) -> list[list]:
-    steps, warmup = (8, 3) if quick else (30, 10)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = long_rows(Path(tmp) / "long.jsonl", 400)
-        for length in (512, 2048):
-            overrides = {
-                "model.random_init": True,
-                "model.model_name_or_path": "asset:falcon-7b",
-                "data.tokenizer": "asset:tiny-falcon",
-                "data.dataset": str(data),
-                "data.val_fraction": 0.01,
-                "data.max_length": length,
-                "data.batch_size": max(tokens_per_step // length, 1),
-                "data.batching": "padded",
-            }
-            common = worker_args(steps, warmup, CONFIG_7B, overrides)
-            results = alternate(
-                {"fit": ["--worker", "fit", *common], "trl": ["--worker", "trl", *common]}, Path(__file__), 1
+def gib(result: dict, key: str) -> str:
+    """A CUDA memory figure of a worker's result, or n/a (none on CPU)."""
+    return f"{result[key]:.2f}" if key in result else "n/a (no GPU)"
+
+
+def trl_missing() -> str | None:
+    """Why TRL's side cannot run here, or None."""
+    try:
+        import trl  # noqa: F401
+    except ImportError as e:
+        return f"TRL side skipped: trl does not import here ({e}). pip install -e '.[bench]' adds it"
+    return None
+
+
+def seven_b(run: Run, data: Path, root: Path, say) -> dict:
+    """fit beside TRL at each sequence length, on the 7B shape."""
+    shape = run.shape("7b", run.layers_7b, root)
+    skip = trl_missing()
+    if skip:
+        say(skip)
+    rows, raw = [], {}
+    for length in run.lengths:
+        overrides = {
+            **run.machine(),
+            "model.random_init": True,
+            "model.random_init_dir": str(root / "random"),
+            "model.model_name_or_path": str(shape),
+            "data.tokenizer": "asset:tiny-falcon",
+            "data.dataset": str(data),
+            "data.cache_dir": str(root / "cache"),
+            "data.val_fraction": 0.01,
+            "data.max_length": length,
+            "data.batch_size": max(run.tokens_per_batch // length, 1),
+            "data.batching": "padded",
+        }
+        flops = model_flops_per_token(str(shape), 64, length)
+        for side in ("fit",) if skip else ("fit", "trl"):
+            result = run_worker(
+                Path(__file__), "--worker", side, *worker_args(run.steps, run.warmup, CONFIG_7B, overrides)
             )
-            flops = model_flops_per_token("asset:falcon-7b", 64, length)
-            peak = peak_flops(results["fit"][0].get("device", ""))
-            for side in ("fit", "trl"):
-                tps = median(results[side], "tokens_per_sec")
-                mfu = f"{tps * flops / peak:.3f}" if peak else "n/a (unknown GPU peak)"
-                rows.append(
-                    [
-                        length,
-                        side,
-                        overrides["data.batch_size"],
-                        f"{tps:,.0f}",
-                        mfu,
-                        f"{median(results[side], 'peak_allocated_gib'):.2f}",
-                        f"{median(results[side], 'peak_reserved_gib'):.2f}",
-                    ]
-                )
-    return rows
+            peak = peak_flops(result.get("device", ""))
+            tps = result["tokens_per_sec"]
+            mfu = f"{tps * flops / peak:.3f}" if peak else "n/a (no known bf16 peak)"
+            row = [length, side, overrides["data.batch_size"], f"{tps:,.0f}", mfu]
+            row += [gib(result, "peak_allocated_gib"), gib(result, "peak_reserved_gib")]
+            say(f"[7b, L={length}, {side}] {tps:,.0f} tokens/s, MFU {mfu}, peak allocated {row[5]} GiB")
+            rows.append(row)
+            raw[f"{length}/{side}"] = result
+    header = ["seq len", "side", "micro-batch", "tokens/s", "MFU", "peak allocated GiB", "peak reserved GiB"]
+    return {"shape": str(shape), "header": header, "rows": rows, "runs": raw, "skipped": skip}
 
 
-def forty_b(quick: bool) -> list[list]:
-    steps, warmup = (4, 1) if quick else (8, 3)
-    peaks = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        data = long_rows(Path(tmp) / "long.jsonl", 50)
-        for layers in (1, 2):
-            shape = falcon_shape("40b", layers, Path(tmp))
-            overrides = {
-                "model.random_init": True,
-                "model.model_name_or_path": str(shape),
-                "data.tokenizer": "asset:tiny-falcon",
-                "data.dataset": str(data),
-                "data.val_fraction": 0.05,
-                "data.batching": "padded",
-                "trainer.devices": 1,
-                "trainer.num_nodes": 1,
-                "trainer.strategy": "auto",
-            }
-            common = worker_args(steps, warmup, CONFIG_40B, overrides)
-            peaks[layers] = alternate({"fit": ["--worker", "fit", *common]}, Path(__file__), 1)["fit"][0]
-    per_layer = peaks[2]["peak_allocated_gib"] - peaks[1]["peak_allocated_gib"]
-    rest = peaks[1]["peak_allocated_gib"] - per_layer
-    return [
-        ["1 layer, peak allocated (GiB)", f"{peaks[1]['peak_allocated_gib']:.2f}"],
-        ["2 layers, peak allocated (GiB)", f"{peaks[2]['peak_allocated_gib']:.2f}"],
-        ["per layer (GiB)", f"{per_layer:.3f}"],
-        ["extrapolated to 60 layers on one GPU, no sharding (GiB)", f"{rest + 60 * per_layer:.1f}"],
+def plan_one_gpu_gib(shape: Path, batch_size: int, max_length: int) -> float:
+    """`plan`'s per-GPU total for the 40B config's model settings on one GPU, at this architecture."""
+    import yaml
+    from transformers import AutoConfig
+
+    from lightning_falcon.commands.plan import Setup, count_model, plan
+
+    model = yaml.safe_load(Path(CONFIG_40B).read_text())["model"]
+    count = count_model(AutoConfig.from_pretrained(shape), model["target_modules"], model["lora_r"])
+    setup = Setup(
+        gradient_checkpointing=model["gradient_checkpointing"],
+        optimizer=model["optimizer"],
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    return plan(count, setup, "single").total / 2**30
+
+
+def forty_b(run: Run, data: Path, root: Path, say) -> dict:
+    """Peak memory of the 40B config with 1 and 2 decoder layers: one layer's cost, extrapolated to 60."""
+    peaks, raw = {}, {}
+    batch_size, max_length = 1, run.lengths[0]
+    for layers in (1, 2):
+        shape = run.shape("40b", layers, root)
+        overrides = {
+            **run.machine(),
+            "model.random_init": True,
+            "model.random_init_dir": str(root / "random"),
+            "model.model_name_or_path": str(shape),
+            "data.tokenizer": "asset:tiny-falcon",
+            "data.dataset": str(data),
+            "data.cache_dir": str(root / "cache"),
+            "data.val_fraction": 0.05,
+            "data.batching": "padded",
+            "data.batch_size": batch_size,
+            "data.max_length": max_length,
+            "trainer.num_nodes": 1,
+            "trainer.strategy": "auto",
+        }
+        result = run_worker(
+            Path(__file__), "--worker", "fit", *worker_args(run.steps, run.warmup, CONFIG_40B, overrides)
+        )
+        raw[layers] = result
+        peaks[layers] = result.get("peak_allocated_gib")
+        say(f"[40b, {layers} layer(s)] peak allocated {gib(result, 'peak_allocated_gib')} GiB")
+    planned = plan_one_gpu_gib(run.shape("40b", 60, root), batch_size, max_length)
+    rows = [
+        ["1 layer, peak allocated (GiB)", gib(raw[1], "peak_allocated_gib")],
+        ["2 layers, peak allocated (GiB)", gib(raw[2], "peak_allocated_gib")],
     ]
+    if peaks[1] is not None and peaks[2] is not None:
+        per_layer = peaks[2] - peaks[1]
+        rows += [
+            ["per layer (GiB)", f"{per_layer:.3f}"],
+            ["extrapolated to 60 layers on one GPU, no sharding (GiB)", f"{peaks[1] - per_layer + 60 * per_layer:.1f}"],
+        ]
+    rows.append(
+        [f"plan's estimate for 60 layers on one GPU, batch {batch_size} x {max_length} (GiB)", f"{planned:.1f}"]
+    )
+    return {"header": ["measure", "value"], "rows": rows, "runs": raw}
+
+
+def write_json(path: Path, results: dict) -> None:
+    """The results so far, swapped in whole: a run stopped later still leaves every finished section."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(staged, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="on CPU, tiny shapes: every code path but CUDA")
     parser.add_argument("--only", choices=["7b", "40b"])
-    parser.add_argument("--tokens-per-step", type=int, default=2048)
+    parser.add_argument("--json", default="runs/gpu-benchmark.json", help="where every figure is also written")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a worker runs (default 10; dry 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 3; dry 1)")
     parser.add_argument("--worker", choices=["fit", "trl"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--config", default=CONFIG_7B)
     parser.add_argument("--overrides", default="{}")
     args = parser.parse_args()
@@ -164,17 +266,36 @@ def main() -> None:
         if args.worker == "fit":
             return fit_worker(args.steps, args.warmup, as_flags(overrides), args.config)
         return trl_worker(args.steps, args.warmup, args.config, overrides)
-    if args.only in (None, "7b"):
-        print(f"## Falcon-7B shape, QLoRA ({args.tokens_per_step} tokens per step)\n")
-        print(
-            table(
-                ["seq len", "side", "batch", "tokens/s", "MFU", "peak allocated GiB", "peak reserved GiB"],
-                seven_b(args.quick, args.tokens_per_step),
-            )
-        )
-    if args.only in (None, "40b"):
-        print("\n## Falcon-40B shape: memory per decoder layer (one GPU, QLoRA, configs/falcon-40b-qlora.yaml)\n")
-        print(table(["measure", "value"], forty_b(args.quick)))
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    run = Run(args.dry_run, args.steps, args.warmup)
+    out = Path(args.json)
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_line(),
+        "versions": versions(),
+        "dry_run": args.dry_run,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    say(f"{results['device']}; {results['versions']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = long_rows(root / "long.jsonl", run.rows)
+        if args.only in (None, "7b"):
+            section = seven_b(run, data, root, say)
+            results["7b"] = section
+            write_json(out, results)
+            title = f"Falcon-7B shape ({run.layers_7b} layers), QLoRA, {run.tokens_per_batch} tokens a micro-batch"
+            say(f"\n## {title}\n\n{table(section['header'], section['rows'])}\n")
+        if args.only in (None, "40b"):
+            section = forty_b(run, data, root, say)
+            results["40b"] = section
+            write_json(out, results)
+            title = "Falcon-40B shape: memory per decoder layer (one GPU, QLoRA, configs/falcon-40b-qlora.yaml)"
+            say(f"\n## {title}\n\n{table(section['header'], section['rows'])}\n")
+    say(f"all figures: {out}")
 
 
 if __name__ == "__main__":

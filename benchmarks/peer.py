@@ -39,6 +39,13 @@ def as_flags(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value).strip('"'))]
 
 
+def trl_optimizer(model: dict) -> str:
+    """The transformers `optim` that steps what `fit` steps with these `model:` settings."""
+    if model.get("optimizer") == "paged_adamw_8bit":
+        return "paged_adamw_8bit"
+    return "adamw_torch_fused" if fused_adamw(model) else "adamw_torch"
+
+
 def trl_worker(
     steps: int,
     warmup: int,
@@ -82,13 +89,14 @@ def trl_worker(
             output_dir=out,
             max_steps=steps,
             per_device_train_batch_size=d["batch_size"],
-            gradient_accumulation_steps=1,  # one forward per step, so the token count below is the step's
+            # fit's accumulation and optimizer (the window counts each micro-batch's tokens on both sides)
+            gradient_accumulation_steps=t.get("accumulate_grad_batches", 1),
             learning_rate=m["learning_rate"],
             weight_decay=m.get("weight_decay", 0.0),
             lr_scheduler_type=m.get("lr_schedule", "cosine"),
             warmup_steps=m.get("warmup_steps", 0),
             max_grad_norm=t.get("gradient_clip_val") or 0.0,
-            optim="adamw_torch_fused" if fused_adamw(m) else "adamw_torch",  # fit's AdamW, fused or not
+            optim=trl_optimizer(m),
             logging_steps=t.get("log_every_n_steps", 50),
             save_strategy="no",
             eval_strategy="no",

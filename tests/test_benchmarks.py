@@ -45,3 +45,42 @@ def test_interleaved_overhead_run_trains_both_sides_alike_in_one_process():
         for phases, seconds in zip(side["phases"], side["step_seconds"]):
             assert all(t > 0 for t in phases.values()) and sum(phases.values()) == pytest.approx(seconds)
     assert "| whole step |" in overhead.phase_table(out["runs"])
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_takes_every_path_but_cuda_and_writes_each_section(tmp_path):
+    """`benchmarks/gpu.py --dry-run`: the GPU visit's benchmark on CPU, tiny shapes, both sections, all in JSON."""
+    import json
+    import subprocess
+
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run", "--json", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["dry_run"] and "no GPU" in results["device"]
+    try:
+        import trl
+
+        has_trl = True
+    except ImportError:  # CI installs no `[bench]` extra: the script must say it skipped TRL, and go on
+        has_trl = False
+    sides = ["fit", "trl"] if has_trl else ["fit"]
+    rows = results["7b"]["rows"]
+    assert [(row[0], row[1]) for row in rows] == [(length, side) for length in (64, 128) for side in sides]
+    for key, run in results["7b"]["runs"].items():
+        length = int(key.split("/")[0])
+        assert run["tokens_per_sec"] > 0 and run["timed_steps"] > 0, key
+        # every row cut to exactly `length` tokens, 256 tokens a micro-batch: no padding on either side
+        assert set(run["step_tokens"]) == {256}, (key, run["step_tokens"])
+    if has_trl:  # like for like: the same micro-batches, so the same tokens, on both sides
+        for length in (64, 128):
+            fit, trl = results["7b"]["runs"][f"{length}/fit"], results["7b"]["runs"][f"{length}/trl"]
+            assert fit["step_tokens"] == trl["step_tokens"]
+    else:
+        assert results["7b"]["skipped"].startswith("TRL side skipped") and "TRL side skipped" in proc.stdout
+    forty = dict(results["40b"]["rows"])
+    assert set(results["40b"]["runs"]) == {"1", "2"}
+    assert any(key.startswith("plan's estimate for 60 layers") for key in forty)
+    # each table printed as its section ended, before the next one started
+    assert proc.stdout.index("## Falcon-7B shape") < proc.stdout.index("[40b, 1 layer(s)]")
