@@ -1,55 +1,75 @@
-"""CUDA-only checks (skipped without a GPU): the 4-bit load lands on the GPU in bf16, and a fit runs there."""
+"""CUDA-only checks (skipped without a GPU): the 4-bit load lands on the GPU, a user's fit runs there with the
+shipped GPU settings, checkpoints, and resumes exactly, and the shipped DeepSpeed overlays run on CUDA.
 
-from pathlib import Path
+`benchmarks/gpu-device.sh` runs these (`pytest -m gpu`) on a lent GPU.
+"""
 
-import lightning as L
 import pytest
 import torch
-from conftest import MIDJOURNEY, TINY, scalars
+from conftest import REPO, TINY, cli, scalars
 
-from lightning_falcon import FalconQLoRA, PromptDataModule
-from lightning_falcon.model.quantization import quantized_layers, resolve_compute_dtype
+from lightning_falcon import FalconQLoRA
+from lightning_falcon.errors import ConfigError
+from lightning_falcon.model.quantization import check_bf16_is_native, quantized_layers, resolve_compute_dtype
 
 pytestmark = pytest.mark.gpu
 
+# configs/falcon-7b-qlora.yaml's GPU settings, on the tiny model: bf16, paged 8-bit AdamW, gradient checkpointing,
+# dropout (so resume needs the CUDA generator back).
+GPU_FIT = [
+    "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed",
+    "--model.compute_dtype", "bf16", "--model.optimizer", "paged_adamw_8bit", "--model.gradient_checkpointing", "true",
+    "--model.lora_dropout", "0.1", "--trainer.max_steps", "10", "--trainer.val_check_interval", "5",
+    "--trainer.log_every_n_steps", "5", "--checkpoint.every_n_train_steps", "5", "--generation.samples", "[]",
+]  # fmt: skip
 
-def test_auto_compute_dtype_on_cuda():
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert resolve_compute_dtype("auto", torch.device("cuda")) is expected
+
+def test_auto_compute_dtype_is_bf16_only_where_this_ranks_gpu_has_it():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # not necessarily GPU 0
+    native = torch.cuda.get_device_capability(device) >= (8, 0)
+    assert resolve_compute_dtype("auto", device) is (torch.bfloat16 if native else torch.float16)
+    if native:
+        check_bf16_is_native(torch.bfloat16, "bf16-mixed", device)  # does not raise
+    else:
+        with pytest.raises(ConfigError, match="native bf16"):
+            check_bf16_is_native(torch.bfloat16, "bf16-mixed", device)
 
 
-def test_fit_on_gpu_with_paged_8bit_adamw_logs_peak_memory(tmp_path):
-    model = FalconQLoRA(model_name_or_path=TINY, optimizer="paged_adamw_8bit", gradient_checkpointing=True)
-    data = PromptDataModule(dataset=MIDJOURNEY, tokenizer=TINY, max_length=128, batch_size=8, cache_dir=str(tmp_path))
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=10,
-        limit_val_batches=2,
-        val_check_interval=5,
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=False,
-        log_every_n_steps=5,
-    )
-    trainer.fit(model, data)
-    layers = quantized_layers(model.model)
-    assert layers and all(m.weight.device.type == "cuda" for m in layers.values())
-    # written straight to the logger (callbacks.log_to_loggers), not through self.log
-    peaks = scalars(Path(trainer.log_dir))["train/peak_mem_gib"]
-    assert len(peaks) == 2 and all(v > 0 for _, v in peaks)  # steps 5 and 10 of 10
-    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+def test_fit_on_gpu_with_paged_8bit_adamw_logs_peak_memory_and_resumes_exactly(tmp_path):
+    """A user's fit (the CLI, with its callbacks), then a resume from its step-5 checkpoint that must end on the
+    same adapter, to the bit: the paged optimizer's state and the CUDA generator both come back."""
+    from safetensors.torch import load_file
+
+    proc = cli(tmp_path, "fit", *GPU_FIT)
+    assert "[model] quantized linear layers: 8" in proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    logged = scalars(run)
+    peaks = logged["train/peak_mem_gib"]
+    assert len(peaks) == 2 and all(v > 0 for _, v in peaks), peaks  # steps 5 and 10 of 10
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in logged["val/loss"])
+    step5 = run / "checkpoints" / "step=5.ckpt"
+    state = torch.load(step5, weights_only=True)
+    assert state["optimizer_states"][0]["state"], "the paged optimizer saved no state"
+
+    proc = cli(tmp_path, "fit", *GPU_FIT, "--ckpt_path", str(step5))
+    assert "Restored all states" in proc.stdout + proc.stderr
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "runs" / "tiny" / "version_1" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst == 0.0, f"largest difference of a LoRA weight, resumed vs uninterrupted: {worst:.3e}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlay", ["deepspeed-zero2", "deepspeed-zero3"])
 def test_deepspeed_on_one_gpu_saves_a_full_adapter_and_resumes(tmp_path, overlay):
-    """The shipped strategy, unmodified, on CUDA at world size 1 (the CPU tests bypass Lightning's CUDA gate)."""
-    from conftest import REPO, cli
+    """The shipped strategy, unmodified, on CUDA at world size 1 (the CPU tests bypass Lightning's CUDA gate),
+    in bf16 with the GPU configs' optimizer and gradient checkpointing."""
     from safetensors.torch import load_file
 
     gpu = ["--config", str(REPO / f"configs/strategy/{overlay}.yaml"), "--trainer.accelerator", "gpu"]
     gpu += ["--trainer.devices", "1", "--trainer.precision", "bf16-mixed", "--checkpoint.every_n_train_steps", "10"]
+    gpu += ["--model.optimizer", "paged_adamw_8bit", "--model.gradient_checkpointing", "true"]
     cli(tmp_path, "fit", *gpu, "--trainer.max_steps", "20")
     (adapter,) = tmp_path.rglob("adapter_model.safetensors")
     assert all(t.numel() > 0 for t in load_file(adapter).values())
