@@ -64,12 +64,25 @@ class Run:
         self.warmup = warmup if warmup is not None else (1 if dry_run else 3)
         self.layers_7b = 2 if dry_run else 4
 
-    def machine(self) -> dict:
-        """The overrides that put a run on this machine's device."""
+    def overrides(self, shape: Path, data: Path, root: Path, **data_settings) -> dict:
+        """A worker's dotted overrides: random weights of `shape`, the rows in `data` padded (each is cut to exactly
+        the length, so nothing pads), one device of this machine, caches under `root`, and `data_settings`."""
+        machine = {"trainer.devices": 1}
         if self.dry_run:
-            cpu = {"trainer.accelerator": "cpu", "trainer.precision": "32-true", "model.compute_dtype": "fp32"}
-            return {**cpu, "trainer.devices": 1}
-        return {"trainer.devices": 1}
+            machine.update(
+                {"trainer.accelerator": "cpu", "trainer.precision": "32-true", "model.compute_dtype": "fp32"}
+            )
+        return {
+            **machine,
+            "model.random_init": True,
+            "model.random_init_dir": str(root / "random"),
+            "model.model_name_or_path": str(shape),
+            "data.tokenizer": "asset:tiny-falcon",
+            "data.dataset": str(data),
+            "data.cache_dir": str(root / "cache"),
+            "data.batching": "padded",
+            **{f"data.{key}": value for key, value in data_settings.items()},
+        }
 
     def shape(self, size: str, layers: int, root: Path) -> Path:
         """falcon-`size`'s config.json with `layers` decoder layers, written to a directory under `root`. The dry run
@@ -147,19 +160,8 @@ def seven_b(run: Run, data: Path, root: Path, say) -> dict:
         say(skip)
     rows, raw = [], {}
     for length in run.lengths:
-        overrides = {
-            **run.machine(),
-            "model.random_init": True,
-            "model.random_init_dir": str(root / "random"),
-            "model.model_name_or_path": str(shape),
-            "data.tokenizer": "asset:tiny-falcon",
-            "data.dataset": str(data),
-            "data.cache_dir": str(root / "cache"),
-            "data.val_fraction": 0.01,
-            "data.max_length": length,
-            "data.batch_size": max(run.tokens_per_batch // length, 1),
-            "data.batching": "padded",
-        }
+        batch_size = max(run.tokens_per_batch // length, 1)
+        overrides = run.overrides(shape, data, root, val_fraction=0.01, max_length=length, batch_size=batch_size)
         flops = model_flops_per_token(str(shape), 64, length)
         for side in ("fit",) if skip else ("fit", "trl"):
             result = run_worker(
@@ -201,21 +203,8 @@ def forty_b(run: Run, data: Path, root: Path, say) -> dict:
     batch_size, max_length = 1, run.lengths[0]
     for layers in (1, 2):
         shape = run.shape("40b", layers, root)
-        overrides = {
-            **run.machine(),
-            "model.random_init": True,
-            "model.random_init_dir": str(root / "random"),
-            "model.model_name_or_path": str(shape),
-            "data.tokenizer": "asset:tiny-falcon",
-            "data.dataset": str(data),
-            "data.cache_dir": str(root / "cache"),
-            "data.val_fraction": 0.05,
-            "data.batching": "padded",
-            "data.batch_size": batch_size,
-            "data.max_length": max_length,
-            "trainer.num_nodes": 1,
-            "trainer.strategy": "auto",
-        }
+        overrides = run.overrides(shape, data, root, val_fraction=0.05, max_length=max_length, batch_size=batch_size)
+        overrides.update({"trainer.num_nodes": 1, "trainer.strategy": "auto"})
         result = run_worker(
             Path(__file__), "--worker", "fit", *worker_args(run.steps, run.warmup, CONFIG_40B, overrides)
         )
