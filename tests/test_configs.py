@@ -1,5 +1,6 @@
 """Every shipped config parses through the real CLI (no model is built), and opens with how to run it."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -163,3 +164,37 @@ def test_help_shows_documented_arguments(capsys):
     out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
     assert "Build the same architecture from its config.json with random weights" in out
     assert "Sequences are cut to this many tokens" in out
+
+
+def header_figure(path: Path) -> tuple[float, int, list[str]] | None:
+    """(GiB, GPUs, the arguments of the header's first fit or plan command) of a `Per-GPU memory: X GiB` line."""
+    header = " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+    found = re.search(r"Per-GPU memory: [^.]*?(\d+\.\d) GiB ([^(]*?)per `", header)
+    if found is None:
+        return None
+    count = re.search(r"(\d+) GPUs", found.group(2))
+    model = re.search(r"for (falcon-[\w-]+)", found.group(2))  # an overlay names the model config it was planned on
+    commands = [words for words in header_commands(path) if words[0] in ("fit", "plan")]
+    if model:
+        commands = [words for words in commands if f"configs/{model.group(1)}.yaml" in words]
+    command = commands[0]
+    return float(found.group(1)), int(count.group(1)) if count else 1, command[1:]
+
+
+FIGURES = [(path, header_figure(path)) for path in CONFIGS + OVERLAYS if header_figure(path) is not None]
+
+
+@pytest.mark.parametrize("path,figure", FIGURES, ids=[p.name for p, _ in FIGURES])
+def test_a_headers_per_gpu_memory_is_what_plan_prints_for_its_command(path, figure, monkeypatch):
+    """The figure a config states stays `plan`'s as the planner changes (for the strategy the config runs)."""
+    from lightning_falcon.commands.cli import parse_only
+    from lightning_falcon.commands.plan import PlanCLI, report
+
+    gib, gpus, args = figure
+    monkeypatch.chdir(REPO)
+    config = parse_only(PlanCLI, [*args, "--devices", str(gpus)], "plan").config
+    lines = report(config.model, config.data, config.trainer, config.devices, config.num_nodes, "80GB").splitlines()
+    names = next(line for line in lines if line.startswith("per GPU, GiB")).split()[3:]
+    totals = next(line for line in lines if line.startswith("total")).split()[1:]
+    (planned,) = [float(total) for name, total in zip(names, totals) if name.endswith("*")]
+    assert round(planned, 1) == gib, f"{path.name} says {gib} GiB on {gpus} GPU(s); plan prints {planned:.2f}"
