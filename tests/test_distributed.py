@@ -103,13 +103,15 @@ def deepspeed_fit(root: Path, stage: str, *args: str):
 
 
 def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
-    # As the shipped GPU configs run it: gradient checkpointing (which deepspeed before 0.19.3 breaks under
-    # ZeRO-3 with frozen parameters: a CheckpointError in backward) and 8-bit AdamW.
-    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", "--trainer.max_steps", "20")
+    # As the shipped GPU configs run it: bf16, gradient checkpointing (which deepspeed before 0.19.3 breaks
+    # under ZeRO-3 with frozen parameters: a CheckpointError in backward) and 8-bit AdamW.
+    bf16 = ["--trainer.precision", "bf16-mixed", "--model.compute_dtype", "bf16"]
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", *bf16, "--trainer.max_steps", "20")
     out = output(proc)
-    # Each rank holds half of the 4-bit storage (43008 elements of the tiny model): the base is sharded.
-    assert "[shards] rank 0: 4-bit storage 21504 of 43008 elements" in out
-    assert "[shards] rank 1: 4-bit storage 21504 of 43008 elements" in out
+    # Each rank holds half of the 4-bit storage: the tiny model's 344,064 weights packed into 172,032 bytes,
+    # stored in bf16 (DeepSpeed partitions only its own dtype) as 86,016 elements. The base is sharded.
+    assert "[shards] rank 0: 4-bit storage 43008 of 86016 elements" in out
+    assert "[shards] rank 1: 4-bit storage 43008 of 86016 elements" in out
     assert "[adapter] LoRA weights identical on all 2 ranks" in out
     assert_one_adapter_that_changes_the_model(tmp_path)
 
@@ -124,7 +126,7 @@ def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
         assert state["module"] and all(".lora_A." in k or ".lora_B." in k for k in state["module"]), shard
     assert sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) < 1_000_000
 
-    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", "--trainer.max_steps", "30", "--ckpt_path", "last")
+    proc = deepspeed_fit(tmp_path, "deepspeed-zero3", *bf16, "--trainer.max_steps", "30", "--ckpt_path", "last")
     assert f"--ckpt_path last -> {last}" in output(proc)
     assert "Restored all states" in output(proc)
     resumed = tmp_path / "runs" / "tiny" / "version_1"
