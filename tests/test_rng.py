@@ -47,8 +47,8 @@ class Rank:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch.cuda, "is_available", lambda: bool(self.cuda))
             patch.setattr(torch.cuda, "current_device", lambda: self.device)
-            patch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.cuda[device].get_state())
-            patch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.cuda[device].set_state(state))
+            patch.setattr(torch.cuda, "get_rng_state", lambda device: self.cuda[device.index].get_state())
+            patch.setattr(torch.cuda, "set_rng_state", lambda state, device: self.cuda[device.index].set_state(state))
             patch.setattr(torch.cuda, "get_rng_state_all", lambda: [generator.get_state() for generator in self.cuda])
             patch.setattr(
                 torch.cuda,
@@ -58,6 +58,14 @@ class Rank:
             patch.setattr(rank_zero_only, "rank", self.rank)  # only rank 0 warns
             yield
         self._cpu = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    @property
+    def trainer(self) -> SimpleNamespace:
+        """The parts of this rank's Trainer that RNGState reads: its rank, the world size and its device."""
+        device = torch.device("cuda", self.device) if self.cuda else torch.device("cpu")
+        return SimpleNamespace(
+            global_rank=self.rank, world_size=self.world_size, strategy=SimpleNamespace(root_device=device)
+        )
 
     def draw(self) -> list[float]:
         """What a training step draws: dropout on the GPU (or CPU), and shuffles from NumPy and Python."""
@@ -99,7 +107,9 @@ def save(ranks: list[Rank], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     states = []
     for rank in ranks:
         with rank.running():
-            states.append(RNGState().state_dict())
+            callback = RNGState()
+            callback.setup(rank.trainer, None, "fit")
+            states.append(callback.state_dict())
     return written_and_read(states[0])  # rank 0 writes
 
 
@@ -118,8 +128,7 @@ def resume(ranks: list[Rank], state: dict[str, Any]) -> list[str]:
             with rank.running():
                 callback = RNGState()
                 callback.load_state_dict(state)
-                trainer = SimpleNamespace(global_rank=rank.rank, world_size=rank.world_size)
-                callback.on_train_start(trainer, None)
+                callback.on_train_start(rank.trainer, None)
     return [str(warning.message) for warning in caught]
 
 
@@ -191,12 +200,12 @@ def test_a_gpu_checkpoint_resumes_without_a_gpu_and_a_cpu_one_with_a_gpu(monkeyp
     without_gpu = Rank(0, world_size=1, devices=0, seed=1)
     warned = resume([without_gpu], saved)
     assert without_gpu.draw() == uninterrupted_cpu
-    assert len(warned) == 1 and "CUDA is unavailable" in warned[0]
+    assert len(warned) == 1 and "this run is on the CPU" in warned[0]
 
     on_cpu = Rank(0, world_size=1, devices=0)
     saved = save([on_cpu], monkeypatch)
     warned = resume([Rank(0, world_size=1, devices=1, seed=1)], saved)
-    assert len(warned) == 1 and "written without CUDA" in warned[0]
+    assert len(warned) == 1 and "written without a GPU" in warned[0]
 
 
 def test_a_checkpoint_in_the_older_layout_resumes_exactly_on_one_gpu():
@@ -224,3 +233,23 @@ def test_a_checkpoint_in_the_older_layout_resumes_on_two_ranks_and_on_another_gp
     on_second_gpu = Rank(0, world_size=1, devices=2, device=1, seed=1)  # fit with devices=[1]
     warned = resume([on_second_gpu], rank_zero_layout(Rank(0, world_size=1, devices=1)))
     assert len(warned) == 1 and "no CUDA generator for cuda:1" in warned[0]
+
+
+def test_a_cpu_run_on_a_gpu_machine_leaves_cuda_alone(monkeypatch):
+    """The generators saved are those of the strategy's device: a CPU run opens no CUDA context, even where
+    CUDA is there."""
+
+    def untouchable(*args, **kwargs):
+        raise AssertionError("a CPU run asked torch.cuda for a generator")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", untouchable)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", untouchable)
+    monkeypatch.setattr(rng, "gather_from_ranks", lambda own: [own])
+    cpu = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    callback = RNGState()
+    callback.setup(cpu, None, "fit")
+    state = written_and_read(callback.state_dict())
+    assert "cuda" not in state["ranks"][0]
+    callback.load_state_dict(state)
+    callback.on_train_start(cpu, None)

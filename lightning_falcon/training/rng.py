@@ -33,9 +33,15 @@ class RNGState(Callback):
 
     def __init__(self) -> None:
         self._to_restore: dict[str, Any] | None = None
+        self._device = torch.device("cpu")  # this rank's device, from `setup`
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The strategy's device, not torch.cuda's current one: a CPU run on a GPU machine must not open a CUDA
+        # context, and a rank touches no other rank's GPU.
+        self._device = trainer.strategy.root_device
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ranks": gather_from_ranks(own_generators())}
+        return {"ranks": gather_from_ranks(own_generators(self._device))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict
@@ -45,35 +51,37 @@ class RNGState(Callback):
         state, self._to_restore = self._to_restore, None
         if state is None:
             return
+        device = trainer.strategy.root_device
         if "ranks" in state:
-            own, reasons = _entry_for_rank(state["ranks"], trainer.global_rank, trainer.world_size)
+            own, reasons = _entry_for_rank(state["ranks"], trainer.global_rank, trainer.world_size, device)
         else:
-            own, reasons = _entry_from_rank_zero_layout(state, trainer.global_rank, trainer.world_size)
-        set_generators(own)
+            own, reasons = _entry_from_rank_zero_layout(state, trainer.global_rank, trainer.world_size, device)
+        set_generators(own, device)
         if reasons:
             rank_zero_warn(
                 f"[resume] random generators restored in part, so the resume is not bit-exact: {'; '.join(reasons)}"
             )
 
 
-def own_generators() -> dict[str, Any]:
-    """This process's generators, in values `torch.load(weights_only=True)` reads."""
+def own_generators(device: torch.device) -> dict[str, Any]:
+    """This process's generators, with the CUDA one of `device` (this rank's) if it is a GPU, in values
+    `torch.load(weights_only=True)` reads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
     state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_generators(state: dict[str, Any]) -> None:
-    """Set this process's generators to `own_generators()`'s `state`; the CUDA one (current device) if present."""
+def set_generators(state: dict[str, Any], device: torch.device) -> None:
+    """Set this process's generators to `own_generators()`'s `state`; the CUDA one of `device` if present."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def gather_from_ranks(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,8 +93,11 @@ def gather_from_ranks(state: dict[str, Any]) -> list[dict[str, Any]]:
     return gathered
 
 
-def _entry_for_rank(ranks: list[dict[str, Any]], rank: int, world_size: int) -> tuple[dict[str, Any], list[str]]:
-    """The generators this rank restores from the `ranks` saved, and the reasons the resume is not exact."""
+def _entry_for_rank(
+    ranks: list[dict[str, Any]], rank: int, world_size: int, device: torch.device
+) -> tuple[dict[str, Any], list[str]]:
+    """The generators this rank (on `device`) restores from the `ranks` saved, and the reasons the resume is not
+    exact."""
     reasons = []
     if len(ranks) != world_size:
         reasons.append(
@@ -94,17 +105,19 @@ def _entry_for_rank(ranks: list[dict[str, Any]], rank: int, world_size: int) -> 
             f"so rank r takes the generators of rank r % {len(ranks)}"
         )
     own = dict(ranks[rank % len(ranks)])
-    if "cuda" in own and not torch.cuda.is_available():
-        reasons.append("it was written with CUDA and CUDA is unavailable now, so the CUDA generator is not restored")
+    if "cuda" in own and device.type != "cuda":
+        reasons.append("it was written on a GPU and this run is on the CPU, so the CUDA generator is not restored")
         del own["cuda"]
-    elif "cuda" not in own and torch.cuda.is_available():
-        reasons.append("it was written without CUDA, so the CUDA generator keeps its seed")
+    elif "cuda" not in own and device.type == "cuda":
+        reasons.append("it was written without a GPU, so the CUDA generator keeps its seed")
     return own, reasons
 
 
-def _entry_from_rank_zero_layout(state: dict[str, Any], rank: int, world_size: int) -> tuple[dict[str, Any], list[str]]:
+def _entry_from_rank_zero_layout(
+    state: dict[str, Any], rank: int, world_size: int, device: torch.device
+) -> tuple[dict[str, Any], list[str]]:
     """`_entry_for_rank` for the older layout: rank 0's generators, with `cuda` a list of every GPU's generator
-    as rank 0's process saw them (`get_rng_state_all`), of which only rank 0's current device is its own."""
+    as rank 0's process saw them (`get_rng_state_all`), of which only rank 0's own device's is its own."""
     reasons = []
     own = {key: state[key] for key in ("torch", "numpy", "python")}
     if world_size > 1:
@@ -112,15 +125,15 @@ def _entry_from_rank_zero_layout(state: dict[str, Any], rank: int, world_size: i
             "the checkpoint holds rank 0's generators only (older layout), so the other ranks start "
             "from rank 0's CPU generators and keep their CUDA generators' seeds"
         )
-    if "cuda" in state and torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        if device < len(state["cuda"]):
+    if "cuda" in state and device.type == "cuda":
+        index = device.index or 0
+        if index < len(state["cuda"]):
             if rank == 0:
-                own["cuda"] = state["cuda"][device]
+                own["cuda"] = state["cuda"][index]
         else:
-            reasons.append(f"it holds no CUDA generator for cuda:{device}, so that one keeps its seed")
+            reasons.append(f"it holds no CUDA generator for {device}, so that one keeps its seed")
     elif "cuda" in state:
-        reasons.append("it was written with CUDA and CUDA is unavailable now, so the CUDA generator is not restored")
-    elif torch.cuda.is_available():
-        reasons.append("it was written without CUDA, so the CUDA generator keeps its seed")
+        reasons.append("it was written on a GPU and this run is on the CPU, so the CUDA generator is not restored")
+    elif device.type == "cuda":
+        reasons.append("it was written without a GPU, so the CUDA generator keeps its seed")
     return own, reasons
