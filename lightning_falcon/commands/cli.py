@@ -25,7 +25,7 @@ from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA, adapter
 from lightning_falcon.model.generation import GenerationSettings
-from lightning_falcon.model.lora import check_target_modules, linear_module_names
+from lightning_falcon.model.lora import check_target_modules
 from lightning_falcon.model.quantization import (
     ComputeDtype,
     check_bf16_is_native,
@@ -182,7 +182,7 @@ class FalconCLI(LightningCLI):
             hp.quantization,
             hp.optimizer,
             self.model.target_modules,
-            linear_module_names(self.model.skeleton()),
+            self.model.linear_modules(),
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_max_length()

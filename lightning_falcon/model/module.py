@@ -144,7 +144,7 @@ class FalconQLoRA(L.LightningModule):
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
         self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
         self._window_loss: torch.Tensor | None = None  # the losses since the last optimizer step, on the device
-        self._targets_checked = False
+        self._linear_modules: list[str] | None = None  # from config.json, by linear_modules()
 
     # ----------------------------------------------------------------- building
     def _strategy(self) -> Strategy | None:
@@ -163,11 +163,16 @@ class FalconQLoRA(L.LightningModule):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=hp.trust_remote_code)
 
+    def linear_modules(self) -> list[str]:
+        """The leaf names of the configured model's linear layers, from its config.json (the skeleton is built once:
+        the CLI's checks ask before the data loads, and `configure_model` again)."""
+        if self._linear_modules is None:
+            self._linear_modules = linear_module_names(self.skeleton())
+        return self._linear_modules
+
     def check_targets(self) -> None:
-        """Fail before any weights load if a LoRA target is missing (once: the CLI asks before the data loads)."""
-        if not self._targets_checked:
-            check_target_modules(linear_module_names(self.skeleton()), self.target_modules)
-            self._targets_checked = True
+        """Fail before any weights load if a LoRA target is missing."""
+        check_target_modules(self.linear_modules(), self.target_modules)
 
     def check_checkpoint(self, path: str | Path) -> None:
         """Fail before any weights load if a checkpoint or adapter directory cannot fit this model."""
