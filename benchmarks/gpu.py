@@ -180,19 +180,33 @@ def seven_b(run: Run, data: Path, root: Path, say) -> dict:
 
 
 def plan_one_gpu_gib(shape: Path, batch_size: int, max_length: int) -> float:
-    """`plan`'s per-GPU total for the 40B config's model settings on one GPU, at this architecture."""
+    """`plan`'s per-GPU total for the 40B config on one GPU at this architecture, with its `Setup` built from the
+    config as `plan` builds it (`commands.plan.report`)."""
+    import inspect
+
     import yaml
     from transformers import AutoConfig
 
     from lightning_falcon.commands.plan import Setup, count_model, plan
+    from lightning_falcon.model.module import FalconQLoRA
 
-    model = yaml.safe_load(Path(CONFIG_40B).read_text())["model"]
-    count = count_model(AutoConfig.from_pretrained(shape), model["target_modules"], model["lora_r"])
+    config = yaml.safe_load(Path(CONFIG_40B).read_text())
+    model, trainer = config["model"], config["trainer"]
+    defaults = {name: p.default for name, p in inspect.signature(FalconQLoRA).parameters.items()}
+    setting = {**defaults, **model}
+    count = count_model(AutoConfig.from_pretrained(shape), setting["target_modules"], setting["lora_r"])
     setup = Setup(
-        gradient_checkpointing=model["gradient_checkpointing"],
-        optimizer=model["optimizer"],
+        quantization=setting["quantization"],
+        double_quant=setting["double_quant"],
+        compute_bytes=4 if setting["compute_dtype"] == "fp32" else 2,
+        gradient_checkpointing=setting["gradient_checkpointing"],
+        optimizer=setting["optimizer"],
         batch_size=batch_size,
         max_length=max_length,
+        world_size=1,
+        mixed_16bit="16" in str(trainer.get("precision", "")),
+        upcast_frozen=setting["upcast_frozen"],
+        loss_chunk_size=setting["loss_chunk_size"],
     )
     return plan(count, setup, "single").total / 2**30
 
