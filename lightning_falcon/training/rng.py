@@ -24,7 +24,9 @@ class RNGState(Callback):
     batches padded to different lengths advance dropout's generator by different amounts. Lightning calls
     `state_dict` on every rank and only rank 0 writes, so the ranks' generators are gathered there: the
     checkpoint holds `{"ranks": [rank 0's, rank 1's, ...]}`, in tensors, lists and plain values that
-    `torch.load(weights_only=True)` reads.
+    `torch.load(weights_only=True)` reads. So saving is a collective: every rank saves together, as
+    `ModelCheckpoint` and the Slurm requeue do; a checkpoint one rank writes alone (Lightning's on-exception
+    checkpoint under several ranks) waits for the others, as Lightning's own save barrier already does.
 
     A checkpoint written by another number of ranks, with a GPU when there is none now (or the reverse), or in
     the older layout (rank 0's generators, with the CUDA generator of every GPU rank 0 saw) restores what
