@@ -14,8 +14,11 @@ This module imports only libraries, so every layer may use it.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -157,6 +160,36 @@ def keep_4bit_layout_trainable(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------- deepspeed
+def init_defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of a class's `__init__` (a strategy's arguments a config leaves out)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def deepspeed_strategy_config(strategy_class: type, init: dict[str, Any]) -> dict:
+    """The DeepSpeed config (its ZeRO part) that `strategy_class(**init)`, a Lightning `DeepSpeedStrategy`, would
+    hold, without building one: `plan` checks a run where DeepSpeed may not be installed, and Lightning has no
+    public function for it. As `DeepSpeedStrategy.__init__` builds it: the user's own config (a dict, a JSON
+    file, or the file `PL_DEEPSPEED_CONFIG_PATH` names), else the ZeRO arguments. `init` holds every argument,
+    defaults included (`init_defaults`). Raises OSError or ValueError for a config file that cannot be read.
+    """
+    config = init.get("config")
+    if config is None:
+        config = os.environ.get(strategy_class.DEEPSPEED_ENV_VAR)
+    if isinstance(config, dict):
+        return config
+    if config is not None:
+        return json.loads(Path(config).read_text())
+    if not init["zero_optimization"]:
+        return {}
+    zero: dict[str, Any] = {"stage": init["stage"]}
+    if init["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": init["offload_optimizer_device"]}
+    if init["offload_parameters"]:
+        zero["offload_param"] = {"device": init["offload_params_device"]}
+    return {"zero_optimization": zero}
+
+
 def keep_only_trainable_in_checkpoints(engine: Any) -> None:
     """Make a DeepSpeed engine's checkpointed module state hold only trainable (LoRA) weights.
 

@@ -75,6 +75,30 @@ def test_lightning_deepspeed_strategy_still_has_init_config_if_needed():
     assert callable(getattr(DeepSpeedStrategy, "_init_config_if_needed", None)), "_init_config_if_needed"
 
 
+@pytest.mark.parametrize(
+    "init",
+    [
+        {"stage": 2},
+        {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+        {"stage": 3, "offload_optimizer": True, "offload_optimizer_device": "nvme", "nvme_path": "/tmp"},
+        {"config": {"zero_optimization": {"stage": 1}}},
+    ],
+    ids=["stage2", "stage3-offload", "stage3-nvme", "own-config"],
+)
+def test_lightning_deepspeed_strategy_still_builds_its_config_as_plan_reads_it(init):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_falcon.upstream import deepspeed_strategy_config, init_defaults
+
+    built = DeepSpeedStrategy(**init).config["zero_optimization"]
+    read = deepspeed_strategy_config(DeepSpeedStrategy, {**init_defaults(DeepSpeedStrategy), **init})
+    read = read["zero_optimization"]
+    assert read["stage"] == built["stage"], "DeepSpeedStrategy.__init__: the ZeRO stage"
+    for key in ("offload_optimizer", "offload_param"):
+        device = built.get(key, {}).get("device", "none")
+        assert read.get(key, {}).get("device", "none") == device, f"DeepSpeedStrategy.__init__: {key}"
+
+
 def test_lightning_trainer_errors_about_the_machine_still_read_as_such():
     import lightning as L
     from lightning.pytorch.utilities.exceptions import MisconfigurationException

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
-import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +35,12 @@ from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import swap_in_directory
 from lightning_falcon.model.placement import zero_stage
 from lightning_falcon.training.checkpoint_io import disk_full, write_failed_for_space
-from lightning_falcon.upstream import forget_hf_deepspeed_config, keep_only_trainable_in_checkpoints
+from lightning_falcon.upstream import (
+    deepspeed_strategy_config,
+    forget_hf_deepspeed_config,
+    init_defaults,
+    keep_only_trainable_in_checkpoints,
+)
 
 
 class QLoRADeepSpeedStrategy(DeepSpeedStrategy):
@@ -169,7 +171,7 @@ class StrategySettings:
             return cls()
         init = {**init_defaults(DeepSpeedStrategy), **init_defaults(strategy_class), **init}
         return cls._deepspeed(
-            deepspeed_config(init),
+            deepspeed_config(strategy_class, init),
             issubclass(strategy_class, QLoRADeepSpeedStrategy),
             bool(init["exclude_frozen_parameters"]),
         )
@@ -191,36 +193,15 @@ class StrategySettings:
         )
 
 
-def init_defaults(strategy_class: type) -> dict[str, Any]:
-    """The keyword defaults of a strategy class's `__init__`."""
-    parameters = inspect.signature(strategy_class.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
-def deepspeed_config(init: dict[str, Any]) -> dict:
-    """The ZeRO part of the DeepSpeed config `DeepSpeedStrategy(**init)` would hold, as its `__init__` builds it:
-    the user's own config (a dict, a JSON file, or the file `PL_DEEPSPEED_CONFIG_PATH` names), else its arguments."""
-    config = init.get("config")
-    if config is None:
-        config = os.environ.get(DeepSpeedStrategy.DEEPSPEED_ENV_VAR)
-    if isinstance(config, dict):
-        return config
-    if config is not None:
-        try:
-            return json.loads(Path(config).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"cannot read the DeepSpeed config {config}: {first_line(e)}. Fix: give the path of a DeepSpeed "
-                "JSON config, or leave the strategy's config unset"
-            ) from e
-    if not init["zero_optimization"]:
-        return {}
-    zero: dict[str, Any] = {"stage": init["stage"]}
-    if init["offload_optimizer"]:
-        zero["offload_optimizer"] = {"device": init["offload_optimizer_device"]}
-    if init["offload_parameters"]:
-        zero["offload_param"] = {"device": init["offload_params_device"]}
-    return {"zero_optimization": zero}
+def deepspeed_config(strategy_class: type[DeepSpeedStrategy], init: dict[str, Any]) -> dict:
+    """`upstream.deepspeed_strategy_config`, with an unreadable config file as a one-line error."""
+    try:
+        return deepspeed_strategy_config(strategy_class, init)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot read the DeepSpeed config {init.get('config') or 'in PL_DEEPSPEED_CONFIG_PATH'}: "
+            f"{first_line(e)}. Fix: give the path of a DeepSpeed JSON config, or leave the strategy's config unset"
+        ) from e
 
 
 def strategy_problems(strategy: StrategySettings, quantization: str, optimizer: str) -> list[str]:
