@@ -42,10 +42,10 @@ from pathlib import Path
 
 from common import REPO, device_line, run_worker, table, versions
 from peer import as_flags
+from shapes import falcon_shape
 
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
 CONFIG_40B = str(REPO / "configs" / "falcon-40b-qlora.yaml")
-FALCON = {"7b": "asset:falcon-7b", "40b": "asset:falcon-40b"}
 # Dense bf16 peak FLOPs/s by device name (NVIDIA data sheets, without sparsity).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -85,21 +85,15 @@ class Run:
         }
 
     def shape(self, size: str, layers: int, root: Path) -> Path:
-        """falcon-`size`'s config.json with `layers` decoder layers, written to a directory under `root`. The dry run
-        shrinks the width (hidden 128, 4 heads, its KV heads kept below them) and the vocabulary to the tiny
-        tokenizer's, keeping the architecture (multi-query 7B, grouped-query 40B)."""
-        from lightning_falcon.assets import resolve
-
-        config = json.loads((Path(resolve(FALCON[size])) / "config.json").read_text())
-        config["num_hidden_layers"] = layers
-        if self.dry_run:
-            config.update(hidden_size=128, num_attention_heads=4, vocab_size=1024)
-            if config.get("new_decoder_architecture"):
-                config["num_kv_heads"] = 2
-        out = root / f"falcon-{size}-{layers}layers{'-dry' if self.dry_run else ''}"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return out
+        """falcon-`size` with `layers` decoder layers (`shapes.falcon_shape`). The dry run shrinks the width (hidden
+        128, 4 heads, KV heads kept below them) and the vocabulary to the tiny tokenizer's, keeping the
+        architecture (multi-query 7B, grouped-query 40B)."""
+        if not self.dry_run:
+            return falcon_shape(size, layers, root)
+        grouped = {"num_kv_heads": 2} if size == "40b" else {}
+        return falcon_shape(
+            size, layers, root, "-dry", hidden_size=128, num_attention_heads=4, vocab_size=1024, **grouped
+        )
 
 
 def peak_flops(name: str) -> float | None:
@@ -180,35 +174,18 @@ def seven_b(run: Run, data: Path, root: Path, say) -> dict:
 
 
 def plan_one_gpu_gib(shape: Path, batch_size: int, max_length: int) -> float:
-    """`plan`'s per-GPU total for the 40B config on one GPU at this architecture, with its `Setup` built from the
-    config as `plan` builds it (`commands.plan.report`)."""
-    import inspect
-
-    import yaml
+    """`plan`'s per-GPU total for the 40B config on one GPU at this architecture, at this batch."""
     from transformers import AutoConfig
 
-    from lightning_falcon.commands.plan import Setup, count_model, plan
-    from lightning_falcon.model.module import FalconQLoRA
+    from lightning_falcon.commands.cli import parse_only
+    from lightning_falcon.commands.plan import PlanCLI, count_model, plan, setup_of
+    from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 
-    config = yaml.safe_load(Path(CONFIG_40B).read_text())
-    model, trainer = config["model"], config["trainer"]
-    defaults = {name: p.default for name, p in inspect.signature(FalconQLoRA).parameters.items()}
-    setting = {**defaults, **model}
-    count = count_model(AutoConfig.from_pretrained(shape), setting["target_modules"], setting["lora_r"])
-    setup = Setup(
-        quantization=setting["quantization"],
-        double_quant=setting["double_quant"],
-        compute_bytes=4 if setting["compute_dtype"] == "fp32" else 2,
-        gradient_checkpointing=setting["gradient_checkpointing"],
-        optimizer=setting["optimizer"],
-        batch_size=batch_size,
-        max_length=max_length,
-        world_size=1,
-        mixed_16bit="16" in str(trainer.get("precision", "")),
-        upcast_frozen=setting["upcast_frozen"],
-        loss_chunk_size=setting["loss_chunk_size"],
-    )
-    return plan(count, setup, "single").total / 2**30
+    sizes = ["--data.batch_size", str(batch_size), "--data.max_length", str(max_length)]
+    config = parse_only(PlanCLI, ["--config", CONFIG_40B, *sizes], "plan").config
+    model = config.model
+    count = count_model(AutoConfig.from_pretrained(shape), model.target_modules or FALCON_TARGET_MODULES, model.lora_r)
+    return plan(count, setup_of(model, config.data, config.trainer, 1), "single").total / 2**30
 
 
 def forty_b(run: Run, data: Path, root: Path, say) -> dict:

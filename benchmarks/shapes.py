@@ -18,12 +18,14 @@ from lightning_falcon.model.quantization import constant_bytes, quantized_layers
 FALCON = {"7b": "asset:falcon-7b", "40b": "asset:falcon-40b"}
 
 
-def falcon_shape(size: str, layers: int | None, root: Path) -> Path:
-    """A directory holding falcon-`size`'s config.json with `layers` decoder layers (None: all of them)."""
+def falcon_shape(size: str, layers: int | None, root: Path, name: str = "", **changes) -> Path:
+    """A directory holding falcon-`size`'s config.json with `layers` decoder layers (None: all of them) and any
+    other config.json `changes` (a narrower width, say), named with `name` after the layer count."""
     config = json.loads((Path(resolve(FALCON[size])) / "config.json").read_text())
     if layers is not None:
         config["num_hidden_layers"] = layers
-    out = Path(root) / f"falcon-{size}-{config['num_hidden_layers']}layers"
+    config.update(changes)
+    out = Path(root) / f"falcon-{size}-{config['num_hidden_layers']}layers{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

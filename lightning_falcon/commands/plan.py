@@ -235,6 +235,23 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
 
 
 # ----------------------------------------------------------------- from a parsed run config to the table
+def setup_of(model, data, trainer, world_size: int) -> Setup:
+    """What the planner needs from a parsed config's model, data and trainer sections, at `world_size` GPUs."""
+    return Setup(
+        quantization=model.quantization,
+        double_quant=model.double_quant,
+        compute_bytes=4 if model.compute_dtype == "fp32" else 2,  # auto is bf16/fp16 on a GPU
+        gradient_checkpointing=model.gradient_checkpointing,
+        optimizer=model.optimizer,
+        batch_size=data.batch_size,
+        max_length=data.max_length,
+        world_size=world_size,
+        mixed_16bit="16" in str(trainer.precision),
+        upcast_frozen=model.upcast_frozen,
+        loss_chunk_size=model.loss_chunk_size,
+    )
+
+
 def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu_memory: str) -> str:
     """The `plan` table for a parsed config (its model/data/trainer sections); devices/num_nodes override it.
 
@@ -243,19 +260,7 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     """
     devices = devices if devices is not None else gpu_count(trainer.devices)
     nodes = num_nodes if num_nodes is not None else int(trainer.num_nodes or 1)
-    setup = Setup(
-        quantization=model.quantization,
-        double_quant=model.double_quant,
-        compute_bytes=4 if model.compute_dtype == "fp32" else 2,  # auto is bf16/fp16 on a GPU
-        gradient_checkpointing=model.gradient_checkpointing,
-        optimizer=model.optimizer,
-        batch_size=data.batch_size,
-        max_length=data.max_length,
-        world_size=devices * nodes,
-        mixed_16bit="16" in str(trainer.precision),
-        upcast_frozen=model.upcast_frozen,
-        loss_chunk_size=model.loss_chunk_size,
-    )
+    setup = setup_of(model, data, trainer, devices * nodes)
     hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
     targets = model.target_modules or FALCON_TARGET_MODULES
     strategy = StrategySettings.from_config(trainer.strategy)
