@@ -215,3 +215,17 @@ def tuned_tiny(adapter_dir) -> torch.nn.Module:
     model = apply_lora(base, 16, 32, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
     load_weights(model, adapter_dir)
     return model.eval()
+
+
+def on_a_gpu(monkeypatch, capability: tuple[int, int], name: str = "a GPU") -> list:
+    """Make this CPU machine answer as a CUDA GPU of `capability` would; returns the devices asked about."""
+    asked = []
+
+    def get_device_capability(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return asked

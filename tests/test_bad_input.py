@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, on_a_gpu
 
 DATA = REPO / "tests" / "fixtures" / "data"
 
@@ -166,20 +166,6 @@ def test_a_deepspeed_strategy_that_keeps_the_frozen_base_is_refused():
 
     (problem,) = strategy_problems(StrategySettings.from_config("deepspeed_stage_2"), "nf4", "adamw")
     assert "exclude_frozen_parameters" in problem
-
-
-def on_a_gpu(monkeypatch, capability: tuple[int, int], name: str) -> list:
-    """Make this CPU machine answer as a CUDA GPU of `capability` would; returns the devices asked about."""
-    asked = []
-
-    def get_device_capability(device=None):
-        asked.append(device)
-        return capability
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    return asked
 
 
 @pytest.mark.parametrize(

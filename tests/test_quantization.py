@@ -3,7 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, on_a_gpu
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES
@@ -73,17 +73,10 @@ def test_auto_compute_dtype_is_fp32_on_cpu():
     ids=["H100", "A100", "T4", "V100"],
 )
 def test_auto_compute_dtype_is_bf16_only_where_this_ranks_gpu_has_it_natively(monkeypatch, capability, expected):
-    asked = []
-
-    def get_device_capability(device=None):
-        asked.append(device)
-        return capability
-
     def is_bf16_supported(*args, **kwargs):  # emulation counts for it; it must not decide
         raise AssertionError("is_bf16_supported() was asked")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    asked = on_a_gpu(monkeypatch, capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     device = torch.device("cuda", 3)
     assert resolve_compute_dtype("auto", device) is expected
