@@ -14,6 +14,7 @@ This module imports only libraries, so every layer may use it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -134,6 +135,74 @@ def attn_implementation(config) -> str:
     resolved backend matters; transformers exposes only the setting it was given.
     """
     return config._attn_implementation
+
+
+def route_falcon_attention(model: nn.Module, attend) -> int:
+    """Make each SDPA `FalconAttention` with rotary positions hand `attend` its keys and values at their own head
+    count; the number of layers changed.
+
+    transformers 5.x's `FalconAttention.forward` calls SDPA directly, not through transformers' attention
+    interface, with Falcon-7B's single key/value head and no `enable_gqa` (SDPA's math kernel), and copies
+    Falcon-40B's 8 key/value groups to all 128 query heads first (`_split_heads`). This forward is the same
+    computation (fused projection, heads split, rotary, cache, attention, output projection) with the keys
+    and values left as views of the projection. ALiBi models and `output_attentions` keep transformers' own.
+    The forward is set on each instance, so a model built later is untouched.
+    """
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    count = 0
+    for module in model.modules():
+        if type(module) is FalconAttention and module.config._attn_implementation == "sdpa" and not module.config.alibi:
+            module.forward = functools.partial(_falcon_attention_forward, module, attend)
+            count += 1
+    return count
+
+
+def _falcon_attention_forward(
+    self,
+    attend,
+    hidden_states,
+    alibi,
+    attention_mask,
+    position_ids=None,
+    layer_past=None,
+    use_cache=False,
+    output_attentions=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    """`FalconAttention.forward` (transformers 5.24, the rotary SDPA branch) with `attend` over keys and values
+    at their own head count."""
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    if alibi is not None or output_attentions:
+        return type(self).forward(
+            self, hidden_states, alibi, attention_mask, position_ids, layer_past, use_cache, output_attentions,
+            position_embeddings, **kwargs,
+        )  # fmt: skip
+    fused = self.query_key_value(hidden_states)
+    batch, length, _ = fused.shape
+    heads, dim = self.num_heads, self.head_dim
+    if self.new_decoder_architecture:  # per group: its query heads, then one key head and one value head
+        groups = self.num_kv_heads
+        qkv = fused.view(batch, length, groups, heads // groups + 2, dim)
+        query, key, value = qkv[:, :, :, :-2].flatten(2, 3), qkv[:, :, :, -2], qkv[:, :, :, -1]
+    elif self.multi_query:  # every query head, then the one key head and the one value head
+        qkv = fused.view(batch, length, heads + 2, dim)
+        query, key, value = qkv[:, :, :-2], qkv[:, :, -2:-1], qkv[:, :, -1:]
+    else:  # per head: query, key, value
+        qkv = fused.view(batch, length, heads, 3, dim)
+        query, key, value = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (batch, heads, length, dim)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    # transformers' condition: a mask, or a single query (a decoding step), is never causal
+    is_causal = self.is_causal and attention_mask is None and length > 1
+    output = attend(query, key, value, attention_mask, is_causal)
+    output = output.transpose(1, 2).reshape(batch, length, heads * dim)
+    return self.dense(output), None
 
 
 def forget_hf_deepspeed_config() -> None:

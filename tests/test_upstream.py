@@ -164,6 +164,37 @@ def test_a_model_config_names_the_attention_backend_transformers_resolved():
     assert backend in ("sdpa", "eager", "flash_attention_2"), f"config._attn_implementation is {backend!r}"
 
 
+# The source of transformers 5.24's FalconAttention, which upstream._falcon_attention_forward restates.
+FALCON_ATTENTION_SHA256 = "d2f4005bd5155565"
+
+
+def test_falcon_attention_is_the_one_the_fused_forward_restates():
+    import hashlib
+
+    from transformers.models.falcon import modeling_falcon
+
+    source = inspect.getsource(modeling_falcon.FalconAttention)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == FALCON_ATTENTION_SHA256, (
+        "transformers changed FalconAttention: check upstream._falcon_attention_forward against it "
+        "(tests/test_attention.py compares the two), then record the new digest here"
+    )
+    assert "scaled_dot_product_attention(" in source and "ALL_ATTENTION_FUNCTIONS" not in source, (
+        "FalconAttention now goes through transformers' attention interface: use that instead of the forward"
+    )
+    layer = modeling_falcon.FalconDecoderLayer(falcon_skeleton().config, layer_idx=0)
+    assert type(layer.self_attention) is modeling_falcon.FalconAttention, "Falcon's SDPA layers changed class"
+
+
+def test_the_fused_forward_takes_the_place_of_falcon_attentions_own_on_each_layer():
+    from lightning_falcon.model.attention import attend
+
+    model = falcon_skeleton()
+    layers = [m for m in model.modules() if type(m).__name__ == "FalconAttention"]
+    assert upstream.route_falcon_attention(model, attend) == len(layers) > 0
+    assert all(m.forward.func is upstream._falcon_attention_forward for m in layers)
+
+
 def test_transformers_can_still_forget_a_deepspeed_config():
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

@@ -19,6 +19,7 @@ from lightning_falcon.data.batching import packed_attention_mask
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.adapter import check_matches, load_weights
+from lightning_falcon.model.attention import attend
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import Generated, GenerationSettings, generate
 from lightning_falcon.model.lora import (
@@ -39,7 +40,13 @@ from lightning_falcon.model.quantization import (
     resolve_compute_dtype,
 )
 from lightning_falcon.model.random_weights import random_checkpoint
-from lightning_falcon.upstream import attn_implementation, last_saved_step, log_to_loggers, logging_step
+from lightning_falcon.upstream import (
+    attn_implementation,
+    last_saved_step,
+    log_to_loggers,
+    logging_step,
+    route_falcon_attention,
+)
 
 
 class FalconQLoRA(L.LightningModule):
@@ -52,6 +59,7 @@ class FalconQLoRA(L.LightningModule):
         double_quant: bool = True,
         compute_dtype: ComputeDtype = "auto",
         attn_implementation: str | None = None,
+        fused_attention: bool = True,
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
@@ -83,6 +91,10 @@ class FalconQLoRA(L.LightningModule):
                 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx), fp16 on older ones (T4, V100), fp32 on
                 CPU. bf16 on a GPU without native bf16 is refused before loading.
             attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default.
+            fused_attention: With `sdpa`, Falcon's keys and values stay at their own head count (one for Falcon-7B,
+                8 groups for 40B) and reach SDPA's fused kernels (`model/attention.py`). False: transformers' own
+                Falcon attention, which on Falcon-7B runs SDPA's math kernel (the whole score matrix, in fp32)
+                and copies 40B's keys and values to every query head.
             lora_r: LoRA rank.
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
             lora_dropout: Dropout on the LoRA input.
@@ -214,6 +226,8 @@ class FalconQLoRA(L.LightningModule):
             attn_implementation=hp.attn_implementation,
             quant_storage=quant_storage,
         )
+        if hp.fused_attention:
+            route_falcon_attention(base, attend)
         if device.type == "cuda":  # train/peak_mem_gib then reports training, not the load
             torch.cuda.reset_peak_memory_stats(device)
         quantized = quantized_layers(base)

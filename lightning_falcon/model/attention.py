@@ -1,0 +1,155 @@
+"""Attention over keys and values with fewer heads than the queries, on SDPA's fused kernels.
+
+Falcon-7B has 71 query heads and one key/value head; Falcon-40B, -180B and Falcon2-11B have 8 key/value
+groups. Handed to SDPA as they are, without `enable_gqa`, torch's fused kernels refuse mismatched head
+counts and SDPA falls back to its math kernel, which builds every head's whole (query x key) score
+matrix in fp32. transformers' Falcon instead copies 40B's keys and values to all 128 query heads. Here
+each key/value head stays where it is, and `attend` picks, per call, the first of:
+
+- `native`: the installed torch's fused kernels take one key/value head as it is (SDPA broadcasts it);
+- `gqa`: `enable_gqa`, where a fused kernel accepts it for this call (CPU's flash kernel; CUDA's flash
+  and cuDNN kernels, which take no arbitrary mask), except for one key/value head on CPU;
+- `expand`: one key/value head, expanded to every query head as a zero-stride view (no copy);
+- `groups`: one SDPA call per key/value group, each a zero-stride view for that group's query heads
+  (CUDA's memory-efficient kernel, the one that takes a mask, has no grouped mode).
+
+The memory-efficient kernel returns wrong values for zero-stride keys and values in 16 bits with a
+boolean mask when the key length is 1 more than a multiple of 32 (pytorch/pytorch#191937). There one
+masked key position is appended, which changes no output.
+
+`model/module.py` installs this for the SDPA backend through `upstream.route_falcon_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Route = Literal["plain", "native", "expand", "gqa", "groups"]
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA of `query` (batch, heads, length, dim) over `key` and `value` (batch, kv_heads, kv_length, dim),
+    `heads` a multiple of `kv_heads`, with no copy of a key/value head per query head. Returns
+    (batch, heads, length, dim), the same as SDPA over keys and values repeated to every query head."""
+    way = route(query, key, value, attn_mask, is_causal)
+    if way == "gqa":
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True
+        )
+    if way != "plain" and wrong_on_efficient_kernel(query, key, attn_mask):
+        key, value, attn_mask = with_masked_key(key, value, attn_mask)
+    if way in ("plain", "native"):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
+    return per_group(query, key, value, attn_mask, is_causal)
+
+
+def route(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> Route:
+    """Which way `attend` takes for these inputs (see the module docstring)."""
+    heads, kv_heads, device = query.shape[-3], key.shape[-3], query.device.type
+    if kv_heads == heads:
+        return "plain"
+    if kv_heads == 1 and takes_one_kv_head_natively(device):
+        return "native"
+    # On CPU, torch's flash kernel runs one zero-stride key/value head faster than its grouped mode.
+    if not (kv_heads == 1 and device == "cpu") and gqa_is_fused(query, key, value, attn_mask, is_causal):
+        return "gqa"
+    return "expand" if kv_heads == 1 else "groups"
+
+
+def per_group(query, key, value, attn_mask, is_causal) -> torch.Tensor:
+    """One SDPA call per key/value group over that group's query heads, the group's key and value expanded to
+    them as zero-stride views. One group (multi-query) is one call."""
+    batch, heads, _, dim = query.shape
+    kv_heads, kv_length = key.shape[-3], key.shape[-2]
+    group = heads // kv_heads
+    shape = (batch, group, kv_length, dim)
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, g * group : (g + 1) * group],
+            key[:, g : g + 1].expand(shape),
+            value[:, g : g + 1].expand(shape),
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+        )
+        for g in range(kv_heads)
+    ]
+    return outputs[0] if kv_heads == 1 else torch.cat(outputs, dim=1)
+
+
+def gqa_is_fused(query, key, value, attn_mask, is_causal) -> bool:
+    """Whether SDPA with `enable_gqa` runs a fused kernel for these inputs, not the math one.
+
+    CUDA answers through torch's own checks. torch's CPU flash kernel takes grouped heads with or without a
+    mask, and refuses only dropout, which Falcon's rotary attention never uses.
+    """
+    device = query.device.type
+    if device == "cpu":
+        return True
+    if device != "cuda":
+        return False
+    from torch.backends import cuda
+
+    params = cuda.SDPAParams(query, key, value, attn_mask, 0.0, is_causal, True)
+    return cuda.can_use_flash_attention(params) or cuda.can_use_cudnn_attention(params)
+
+
+@functools.cache
+def takes_one_kv_head_natively(device_type: str) -> bool:
+    """Whether this torch's fused kernels take a single key/value head against many query heads as it is,
+    without `enable_gqa` (torch releases after 2.13; pytorch/pytorch#191085). Asked once per device type
+    with tensors of a few bytes, SDPA restricted to its fused kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device_type == "cpu":
+        backends = [SDPBackend.FLASH_ATTENTION]
+    elif device_type == "cuda" and torch.cuda.is_available():
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    else:
+        return False
+    dtype = torch.float32 if device_type == "cpu" else torch.float16
+    query = torch.zeros(1, 2, 8, 8, device=device_type, dtype=dtype)
+    key = torch.zeros(1, 1, 8, 8, device=device_type, dtype=dtype)
+    try:
+        with sdpa_kernel(backends), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns why each kernel declines before it raises
+            F.scaled_dot_product_attention(query, key, key, is_causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+def wrong_on_efficient_kernel(query, key, attn_mask) -> bool:
+    """Whether zero-stride keys and values may meet pytorch/pytorch#191937 on CUDA's memory-efficient kernel:
+    16-bit inputs, a boolean mask, and a key length of 1 more than a multiple of 32."""
+    return (
+        query.device.type == "cuda"
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and attn_mask is not None
+        and attn_mask.dtype == torch.bool
+        and key.shape[-2] % 32 == 1
+    )
+
+
+def with_masked_key(key, value, attn_mask):
+    """Keys and values with one more position that the mask hides from every query: the same attention."""
+    pad = key.new_zeros(*key.shape[:-2], 1, key.shape[-1])
+    key, value = torch.cat([key, pad], dim=-2), torch.cat([value, pad], dim=-2)
+    hidden = attn_mask.new_zeros(*attn_mask.shape[:-1], 1)
+    return key, value, torch.cat([attn_mask, hidden], dim=-1)
