@@ -176,3 +176,16 @@ def test_a_decoding_step_with_the_cache_matches_the_whole_sequence():
     assert cache.layers[0].keys.shape[1] == 8
     torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)
 
+
+def test_flash_attention_2_is_the_default_only_on_a_cuda_gpu_with_flash_attn_and_16_bit_compute(monkeypatch):
+    import transformers.utils
+
+    from lightning_falcon.model.attention import default_implementation
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert default_implementation(cuda, torch.bfloat16) == "sdpa"  # flash-attn not installed
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert default_implementation(cuda, torch.bfloat16) == default_implementation(cuda, torch.float16)
+    assert default_implementation(cuda, torch.float16) == "flash_attention_2"
+    assert default_implementation(cuda, torch.float32) == default_implementation(cpu, torch.bfloat16) == "sdpa"

@@ -153,3 +153,13 @@ def with_masked_key(key, value, attn_mask):
     key, value = torch.cat([key, pad], dim=-2), torch.cat([value, pad], dim=-2)
     hidden = attn_mask.new_zeros(*attn_mask.shape[:-1], 1)
     return key, value, torch.cat([attn_mask, hidden], dim=-1)
+
+
+def default_implementation(device: torch.device, compute_dtype: torch.dtype) -> str:
+    """transformers' attention backend for `model.attn_implementation: null`: `flash_attention_2` on a CUDA GPU with
+    flash-attn installed (the `flash` extra) and 16-bit compute, where packed batches need no mask; else `sdpa`."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"

@@ -19,7 +19,7 @@ from lightning_falcon.data.batching import packed_attention_mask
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.adapter import check_matches, load_weights
-from lightning_falcon.model.attention import attend
+from lightning_falcon.model.attention import attend, default_implementation
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import Generated, GenerationSettings, generate
 from lightning_falcon.model.lora import (
@@ -90,7 +90,9 @@ class FalconQLoRA(L.LightningModule):
             compute_dtype: Dtype of matmuls and unquantized weights. `auto`: bf16 on a GPU with native bf16
                 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx), fp16 on older ones (T4, V100), fp32 on
                 CPU. bf16 on a GPU without native bf16 is refused before loading.
-            attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default.
+            attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`). None:
+                `flash_attention_2` on a CUDA GPU where flash-attn is installed (the `flash` extra) and the compute
+                dtype is 16-bit, so that packed batches need no mask; `sdpa` elsewhere.
             fused_attention: With `sdpa`, Falcon's keys and values stay at their own head count (one for Falcon-7B,
                 8 groups for 40B) and reach SDPA's fused kernels (`model/attention.py`). False: transformers' own
                 Falcon attention, which on Falcon-7B runs SDPA's math kernel (the whole score matrix, in fp32)
@@ -223,7 +225,7 @@ class FalconQLoRA(L.LightningModule):
             compute_dtype=compute_dtype,
             device=load_device,
             trust_remote_code=hp.trust_remote_code,
-            attn_implementation=hp.attn_implementation,
+            attn_implementation=hp.attn_implementation or default_implementation(device, compute_dtype),
             quant_storage=quant_storage,
         )
         if hp.fused_attention:
