@@ -72,6 +72,39 @@ def test_the_chunked_loss_plans_one_chunk_of_logits_not_the_batch():
     assert adam8 == pytest.approx(count.lora * (2 + 8 / 256))
 
 
+def test_attention_is_planned_by_the_kernel_the_run_gets():
+    falcon_7b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
+    falcon_40b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
+    assert (falcon_7b.heads, falcon_7b.kv_heads, falcon_40b.heads, falcon_40b.kv_heads) == (71, 1, 128, 8)
+    setup = Setup(batch_size=4, max_length=2048)
+    fused = plan(falcon_7b, setup, "single").rows["attention"]
+    math = plan(falcon_7b, replace(setup, fused_attention=False), "single").rows["attention"]
+    assert fused == 4 * 71 * 2048 * 4  # the flash kernel's fp32 log-sum-exp
+    assert math == 3 * 4 * 71 * 2048**2 * 4  # the fp32 probabilities, the scores, then their gradients: 9.0 GiB
+    eager = plan(falcon_7b, replace(setup, attn_implementation="eager"), "single").rows["attention"]
+    assert eager == math / 2  # the same three matrices in bf16
+    copied = plan(falcon_40b, replace(setup, fused_attention=False), "single").rows["attention"]
+    assert copied == 2 * 2 * 4 * 2048 * 8192 * 2  # keys and values at all 128 heads in bf16, then their gradients
+    assert plan(falcon_40b, setup, "single").rows["attention"] == 4 * 128 * 2048 * 4
+    unchecked = plan(falcon_7b, replace(setup, fused_attention=False, gradient_checkpointing=False), "single")
+    assert unchecked.rows["attention"] == 31 * 4 * 71 * 2048**2 * 4 + math  # every layer keeps its probabilities
+
+
+@pytest.mark.parametrize(
+    ("flags", "kernel"),
+    [
+        ([], "SDPA flash (no padding) or memory-efficient (padded or packed) kernel, keys and values at 1 head"),
+        (["--model.fused_attention", "false"], "SDPA math kernel (the whole score matrix, in fp32)"),
+        (["--model.attn_implementation", "eager"], "eager (the whole score matrix, in the compute dtype)"),
+    ],
+)
+def test_plan_names_the_attention_kernel(capsys, flags, kernel):
+    main(["plan", "--config", str(REPO / "configs/falcon-7b-qlora.yaml"), *flags])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("attention "))
+    assert f"attention: {kernel}" in out and len(row.split()) == 6  # the row, and one figure per strategy
+
+
 def test_falcon_7b_count_is_the_published_parameter_count():
     count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
     assert count.quantized_weights + count.unquantized == 6_921_720_704  # tiiuae/falcon-7b's model card
@@ -115,6 +148,7 @@ def test_plan_command_prints_the_table_and_verdicts(capsys):
         "LoRA gradients",
         "LoRA optimizer states",
         "activations",
+        "attention",
         "logits",
         "workspace",
         "total",

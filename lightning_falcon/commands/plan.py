@@ -29,11 +29,18 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   log-probabilities for the loss and their gradient) for p positions: the batch's b·s with the model's
   own loss, one chunk of `model.loss_chunk_size` positions with the chunked loss (model/loss.py), which
   also keeps the final hidden states, b·s·h·c, as its checkpoint.
+* attention, for a = query heads and d = h/a, by the kernel the run gets (`plan` names it;
+  model/attention.py): a fused kernel (SDPA's flash or memory-efficient, flash-attn) keeps b·a·s x 4
+  bytes of log-sum-exp a layer; SDPA's math kernel (transformers' own Falcon-7B attention) keeps the
+  probabilities, b·a·s² x 4 (fp32 whatever the inputs), and eager attention the same in c bytes, with
+  the scores and then their gradients beside them for the layer in flight (3x); transformers' own
+  Falcon-40B attention keeps keys and values copied to all a heads, 2·b·s·a·d·c, and their gradients
+  (2x). With checkpointing, the layer in flight only; without, every layer keeps its part.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
 
-Activations and the 1 GiB are the approximate part; the weight terms are exact counts.
+Activations, attention and the 1 GiB are the approximate part; the weight terms are exact counts.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from torch import nn
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.cli import ParseOnlyCLI, check_config, parse_only
+from lightning_falcon.model.attention import Kernel, gpu_kernel
 from lightning_falcon.model.config import read_model_config, warn_remote_code
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES, linear_module_names
 from lightning_falcon.training.strategy import StrategySettings
@@ -68,6 +76,8 @@ class ModelCount:
     layers: int
     vocab: int
     linear_modules: list[str]  # the leaf names LoRA can target
+    heads: int = 1  # query heads of a layer
+    kv_heads: int = 1  # key/value heads of a layer (Falcon-7B: 1; Falcon-40B: 8 groups)
 
     @property
     def quantized_weights(self) -> int:
@@ -91,6 +101,7 @@ def count_model(config, target_modules: list[str], lora_r: int, quantized: bool 
             if name.rsplit(".", 1)[-1] in target_modules:
                 lora += lora_r * (module.in_features + module.out_features)
     unique = {id(p): p for p in model.parameters()}
+    attention = next(m for m in model.modules() if hasattr(m, "num_kv_heads"))  # Falcon's attention layer
     unquantized = sum(p.numel() for key, p in unique.items() if key not in in_linear)
     return ModelCount(
         quantized=layers,
@@ -100,6 +111,8 @@ def count_model(config, target_modules: list[str], lora_r: int, quantized: bool 
         layers=config.num_hidden_layers,
         vocab=config.vocab_size,
         linear_modules=linear_module_names(model),
+        heads=attention.num_heads,
+        kv_heads=attention.num_kv_heads,
     )
 
 
@@ -130,6 +143,8 @@ class Setup:
     mixed_16bit: bool = True  # trainer precision is bf16/fp16 (DeepSpeed then keeps parameters in 16 bits)
     upcast_frozen: bool = True  # frozen unquantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     loss_chunk_size: int | None = None  # positions per chunk of the loss; None: the whole batch's logits at once
+    attn_implementation: str | None = None  # transformers' attention backend; None: sdpa
+    fused_attention: bool = True  # model.fused_attention: keys and values at their own head count (model/attention.py)
 
 
 @dataclass
@@ -178,6 +193,7 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
         p.rows["activations"] = L * b * s * h * c + per_layer
     else:
         p.rows["activations"] = L * per_layer
+    p.rows["attention"] = attention_bytes(count, setup)
     positions = b * s
     if setup.loss_chunk_size is None:
         p.rows["logits"] = positions * count.vocab * (c + 8)
@@ -194,10 +210,34 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
     return p
 
 
+def attention_kernel(count: ModelCount, setup: Setup) -> Kernel:
+    """The attention kernel the run gets on a CUDA GPU."""
+    return gpu_kernel(
+        count.heads, count.kv_heads, setup.attn_implementation, setup.fused_attention, setup.compute_bytes
+    )
+
+
+def attention_bytes(count: ModelCount, setup: Setup) -> float:
+    """What attention holds beyond the layer activations: see the module docstring."""
+    kernel = attention_kernel(count, setup)
+    b, s, a, c = setup.batch_size, setup.max_length, count.heads, setup.compute_bytes
+    d = count.hidden // count.heads
+    if kernel.score_bytes:  # the probabilities kept for backward; with them the scores, then their gradients
+        kept = b * a * s * s * kernel.score_bytes
+        one_layer = 3 * kept
+    elif kernel.copied_kv:  # the copies kept for backward, then their gradients
+        kept = 2 * b * s * a * d * c
+        one_layer = 2 * kept
+    else:  # a fused kernel keeps one fp32 log-sum-exp per query and head
+        kept = b * a * s * 4
+        one_layer = kept
+    return one_layer if setup.gradient_checkpointing else (count.layers - 1) * kept + one_layer
+
+
 def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
-    """Activations + logits for the batch, with or without checkpointing (for the comparison line)."""
+    """Activations + attention + logits for the batch, with or without checkpointing (for the comparison line)."""
     p = plan(count, replace(setup, gradient_checkpointing=checkpointing), "single")
-    return p.rows["activations"] + p.rows["logits"]
+    return p.rows["activations"] + p.rows["attention"] + p.rows["logits"]
 
 
 def parse_bytes(text: str) -> float:
@@ -226,11 +266,14 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
         peak = max(p.total, p.load_peak)
         verdicts.append("fits" if peak <= gpu_memory else "does not fit")
     lines.append(f"{f'verdict ({gpu_memory / GiB:.0f} GiB GPU)':<26}" + "".join(f"{v:>{width}}" for v in verdicts))
+    lines.append(f"attention: {attention_kernel(count, setup).name}")
     lines.append(
-        f"activations + logits: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient checkpointing, "
-        f"{activation_bytes(count, setup, False) / GiB:.2f} GiB without"
+        f"activations + attention + logits: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient "
+        f"checkpointing, {activation_bytes(count, setup, False) / GiB:.2f} GiB without"
     )
-    lines.append("* = this config's strategy. Weights are exact counts; activations and workspace are estimates.")
+    lines.append(
+        "* = this config's strategy. Weights are exact counts; activations, attention and workspace are estimates."
+    )
     return "\n".join(lines)
 
 
@@ -249,6 +292,8 @@ def setup_of(model, data, trainer, world_size: int) -> Setup:
         mixed_16bit="16" in str(trainer.precision),
         upcast_frozen=model.upcast_frozen,
         loss_chunk_size=model.loss_chunk_size,
+        attn_implementation=model.attn_implementation,
+        fused_attention=model.fused_attention,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -163,3 +164,40 @@ def default_implementation(device: torch.device, compute_dtype: torch.dtype) -> 
     if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
+
+
+# ----------------------------------------------------------------- for the planner (no tensors)
+@dataclass(frozen=True)
+class Kernel:
+    """The attention a config gets on a CUDA GPU, and what it holds beyond the layer's usual activations."""
+
+    name: str
+    score_bytes: int = 0  # bytes per (query, key) score the kernel builds for every head; 0 for a fused kernel
+    copied_kv: bool = False  # keys and values copied to every query head before the kernel
+
+
+def gpu_kernel(heads: int, kv_heads: int, attn_implementation: str | None, fused: bool, compute_bytes: int) -> Kernel:
+    """The kernel `attend` (or transformers' own Falcon attention) reaches on a CUDA GPU with 16-bit inputs.
+
+    SDPA's flash kernel takes no mask, so it serves batches without padding; padded and packed batches carry a
+    mask and get the memory-efficient kernel.
+    """
+    if attn_implementation is None:
+        sdpa = gpu_kernel(heads, kv_heads, "sdpa", fused, compute_bytes)
+        return Kernel(
+            f"{sdpa.name} (flash-attn 2 where the flash extra is installed)", sdpa.score_bytes, sdpa.copied_kv
+        )
+    implementation = attn_implementation
+    kv = f"keys and values at {kv_heads} head{'s' if kv_heads > 1 else ''}"
+    if implementation == "eager":
+        return Kernel("eager (the whole score matrix, in the compute dtype)", score_bytes=compute_bytes)
+    if implementation == "flash_attention_2":
+        return Kernel(
+            "flash-attn 2 (no score matrix; packed batches without a mask)", copied_kv=kv_heads not in (1, heads)
+        )
+    sdpa = "SDPA flash (no padding) or memory-efficient (padded or packed) kernel"
+    if kv_heads == heads or fused:
+        return Kernel(f"{sdpa}, {kv}")
+    if kv_heads == 1:
+        return Kernel("SDPA math kernel (the whole score matrix, in fp32): transformers' own attention", score_bytes=4)
+    return Kernel(f"{sdpa}, keys and values copied to all {heads} heads: transformers' own attention", copied_kv=True)
