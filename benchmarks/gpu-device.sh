@@ -36,7 +36,7 @@ step "$python" -c "import importlib; print(', '.join(f'{n} {importlib.import_mod
     ['torch', 'transformers', 'peft', 'lightning', 'bitsandbytes', 'datasets', 'deepspeed', 'trl', 'pyarrow']))"
 step "$python" -m bitsandbytes 2>&1 | tail -4
 status=0
-step timeout 180 "$python" -m pytest -m gpu -v -p no:cacheprovider --durations=10 tests/test_gpu.py 2>&1 \
+step timeout 180 "$python" -m pytest -m gpu -v -p no:cacheprovider --durations=10 tests/test_gpu.py tests/test_attention.py 2>&1 \
     | tee "$out/pytest-gpu.log" || status=1
 step timeout 220 "$python" benchmarks/gpu.py "${dry[@]}" --json "$out/gpu.json" 2>&1 | tee "$out/gpu.log" || status=1
 exit $status

@@ -189,3 +189,33 @@ def test_flash_attention_2_is_the_default_only_on_a_cuda_gpu_with_flash_attn_and
     assert default_implementation(cuda, torch.bfloat16) == default_implementation(cuda, torch.float16)
     assert default_implementation(cuda, torch.float16) == "flash_attention_2"
     assert default_implementation(cuda, torch.float32) == default_implementation(cpu, torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [1, 8])
+@pytest.mark.parametrize("length", [64, 65])
+def test_on_cuda_attend_matches_the_math_kernel_in_bf16_with_a_boolean_mask(kv_heads, length):
+    # The memory-efficient kernel's case of pytorch#191937 (zero-stride keys, bf16, a boolean mask, key length
+    # 65), and the way beside it, against fp32 math over keys and values repeated to every head.
+    g = torch.Generator(device="cuda").manual_seed(4)
+    query = torch.randn(2, 16, length, 64, generator=g, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(2, kv_heads, length, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    mask = torch.ones(2, 1, length, length, dtype=torch.bool, device="cuda").tril()
+    mask[0, :, :, :5] = False
+    mask[0, :, :5, 0] = True
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(
+            query.float(), repeated(key, 16).float(), repeated(value, 16).float(), attn_mask=mask
+        )
+    torch.testing.assert_close(attend(query, key, value, mask).float(), expected, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", ["7b", "40b"])
+def test_on_cuda_the_model_runs_on_the_fused_kernels_alone_in_bf16(size):
+    model = lora_falcon(size, "sdpa", fused=True).to("cuda", torch.bfloat16)
+    for kind in ("causal", "padded"):
+        inputs = {k: v.cuda() for k, v in batch(kind, 64).items()}
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            logits, grads = logits_and_grads(model, inputs, "sdpa")
+        assert torch.isfinite(logits).all() and all(torch.isfinite(g).all() for g in grads.values()), kind
