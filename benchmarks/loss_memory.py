@@ -1,20 +1,26 @@
-"""CPU: the memory of a training step at Falcon-7B's width and vocabulary, ours beside TRL's.
+"""CPU: the memory of a training step at Falcon-7B's (or -40B's) width and vocabulary, ours beside TRL's.
 
 The shape of the scale tier: configs/falcon-7b-qlora.yaml's model (nf4 + double quantization, LoRA r 64
-on the four projections, gradient checkpointing) with 2 of its 32 layers, random weights, at the real
-width (4,544) and vocabulary (65,024); one sequence of 2,048 tokens per step. Three sides, each in its
-own process, on the same rows, weights and settings:
+on the four projections, gradient checkpointing) at falcon-7b's shape with 2 of its 32 layers (or, with
+`--size 40b`, falcon-40b's with 1 of 60), random weights, at the real width (4,544; 8,192), heads (71
+with one key/value head; 128 in 8 groups) and vocabulary (65,024); one sequence of 2,048 tokens per
+step. Four sides, each in its own process, on the same rows, weights and settings:
 
 - `fit, whole logits`: `fit --model.loss_chunk_size null`, the model's own loss over all the logits;
-- `fit`: `fit` as shipped, the chunked loss (model/loss.py);
-- `TRL`: `SFTTrainer` + PEFT, as benchmarks/peer.py builds it.
+- `fit, transformers' attention`: `fit --model.fused_attention false`, Falcon's attention as transformers
+  runs it (on 7B, SDPA's math kernel; on 40B, keys and values copied to all 128 heads);
+- `fit`: `fit` as shipped: the chunked loss (model/loss.py) and attention on SDPA's fused kernels
+  (model/attention.py);
+- `TRL`: `SFTTrainer` + PEFT, as benchmarks/peer.py builds it (transformers' attention).
 
 The figure is the peak anonymous memory (RssAnon) of the process from the first step's start to the
-last step's end: forward, backward and optimizer step, the optimizer state included. CPU-only changes
-to the config, on every side alike: fp32 compute, torch's AdamW, the shipped tiny tokenizer.
+last step's end: forward, backward and optimizer step, the optimizer state included. Beside it, what
+`plan` counts for the same step (LoRA gradients and optimizer state, activations, attention, logits and
+the dequantized layer, without the 1 GiB it reserves for CUDA). CPU-only changes to the config, on
+every side alike: fp32 compute, torch's AdamW, the shipped tiny tokenizer.
 
     pip install -e ".[bench]"     # TRL
-    python benchmarks/loss_memory.py [--steps 2] [--max-length 2048] [--layers 2]
+    python benchmarks/loss_memory.py [--size 7b] [--steps 2] [--max-length 2048] [--layers 2]
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from peer import as_flags, trl_worker
 from shapes import falcon_shape
 
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
-SIDES = ("fit, whole logits", "fit", "TRL")
 
 
 def long_rows(path: Path, rows: int, tokens: int) -> Path:
@@ -46,8 +51,8 @@ def long_rows(path: Path, rows: int, tokens: int) -> Path:
     return path
 
 
-def overrides(work: Path, max_length: int, layers: int) -> dict:
-    shape = falcon_shape("7b", layers, work)
+def overrides(work: Path, size: str, max_length: int, layers: int) -> dict:
+    shape = falcon_shape(size, layers, work)
     return {
         "model.model_name_or_path": str(shape),
         "model.random_init": True,
@@ -76,16 +81,44 @@ def fit_worker(steps: int, warmup: int, flags: list[str]) -> None:
         main(fit_args(steps, warmup, logdir, flags, CONFIG_7B, timer))
 
 
+def planned_step_mib(settings: dict, loss_chunk_size: int | None, fused_attention: bool) -> float:
+    """What `plan` counts for a training step of these settings on one device, in MiB: everything a step adds to
+    the loaded model (the weights are counted apart), without the CUDA reserve."""
+    from peer import settings as config_settings
+
+    from lightning_falcon.commands.plan import WORKSPACE_RESERVE, Setup, count_model, plan
+    from lightning_falcon.model.config import read_model_config
+
+    c = config_settings(CONFIG_7B, settings)
+    m, d = c["model"], c["data"]
+    count = count_model(read_model_config(m["model_name_or_path"]), m["target_modules"], m["lora_r"])
+    setup = Setup(
+        compute_bytes=4,
+        gradient_checkpointing=m["gradient_checkpointing"],
+        optimizer=m["optimizer"],
+        batch_size=d["batch_size"],
+        max_length=d["max_length"],
+        mixed_16bit=False,
+        loss_chunk_size=loss_chunk_size,
+        fused_attention=fused_attention,
+    )
+    rows = plan(count, setup, "single").rows
+    step = ("LoRA gradients", "LoRA optimizer states", "activations", "attention", "logits", "workspace")
+    return (sum(rows[r] for r in step) - WORKSPACE_RESERVE) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2, help="steps per side; the first is left out of tokens/s")
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--size", choices=["7b", "40b"], default="7b", help="the shape: falcon-7b's or falcon-40b's")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 for 7b, 1 for 40b)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the shape, weights and data here")
     parser.add_argument("--worker", choices=["fit", "trl"])
     parser.add_argument("--overrides", type=str, default="{}")
     args, extra = parser.parse_known_args()
     warmup = 1 if args.steps > 1 else 0
+    layers = args.layers or {"7b": 2, "40b": 1}[args.size]
     if args.worker == "fit":
         return fit_worker(args.steps, warmup, extra)
     if args.worker == "trl":
@@ -93,14 +126,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
-        settings = overrides(work, args.max_length, args.layers)
-        common = ["--steps", str(args.steps)]
-        workers = {
-            "fit, whole logits": ["--worker", "fit", *common, *as_flags(settings), "--model.loss_chunk_size", "null"],
-            "fit": ["--worker", "fit", *common, *as_flags(settings)],
-            "TRL": ["--worker", "trl", *common, "--overrides", json.dumps(settings)],
+        settings = overrides(work, args.size, args.max_length, layers)
+        fit = ["--worker", "fit", "--steps", str(args.steps), *as_flags(settings)]
+        workers = {  # side: (arguments, the loss chunk and the attention `plan` counts for it)
+            "fit, whole logits": ([*fit, "--model.loss_chunk_size", "null"], None, True),
+            "fit, transformers' attention": ([*fit, "--model.fused_attention", "false"], 256, False),
+            "fit": (fit, 256, True),
+            "TRL": (["--worker", "trl", "--steps", str(args.steps), "--overrides", json.dumps(settings)], None, False),
         }
-        results = {side: run_worker(Path(__file__), *argv, timeout=3600) for side, argv in workers.items()}
+        results = {side: run_worker(Path(__file__), *argv, timeout=3600) for side, (argv, _, _) in workers.items()}
+        planned = {side: planned_step_mib(settings, chunk, fused) for side, (_, chunk, fused) in workers.items()}
     trl = results["TRL"]["anon_peak_mib"]
     rows = [
         [
@@ -109,6 +144,7 @@ def main() -> None:
             f"{r['anon_peak_mib']:,.0f}",
             f"{r['anon_peak_mib'] - r['anon_before_mib']:,.0f}",
             f"{r['anon_peak_mib'] / trl:.2f}",
+            f"{planned[side]:,.0f}",
             f"{r['tokens_per_sec']:,.1f}",
             f"{r['losses'][0]:.4f}" if r["losses"] else "",
         ]
@@ -116,10 +152,13 @@ def main() -> None:
     ]
     print(f"{device_line()}; {versions()}")
     print(
-        f"falcon-7b width, {args.layers} layers, vocabulary 65,024, batch 1 x {args.max_length} tokens, "
+        f"falcon-{args.size} shape, {layers} layer(s), vocabulary 65,024, batch 1 x {args.max_length} tokens, "
         f"{args.steps} steps (tokens/s over the last {args.steps - warmup})\n"
     )
-    header = ["side", "RssAnon before steps, MiB", "peak, MiB", "peak - before", "peak / TRL", "tokens/s", "loss"]
+    header = [
+        "side", "RssAnon before steps, MiB", "peak, MiB", "peak - before", "peak / TRL", "plan's step, MiB",
+        "tokens/s", "loss",
+    ]  # fmt: skip
     print(table(header, rows))
 
 

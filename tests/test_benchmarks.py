@@ -84,3 +84,17 @@ def test_gpu_benchmark_dry_run_takes_every_path_but_cuda_and_writes_each_section
     assert any(key.startswith("plan's estimate for 60 layers") for key in forty)
     # each table printed as its section ended, before the next one started
     assert proc.stdout.index("## Falcon-7B shape") < proc.stdout.index("[40b, 1 layer(s)]")
+
+
+@pytest.mark.slow
+def test_attention_benchmark_runs_every_way_and_names_the_one_attend_takes():
+    import subprocess
+
+    command = [sys.executable, str(REPO / "benchmarks" / "attention.py"), "--length", "64"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.strip("| ") for line in proc.stdout.splitlines() if line.startswith(("| 7b", "| 40b"))]
+    rows = [line.split(" | ") for line in lines]
+    ways = [row[1] for row in rows]
+    assert ways == ["transformers", "expand", "gqa", "attend (expand)", "transformers", "gqa", "groups", "attend (gqa)"]
+    assert all(int(row[2].replace(",", "")) >= 0 and float(row[3]) > 0 for row in rows)  # MiB, and s a pass
