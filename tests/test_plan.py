@@ -76,24 +76,32 @@ def test_attention_is_planned_by_the_kernel_the_run_gets():
     falcon_7b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
     falcon_40b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
     assert (falcon_7b.heads, falcon_7b.kv_heads, falcon_40b.heads, falcon_40b.kv_heads) == (71, 1, 128, 8)
-    setup = Setup(batch_size=4, max_length=2048)
-    fused = plan(falcon_7b, setup, "single").rows["attention"]
-    math = plan(falcon_7b, replace(setup, fused_attention=False), "single").rows["attention"]
-    assert fused == 4 * 71 * 2048 * 4  # the flash kernel's fp32 log-sum-exp
-    assert math == 3 * 4 * 71 * 2048**2 * 4  # the fp32 probabilities, the scores, then their gradients: 9.0 GiB
-    eager = plan(falcon_7b, replace(setup, attn_implementation="eager"), "single").rows["attention"]
-    assert eager == math / 2  # the same three matrices in bf16
-    copied = plan(falcon_40b, replace(setup, fused_attention=False), "single").rows["attention"]
-    assert copied == 2 * 2 * 4 * 2048 * 8192 * 2  # keys and values at all 128 heads in bf16, then their gradients
-    assert plan(falcon_40b, setup, "single").rows["attention"] == 4 * 128 * 2048 * 4
-    unchecked = plan(falcon_7b, replace(setup, fused_attention=False, gradient_checkpointing=False), "single")
-    assert unchecked.rows["attention"] == 31 * 4 * 71 * 2048**2 * 4 + math  # every layer keeps its probabilities
+    setup = Setup(batch_size=4, max_length=2048, attn_implementation="sdpa")
+
+    def attention(count, **changes):
+        return plan(count, replace(setup, **changes), "single").rows["attention"]
+
+    # the memory-efficient kernel: its fp32 log-sum-exp, and for the layer in flight the keys' and values'
+    # gradients at every head (its backward's, for zero-stride keys and values): 2.2 MiB + 284 MiB at 7B
+    assert attention(falcon_7b) == 4 * 71 * 2048 * 4 + 2 * 4 * 2048 * 4544 * 2
+    math = attention(falcon_7b, fused_attention=False)
+    assert math == 3 * 4 * 71 * 2048**2 * 4  # the fp32 probabilities, the scores, then their gradients: 13.3 GiB
+    assert attention(falcon_7b, attn_implementation="eager") == math / 2  # the same three matrices in bf16
+    assert attention(falcon_7b, attn_implementation="flash_attention_2") == 4 * 71 * 2048 * 4
+    # transformers' own 40B: keys and values copied to all 128 heads in bf16, kept, then their gradients
+    assert attention(falcon_40b, fused_attention=False) == 4 * 128 * 2048 * 4 + 2 * (2 * 4 * 2048 * 8192 * 2)
+    assert attention(falcon_40b) == 4 * 128 * 2048 * 4 + 2 * 4 * 2048 * 8192 * 2
+    # null: sdpa here, flash-attn 2 where it is installed, which copies 40B's keys and values: the larger
+    assert attention(falcon_40b, attn_implementation=None) == attention(falcon_40b, fused_attention=False)
+    assert attention(falcon_7b, attn_implementation=None, fused_attention=False) == math
+    unchecked = attention(falcon_7b, fused_attention=False, gradient_checkpointing=False)
+    assert unchecked == 31 * 4 * 71 * 2048**2 * 4 + math  # every layer keeps its probabilities
 
 
 @pytest.mark.parametrize(
     ("flags", "kernel"),
     [
-        ([], "SDPA flash (no padding) or memory-efficient (padded or packed) kernel, keys and values at 1 head"),
+        ([], "SDPA memory-efficient kernel (keys and values at 1 head); flash-attn 2 (keys and values at 1 head)"),
         (["--model.fused_attention", "false"], "SDPA math kernel (the whole score matrix, in fp32)"),
         (["--model.attn_implementation", "eager"], "eager (the whole score matrix, in the compute dtype)"),
     ],

@@ -164,8 +164,8 @@ def test_a_model_config_names_the_attention_backend_transformers_resolved():
     assert backend in ("sdpa", "eager", "flash_attention_2"), f"config._attn_implementation is {backend!r}"
 
 
-# The source of transformers 5.24's FalconAttention, which upstream._falcon_attention_forward restates.
-FALCON_ATTENTION_SHA256 = "d2f4005bd5155565"
+# The source of transformers 5.24's FalconAttention and rotary, which upstream._falcon_attention_forward restates.
+FALCON_ATTENTION_SHA256 = "64c34ee6edcc1ac3"
 
 
 def test_falcon_attention_is_the_one_the_fused_forward_restates():
@@ -174,9 +174,10 @@ def test_falcon_attention_is_the_one_the_fused_forward_restates():
     from transformers.models.falcon import modeling_falcon
 
     source = inspect.getsource(modeling_falcon.FalconAttention)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    restated = (modeling_falcon.FalconAttention, modeling_falcon.apply_rotary_pos_emb, modeling_falcon.rotate_half)
+    digest = hashlib.sha256("".join(inspect.getsource(x) for x in restated).encode()).hexdigest()[:16]
     assert digest == FALCON_ATTENTION_SHA256, (
-        "transformers changed FalconAttention: check upstream._falcon_attention_forward against it "
+        "transformers changed FalconAttention or its rotary: check upstream._falcon_attention_forward against it "
         "(tests/test_attention.py compares the two), then record the new digest here"
     )
     assert "scaled_dot_product_attention(" in source and "ALL_ATTENTION_FUNCTIONS" not in source, (

@@ -29,13 +29,14 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   log-probabilities for the loss and their gradient) for p positions: the batch's b·s with the model's
   own loss, one chunk of `model.loss_chunk_size` positions with the chunked loss (model/loss.py), which
   also keeps the final hidden states, b·s·h·c, as its checkpoint.
-* attention, for a = query heads and d = h/a, by the kernel the run gets (`plan` names it;
-  model/attention.py): a fused kernel (SDPA's flash or memory-efficient, flash-attn) keeps b·a·s x 4
-  bytes of log-sum-exp a layer; SDPA's math kernel (transformers' own Falcon-7B attention) keeps the
-  probabilities, b·a·s² x 4 (fp32 whatever the inputs), and eager attention the same in c bytes, with
-  the scores and then their gradients beside them for the layer in flight (3x); transformers' own
-  Falcon-40B attention keeps keys and values copied to all a heads, 2·b·s·a·d·c, and their gradients
-  (2x). With checkpointing, the layer in flight only; without, every layer keeps its part.
+* attention, for a = query heads, by the kernel the run gets (`plan` names it; model/attention.py):
+  a fused kernel keeps b·a·s x 4 bytes of log-sum-exp a layer; SDPA's math kernel (transformers' own
+  Falcon-7B attention) keeps the probabilities, b·a·s² x 4 (fp32 whatever the inputs), and eager
+  attention the same in c bytes, with the scores and then their gradients beside them for the layer
+  in flight (3x). Keys and values copied to every head (transformers' own Falcon-40B attention) keep
+  2·b·s·h·c more; those copies' gradients, or the gradients the memory-efficient kernel's backward
+  builds at every head for keys and values it got as zero-stride views, are 2·b·s·h·c for the layer in
+  flight. With checkpointing, one layer's; without, every layer keeps its part.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
@@ -221,17 +222,17 @@ def attention_bytes(count: ModelCount, setup: Setup) -> float:
     """What attention holds beyond the layer activations: see the module docstring."""
     kernel = attention_kernel(count, setup)
     b, s, a, c = setup.batch_size, setup.max_length, count.heads, setup.compute_bytes
-    d = count.hidden // count.heads
-    if kernel.score_bytes:  # the probabilities kept for backward; with them the scores, then their gradients
+    every_head = 2 * b * s * count.hidden * c  # keys and values at every query head (a x d = h)
+    if kernel.score_bytes:  # the probabilities kept for backward; beside them the scores, then their gradients
         kept = b * a * s * s * kernel.score_bytes
-        one_layer = 3 * kept
-    elif kernel.copied_kv:  # the copies kept for backward, then their gradients
-        kept = 2 * b * s * a * d * c
-        one_layer = 2 * kept
+        in_flight = 2 * kept
     else:  # a fused kernel keeps one fp32 log-sum-exp per query and head
-        kept = b * a * s * 4
-        one_layer = kept
-    return one_layer if setup.gradient_checkpointing else (count.layers - 1) * kept + one_layer
+        kept, in_flight = b * a * s * 4, 0
+    if kernel.copied_kv:
+        kept += every_head
+    if kernel.copied_kv or kernel.expanded_grads:  # the keys' and values' gradients at every head
+        in_flight += every_head
+    return kept + in_flight if setup.gradient_checkpointing else count.layers * kept + in_flight
 
 
 def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:

@@ -7,11 +7,14 @@ matrix in fp32. transformers' Falcon instead copies 40B's keys and values to all
 each key/value head stays where it is, and `attend` picks, per call, the first of:
 
 - `native`: the installed torch's fused kernels take one key/value head as it is (SDPA broadcasts it);
-- `gqa`: `enable_gqa`, where a fused kernel accepts it for this call (CPU's flash kernel; CUDA's flash
-  and cuDNN kernels, which take no arbitrary mask), except for one key/value head on CPU;
+- `gqa`: `enable_gqa`, where the flash kernel accepts it for this call (on CPU, always; CUDA's takes no
+  mask), except for one key/value head on CPU;
 - `expand`: one key/value head, expanded to every query head as a zero-stride view (no copy);
-- `groups`: one SDPA call per key/value group, each a zero-stride view for that group's query heads
-  (CUDA's memory-efficient kernel, the one that takes a mask, has no grouped mode).
+- `groups`: one SDPA call per key/value group, each a zero-stride view for that group's query heads.
+
+transformers' Falcon always hands attention a mask (its `create_causal_mask` never skips it), so on
+CUDA the SDPA backend gets the memory-efficient kernel, which has no grouped mode: `expand` or `groups`.
+Its backward still builds the gradient of the keys and values at every query head for a moment.
 
 The memory-efficient kernel returns wrong values for zero-stride keys and values in 16 bits with a
 boolean mask when the key length is 1 more than a multiple of 32 (pytorch/pytorch#191937). There one
@@ -81,12 +84,13 @@ def per_group(query, key, value, attn_mask, is_causal) -> torch.Tensor:
     kv_heads, kv_length = key.shape[-3], key.shape[-2]
     group = heads // kv_heads
     shape = (batch, group, kv_length, dim)
+    per_head_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] == heads > 1
     outputs = [
         F.scaled_dot_product_attention(
             query[:, g * group : (g + 1) * group],
             key[:, g : g + 1].expand(shape),
             value[:, g : g + 1].expand(shape),
-            attn_mask=attn_mask,
+            attn_mask=attn_mask[:, g * group : (g + 1) * group] if per_head_mask else attn_mask,
             is_causal=is_causal,
         )
         for g in range(kv_heads)
@@ -95,9 +99,9 @@ def per_group(query, key, value, attn_mask, is_causal) -> torch.Tensor:
 
 
 def gqa_is_fused(query, key, value, attn_mask, is_causal) -> bool:
-    """Whether SDPA with `enable_gqa` runs a fused kernel for these inputs, not the math one.
+    """Whether SDPA with `enable_gqa` runs the flash kernel for these inputs, not the math one.
 
-    CUDA answers through torch's own checks. torch's CPU flash kernel takes grouped heads with or without a
+    CUDA answers through torch's own check. torch's CPU flash kernel takes grouped heads with or without a
     mask, and refuses only dropout, which Falcon's rotary attention never uses.
     """
     device = query.device.type
@@ -107,15 +111,16 @@ def gqa_is_fused(query, key, value, attn_mask, is_causal) -> bool:
         return False
     from torch.backends import cuda
 
+    # Only flash: SDPA tries cuDNN after the math kernel, so a cuDNN that would take it is never reached.
     params = cuda.SDPAParams(query, key, value, attn_mask, 0.0, is_causal, True)
-    return cuda.can_use_flash_attention(params) or cuda.can_use_cudnn_attention(params)
+    return cuda.can_use_flash_attention(params)
 
 
 @functools.cache
 def takes_one_kv_head_natively(device_type: str) -> bool:
     """Whether this torch's fused kernels take a single key/value head against many query heads as it is,
     without `enable_gqa` (torch releases after 2.13; pytorch/pytorch#191085). Asked once per device type
-    with tensors of a few bytes, SDPA restricted to its fused kernels."""
+    with tensors of a few bytes and a boolean mask, as Falcon calls it, SDPA restricted to its fused kernels."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if device_type == "cpu":
@@ -127,10 +132,11 @@ def takes_one_kv_head_natively(device_type: str) -> bool:
     dtype = torch.float32 if device_type == "cpu" else torch.float16
     query = torch.zeros(1, 2, 8, 8, device=device_type, dtype=dtype)
     key = torch.zeros(1, 1, 8, 8, device=device_type, dtype=dtype)
+    mask = torch.ones(8, 8, dtype=torch.bool, device=device_type).tril()
     try:
         with sdpa_kernel(backends), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns why each kernel declines before it raises
-            F.scaled_dot_product_attention(query, key, key, is_causal=True)
+            F.scaled_dot_product_attention(query, key, key, attn_mask=mask)
     except RuntimeError:
         return False
     return True
@@ -157,11 +163,17 @@ def with_masked_key(key, value, attn_mask):
 
 
 def default_implementation(device: torch.device, compute_dtype: torch.dtype) -> str:
-    """transformers' attention backend for `model.attn_implementation: null`: `flash_attention_2` on a CUDA GPU with
-    flash-attn installed (the `flash` extra) and 16-bit compute, where packed batches need no mask; else `sdpa`."""
+    """transformers' attention backend for `model.attn_implementation: null`: `flash_attention_2` on a CUDA GPU that
+    FlashAttention-2 runs on (compute capability 8.0 or later) with flash-attn installed (the `flash` extra) and
+    16-bit compute, where packed batches need no mask; else `sdpa`."""
     from transformers.utils import is_flash_attn_2_available
 
-    if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+    if (
+        device.type == "cuda"
+        and compute_dtype in (torch.float16, torch.bfloat16)
+        and is_flash_attn_2_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    ):
         return "flash_attention_2"
     return "sdpa"
 
@@ -172,32 +184,37 @@ class Kernel:
     """The attention a config gets on a CUDA GPU, and what it holds beyond the layer's usual activations."""
 
     name: str
-    score_bytes: int = 0  # bytes per (query, key) score the kernel builds for every head; 0 for a fused kernel
+    score_bytes: int = 0  # bytes per (query, key) score built for every head; 0 for a fused kernel
     copied_kv: bool = False  # keys and values copied to every query head before the kernel
+    expanded_grads: bool = False  # the backward builds the keys' and values' gradients at every query head
 
 
 def gpu_kernel(heads: int, kv_heads: int, attn_implementation: str | None, fused: bool, compute_bytes: int) -> Kernel:
-    """The kernel `attend` (or transformers' own Falcon attention) reaches on a CUDA GPU with 16-bit inputs.
+    """The kernel a run gets on a CUDA GPU with 16-bit inputs, through `attend` or transformers' own Falcon attention.
 
-    SDPA's flash kernel takes no mask, so it serves batches without padding; padded and packed batches carry a
-    mask and get the memory-efficient kernel.
+    None is `flash_attention_2` where flash-attn is installed and `sdpa` elsewhere (`default_implementation`);
+    the planner cannot know which, so it names both and counts the larger.
     """
+    grouped = kv_heads not in (1, heads)
     if attn_implementation is None:
         sdpa = gpu_kernel(heads, kv_heads, "sdpa", fused, compute_bytes)
+        flash = gpu_kernel(heads, kv_heads, "flash_attention_2", fused, compute_bytes)
         return Kernel(
-            f"{sdpa.name} (flash-attn 2 where the flash extra is installed)", sdpa.score_bytes, sdpa.copied_kv
+            f"{sdpa.name}; {flash.name} where the flash extra is installed",
+            score_bytes=sdpa.score_bytes,  # flash-attn builds no score matrix
+            copied_kv=sdpa.copied_kv or flash.copied_kv,
+            expanded_grads=sdpa.expanded_grads,
         )
-    implementation = attn_implementation
     kv = f"keys and values at {kv_heads} head{'s' if kv_heads > 1 else ''}"
-    if implementation == "eager":
-        return Kernel("eager (the whole score matrix, in the compute dtype)", score_bytes=compute_bytes)
-    if implementation == "flash_attention_2":
-        return Kernel(
-            "flash-attn 2 (no score matrix; packed batches without a mask)", copied_kv=kv_heads not in (1, heads)
-        )
-    sdpa = "SDPA flash (no padding) or memory-efficient (padded or packed) kernel"
-    if kv_heads == heads or fused:
-        return Kernel(f"{sdpa}, {kv}")
+    if attn_implementation == "eager":
+        return Kernel("eager (the whole score matrix, in the compute dtype)", compute_bytes, copied_kv=grouped)
+    if attn_implementation == "flash_attention_2":
+        copied = ", copied to every head (transformers' own)" if grouped else ""
+        return Kernel(f"flash-attn 2 ({kv}{copied})", copied_kv=grouped)
+    if kv_heads == heads or fused:  # Falcon always passes a mask: the memory-efficient kernel
+        return Kernel(f"SDPA memory-efficient kernel ({kv})", expanded_grads=kv_heads < heads)
     if kv_heads == 1:
-        return Kernel("SDPA math kernel (the whole score matrix, in fp32): transformers' own attention", score_bytes=4)
-    return Kernel(f"{sdpa}, keys and values copied to all {heads} heads: transformers' own attention", copied_kv=True)
+        return Kernel("SDPA math kernel (the whole score matrix, in fp32): transformers' own attention", 4)
+    return Kernel(
+        f"SDPA memory-efficient kernel (keys and values copied to all {heads} heads: transformers' own)", copied_kv=True
+    )
