@@ -1,7 +1,8 @@
 """CPU: one attention forward and backward alone, at Falcon-7B's and Falcon-40B's head layouts, each way beside
 transformers' own.
 
-Batch 1, 2,048 tokens, 64 dimensions a head, causal, fp32: 71 query heads over one key/value head (7B) and 128
+Batch 1, 2,048 tokens, 64 dimensions a head, fp32, with a boolean causal mask (transformers' Falcon always
+passes one): 71 query heads over one key/value head (7B) and 128
 query heads over 8 groups (40B). The ways of model/attention.py, and transformers' own:
 
 - `transformers`: what transformers 5.24's Falcon hands SDPA: 7B's one key/value head without `enable_gqa`
@@ -38,18 +39,19 @@ def worker(layout: str, way: str, length: int, passes: int = 3) -> None:
     g = torch.Generator().manual_seed(0)
     query = torch.randn(1, heads, length, 64, generator=g).requires_grad_()
     key, value = (torch.randn(1, kv_heads, length, 64, generator=g).requires_grad_() for _ in range(2))
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
 
     def once():
         if way == "transformers" and kv_heads == 1:
-            return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         if way == "transformers":
             copied = [x.repeat_interleave(heads // kv_heads, dim=1) for x in (key, value)]
-            return F.scaled_dot_product_attention(query, *copied, is_causal=True)
+            return F.scaled_dot_product_attention(query, *copied, attn_mask=mask)
         if way == "gqa":
-            return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
         if way in ("expand", "groups"):
-            return per_group(query, key, value, None, True)
-        return attend(query, key, value, None, True)
+            return per_group(query, key, value, mask, False)
+        return attend(query, key, value, mask)
 
     peak = AnonPeak()
     peak.start()
@@ -59,7 +61,7 @@ def worker(layout: str, way: str, length: int, passes: int = 3) -> None:
         once().sum().backward()
         seconds.append(time.perf_counter() - start)
     memory = peak.stop()
-    chosen = route(query, key, value, None, True) if way == "attend" else way
+    chosen = route(query, key, value, mask) if way == "attend" else way
     report({**memory, "seconds": sum(seconds[1:]) / (passes - 1), "way": chosen})
 
 
@@ -80,7 +82,7 @@ def main() -> None:
                 f"{r['anon_peak_mib'] - r['anon_before_mib']:,.0f}", f"{r['seconds']:.3f}",
             ])  # fmt: skip
     print(f"{device_line()}; {versions()}")
-    print(f"batch 1 x {args.length} tokens, head dim 64, causal, fp32; forward + backward\n")
+    print(f"batch 1 x {args.length} tokens, head dim 64, boolean causal mask, fp32; forward + backward\n")
     print(table(["layout", "way", "peak above the inputs, MiB", "s a pass"], rows))
 
 

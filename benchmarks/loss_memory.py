@@ -100,6 +100,7 @@ def planned_step_mib(settings: dict, loss_chunk_size: int | None, fused_attentio
         max_length=d["max_length"],
         mixed_16bit=False,
         loss_chunk_size=loss_chunk_size,
+        attn_implementation="sdpa",  # what `model.attn_implementation: null` is on CPU
         fused_attention=fused_attention,
     )
     rows = plan(count, setup, "single").rows
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["7b", "40b"], default="7b", help="the shape: falcon-7b's or falcon-40b's")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 for 7b, 1 for 40b)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the shape, weights and data here")
+    parser.add_argument("--sides", default=None, help="comma-separated sides to run (default: all four)")
     parser.add_argument("--worker", choices=["fit", "trl"])
     parser.add_argument("--overrides", type=str, default="{}")
     args, extra = parser.parse_known_args()
@@ -134,6 +136,8 @@ def main() -> None:
             "fit": (fit, 256, True),
             "TRL": (["--worker", "trl", "--steps", str(args.steps), "--overrides", json.dumps(settings)], None, False),
         }
+        if args.sides:
+            workers = {side: workers[side] for side in args.sides.split(",")}
         results = {side: run_worker(Path(__file__), *argv, timeout=3600) for side, (argv, _, _) in workers.items()}
         planned = {side: planned_step_mib(settings, chunk, fused) for side, (_, chunk, fused) in workers.items()}
     trl = results["TRL"]["anon_peak_mib"]
