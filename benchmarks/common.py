@@ -36,23 +36,24 @@ def tiny_settings() -> dict:
     return yaml.safe_load(TINY_CONFIG.read_text())
 
 
-def fused_adamw(model: dict) -> bool:
-    """Whether `fit` with these `model:` settings steps a fused AdamW (the module's default unless set): every
-    side of a comparison uses the same one."""
+def fit_setting(model: dict, name: str):
+    """A `model:` setting as `fit` takes it: the config's value, else FalconQLoRA's default. Every side of a
+    comparison uses the same one."""
     import inspect
 
     from lightning_falcon.model.module import FalconQLoRA
 
-    return model.get("fused_adamw", inspect.signature(FalconQLoRA).parameters["fused_adamw"].default)
+    return model.get(name, inspect.signature(FalconQLoRA).parameters[name].default)
+
+
+def fused_adamw(model: dict) -> bool:
+    """Whether `fit` with these `model:` settings steps a fused AdamW."""
+    return fit_setting(model, "fused_adamw")
 
 
 def loss_chunk_size(model: dict) -> int | None:
     """The chunk of positions `fit`'s loss takes with these `model:` settings (None: the model's own loss)."""
-    import inspect
-
-    from lightning_falcon.model.module import FalconQLoRA
-
-    return model.get("loss_chunk_size", inspect.signature(FalconQLoRA).parameters["loss_chunk_size"].default)
+    return fit_setting(model, "loss_chunk_size")
 
 
 def versions() -> str:

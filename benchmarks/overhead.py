@@ -31,6 +31,7 @@ from common import (
     StepWindow,
     compare_sides,
     device_line,
+    fit_setting,
     fused_adamw,
     lightning_window_callback,
     loss_chunk_size,
@@ -88,10 +89,12 @@ class HandLoop:
 
         from lightning_falcon.assets import resolve
         from lightning_falcon.data import PromptDataModule
+        from lightning_falcon.model.attention import attend
         from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
         from lightning_falcon.model.module import lr_lambda
         from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
         from lightning_falcon.model.random_weights import random_checkpoint
+        from lightning_falcon.upstream import route_falcon_attention
 
         config = settings or tiny_settings()
         m, d, t = config["model"], dict(config["data"]), config["trainer"]
@@ -107,6 +110,8 @@ class HandLoop:
         cpu = torch.device("cpu")
         dtype = resolve_compute_dtype(m.get("compute_dtype", "auto"), cpu)
         base = load_causal_lm(path, m["quantization"], m.get("double_quant", True), dtype, cpu)
+        if fit_setting(m, "fused_attention"):  # fit's attention (model/attention.py), so the losses are fit's
+            route_falcon_attention(base, attend)
         self.model = apply_lora(
             base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], m.get("target_modules") or FALCON_TARGET_MODULES,
             m.get("gradient_checkpointing", False), m.get("upcast_frozen", True),
