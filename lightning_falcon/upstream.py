@@ -152,7 +152,7 @@ def route_falcon_attention(model: nn.Module, attend) -> int:
 
     count = 0
     for module in model.modules():
-        if type(module) is FalconAttention and module.config._attn_implementation == "sdpa" and not module.config.alibi:
+        if type(module) is FalconAttention and attn_implementation(module.config) == "sdpa" and not module.config.alibi:
             module.forward = functools.partial(_falcon_attention_forward, module, attend)
             count += 1
     return count

@@ -91,8 +91,8 @@ class FalconQLoRA(L.LightningModule):
                 (compute capability 8.0 or later: A100, H100, L4, RTX 30xx), fp16 on older ones (T4, V100), fp32 on
                 CPU. bf16 on a GPU without native bf16 is refused before loading.
             attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`). None:
-                `flash_attention_2` on a CUDA GPU where flash-attn is installed (the `flash` extra) and the compute
-                dtype is 16-bit, so that packed batches need no mask; `sdpa` elsewhere.
+                `flash_attention_2` on a CUDA GPU of compute capability 8.0 or later where flash-attn is installed
+                (the `flash` extra) and the compute dtype is 16-bit, so that packed batches need no mask; else `sdpa`.
             fused_attention: With `sdpa`, Falcon's keys and values stay at their own head count (one for Falcon-7B,
                 8 groups for 40B) and reach SDPA's fused kernels (`model/attention.py`). False: transformers' own
                 Falcon attention, which on Falcon-7B runs SDPA's math kernel (the whole score matrix, in fp32)
