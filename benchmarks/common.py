@@ -154,7 +154,7 @@ class StepWindow:
         import torch
 
         # Start to start: a step's time holds everything between two steps (loading, hooks, logging).
-        step_seconds = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        step_seconds = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
         seconds, tokens = sum(step_seconds), sum(self.step_tokens)
         out = {
             "tokens_per_sec": tokens / seconds,
@@ -214,7 +214,7 @@ def floor_rate(results: list[dict]) -> float:
     """Tokens/s over the sum of each step's fastest time among the repeats (see the module docstring)."""
     if any(r["step_tokens"] != results[0]["step_tokens"] for r in results):
         raise RuntimeError("the repeats trained different batches: a step-by-step floor would compare unlike work")
-    return sum(results[0]["step_tokens"]) / sum(map(min, zip(*(r["step_seconds"] for r in results))))
+    return sum(results[0]["step_tokens"]) / sum(map(min, zip(*(r["step_seconds"] for r in results), strict=False)))
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -21,6 +21,7 @@ token counts are the tiny tokenizer's: about 1.5-2x Falcon's on English text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -68,10 +69,8 @@ def children(pid: int | str = "self") -> list[str]:
     """The ids of a process's child processes (its tokenizing workers), from every one of its threads."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError):  # the thread has ended
             found += (task / "children").read_text().split()
-        except OSError:  # the thread has ended
-            pass
     return found
 
 

@@ -7,7 +7,8 @@ does per step (logging to TensorBoard, the progress bar, the gradient-norm and N
 throughput meter); validation and periodic checkpoints are switched off, as the loop has neither.
 
 The fixed cost a step is a `fit` step's time less the loop's on the same batch, in one process
-(`Interleaved`): each step's median over the runs, averaged over the steps. `--real-size` measures the same on a step of real size:
+(`Interleaved`): each step's median over the runs, averaged over the steps. `--real-size` measures the same on a
+step of real size:
 the shipped falcon-7b config at its real width and vocabulary with 2 layers (random weights), one
 sequence of `--max-length` tokens a step.
 
@@ -305,14 +306,14 @@ class Interleaved(Callback):
 
 def step_differences(run: dict) -> list[float]:
     """Each timed step's `fit` time less the loop's on the same batch, in ms."""
-    return [1e3 * (a - b) for a, b in zip(run["fit"]["step_seconds"], run["loop"]["step_seconds"])]
+    return [1e3 * (a - b) for a, b in zip(run["fit"]["step_seconds"], run["loop"]["step_seconds"], strict=False)]
 
 
 def fixed_cost_ms(runs: list[dict]) -> float:
     """`fit`'s cost over the loop a step, in ms: for each step, the median over the runs of its difference
     (a slow spell of the machine hits one run's step, not all of them), then the mean over the steps (so
     the logged steps' extra cost counts at its real share, which a median over steps would leave out)."""
-    return statistics.mean(statistics.median(d) for d in zip(*map(step_differences, runs)))
+    return statistics.mean(statistics.median(d) for d in zip(*map(step_differences, runs), strict=False))
 
 
 def _mean_ms(side: dict, phase: str | None) -> float:
@@ -364,7 +365,7 @@ def print_interleaved(inter: dict, repeats: int) -> None:
     rows = [
         [i + 1, f"{r['fit']['tokens_per_sec']:,.1f}", f"{r['loop']['tokens_per_sec']:,.1f}", f"{ratio:.3f}",
          f"{1e3 * statistics.median(r['loop']['step_seconds']):,.1f}", f"{cost:+.2f}"]
-        for i, (r, ratio, cost) in enumerate(zip(inter["runs"], inter["ratios"], inter["fixed_costs_ms"]))
+        for i, (r, ratio, cost) in enumerate(zip(inter["runs"], inter["ratios"], inter["fixed_costs_ms"], strict=False))
     ]  # fmt: skip
     same = all(r["fit"]["losses"] == r["loop"]["losses"] for r in inter["runs"])
     header = ["run", "fit tokens/s", "loop tokens/s", "fit / loop", "loop ms/step (median)", "fit - loop ms (mean)"]

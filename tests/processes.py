@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-CHILD_TIMEOUT = 600  # seconds; below the slow tier's per-test limit (conftest.SLOW_TIMEOUT)
+CHILD_TIMEOUT = 600  # seconds; below the slow tier's per-test limit (helpers.SLOW_TIMEOUT)
 
 
 def run_process(

@@ -11,6 +11,7 @@ needs proctrack/linuxproc and task/none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -139,10 +140,8 @@ JobCompType=jobcomp/none
     def stop(self) -> None:
         for name in (*(f"slurmd-{n}" for n in self.nodes), "slurmctld", "munged"):
             pidfile = self.root / "run" / f"{name}.pid"
-            try:
+            with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-            except (FileNotFoundError, ValueError, ProcessLookupError):
-                pass
         time.sleep(1)
 
 

@@ -197,7 +197,7 @@ def test_a_decoding_step_with_the_cache_matches_the_whole_sequence(size, kv_head
 
 def test_flash_attention_2_is_the_default_only_on_an_ampere_gpu_with_flash_attn_and_16_bit_compute(monkeypatch):
     import transformers.utils
-    from conftest import on_a_gpu
+    from helpers import on_a_gpu
 
     from lightning_falcon.model.attention import default_implementation
 

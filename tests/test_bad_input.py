@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO, on_a_gpu
+from helpers import REPO, on_a_gpu
 
 DATA = REPO / "tests" / "fixtures" / "data"
 
@@ -439,15 +439,28 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.datasets[1].val_fraction"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.datasets[1].name 'a b'"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "midjourney"}, [], "data.datasets[0], data.datasets[1]"),
-        ({"dataset": "x.jsonl", "wieght": 3}, [], "unknown key data.datasets[1].wieght. Fix: did you mean data.datasets[1].weight?"),
+        (
+            {"dataset": "x.jsonl", "wieght": 3},
+            [],
+            "unknown key data.datasets[1].wieght. Fix: did you mean data.datasets[1].weight?",
+        ),
         ({"dataset": "x.jsonl", "weight": "x"}, [], "data.datasets[1].weight must be a number, got 'x'"),
         ({"dataset": "x.jsonl", "weight": float("nan")}, [], "data.datasets[1].weight must be above 0, got nan"),
-        ({"dataset": "x.jsonl", "format": "chat"}, [], "data.datasets[1].format must be one of ['prompt_response', 'turns']"),
+        (
+            {"dataset": "x.jsonl", "format": "chat"},
+            [],
+            "data.datasets[1].format must be one of ['prompt_response', 'turns']",
+        ),
         ({"template": "plain"}, [], "data.datasets[1] needs a dataset. Fix: data.datasets[1].dataset: "),
-        ({"dataset": "x.jsonl"}, ["--data.template", "guanaco"], "data.template set beside data.datasets would be ignored"),
+        (
+            {"dataset": "x.jsonl"},
+            ["--data.template", "guanaco"],
+            "data.template set beside data.datasets would be ignored",
+        ),
     ],
     ids=[
-        "missing", "extension", "hub", "json", "utf8", "columns", "empty", "blank", "too-long", "empty-val", "too-few-to-train",
+        "missing", "extension", "hub", "json", "utf8", "columns", "empty", "blank", "too-long", "empty-val",
+        "too-few-to-train",
         "template", "weight", "val-fraction", "name", "same-name", "key", "weight-type",
         "weight-nan", "format", "no-dataset", "setting-beside",
     ],

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import GUANACO, TINY, cli, prepared_datamodule, scalars
+from helpers import GUANACO, TINY, cli, prepared_datamodule, scalars
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.data.batching import PackedRows, pack
@@ -71,13 +71,13 @@ def test_packed_batch_carries_restarting_positions_and_keeps_each_eos_trained(tm
     assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
     eos = dm.tokenizer.eos_token_id
     for ids, labels, positions, mask in zip(
-        batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
+        batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"], strict=False
     ):
         starts = (positions == 0).nonzero().flatten().tolist()
         n = int(mask.sum())
         examples = [s for s in starts if s < n]
         assert len(examples) >= 2  # short guanaco rows share a sequence
-        for start, end in zip(examples, [*examples[1:], n]):
+        for start, end in zip(examples, [*examples[1:], n], strict=False):
             assert labels[start] == IGNORE_INDEX  # never predicted from the previous example
             assert ids[end - 1] == eos and labels[end - 1] == eos  # each example still learns to stop
         assert (labels[n:] == IGNORE_INDEX).all()

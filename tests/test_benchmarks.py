@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
@@ -19,7 +19,9 @@ def test_overhead_benchmark_trains_both_sides_on_the_same_tokens():
     assert all(r["timed_steps"] == len(r["step_seconds"]) == 6 for r in fits + loops)
     # And the same training: fit's loss at every step is the hand-written loop's, to the bit.
     assert all(r["losses"] == loops[0]["losses"] for r in fits + loops) and len(loops[0]["losses"]) == 6
-    floor = sum(fits[0]["step_tokens"]) / sum(min(a, b) for a, b in zip(*(r["step_seconds"] for r in fits)))
+    floor = sum(fits[0]["step_tokens"]) / sum(
+        min(a, b) for a, b in zip(*(r["step_seconds"] for r in fits), strict=False)
+    )
     assert out["fit"]["floor"] == pytest.approx(floor) and out["fit"]["floor"] >= out["fit"]["median"]
     assert out["ratio"]["floor"] == pytest.approx(out["fit"]["floor"] / out["loop"]["floor"])
 
@@ -37,12 +39,12 @@ def test_interleaved_overhead_run_trains_both_sides_alike_in_one_process():
     assert fit["losses"] == loop["losses"] and all(t > 0 for t in fit["step_seconds"] + loop["step_seconds"])
     assert out["ratio"] == pytest.approx(loop["seconds"] / fit["seconds"])
     # One run: its fixed cost is the mean over the steps of fit's step time less the loop's.
-    differences = [1e3 * (a - b) for a, b in zip(fit["step_seconds"], loop["step_seconds"])]
+    differences = [1e3 * (a - b) for a, b in zip(fit["step_seconds"], loop["step_seconds"], strict=False)]
     assert out["fixed_cost_ms"] == pytest.approx(sum(differences) / len(differences))
     # Each timed step splits into the same phases on both sides, and they add up to the step's time.
     for side in (fit, loop):
         assert len(side["phases"]) == 6 and all(set(p) == set(overhead.PHASES) for p in side["phases"])
-        for phases, seconds in zip(side["phases"], side["step_seconds"]):
+        for phases, seconds in zip(side["phases"], side["step_seconds"], strict=False):
             assert all(t > 0 for t in phases.values()) and sum(phases.values()) == pytest.approx(seconds)
     assert "| whole step |" in overhead.phase_table(out["runs"])
 

@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from conftest import GUANACO, tiny_arguments, tuned_tiny
+from helpers import GUANACO, tiny_arguments, tuned_tiny
 from processes import run_process
 
 from lightning_falcon.commands.chat import one_line

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_changes_the_model, cli, scalars
+from helpers import adapter_changes_the_model, cli, scalars
 from processes import run_process
 
 pytestmark = pytest.mark.slow

@@ -196,5 +196,5 @@ def test_a_headers_per_gpu_memory_is_what_plan_prints_for_its_command(path, figu
     lines = report(config.model, config.data, config.trainer, config.devices, config.num_nodes, "80GB").splitlines()
     names = next(line for line in lines if line.startswith("per GPU, GiB")).split()[3:]
     totals = next(line for line in lines if line.startswith("total")).split()[1:]
-    (planned,) = [float(total) for name, total in zip(names, totals) if name.endswith("*")]
+    (planned,) = [float(total) for name, total in zip(names, totals, strict=False) if name.endswith("*")]
     assert round(planned, 1) == gib, f"{path.name} says {gib} GiB on {gpus} GPU(s); plan prints {planned:.2f}"

@@ -6,7 +6,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
+from helpers import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.data import datamodule
@@ -24,7 +24,9 @@ def test_prompt_response_batches_mask_prompt_and_padding_but_train_eos(tmp_path)
     eos = dm.tokenizer.eos_token_id
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < batch["input_ids"].shape[1]  # dynamic padding: some row is padded
-    for ids, mask, labels, n in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], lengths):
+    for ids, mask, labels, n in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], lengths, strict=False
+    ):
         assert (labels[n:] == IGNORE_INDEX).all() and (mask[n:] == 0).all() and (ids[n:] == eos).all()
         assert labels[n - 1] == eos and ids[n - 1] == eos  # the real EOS is a trained label
         assert labels[0] == IGNORE_INDEX  # the prompt is masked
@@ -52,7 +54,7 @@ def test_truncation_is_counted(tmp_path, tokenizer):
 def test_turns_format_trains_only_assistant_turns(tmp_path):
     dm = make(tmp_path, dataset=GUANACO, format="turns", val_fraction=0.25)
     row = dm._splits["train"][0]
-    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=False) if label != IGNORE_INDEX]
     text = dm.tokenizer.decode(trained)
     assert "### Human:" not in text and "### Assistant:" not in text
     assert trained[-1] == dm.tokenizer.eos_token_id

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, adapter_changes_the_model, cli, sample_texts, scalars
+from helpers import REPO, adapter_changes_the_model, cli, sample_texts, scalars
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, tuned_tiny
+from helpers import TINY, tuned_tiny
 from processes import run_process
 
 from lightning_falcon.commands.export import export

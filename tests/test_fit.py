@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import adapter_changes_the_model, fit_in_process, sample_texts, scalars
+from helpers import adapter_changes_the_model, fit_in_process, sample_texts, scalars
 
 from lightning_falcon.files import umask
 
@@ -86,7 +86,7 @@ def test_the_module_trains_under_a_plain_trainer_with_no_product_callbacks(tmp_p
 
 
 def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
-    from conftest import restored_process_state, tiny_arguments
+    from helpers import restored_process_state, tiny_arguments
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from lightning_falcon import FalconQLoRA, PromptDataModule
@@ -106,7 +106,7 @@ def test_the_cli_installs_every_product_callback_beside_the_users_own(tmp_path):
 
 
 def test_the_cli_shows_the_products_bar_unless_the_config_picks_its_own_or_none(tmp_path, monkeypatch):
-    from conftest import restored_process_state, tiny_arguments
+    from helpers import restored_process_state, tiny_arguments
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from lightning_falcon import FalconQLoRA, PromptDataModule

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
+from helpers import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
 
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.generation import GenerationSettings, generate

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GUANACO, MIDJOURNEY, TINY, prepared_datamodule
+from helpers import GUANACO, MIDJOURNEY, TINY, prepared_datamodule
 
 from lightning_falcon.data.modelfile import PROMPT, template
 from lightning_falcon.data.prompts import TEMPLATES, pair_prompt_ids
@@ -110,8 +110,11 @@ def llama():
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> list[int]:
     """For each pair of continuations, how many tokens agree before the first difference (all: equal)."""
     return [
-        next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x) if len(x) == len(y) else min(len(x), len(y)))
-        for x, y in zip(ours, theirs)
+        next(
+            (i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b),
+            len(x) if len(x) == len(y) else min(len(x), len(y)),
+        )
+        for x, y in zip(ours, theirs, strict=False)
     ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli, scalars
+from helpers import REPO, TINY, cli, scalars
 
 from lightning_falcon import FalconQLoRA
 from lightning_falcon.errors import ConfigError

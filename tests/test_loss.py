@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import GUANACO, TINY, prepared_datamodule
+from helpers import GUANACO, TINY, prepared_datamodule
 
 from lightning_falcon.data.batching import PackedRows
 from lightning_falcon.errors import ConfigError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from torch import nn
 
 from lightning_falcon.model.lora import apply_lora

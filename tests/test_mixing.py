@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import (
+from first_epoch import FIXTURE, fingerprints
+from helpers import (
     GUANACO,
     MIDJOURNEY,
     REPO,
@@ -23,7 +24,6 @@ from conftest import (
     tiny_arguments,
     write_jsonl,
 )
-from first_epoch import FIXTURE, fingerprints
 
 from lightning_falcon.commands.main import main
 from lightning_falcon.data import datamodule
@@ -52,7 +52,7 @@ def by_source(dm, items: list[int]) -> list[collections.Counter]:
     """Each source's items, counted: source i's rows sit after those of the sources before it."""
     ends = list(itertools.accumulate(len(part) for part in dm._parts["train"]))
     source = [sum(i >= end for end in ends) for i in items]
-    return [collections.Counter(i for i, s in zip(items, source) if s == k) for k in range(len(ends))]
+    return [collections.Counter(i for i, s in zip(items, source, strict=False) if s == k) for k in range(len(ends))]
 
 
 @pytest.mark.parametrize("batching", ["padded", "grouped"])
@@ -67,7 +67,7 @@ def test_each_epoch_draws_rows_by_weight_without_replacement(tmp_path, batching)
         items = epoch(dm, number)
         assert len(items) == total  # an epoch holds as many rows as the sources together
         counts = by_source(dm, items)
-        for count, n, w in zip(counts, rows, weights):
+        for count, n, w in zip(counts, rows, weights, strict=False):
             share = total * w / sum(weights)
             assert abs(sum(count.values()) - share) < 1, (sum(count.values()), share)
             # without replacement: a row comes again only once every row of its source has come
@@ -97,7 +97,7 @@ def test_packed_sequences_hold_one_source_and_are_drawn_by_its_share_of_rows(tmp
         offsets = [0, len(packed[0])]
         drawn = [[i - offsets[s] for i in items if (i >= offsets[1]) == bool(s)] for s in range(2)]
         drawn_rows = [sum(len(packed[s].bins[i]) for i in drawn[s]) for s in range(2)]
-        exact = [len(items) * w * len(p) / n for w, p, n in zip((3, 1), packed, rows)]
+        exact = [len(items) * w * len(p) / n for w, p, n in zip((3, 1), packed, rows, strict=False)]
         exact = [e * len(items) / sum(exact) for e in exact]
         for s in range(2):
             # the sequences' count: within one of its exact share; the rows they hold, within the spread of
@@ -168,7 +168,7 @@ def test_validation_logs_each_sources_loss_beside_the_overall_one(tmp_path):
     tokens = [sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in part) for part in dm._parts["val"]]
     for k, (_, overall) in enumerate(logged["val/loss"]):
         parts = [logged[f"val/loss/{name}"][k][1] for name in dm.val_names]
-        weighted = sum(t * loss for t, loss in zip(tokens, parts)) / sum(tokens)
+        weighted = sum(t * loss for t, loss in zip(tokens, parts, strict=False)) / sum(tokens)
         assert overall == pytest.approx(weighted, rel=1e-5)
         assert parts[0] != pytest.approx(parts[1], rel=1e-3)  # two sources, two different losses
     # evaluate's report sets each source's loss beside the base's

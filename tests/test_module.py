@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from lightning_falcon import FalconQLoRA
 from lightning_falcon.errors import ConfigError
@@ -154,7 +154,7 @@ def test_remote_code_is_off_by_default_and_warned_about_when_on(recwarn):
 def _fit_lora_weights(tmp_path, steps: int, module: dict | None = None, **trainer_kwargs):
     """LoRA weights after `steps` steps of a seeded fit (`module`: FalconQLoRA settings), and its optimizer."""
     import lightning as L
-    from conftest import prepared_datamodule
+    from helpers import prepared_datamodule
 
     L.seed_everything(0)
     trainer = L.Trainer(
@@ -181,7 +181,7 @@ def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # callbacks run before the module
             copies = [torch.nn.Parameter(p.detach().clone()) for p in self.params(optimizer)]
-            for c, p in zip(copies, self.params(optimizer)):
+            for c, p in zip(copies, self.params(optimizer), strict=False):
                 c.grad = p.grad.detach().clone()
             if algorithm == "norm":
                 assert float(torch.nn.utils.clip_grad_norm_(copies, clip)) > clip
@@ -207,7 +207,7 @@ def test_fit_clips_gradients_exactly_as_torch_does(tmp_path, algorithm):
     _fit_lora_weights(tmp_path, 3, callbacks=[probe], gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
     assert len(probe.pairs) == 3
     for expected, seen in probe.pairs:
-        assert all(torch.equal(e, s) for e, s in zip(expected, seen))
+        assert all(torch.equal(e, s) for e, s in zip(expected, seen, strict=False))
 
 
 def test_adamw_is_fused_by_default_and_makes_torchs_update(tmp_path):

@@ -9,7 +9,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from processes import run_process
 
 pytestmark = pytest.mark.slow  # prefetch and the offline script run as subprocesses

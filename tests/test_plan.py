@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from transformers import AutoConfig
 
 from lightning_falcon.assets import resolve

@@ -29,7 +29,7 @@ def test_template_boundary_tokenizes_as_running_text(tokenizer, template):
     enc = encode_pair(tokenizer, "a fox", "Hello fox", template, max_length=256)
     running = tokenizer(render(template, "a fox") + "Hello fox", add_special_tokens=False)["input_ids"]
     assert enc.input_ids == running + [tokenizer.eos_token_id]
-    trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(enc.input_ids, enc.labels, strict=False) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == " Hello fox" + tokenizer.eos_token
 
 
@@ -44,7 +44,7 @@ def test_turns_train_only_assistant_turns_each_ending_in_eos(tokenizer):
     text = "### Human: Hi there ### Assistant: Hello! ### Human: Bye ### Assistant: See you."
     assert [r for r, _ in split_turns(text, "### Human:", "### Assistant:")] == ["human", "assistant"] * 2
     enc = encode_turns(tokenizer, text, "### Human:", "### Assistant:", max_length=256)
-    trained = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(enc.input_ids, enc.labels, strict=False) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == f" Hello!{tokenizer.eos_token} See you.{tokenizer.eos_token}"
     assert trained.count(tokenizer.eos_token_id) == 2
 

@@ -3,7 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import TINY, on_a_gpu
+from helpers import TINY, on_a_gpu
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli, restored_process_state, tiny_arguments
+from helpers import REPO, cli, restored_process_state, tiny_arguments
 from processes import run_process
 
 from lightning_falcon.commands.cli import find_last
@@ -137,7 +137,8 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
     # The mix (54 Midjourney rows and 24 guanaco rows, 3 : 1: 10 batches an epoch) draws another epoch after
     # the boundary at step 10.
     common = [
-        "--data.max_samples", "100" if config == "tiny.yaml" else "60", "--model.lora_dropout", "0.1", "--trainer.max_steps", "14",
+        "--data.max_samples", "100" if config == "tiny.yaml" else "60", "--model.lora_dropout", "0.1",
+        "--trainer.max_steps", "14",
         "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
         "--trainer.val_check_interval", "6", "--generation.samples", "[]", "--model.optimizer", optimizer,
         *(["--data.batching", batching] if batching else []),
@@ -220,7 +221,7 @@ def test_a_quota_error_inside_torch_save_is_reported_as_a_full_disk(tmp_path):
         try:
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     with pytest.raises(DiskFull, match="the disk filled up while writing checkpoint .*; the partial file was removed"):
         write_checkpoint(last, over_quota)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from processes import run_process
 from test_distributed import CPU_DEEPSPEED
 

@@ -1,7 +1,7 @@
 """Secrets stay out of everything a run writes (remote code: test_module.py; pickled code: test_bad_input.py)."""
 
 import pytest
-from conftest import PLANTED_TOKEN, files_holding_the_token
+from helpers import PLANTED_TOKEN, files_holding_the_token
 
 pytestmark = pytest.mark.slow  # it searches the 500-step subprocess fit
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PLANTED_TOKEN, REPO, files_holding_the_token, scalars
+from helpers import PLANTED_TOKEN, REPO, files_holding_the_token, scalars
 from slurm_cluster import LocalSlurm, install
 
 # The scripts ask for 8 GPUs; this node has 2 CPUs and no GPUs (slurm/README.md, "A CPU-only Slurm").

@@ -1,8 +1,8 @@
-"""Batched tokenizing (data/tokenizing.py) writes the cache row for row as the per-row `DataFormat.encode` defines it."""
+"""Batched tokenizing (data/tokenizing.py) writes the cache row for row as `DataFormat.encode` defines it."""
 
 import datasets
 import pytest
-from conftest import GUANACO, MIDJOURNEY, prepared_datamodule
+from helpers import GUANACO, MIDJOURNEY, prepared_datamodule
 
 # (data settings as the shipped config sets them, or cut short so rows are truncated and dropped, num_proc)
 CASES = {

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY, scalars
+from helpers import TINY, scalars
 from torch import nn
 
 from lightning_falcon import upstream

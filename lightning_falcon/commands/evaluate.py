@@ -104,7 +104,7 @@ def as_json(queries: list[Query], results: dict) -> dict:
             **output_stats(r["outputs"]),
             "outputs": [
                 {"level": q.level, "input": q.input, "output": o.text, "tokens": o.new_tokens, "eos": o.stopped_at_eos}
-                for q, o in zip(queries, r["outputs"])
+                for q, o in zip(queries, r["outputs"], strict=False)
             ],
         }
         for name, r in results.items()
@@ -124,7 +124,10 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
         ),
         f"- Held-out split: {datamodule.stats['val']['rows']} rows of "
         + ", ".join(f"`{m.source.dataset}`" for m in datamodule.members),
-        f"- Generation: {g.decoding()}, at most {g.max_new_tokens} new tokens, repetition penalty {g.repetition_penalty}",
+        (
+            f"- Generation: {g.decoding()}, at most {g.max_new_tokens} new tokens, "
+            f"repetition penalty {g.repetition_penalty}"
+        ),
         f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
         "## Summary",
@@ -146,7 +149,7 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
     levels = list(dict.fromkeys(q.level for q in queries))
     for level in levels:
         lines += ["", f"## {level}", "", "| # | query | base | fine-tuned |", "|---|---|---|---|"]
-        for i, (q, b, t) in enumerate(zip(queries, base["outputs"], tuned["outputs"]), start=1):
+        for i, (q, b, t) in enumerate(zip(queries, base["outputs"], tuned["outputs"], strict=False), start=1):
             if q.level == level:
                 lines.append(f"| {i} | {markdown_cell(q.input)} | {_cell(b)} | {_cell(t)} |")
     return "\n".join(lines) + "\n"

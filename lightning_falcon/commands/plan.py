@@ -122,10 +122,9 @@ def quantized_layer_bytes(n: int, out_features: int, quantization: str, double_q
     if quantization == "int8":
         return n, 4 * out_features
     blocks = math.ceil(n / 64)
-    if double_quant:  # uint8 absmax + fp32 absmax of the absmax per 256 blocks + its 256-entry code + nf4 code
-        constants = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
-    else:  # fp32 absmax per block + the 16-entry code
-        constants = 4 * blocks + 4 * 16
+    # double: uint8 absmax + fp32 absmax of the absmax per 256 blocks + its 256-entry code + nf4 code;
+    # single: fp32 absmax per block + the 16-entry code
+    constants = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 if double_quant else 4 * blocks + 4 * 16
     return math.ceil(n / 2), constants
 
 

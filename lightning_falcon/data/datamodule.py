@@ -92,7 +92,8 @@ class PromptDataModule(L.LightningDataModule):
             human_marker: Marker that opens a human turn (format `turns`).
             assistant_marker: Marker that opens an assistant turn (format `turns`).
             datasets: Several sources instead of `dataset`: each a mapping of the settings above (`dataset` to
-                `assistant_marker`), a `name` and a `weight` (lightning_falcon/data/source.py). Each epoch holds as many rows as they have together,
+                `assistant_marker`), a `name` and a `weight` (lightning_falcon/data/source.py). Each epoch holds
+                as many rows as they have together,
                 each source's share following its weight, drawn without replacement from (seed, epoch)
                 (lightning_falcon/data/mixing.py). Each is validated on its own (`val/loss/<name>`).
                 Generation, chat and export render a request as the first source does.
@@ -165,7 +166,7 @@ class PromptDataModule(L.LightningDataModule):
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
         columns = member.format.columns
         kept = ds.filter(
-            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values)],
+            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values, strict=False)],
             batched=True,
             input_columns=columns,
         )
@@ -173,7 +174,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"every one of the {len(ds)} rows of dataset {member.label(dataset)} has an empty or null "
                 f"{' or '.join(columns)}. "
-                f"Fix: fill them in, or name the columns that hold the text ({setting(member.option, 'prompt_column')} etc.)"
+                "Fix: fill them in, or name the columns that hold the text "
+                f"({setting(member.option, 'prompt_column')} etc.)"
             )
         return kept, len(ds) - len(kept)
 
@@ -191,7 +193,8 @@ class PromptDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- tokenizing and caching
     def check_max_length(self) -> None:
-        """Fail before tokenizing when `max_length` cannot hold even a source's template (every row would be dropped)."""
+        """Fail before tokenizing when `max_length` cannot hold even a source's template (every row would be
+        dropped)."""
         max_length, problems = self.hparams.max_length, []
         for member in self.members:
             scaffold, what = member.format.scaffold(self._tokenizer())
@@ -212,7 +215,8 @@ class PromptDataModule(L.LightningDataModule):
         return self.format.describe()
 
     def _cache_key(self, member: Member) -> str:
-        """Hash of a source's data (its content, or its Hub name), the tokenizer and every setting its rows depend on."""
+        """Hash of a source's data (its content, or its Hub name), the tokenizer and every setting its rows
+        depend on."""
         h = hashlib.sha256()
         for dataset in (member.source.dataset, member.source.val_dataset):
             path = local_file(dataset)
@@ -250,7 +254,7 @@ class PromptDataModule(L.LightningDataModule):
 
         # Our own one-line report replaces datasets' per-file progress bars.
         datasets.disable_progress_bars()
-        for member, target in zip(self.members, self.cache_paths.values()):
+        for member, target in zip(self.members, self.cache_paths.values(), strict=False):
             if not (target / "stats.json").exists():
                 self._prepare(member, target)
 
@@ -303,7 +307,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         parts: dict[str, list] = {"train": [], "val": []}
         self.stats = {"train": {}, "val": {}, "sources": {}}
-        for member, target in zip(self.members, self.cache_paths.values()):
+        for member, target in zip(self.members, self.cache_paths.values(), strict=False):
             if not (target / "stats.json").exists():
                 raise RuntimeError(f"tokenized cache {target} is missing: prepare_data() must run before setup()")
             self.stats["sources"][member.name] = json.loads((target / "stats.json").read_text())
@@ -346,7 +350,9 @@ class PromptDataModule(L.LightningDataModule):
 
         def padded(key: str, fill: int) -> torch.Tensor:
             # Padded as lists, then one tensor per field: a tensor per row and field costs far more.
-            return torch.tensor([r[key] + [fill] * (width - n) for r, n in zip(rows, lengths)], dtype=torch.long)
+            return torch.tensor(
+                [r[key] + [fill] * (width - n) for r, n in zip(rows, lengths, strict=False)], dtype=torch.long
+            )
 
         batch = {
             "input_ids": padded("input_ids", self.pad_id),
@@ -355,7 +361,8 @@ class PromptDataModule(L.LightningDataModule):
         }
         if "position_ids" in rows[0]:  # packed
             batch["position_ids"] = torch.tensor(
-                [r["position_ids"] + list(range(width - n)) for r, n in zip(rows, lengths)], dtype=torch.long
+                [r["position_ids"] + list(range(width - n)) for r, n in zip(rows, lengths, strict=False)],
+                dtype=torch.long,
             )
         return batch
 
@@ -393,8 +400,8 @@ class PromptDataModule(L.LightningDataModule):
         lengths = [[len(ids) for ids in part["input_ids"]] for part in parts] if hp.batching != "padded" else None
         items: Any = self._splits["train"]
         if hp.batching == "packed":  # sequences of one or a few rows may still differ in length: grouped too
-            packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths)]
-            lengths = [[sum(n[i] for i in b) for b in p.bins] for p, n in zip(packed, lengths)]
+            packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths, strict=False)]
+            lengths = [[sum(n[i] for i in b) for b in p.bins] for p, n in zip(packed, lengths, strict=False)]
             items = packed[0] if len(packed) == 1 else ConcatDataset(packed)
             rank_zero_info(f"[data] packed {sum(rows)} train rows into {len(items)} sequences of <= {hp.max_length}")
         counts = [len(n) for n in lengths] if hp.batching == "packed" else rows
@@ -406,9 +413,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def _report_mix(self, mix: Mix, rows: list[int]) -> None:
         """A `[data]` line for each source: its share of an epoch's rows, and how often each of its rows comes."""
-        epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items)]
+        epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items, strict=False)]
         about = "about " if self.hparams.batching == "packed" else ""  # whole sequences are drawn, not rows
-        for member, share, n, quota in zip(self.members, epoch_rows, rows, mix.quotas):
+        for member, share, n, quota in zip(self.members, epoch_rows, rows, mix.quotas, strict=False):
             if quota == 0:
                 rank_zero_warn(
                     f"[data] source {member.name!r} gets no row of an epoch at weight {member.source.weight:g}: "

@@ -171,6 +171,7 @@ def _problems(source: Source, option: str) -> list[str]:
     if source.val_dataset is None and not 0.0 < source.val_fraction < 1.0:
         problems.append(
             f"{option}.val_fraction must be in (0, 1) when {option}.val_dataset is not set, got "
-            f"{source.val_fraction}. Fix: {setting(option, 'val_fraction', 0.1)}, or set {setting(option, 'val_dataset')}"
+            f"{source.val_fraction}. Fix: {setting(option, 'val_fraction', 0.1)}, "
+            f"or set {setting(option, 'val_dataset')}"
         )
     return problems

@@ -55,7 +55,8 @@ def problems(config) -> list[str]:
             )
         if config.bias:
             found.append(
-                "the model's linear layers have biases, which llama.cpp's Falcon has not. Fix: export without --format gguf"
+                "the model's linear layers have biases, which llama.cpp's Falcon has not. "
+                "Fix: export without --format gguf"
             )
     return found
 
@@ -114,7 +115,8 @@ def pre_tokenizer(tokenizer) -> str:
             return "falcon"
     raise ConfigError(
         f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is neither GPT-2's byte-level split "
-        "nor Falcon's, the two llama.cpp's Falcon takes. Fix: export with Falcon's own tokenizer, or without --format gguf"
+        "nor Falcon's, the two llama.cpp's Falcon takes. "
+        "Fix: export with Falcon's own tokenizer, or without --format gguf"
     )
 
 

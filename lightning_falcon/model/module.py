@@ -350,7 +350,7 @@ class FalconQLoRA(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
-        for name, metric in zip(self.source_names, self.source_loss):
+        for name, metric in zip(self.source_names, self.source_loss, strict=False):
             self.log(f"val/loss/{name}", metric.compute())
             metric.reset()
 
@@ -370,7 +370,7 @@ class FalconQLoRA(L.LightningModule):
         outputs = self.generate(batch["prompt_ids"])
         return [
             {"input": text, "output": out.text, "eos": out.stopped_at_eos}
-            for text, out in zip(batch["inputs"], outputs)
+            for text, out in zip(batch["inputs"], outputs, strict=False)
         ]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -410,7 +410,7 @@ class FalconQLoRA(L.LightningModule):
         if self.trainer.world_size > 1:  # one rank alone raising would leave the others waiting forever
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item():
-            here = [name for name, ok in zip(checked, torch.isfinite(values).tolist()) if not ok]
+            here = [name for name, ok in zip(checked, torch.isfinite(values).tolist(), strict=False) if not ok]
             what = here[0] if here else " or ".join(checked)
             value = f"this rank: {checked[what].float().item()}" if here else "finite on this rank, not on another"
             step, callback = self.trainer.global_step, self.trainer.checkpoint_callback

@@ -35,7 +35,7 @@ class GenerationSamples(Callback):
             return
         rows = "\n".join(
             f"| {markdown_cell(text)} | {markdown_cell(out.text)} | {'EOS' if out.stopped_at_eos else 'cut'} |"
-            for text, out in zip(samples, outputs)
+            for text, out in zip(samples, outputs, strict=False)
         )
         table = "| input | output | ended at |\n|---|---|---|\n" + rows
         for logger in trainer.loggers:
