@@ -7,7 +7,7 @@ import torch
 from helpers import TINY, tuned_tiny
 from processes import run_process
 
-from lightning_falcon.commands.export import export
+from lightning_falcon.export.run import export
 
 pytestmark = pytest.mark.slow
 TEXTS = [

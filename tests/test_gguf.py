@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import GUANACO, MIDJOURNEY, TINY, prepared_datamodule
 
-from lightning_falcon.data.modelfile import PROMPT, template
 from lightning_falcon.data.prompts import TEMPLATES, pair_prompt_ids
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.model import gguf_writer
+from lightning_falcon.export import gguf
+from lightning_falcon.export.modelfile import PROMPT, template
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import GenerationSettings, generate
 
@@ -25,7 +25,7 @@ from lightning_falcon.model.generation import GenerationSettings, generate
 @pytest.mark.parametrize("model, heads", [("asset:falcon-7b", 1), ("asset:falcon-40b", 8), ("asset:tiny-falcon", 1)])
 def test_the_kv_heads_are_those_the_attention_computes_with(model, heads):
     config = read_model_config(model, False)
-    assert gguf_writer.kv_heads(config) == heads
+    assert gguf.kv_heads(config) == heads
     if model != "asset:falcon-40b":  # the trap: transformers' config says otherwise under multi-query attention
         assert config.multi_query and config.num_kv_heads == config.num_attention_heads != 1
 
@@ -47,9 +47,9 @@ def test_the_modelfile_template_of_a_turns_model_is_the_text_of_one_human_turn(t
 
 def test_what_llama_cpps_falcon_cannot_compute_is_refused_with_the_reason():
     config = read_model_config("asset:tiny-falcon", False)
-    assert gguf_writer.problems(config) == []
+    assert gguf.problems(config) == []
     config.alibi, config.bias = True, True
-    found = gguf_writer.problems(config)
+    found = gguf.problems(config)
     assert len(found) == 2 and "ALiBi" in found[0] and "biases" in found[1]
 
 
@@ -57,11 +57,11 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused(tokenizer):
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    assert gguf_writer.pre_tokenizer(tokenizer) == "gpt-2"
+    assert gguf.pre_tokenizer(tokenizer) == "gpt-2"
     other = AutoTokenizer.from_pretrained(TINY)
     other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ConfigError, match=r"pre-tokenizer \(Whitespace\) is neither GPT-2's byte-level split"):
-        gguf_writer.pre_tokenizer(other)
+        gguf.pre_tokenizer(other)
 
 
 def falcon_tokenizer(directory: Path):
@@ -92,7 +92,7 @@ def falcon_tokenizer(directory: Path):
 
 
 def test_falcons_own_pre_tokenizer_is_named_falcon_for_llama_cpp(tmp_path):
-    assert gguf_writer.pre_tokenizer(falcon_tokenizer(tmp_path)) == "falcon"
+    assert gguf.pre_tokenizer(falcon_tokenizer(tmp_path)) == "falcon"
 
 
 # --------------------------------------------------------------------------- llama.cpp itself
@@ -135,7 +135,7 @@ def training_prompts(tokenizer, n: int) -> tuple[list[str], list[list[int]]]:
 @pytest.fixture(scope="module")
 def exports(fitted, tmp_path_factory):
     """The 500-step tiny run exported as GGUF f32, f16, bf16 and q8_0, and merged as a transformers fp32 model."""
-    from lightning_falcon.commands.export import export
+    from lightning_falcon.export.run import export
 
     _, run, _ = fitted
     out = tmp_path_factory.mktemp("gguf")
@@ -200,7 +200,7 @@ def test_a_grouped_kv_falcon_40b_layout_generates_in_llama_cpp_as_in_transformer
     torch.manual_seed(0)
     model = FalconForCausalLM(config).eval()
     path = tmp_path / "grouped.gguf"
-    gguf_writer.write(model, tokenizer, path, "f32", "grouped")
+    gguf.write(model, tokenizer, path, "f32", "grouped")
     texts, prompts = training_prompts(tokenizer, 4)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ours = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=16), 1)
@@ -223,7 +223,7 @@ def test_llama_cpp_splits_text_as_falcons_own_pre_tokenizer_does(tmp_path, llama
     torch.manual_seed(0)
     model = FalconForCausalLM(AutoConfig.from_pretrained(TINY)).eval()
     path = tmp_path / "falcon-split.gguf"
-    gguf_writer.write(model, tokenizer, path, "f32", "falcon-split")
+    gguf.write(model, tokenizer, path, "f32", "falcon-split")
     texts, _ = training_prompts(tokenizer, 8)
     texts += [
         "price: 12,345.67 in 2024, or 1234567 units",

@@ -5,8 +5,8 @@ import torch
 from helpers import TINY
 from torch import nn
 
+from lightning_falcon.export.merge import dense_weight, merge_into_dequantized
 from lightning_falcon.model.lora import apply_lora
-from lightning_falcon.model.merge import dense_weight, merge_into_dequantized
 from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
 
 

@@ -19,7 +19,7 @@ PROMPT = "{{ .Prompt }}"
 def template(prompt_format: dict[str, Any]) -> str:
     """Ollama's TEMPLATE for the prompt format saved beside an adapter (`lightning_falcon.json`'s `prompt`).
 
-    `export` refuses an adapter without one before any weights load (`commands/export.py`).
+    `export` refuses an adapter without one before any weights load (`export/run.py`).
     """
     if prompt_format["format"] == "turns":
         return f"{prompt_format['human_marker']} {PROMPT} {prompt_format['assistant_marker']}"
