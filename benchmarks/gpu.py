@@ -178,8 +178,9 @@ def plan_one_gpu_gib(shape: Path, batch_size: int, max_length: int) -> float:
     from transformers import AutoConfig
 
     from lightning_falcon.commands.cli import parse_only
-    from lightning_falcon.commands.plan import PlanCLI, count_model, plan, setup_of
+    from lightning_falcon.commands.plan import PlanCLI, setup_of
     from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+    from lightning_falcon.model.memory import count_model, plan
 
     sizes = ["--data.batch_size", str(batch_size), "--data.max_length", str(max_length)]
     config = parse_only(PlanCLI, ["--config", CONFIG_40B, *sizes], "plan").config

@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from common import REPO, device_line, run_worker, table, versions
@@ -84,24 +85,19 @@ def fit_worker(steps: int, warmup: int, flags: list[str]) -> None:
 def planned_step_mib(settings: dict, loss_chunk_size: int | None, fused_attention: bool) -> float:
     """What `plan` counts for a training step of these settings on one device, in MiB: everything a step adds to
     the loaded model (the weights are counted apart), without the CUDA reserve."""
-    from peer import settings as config_settings
-
-    from lightning_falcon.commands.plan import WORKSPACE_RESERVE, Setup, count_model, plan
+    from lightning_falcon.commands.cli import parse_only
+    from lightning_falcon.commands.plan import PlanCLI, setup_of
     from lightning_falcon.model.config import read_model_config
+    from lightning_falcon.model.memory import WORKSPACE_RESERVE, count_model, plan
 
-    c = config_settings(CONFIG_7B, settings)
-    m, d = c["model"], c["data"]
-    count = count_model(read_model_config(m["model_name_or_path"]), m["target_modules"], m["lora_r"])
-    setup = Setup(
-        compute_bytes=4,
-        gradient_checkpointing=m["gradient_checkpointing"],
-        optimizer=m["optimizer"],
-        batch_size=d["batch_size"],
-        max_length=d["max_length"],
-        mixed_16bit=False,
+    config = parse_only(PlanCLI, ["--config", CONFIG_7B, *as_flags(settings)], "plan").config
+    model = config.model
+    count = count_model(read_model_config(model.model_name_or_path), model.target_modules, model.lora_r)
+    setup = replace(
+        setup_of(model, config.data, config.trainer, 1),
         loss_chunk_size=loss_chunk_size,
-        attn_implementation="sdpa",  # what `model.attn_implementation: null` is on CPU
         fused_attention=fused_attention,
+        attn_implementation="sdpa",  # what `model.attn_implementation: null` is on CPU
     )
     rows = plan(count, setup, "single").rows
     step = ("LoRA gradients", "LoRA optimizer states", "activations", "attention", "logits", "workspace")

@@ -160,8 +160,8 @@ def footprint_mib(output: str) -> float:
 def planner_rows(shape: Path, world_size: int, max_length: int, strategy: str = "single") -> dict[str, float]:
     from transformers import AutoConfig
 
-    from lightning_falcon.commands.plan import Setup, count_model, plan
     from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+    from lightning_falcon.model.memory import Setup, count_model, plan
 
     count = count_model(AutoConfig.from_pretrained(shape), FALCON_TARGET_MODULES, 64)
     setup = Setup(compute_bytes=4, mixed_16bit=False, batch_size=1, max_length=max_length, world_size=world_size)

@@ -10,8 +10,9 @@ from transformers import AutoConfig
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.main import main
-from lightning_falcon.commands.plan import Setup, count_model, parse_bytes, plan
+from lightning_falcon.commands.plan import parse_bytes
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+from lightning_falcon.model.memory import Setup, count_model, plan
 from lightning_falcon.model.quantization import load_causal_lm
 
 sys.path.insert(0, str(REPO / "benchmarks"))

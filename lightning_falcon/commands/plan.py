@@ -1,243 +1,34 @@
-"""The memory planner: per-GPU memory of a run, from the model's config.json alone, for every strategy.
+"""`python -m lightning_falcon plan`: the per-GPU memory of a config, for its strategy and every alternative.
 
 python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml
 python -m lightning_falcon plan --config configs/falcon-7b-qlora.yaml --devices 4 --gpu_memory 24GB
 
-The model is built on the meta device (no weights, no memory) to count its parameters exactly: which
-linear layers bitsandbytes quantizes, which parameters stay unquantized, and what LoRA adds.
-
-The formula, per GPU, with N = devices x nodes, b = micro batch, s = max_length, h = hidden size,
-L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 for fp32):
-
-* quantized base: for each quantized linear layer of n weights, nf4/fp4 pack n/2 bytes plus constants
-  in blocks of 64 (double quantization: 1 byte per block + a second level of fp32 per 256 blocks + a
-  256-entry fp32 code; without it: 4 bytes per block); int8 is n bytes + 4 per row. These are exactly
-  what bitsandbytes allocates (checked against a real load in tests/test_plan.py).
-  ZeRO-3 divides the packed weights by N; the constants stay whole on every GPU (they are attributes
-  of the weight, not parameters DeepSpeed can partition).
-* unquantized parameters (embeddings, norms, biases): 4 bytes each, because PEFT's
-  prepare_model_for_kbit_training upcasts them to fp32 (c bytes with `model.upcast_frozen: false`);
-  under DeepSpeed with bf16/fp16 precision DeepSpeed casts them back to 2 bytes. ZeRO-3 divides them by N.
-* LoRA: r x (in + out) per adapted layer; 4 bytes of weight + 4 of gradient + 8 of AdamW state
-  (paged 8-bit AdamW: 2, plus an fp32 scale per block of 256 for each of its two states).
-  ZeRO-2 divides gradient and optimizer state by N, ZeRO-3 all three;
-  offload moves gradient and optimizer state to CPU memory. DDP adds a bucket copy of the gradients.
-* activations: L x b·s·h x 34 x c/2 without checkpointing (Korthikanti et al. 2022, "Reducing
-  Activation Recomputation", eq. 1, with the 5·a·s/h attention-score term dropped because SDPA and
-  flash attention do not store the scores); with checkpointing, L x b·s·h·c (each layer's input)
-  plus one layer recomputed in full. Plus the logits: p·V x (c + 8) (the logits, their fp32
-  log-probabilities for the loss and their gradient) for p positions: the batch's b·s with the model's
-  own loss, one chunk of `model.loss_chunk_size` positions with the chunked loss (model/loss.py), which
-  also keeps the final hidden states, b·s·h·c, as its checkpoint.
-* attention, for a = query heads, by the kernel the run gets (`plan` names it; model/attention.py):
-  a fused kernel keeps b·a·s x 4 bytes of log-sum-exp a layer; SDPA's math kernel (transformers' own
-  Falcon-7B attention) keeps the probabilities, b·a·s² x 4 (fp32 whatever the inputs), and eager
-  attention the same in c bytes, with the scores and then their gradients beside them for the layer
-  in flight (3x). Keys and values copied to every head (transformers' own Falcon-40B attention) keep
-  2·b·s·h·c more; those copies' gradients, or the gradients the memory-efficient kernel's backward
-  builds at every head for keys and values it got as zero-stride views, are 2·b·s·h·c for the layer in
-  flight. With checkpointing, one layer's; without, every layer keeps its part.
-* workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
-  for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
-  and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
-
-Activations, attention and the 1 GiB are the approximate part; the weight terms are exact counts.
+This reads the config as fit would (and refuses what fit would refuse), counts with `model/memory.py`,
+whose docstring gives the formula, and prints the table.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field, replace
 
 import torch
-from torch import nn
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.cli import ParseOnlyCLI, check_config, parse_only
-from lightning_falcon.model.attention import Kernel, gpu_kernel
 from lightning_falcon.model.config import read_model_config, warn_remote_code
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES, linear_module_names
+from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.model.memory import (
+    STRATEGIES,
+    GiB,
+    ModelCount,
+    Plan,
+    Setup,
+    activation_bytes,
+    attention_kernel,
+    count_model,
+    plan,
+)
 from lightning_falcon.training.strategy import StrategySettings
-from lightning_falcon.upstream import falcon_linear_as_nn_linear
-
-GiB = 2**30
-STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
-WORKSPACE_RESERVE = 1 * GiB  # CUDA context + cuBLAS workspace + allocator slack: an assumption
-
-
-@dataclass
-class ModelCount:
-    """Parameter counts of an architecture, from its config alone."""
-
-    quantized: list[tuple[int, int]]  # (in_features, out_features) of every linear layer bitsandbytes replaces
-    unquantized: int  # every other parameter (embeddings, norms, biases, an untied lm_head), tied ones once
-    lora: int  # LoRA parameters for the given rank and targets
-    hidden: int
-    layers: int
-    vocab: int
-    linear_modules: list[str]  # the leaf names LoRA can target
-    heads: int = 1  # query heads of a layer
-    kv_heads: int = 1  # key/value heads of a layer (Falcon-7B: 1; Falcon-40B: 8 groups)
-
-    @property
-    def quantized_weights(self) -> int:
-        return sum(i * o for i, o in self.quantized)
-
-
-def count_model(config, target_modules: list[str], lora_r: int, quantized: bool = True) -> ModelCount:
-    """Build `config` on the meta device and count what each part holds. No weights are read or allocated."""
-    from transformers import AutoModelForCausalLM
-
-    with falcon_linear_as_nn_linear(), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    # transformers leaves the output embedding unquantized (it is tied to the input embedding for Falcon).
-    output = model.get_output_embeddings()
-    layers, lora, in_linear = [], 0, set()
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and module is not output:
-            if quantized:
-                layers.append((module.in_features, module.out_features))
-                in_linear.add(id(module.weight))
-            if name.rsplit(".", 1)[-1] in target_modules:
-                lora += lora_r * (module.in_features + module.out_features)
-    unique = {id(p): p for p in model.parameters()}
-    attention = next(m for m in model.modules() if hasattr(m, "num_kv_heads"))  # Falcon's attention layer
-    unquantized = sum(p.numel() for key, p in unique.items() if key not in in_linear)
-    return ModelCount(
-        quantized=layers,
-        unquantized=unquantized,
-        lora=lora,
-        hidden=config.hidden_size,
-        layers=config.num_hidden_layers,
-        vocab=config.vocab_size,
-        linear_modules=linear_module_names(model),
-        heads=attention.num_heads,
-        kv_heads=attention.num_kv_heads,
-    )
-
-
-def quantized_layer_bytes(n: int, out_features: int, quantization: str, double_quant: bool) -> tuple[int, int]:
-    """(weight bytes, constant bytes) bitsandbytes allocates for one linear layer of `n` weights."""
-    if quantization == "int8":
-        return n, 4 * out_features
-    blocks = math.ceil(n / 64)
-    # double: uint8 absmax + fp32 absmax of the absmax per 256 blocks + its 256-entry code + nf4 code;
-    # single: fp32 absmax per block + the 16-entry code
-    constants = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 if double_quant else 4 * blocks + 4 * 16
-    return math.ceil(n / 2), constants
-
-
-@dataclass
-class Setup:
-    """What the planner needs from a run's config."""
-
-    quantization: str = "nf4"
-    double_quant: bool = True
-    compute_bytes: int = 2
-    gradient_checkpointing: bool = True
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    max_length: int = 512
-    world_size: int = 1
-    mixed_16bit: bool = True  # trainer precision is bf16/fp16 (DeepSpeed then keeps parameters in 16 bits)
-    upcast_frozen: bool = True  # frozen unquantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
-    loss_chunk_size: int | None = None  # positions per chunk of the loss; None: the whole batch's logits at once
-    attn_implementation: str | None = None  # transformers' attention backend; None: sdpa
-    fused_attention: bool = True  # model.fused_attention: keys and values at their own head count (model/attention.py)
-
-
-@dataclass
-class Plan:
-    strategy: str
-    rows: dict[str, float] = field(default_factory=dict)  # component -> bytes per GPU
-    load_peak: float = 0.0  # bytes per GPU while loading, before DeepSpeed shards the base
-
-    @property
-    def total(self) -> float:
-        return sum(self.rows.values())
-
-
-def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
-    """Per-GPU bytes of each component for one strategy (see the module docstring for the formula)."""
-    n = setup.world_size if strategy != "single" else 1
-    c = setup.compute_bytes
-    zero = {"deepspeed-zero2": 2, "deepspeed-zero3": 3, "deepspeed-zero3-offload": 3}.get(strategy, 0)
-    offload = strategy.endswith("offload")
-
-    if setup.quantization == "none":
-        weights, constants = count.quantized_weights * c, 0
-        unquantized = count.unquantized * c
-    else:
-        parts = [quantized_layer_bytes(i * o, o, setup.quantization, setup.double_quant) for i, o in count.quantized]
-        weights, constants = sum(w for w, _ in parts), sum(k for _, k in parts)
-        frozen_bytes = 4 if setup.upcast_frozen else c
-        unquantized = count.unquantized * (2 if zero and setup.mixed_16bit else frozen_bytes)
-    # bitsandbytes' 8-bit AdamW: two uint8 states, each with an fp32 absmax per block of 256
-    optimizer_bytes = 2 + 2 * 4 / 256 if setup.optimizer == "paged_adamw_8bit" else 8
-    lora_param, lora_grad, lora_optim = 4 * count.lora, 4 * count.lora, optimizer_bytes * count.lora
-
-    p = Plan(strategy)
-    p.rows["quantized base weights"] = 0 if offload else weights / (n if zero == 3 else 1)
-    p.rows["quantization constants"] = constants
-    p.rows["unquantized parameters"] = 0 if offload else unquantized / (n if zero == 3 else 1)
-    p.rows["LoRA parameters"] = lora_param / (n if zero == 3 else 1)
-    p.rows["LoRA gradients"] = 0 if offload else lora_grad / (n if zero >= 2 else 1)
-    if strategy == "ddp":
-        p.rows["LoRA gradients"] += lora_grad  # DDP's gradient buckets
-    p.rows["LoRA optimizer states"] = 0 if offload else lora_optim / (n if zero >= 2 else 1)
-
-    b, s, h, L = setup.batch_size, setup.max_length, count.hidden, count.layers
-    per_layer = 34 * b * s * h * c / 2
-    if setup.gradient_checkpointing:
-        p.rows["activations"] = L * b * s * h * c + per_layer
-    else:
-        p.rows["activations"] = L * per_layer
-    p.rows["attention"] = attention_bytes(count, setup)
-    positions = b * s
-    if setup.loss_chunk_size is None:
-        p.rows["logits"] = positions * count.vocab * (c + 8)
-    else:
-        p.rows["logits"] = min(setup.loss_chunk_size, positions) * count.vocab * (c + 8) + positions * h * c
-
-    largest = max((i * o for i, o in count.quantized), default=0)
-    workspace = largest * c + WORKSPACE_RESERVE
-    if zero == 3:  # the layer computing and the one prefetched, gathered whole
-        per_block = weights / max(L, 1)
-        workspace += 2 * per_block
-    p.rows["workspace"] = workspace
-    p.load_peak = weights + constants + unquantized + WORKSPACE_RESERVE if zero == 3 else 0.0
-    return p
-
-
-def attention_kernel(count: ModelCount, setup: Setup) -> Kernel:
-    """The attention kernel the run gets on a CUDA GPU."""
-    return gpu_kernel(
-        count.heads, count.kv_heads, setup.attn_implementation, setup.fused_attention, setup.compute_bytes
-    )
-
-
-def attention_bytes(count: ModelCount, setup: Setup) -> float:
-    """What attention holds beyond the layer activations: see the module docstring."""
-    kernel = attention_kernel(count, setup)
-    b, s, a, c = setup.batch_size, setup.max_length, count.heads, setup.compute_bytes
-    every_head = 2 * b * s * count.hidden * c  # keys and values at every query head (a x d = h)
-    if kernel.score_bytes:  # the probabilities kept for backward; beside them the scores, then their gradients
-        kept = b * a * s * s * kernel.score_bytes
-        in_flight = 2 * kept
-    else:  # a fused kernel keeps one fp32 log-sum-exp per query and head
-        kept, in_flight = b * a * s * 4, 0
-    if kernel.copied_kv:
-        kept += every_head
-    if kernel.copied_kv or kernel.expanded_grads:  # the keys' and values' gradients at every head
-        in_flight += every_head
-    return kept + in_flight if setup.gradient_checkpointing else count.layers * kept + in_flight
-
-
-def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
-    """Activations + attention + logits for the batch, with or without checkpointing (for the comparison line)."""
-    p = plan(count, replace(setup, gradient_checkpointing=checkpointing), "single")
-    return p.rows["activations"] + p.rows["attention"] + p.rows["logits"]
 
 
 def parse_bytes(text: str) -> float:
@@ -277,7 +68,6 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------- from a parsed run config to the table
 def setup_of(model, data, trainer, world_size: int) -> Setup:
     """What the planner needs from a parsed config's model, data and trainer sections, at `world_size` GPUs."""
     return Setup(
