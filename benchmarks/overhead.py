@@ -92,7 +92,7 @@ class HandLoop:
         from lightning_falcon.data import PromptDataModule
         from lightning_falcon.model.attention import attend
         from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
-        from lightning_falcon.model.module import lr_lambda
+        from lightning_falcon.model.step_policy import lr_factor
         from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
         from lightning_falcon.model.random_weights import random_checkpoint
         from lightning_falcon.upstream import route_falcon_attention
@@ -122,7 +122,7 @@ class HandLoop:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=m["learning_rate"], weight_decay=m["weight_decay"], fused=fused_adamw(m) or None
         )
-        schedule = lr_lambda(m["warmup_steps"], steps, m["lr_schedule"], m.get("min_lr_ratio", 0.0))
+        schedule = lr_factor(m["warmup_steps"], steps, m["lr_schedule"], m.get("min_lr_ratio", 0.0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.clip = t["gradient_clip_val"]
         self.chunk = loss_chunk_size(m)

@@ -6,7 +6,7 @@ from helpers import TINY
 
 from lightning_falcon import FalconQLoRA
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.model.module import lr_lambda
+from lightning_falcon.model.step_policy import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,10 @@ def test_checkpoint_holds_only_lora_weights_and_refuses_other_shapes(module):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = lr_lambda(warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
+    f = lr_factor(warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
-    assert lr_lambda(5, 100, "constant", 0.0)(50) == 1.0
+    assert lr_factor(5, 100, "constant", 0.0)(50) == 1.0
 
 
 def test_int8_base_trains_lora():
@@ -238,7 +238,7 @@ def test_fp16_amp_keeps_adamw_unfused_so_checks_and_clipping_see_unscaled_gradie
     import lightning as L
     from lightning.pytorch.plugins import MixedPrecision
 
-    from lightning_falcon.model.module import fused_adamw_fits
+    from lightning_falcon.model.step_policy import fused_adamw_fits
 
     amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     assert not fused_adamw_fits(L.Trainer(accelerator="cpu", logger=False, plugins=[amp], gradient_clip_val=1.0))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
@@ -18,6 +17,7 @@ from lightning_falcon.assets import resolve
 from lightning_falcon.data.batching import packed_attention_mask
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.errors import ConfigError
+from lightning_falcon.files import load_weights_only
 from lightning_falcon.model.adapter import check_matches, load_weights
 from lightning_falcon.model.attention import attend, default_implementation
 from lightning_falcon.model.config import read_model_config
@@ -35,18 +35,22 @@ from lightning_falcon.model.quantization import (
     ComputeDtype,
     Quantization,
     load_causal_lm,
-    paged_adamw_8bit,
     quantized_layers,
     resolve_compute_dtype,
 )
 from lightning_falcon.model.random_weights import random_checkpoint
-from lightning_falcon.upstream import (
-    attn_implementation,
-    last_saved_step,
-    log_to_loggers,
-    logging_step,
-    route_falcon_attention,
+from lightning_falcon.model.step_policy import (
+    NonFiniteLoss,
+    Optimizer,
+    Schedule,
+    StepGuard,
+    clips_by_norm_itself,
+    fused_adamw_fits,
+    lr_factor,
+    lr_scheduler,
+    optimizer,
 )
+from lightning_falcon.upstream import attn_implementation, log_to_loggers, logging_step, route_falcon_attention
 
 
 class FalconQLoRA(L.LightningModule):
@@ -67,15 +71,17 @@ class FalconQLoRA(L.LightningModule):
         gradient_checkpointing: bool = False,
         upcast_frozen: bool = True,
         loss_chunk_size: int | None = 256,
-        optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
+        optimizer: Optimizer = "adamw",
         fused_adamw: bool = True,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        lr_schedule: Schedule = "cosine",
         min_lr_ratio: float = 0.0,
         random_init_dir: str = "~/.cache/lightning_falcon/random",
+        adapter: str | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         """QLoRA fine-tuning of a Falcon causal LM.
 
@@ -120,9 +126,13 @@ class FalconQLoRA(L.LightningModule):
             lr_schedule: After warmup, `cosine` decay to `min_lr_ratio` * lr over the run, or `constant`.
             min_lr_ratio: Floor of the cosine schedule as a fraction of the peak.
             random_init_dir: Where `random_init` checkpoints are written (once per architecture).
+            adapter: LoRA weights to start from: an adapter directory or a `.ckpt` of this model's LoRA weights,
+                loaded right after LoRA is added. `fit` trains on from them (a new run: no optimizer or loop state,
+                which `--ckpt_path` resumes); the CLI's other subcommands take `--ckpt_path` here.
+            generation: How `generate` and `predict` decode. The CLI passes its `generation:` section.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["generation"])  # a run-time setting, not a hyperparameter
         targets = target_modules if target_modules is not None else FALCON_TARGET_MODULES
         problems = []
         if lora_r < 1:
@@ -144,11 +154,9 @@ class FalconQLoRA(L.LightningModule):
         ConfigError.collect(problems)
         self.target_modules = list(targets)
         self.model: torch.nn.Module | None = None
-        # Run-time settings, not hyperparameters: the CLI sets them from its `generation:` section and
-        # `--ckpt_path ADAPTER_DIR`; evaluate switches the adapter off to score the base.
-        self.generation = GenerationSettings()
-        self.adapter_dir: str | None = None
-        self.adapter_enabled = True
+        self.generation = generation or GenerationSettings()
+        self.tokenizer = None  # the data module's, for generation: from `setup`
+        self._adapter_enabled = True  # off inside `base_only`
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -156,8 +164,7 @@ class FalconQLoRA(L.LightningModule):
         self.source_names: list[str] = []
         self.source_loss = torch.nn.ModuleList()
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
-        self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
-        self._window_loss: torch.Tensor | None = None  # the losses since the last optimizer step, on the device
+        self._guard = StepGuard()
         self._linear_modules: list[str] | None = None  # from config.json, by linear_modules()
 
     # ----------------------------------------------------------------- building
@@ -244,13 +251,22 @@ class FalconQLoRA(L.LightningModule):
             hp.gradient_checkpointing,
             hp.upcast_frozen,
         )
-        if self.adapter_dir is not None:
-            load_weights(self.model, self.adapter_dir)
-            rank_zero_info(f"[model] adapter loaded from {self.adapter_dir}")
+        if hp.adapter is not None:
+            self._load_lora(Path(hp.adapter).expanduser())
         # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
         # without this, dropout (LoRA's included) would be silently off for the whole fit.
         self.model.train()
         self.report = parameter_report(self.model, quantized)
+
+    def _load_lora(self, path: Path) -> None:
+        """The LoRA weights of an adapter directory or of a `.ckpt` (checked against this model first)."""
+        if path.is_dir():
+            load_weights(self.model, path)
+        else:
+            checkpoint = load_weights_only(path)
+            self.on_load_checkpoint(checkpoint)
+            self.load_state_dict(checkpoint["state_dict"], strict=False)  # LoRA weights only, by design
+        rank_zero_info(f"[model] LoRA weights loaded from {path}")
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
@@ -264,7 +280,7 @@ class FalconQLoRA(L.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def on_train_start(self) -> None:
-        self._window_loss = None  # a fit stopped inside an accumulation window left its losses here
+        self._guard.reset()  # a fit stopped inside an accumulation window left its losses
         # After the checkpoint is restored: a resumed run states where it continues.
         trainer = self.trainer
         rank_zero_info(
@@ -273,9 +289,17 @@ class FalconQLoRA(L.LightningModule):
         )
 
     # ----------------------------------------------------------------- steps
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[None]:
+        """The base model alone inside the block: every forward and generation skips the LoRA adapter."""
+        self._adapter_enabled = False
+        try:
+            yield
+        finally:
+            self._adapter_enabled = True
+
     def _adapter(self):
-        """The LoRA adapter on, or (evaluate's base pass) switched off for the duration."""
-        return contextlib.nullcontext() if self.adapter_enabled else self.model.disable_adapter()
+        return contextlib.nullcontext() if self._adapter_enabled else self.model.disable_adapter()
 
     def _attention_mask(self, attention_mask, position_ids):
         """`position_ids` marks packed batches (`data.batching: packed`): examples restart at position 0."""
@@ -311,18 +335,15 @@ class FalconQLoRA(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.batch_loss(batch)
-        # Checked with the gradient norm before the optimizer step: one host read a step, and none between
-        # the forward and the backward, which on CUDA would stall the stream.
-        detached = loss.detach()
-        self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+        self._guard.add_loss(loss)  # checked with the gradient norm, before the optimizer step
         if logging_step(self.trainer):  # only on the steps Lightning writes: a log call is not free
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
-            log_to_loggers(self.trainer, {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]})
         return loss
 
     def setup(self, stage: str) -> None:
         # Made here, before the strategy moves the module, so that every rank holds the same metrics.
         datamodule = getattr(self.trainer, "datamodule", None)
+        self.tokenizer = getattr(datamodule, "tokenizer", None)
         names = list(getattr(datamodule, "val_names", []))
         if len(names) > 1:  # one source: its loss is val/loss
             self.source_names = names
@@ -359,89 +380,43 @@ class FalconQLoRA(L.LightningModule):
 
     def generate(self, prompts: list[list[int]], batch_size: int | None = None) -> list[Generated]:
         """Generate for token prompts with the `generation` settings (every rank takes part under ZeRO-3)."""
-        tokenizer = self.trainer.datamodule.tokenizer
         batch_size = batch_size or len(prompts)
         synced = zero_stage(self.trainer.strategy) == 3
         with self._adapter():
-            return generate(self.model, tokenizer, prompts, self.generation, batch_size, synced, self.device)
+            return generate(self.model, self.tokenizer, prompts, self.generation, batch_size, synced, self.device)
 
-    def predict_step(self, batch, batch_idx):
-        """One JSONL row per input: `{input, output, eos}` (eos: the output ended at EOS, not at max_new_tokens)."""
-        outputs = self.generate(batch["prompt_ids"])
-        return [
-            {"input": text, "output": out.text, "eos": out.stopped_at_eos}
-            for text, out in zip(batch["inputs"], outputs, strict=False)
-        ]
+    def predict_step(self, batch, batch_idx) -> list[tuple[str, Generated]]:
+        """Each input text with what was generated for it."""
+        return list(zip(batch["inputs"], self.generate(batch["prompt_ids"]), strict=True))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The LoRA weights, listed once in configure_optimizers: not a walk over every parameter each step.
-        grads = [p.grad.detach() for p in self._trainable if p.grad is not None]
-        checked = {"loss": self._window_loss} if self._window_loss is not None else {}
-        self._grad_norm, self._window_loss = None, None
-        if grads:  # none under DeepSpeed, whose engine holds them: the loss alone is checked there
-            # A finite loss can still give inf gradients (fp16 overflow): stop before they reach the weights.
-            checked["gradient norm"] = self._grad_norm = torch.nn.utils.get_total_norm(grads)  # one foreach pass
-        self._stop_if_not_finite(checked)
-        if grads and logging_step(self.trainer):
-            log_to_loggers(self.trainer, {"train/grad_norm": self._grad_norm.item()})
+        grad_norm = self._guard.check(self.trainer, self._trainable)
+        if grad_norm is not None and logging_step(self.trainer):
+            log_to_loggers(self.trainer, {"train/grad_norm": grad_norm.item()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the norm `on_before_optimizer_step` just computed, instead of Lightning computing it again.
 
-        The same arithmetic as torch's `clip_grad_norm_` (which Lightning calls), one pass over the LoRA
-        gradients fewer. Only where every rank holds whole, plain gradients (one device or DDP, after the
-        all-reduce); DeepSpeed clips inside its engine and FSDP shards them, so those keep Lightning's path.
+        Only where every rank holds whole, plain gradients (one device or DDP, after the all-reduce); DeepSpeed
+        clips inside its engine and FSDP shards them, so those keep Lightning's path.
         """
-        if gradient_clip_val and clips_by_norm_itself(self.trainer) and self._grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self._trainable, gradient_clip_val, self._grad_norm)
-        else:
+        if not (
+            gradient_clip_val
+            and clips_by_norm_itself(self.trainer)
+            and self._guard.clip(self._trainable, gradient_clip_val)
+        ):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def _stop_if_not_finite(self, checked: dict[str, torch.Tensor]) -> None:
-        """Stop every rank together when a value of `checked` (name: scalar) is NaN or inf on any of them,
-        before the weights change. One host read, after one all-reduce where there are several ranks.
-
-        Nothing is saved after it: the last checkpoint on disk is the last good one.
-        """
-        if not checked:
-            return
-        values = torch.stack([v.detach().float() for v in checked.values()])
-        bad = (~torch.isfinite(values)).any().float()
-        if self.trainer.world_size > 1:  # one rank alone raising would leave the others waiting forever
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bad.item():
-            here = [name for name, ok in zip(checked, torch.isfinite(values).tolist(), strict=False) if not ok]
-            what = here[0] if here else " or ".join(checked)
-            value = f"this rank: {checked[what].float().item()}" if here else "finite on this rank, not on another"
-            step, callback = self.trainer.global_step, self.trainer.checkpoint_callback
-            saved = last_saved_step(callback) if callback else -1
-            if not callback or not callback.last_model_path:
-                where = "No checkpoint was saved yet"
-            elif saved == step:  # the weights just saved are the ones that gave this value
-                where = f"The checkpoint of step {step} holds the weights that gave it: resume from an earlier one"
-            else:
-                where = f"Last good checkpoint: {callback.last_model_path} (step {saved})"
-            raise NonFiniteLoss(
-                f"{what} is not finite ({value}) at step {step} "
-                f"(epoch {self.trainer.current_epoch}); stopped before the weights changed, nothing saved. {where}. "
-                "Fix: lower --model.learning_rate, use bf16 rather than fp16, or check the data near this step"
-            )
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self):
         hp = self.hparams
-        params = self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        kwargs = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay, "betas": tuple(hp.betas)}
-        if hp.optimizer == "paged_adamw_8bit":
-            optimizer = paged_adamw_8bit(params, **kwargs)
-        else:
-            # fused: one kernel for all the LoRA tensors, the same update (BENCHMARKS.md has the timings)
-            fused = hp.fused_adamw and fused_adamw_fits(self.trainer)
-            optimizer = torch.optim.AdamW(params, fused=fused or None, **kwargs)
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        fused = hp.fused_adamw and fused_adamw_fits(self.trainer)
+        opt = optimizer(self._trainable, hp.optimizer, hp.learning_rate, hp.weight_decay, hp.betas, fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = lr_lambda(hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        factor = lr_factor(hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": lr_scheduler(opt, factor)}
 
     # ----------------------------------------------------------------- checkpoints
     def _trainable_shapes(self) -> dict[str, torch.Size]:
@@ -480,45 +455,3 @@ class FalconQLoRA(L.LightningModule):
                 f"checkpoint does not match the model: {detail}. "
                 "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or inf; the CLI prints it as one line and exits 1."""
-
-
-def clips_by_norm_itself(trainer) -> bool:
-    """Whether `FalconQLoRA.configure_gradient_clipping` clips, rather than Lightning: by norm, where every rank
-    holds whole, plain gradients (one device, or DDP after its all-reduce)."""
-    plain = type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
-    return plain and trainer.gradient_clip_algorithm in (None, "norm")
-
-
-def fused_adamw_fits(trainer) -> bool:
-    """Whether torch's fused AdamW can run under `trainer`'s precision and clipping.
-
-    A fused step unscales fp16 gradients itself, so Lightning skips unscaling them before the step: the
-    module's NaN guard and clipping would then see scaled gradients (fp16 AMP, a GradScaler). And Lightning's
-    mixed precision refuses to clip for an optimizer that unscales itself (amp.py), so there the clipping
-    must be the module's own.
-    """
-    precision = trainer.precision_plugin
-    if isinstance(precision, MixedPrecision):
-        if precision.scaler is not None:
-            return False
-        if trainer.gradient_clip_val and not clips_by_norm_itself(trainer):
-            return False
-    return True
-
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
-    """Multiplier of the peak lr at each optimizer step: linear warmup, then cosine decay or constant."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
