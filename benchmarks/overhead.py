@@ -92,9 +92,9 @@ class HandLoop:
         from lightning_falcon.data import PromptDataModule
         from lightning_falcon.model.attention import attend
         from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
-        from lightning_falcon.model.step_policy import lr_factor
         from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
         from lightning_falcon.model.random_weights import random_checkpoint
+        from lightning_falcon.model.step_policy import lr_factor
         from lightning_falcon.upstream import route_falcon_attention
 
         config = settings or tiny_settings()
