@@ -3,16 +3,14 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import TINY, on_a_gpu
+from helpers import TINY, layer_bytes, on_a_gpu, unquantized_bytes
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 from lightning_falcon.model.quantization import (
-    layer_bytes,
     load_causal_lm,
     quantized_layers,
     resolve_compute_dtype,
-    unquantized_bytes,
 )
 
 CPU = torch.device("cpu")

@@ -195,11 +195,6 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
-def layer_bytes(module: nn.Module) -> int:
-    """Bytes a linear layer really holds: packed weights, bias and quantization constants."""
-    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False)) + constant_bytes(module)
-
-
 def constant_bytes(module: nn.Module) -> int:
     """Bytes of a quantized layer's constants, which are neither parameters nor buffers (so
     `get_memory_footprint` leaves them out): 4-bit absmax (with its own constants under double
@@ -214,12 +209,6 @@ def constant_bytes(module: nn.Module) -> int:
     if isinstance(scb, torch.Tensor):
         total += scb.numel() * scb.element_size()
     return total
-
-
-def unquantized_bytes(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes the same layer would take unquantized in `dtype` (16-bit by default: the usual base)."""
-    n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def paged_adamw_8bit(params, **kwargs) -> torch.optim.Optimizer:

@@ -167,3 +167,16 @@ def on_a_gpu(monkeypatch, capability: tuple[int, int], name: str = "a GPU") -> l
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     return asked
+
+
+def layer_bytes(module: torch.nn.Module) -> int:
+    """Bytes a linear layer really holds: packed weights, bias and quantization constants."""
+    from lightning_falcon.model.quantization import constant_bytes
+
+    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False)) + constant_bytes(module)
+
+
+def unquantized_bytes(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the same layer would take unquantized in `dtype` (16-bit by default: the usual base)."""
+    n = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+    return n * torch.empty((), dtype=dtype).element_size()
