@@ -19,8 +19,8 @@ from test_distributed import CPU_DEEPSPEED
 sys.path.insert(0, str(REPO / "benchmarks"))
 from shapes import falcon_shape, fit_arguments, held_bytes
 
-from lightning_falcon.commands.plan import Setup, count_model, plan
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora, parameter_report
+from lightning_falcon.model.memory import Setup, count_model, plan
 from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
 from lightning_falcon.model.random_weights import random_checkpoint
 
@@ -158,7 +158,7 @@ def test_a_falcon_7b_shaped_gguf_export_loads_and_generates_in_llama_cpp(shapes,
     """The 7B trap: multi-query attention under a config that says 71 KV heads (tests/test_gguf.py)."""
     import llama_cpp_build
 
-    from lightning_falcon.commands.export import export
+    from lightning_falcon.export.run import export
 
     shape, _ = shapes("7b", 2)
     config = str(REPO / "configs" / "falcon-7b-qlora.yaml")
