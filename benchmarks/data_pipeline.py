@@ -47,8 +47,8 @@ def data_settings(config: str, path: Path) -> dict:
     import yaml
 
     settings = yaml.safe_load((REPO / config).read_text())["data"]
-    settings.update(dataset=str(path), tokenizer="asset:tiny-falcon", split="train")
-    return settings
+    source = {**settings["dataset"], "dataset": str(path), "split": "train"}  # the config's one source, on `path`
+    return {**settings, "dataset": source, "tokenizer": "asset:tiny-falcon"}
 
 
 def repeated(path: Path, times: int, directory: str, rows: int | None = None) -> Path:

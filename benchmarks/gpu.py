@@ -64,9 +64,10 @@ class Run:
         self.warmup = warmup if warmup is not None else (1 if dry_run else 3)
         self.layers_7b = 2 if dry_run else 4
 
-    def overrides(self, shape: Path, data: Path, root: Path, **data_settings) -> dict:
+    def overrides(self, shape: Path, data: Path, root: Path, val_fraction: float, **data_settings) -> dict:
         """A worker's dotted overrides: random weights of `shape`, the rows in `data` padded (each is cut to exactly
-        the length, so nothing pads), one device of this machine, caches under `root`, and `data_settings`."""
+        the length, so nothing pads) with `val_fraction` held out, one device of this machine, caches under `root`,
+        and `data_settings`."""
         machine = {"trainer.devices": 1}
         if self.dry_run:
             machine.update(
@@ -78,7 +79,7 @@ class Run:
             "model.random_init_dir": str(root / "random"),
             "model.model_name_or_path": str(shape),
             "data.tokenizer": "asset:tiny-falcon",
-            "data.dataset": str(data),
+            "data.dataset": {"dataset": str(data), "val_fraction": val_fraction},
             "data.cache_dir": str(root / "cache"),
             "data.batching": "padded",
             **{f"data.{key}": value for key, value in data_settings.items()},

@@ -2,7 +2,7 @@
 
 `tests/fixtures/first-epoch.json` holds the fingerprints the data path gave before datasets could be mixed
 (written by `python tests/first_epoch.py --write` at that commit); `test_mixing.py` checks that a config with
-one `data.dataset` still gives exactly those batches. Hub datasets are replaced by the shipped sample of
+one source in `data.dataset` still gives exactly those batches. Hub datasets are replaced by the shipped sample of
 the same shape, and every config is tokenized with the tiny model's tokenizer, so nothing needs the network.
 """
 
@@ -37,7 +37,8 @@ CASES = [
 
 def data_section(config: str) -> dict:
     data = dict(yaml.safe_load((REPO / "configs" / config).read_text())["data"])
-    data["dataset"] = LOCAL.get(data["dataset"], data["dataset"])
+    source = data["dataset"] = dict(data["dataset"])  # each of these configs holds one source, as a mapping
+    source["dataset"] = LOCAL.get(source["dataset"], source["dataset"])
     return data
 
 

@@ -53,7 +53,8 @@ def fail(capsys, *argv):
 
 # ---------------------------------------------------------------------------------- data (tests/fixtures/data)
 def data_error(tmp_path, capsys, name, *args):
-    return run(tmp_path, capsys, "--data.dataset", str(DATA / name), *args)
+    """The error of the tiny config's source reading the fixture `name`, its other settings kept."""
+    return run(tmp_path, capsys, "--data.dataset.dataset", str(DATA / name), *args)
 
 
 def test_missing_file(tmp_path, capsys):
@@ -88,7 +89,7 @@ def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path, capsys):
 def test_missing_columns_lists_those_that_exist(tmp_path, capsys):
     err = data_error(tmp_path, capsys, "other_columns.jsonl")
     assert "lacks column(s) ['prompt', 'response']; it has ['question', 'answer']" in err
-    assert "--data.prompt_column" in err
+    assert "Fix: set --data.dataset.prompt_column/--data.dataset.response_column" in err
 
 
 def test_empty_file(tmp_path, capsys):
@@ -220,8 +221,8 @@ def test_wrong_types_name_the_key_and_what_it_takes(tmp_path, capsys):
     assert (
         "bad value for data.batch_size: Expected a <class 'int'>. Got value: four. Fix: correct data.batch_size" in err
     )
-    err = run(tmp_path, capsys, "--data.format", "chat")
-    assert "bad value for data.format: Expected a typing.Literal['prompt_response', 'turns']. Got value: chat" in err
+    err = run(tmp_path, capsys, "--data.dataset.format", "chat")
+    assert "data.dataset.format must be one of ['prompt_response', 'turns'], got 'chat'. Fix: --data.dataset" in err
 
 
 def test_lora_rank_below_one(tmp_path, capsys):
@@ -410,12 +411,12 @@ def test_a_gguf_of_a_model_llama_cpp_cannot_run_fails_before_loading(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------------- data.datasets: the source is named
+# ---------------------------------------------------------------------------------- a mix: the source is named
 def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
     """The error of a mix of the Midjourney data and a source named `broken`, from an overlay on the tiny config."""
     sources = [first or {"name": "midjourney", "dataset": "asset:data/midjourney.jsonl"}, {"name": "broken", **broken}]
     overlay = tmp_path / "mix.yaml"
-    overlay.write_text(yaml.safe_dump({"data": {"dataset": None, "datasets": sources}}, width=1000))
+    overlay.write_text(yaml.safe_dump({"data": {"dataset": sources}}, width=1000))
     return run(tmp_path, capsys, "--config", str(overlay), *args)
 
 
@@ -427,35 +428,35 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         ({"dataset": "nobody/nothing"}, [], "unknown dataset 'broken' (nobody/nothing)"),
         ({"dataset": str(DATA / "malformed.jsonl")}, [], "dataset 'broken': "),
         ({"dataset": str(DATA / "latin1.jsonl")}, [], "dataset 'broken': "),
-        ({"dataset": str(DATA / "other_columns.jsonl")}, [], "Fix: set data.datasets[1].prompt_column"),
+        ({"dataset": str(DATA / "other_columns.jsonl")}, [], "Fix: set data.dataset[1].prompt_column"),
         ({"dataset": str(DATA / "empty.jsonl")}, [], "dataset 'broken' ("),
         ({"dataset": str(DATA / "all_empty.jsonl")}, [], "rows of dataset 'broken' ("),
         ({"dataset": str(DATA / "too_long.jsonl")}, ["--data.max_length", "40"], "rows of dataset 'broken' ("),
         ({"dataset": str(DATA / "some_empty.jsonl"), "val_dataset": str(DATA / "empty.jsonl")}, [],
-         "'broken' (" + str(DATA / "empty.jsonl") + ") is empty. Fix: point data.datasets[1].val_dataset"),
+         "'broken' (" + str(DATA / "empty.jsonl") + ") is empty. Fix: point data.dataset[1].val_dataset"),
         ({"dataset": str(DATA / "some_empty.jsonl"), "val_fraction": 0.9}, [], "'broken' ("),
-        ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [], "data.datasets[1].template 'nope'"),
-        ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.datasets[1].weight must be above 0"),
-        ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.datasets[1].val_fraction"),
-        ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.datasets[1].name 'a b'"),
-        ({"dataset": str(DATA / "missing.jsonl"), "name": "midjourney"}, [], "data.datasets[0], data.datasets[1]"),
+        ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [], "data.dataset[1].template 'nope'"),
+        ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.dataset[1].weight must be above 0"),
+        ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.dataset[1].val_fraction"),
+        ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.dataset[1].name 'a b'"),
+        ({"dataset": str(DATA / "missing.jsonl"), "name": "midjourney"}, [], "data.dataset[0], data.dataset[1]"),
         (
             {"dataset": "x.jsonl", "wieght": 3},
             [],
-            "unknown key data.datasets[1].wieght. Fix: did you mean data.datasets[1].weight?",
+            "unknown key data.dataset[1].wieght. Fix: did you mean data.dataset[1].weight?",
         ),
-        ({"dataset": "x.jsonl", "weight": "x"}, [], "data.datasets[1].weight must be a number, got 'x'"),
-        ({"dataset": "x.jsonl", "weight": float("nan")}, [], "data.datasets[1].weight must be above 0, got nan"),
+        ({"dataset": "x.jsonl", "weight": "x"}, [], "data.dataset[1].weight must be a number, got 'x'"),
+        ({"dataset": "x.jsonl", "weight": float("nan")}, [], "data.dataset[1].weight must be above 0, got nan"),
         (
             {"dataset": "x.jsonl", "format": "chat"},
             [],
-            "data.datasets[1].format must be one of ['prompt_response', 'turns']",
+            "data.dataset[1].format must be one of ['prompt_response', 'turns']",
         ),
-        ({"template": "plain"}, [], "data.datasets[1] needs a dataset. Fix: data.datasets[1].dataset: "),
+        ({"template": "plain"}, [], "data.dataset[1] has no dataset. Fix: data.dataset[1]: {dataset: "),
         (
             {"dataset": "x.jsonl"},
             ["--data.template", "guanaco"],
-            "data.template set beside data.datasets would be ignored",
+            "data.template is a setting of a source now. Fix: data.dataset: {dataset: ",
         ),
     ],
     ids=[
@@ -473,7 +474,7 @@ def test_every_bad_source_of_a_mix_is_named(tmp_path, capsys, broken, args, expe
 def test_a_mix_lists_every_bad_source_at_once(tmp_path, capsys):
     first = {"name": "midjourney", "dataset": "asset:data/midjourney.jsonl", "weight": -1}
     err = mix_error(tmp_path, capsys, {"dataset": "x.jsonl", "template": "nope"}, first=first)
-    assert "data.datasets[0].weight" in err and "data.datasets[1].template" in err
+    assert "data.dataset[0].weight" in err and "data.dataset[1].template" in err
 
 
 def test_max_length_shorter_than_a_sources_template_names_it(tmp_path, capsys):
@@ -483,8 +484,14 @@ def test_max_length_shorter_than_a_sources_template_names_it(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
 
 
-def test_one_dataset_and_a_list_of_them_are_refused_together(tmp_path, capsys):
-    overlay = tmp_path / "both.yaml"
+def test_a_config_written_before_sources_is_told_where_each_data_key_went(tmp_path, capsys):
+    overlay = tmp_path / "mix.yaml"
     overlay.write_text(json.dumps({"data": {"datasets": [{"dataset": "asset:data/midjourney.jsonl"}]}}))
-    err = run(tmp_path, capsys, "--config", str(overlay))  # the tiny config sets data.dataset
-    assert "data.dataset and data.datasets are both set. Fix: set data.dataset: null beside data.datasets" in err
+    err = run(tmp_path, capsys, "--config", str(overlay))
+    assert err.endswith("data.datasets is data.dataset now, which takes one source or a list of them. "
+                        "Fix: rename data.datasets to data.dataset")  # fmt: skip
+    overlay.write_text(json.dumps({"data": {"dataset": "asset:data/midjourney.jsonl", "template": "guanaco"}}))
+    err = run(tmp_path, capsys, "--config", str(overlay))
+    assert "data.template is a setting of a source now. Fix: data.dataset: {dataset: " in err
+    err = run(tmp_path, capsys, "--data.format", "turns")
+    assert "data.format is a setting of a source now. Fix: data.dataset: {dataset: " in err

@@ -10,6 +10,7 @@ from lightning_falcon import PromptDataModule
 from lightning_falcon.data.batching import PackedRows, pack
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.data.sampler import ResumableSampler
+from lightning_falcon.data.source import Source
 from lightning_falcon.model.module import FalconQLoRA
 
 make = prepared_datamodule
@@ -66,7 +67,7 @@ def test_packing_places_every_row_once_within_max_length():
 
 
 def test_packed_batch_carries_restarting_positions_and_keeps_each_eos_trained(tmp_path):
-    dm = make(tmp_path, dataset=GUANACO, format="turns", batching="packed", batch_size=2)
+    dm = make(tmp_path, dataset=Source(GUANACO, format="turns"), batching="packed", batch_size=2)
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
     eos = dm.tokenizer.eos_token_id
@@ -94,7 +95,7 @@ def test_packed_examples_attend_only_to_themselves(tmp_path, attn):
         for name, p in module.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    rows = make(tmp_path, dataset=GUANACO, format="turns")._splits["train"]
+    rows = make(tmp_path, dataset=Source(GUANACO, format="turns"))._splits["train"]
     packed = PackedRows(rows, 512)
     chosen = [b for b in range(len(packed)) if len(packed.bins[b]) >= 2][:2]
     dm = PromptDataModule(GUANACO, tokenizer=TINY)

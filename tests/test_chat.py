@@ -106,7 +106,7 @@ def test_chat_with_a_turns_model_reads_the_conversation_until_reset(tmp_path, to
     messages = ["tell me a story", "and then?"]
     out = run_chat(
         monkeypatch, capsys, io.StringIO(f"{messages[0]}\n{messages[1]}\n/reset\n{messages[0]}\n"), tmp_path,
-        "--data.dataset", GUANACO, "--data.format", "turns", "--data.max_length", "256",
+        "--data.dataset.dataset", GUANACO, "--data.dataset.format", "turns", "--data.max_length", "256",
         "--generation.max_new_tokens", "12",
     )  # fmt: skip
     # The base alone (no --ckpt_path): a new LoRA adds exact zeros, so the plain 4-bit model answers the same.
@@ -141,7 +141,7 @@ def test_ctrl_c_stops_an_answer_which_the_conversation_then_forgets(tmp_path, mo
     monkeypatch.setattr(chat.Conversation, "add", lambda self, message, ids: kept.append(message))
     out = run_chat(
         monkeypatch, capsys, Terminal("first\nsecond\n"), tmp_path,
-        "--data.dataset", GUANACO, "--data.format", "turns", "--generation.max_new_tokens", "12",
+        "--data.dataset.dataset", GUANACO, "--data.dataset.format", "turns", "--generation.max_new_tokens", "12",
     )  # fmt: skip
     assert "[stopped]" in out
     assert kept == ["second"]  # the stopped answer is not part of the conversation

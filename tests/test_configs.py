@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lightning_falcon.commands.main import main
+from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def print_config(capsys, *args) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path, capsys):
     config = print_config(capsys, "--config", str(path))
-    assert config["model"]["model_name_or_path"] and (config["data"]["dataset"] or config["data"]["datasets"])
+    assert config["model"]["model_name_or_path"] and config["data"]["dataset"]
     assert config["trainer"]["max_steps"] > 0
 
 
@@ -155,7 +156,7 @@ def test_overrides_and_composed_configs(tmp_path, capsys):
     )
     assert config["model"]["lora_r"] == 4  # the command line wins over both files
     assert config["trainer"]["max_steps"] == 7  # the second file wins over the first
-    assert config["data"]["dataset"] == "asset:data/midjourney.jsonl"
+    assert config["data"]["dataset"]["dataset"] == "asset:data/midjourney.jsonl"
 
 
 def test_help_shows_documented_arguments(capsys):
@@ -164,6 +165,38 @@ def test_help_shows_documented_arguments(capsys):
     out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
     assert "Build the same architecture from its config.json with random weights" in out
     assert "Sequences are cut to this many tokens" in out
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.dataset.help", "Source"])  # a source's settings, from `Source`'s docstring
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--data.dataset.prompt_column PROMPT_COLUMN Column holding the request" in out
+    assert "(type: float, default: 0.1)" in out  # val_fraction's
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        "asset:data/midjourney.jsonl",
+        {"dataset": "asset:data/midjourney.jsonl"},
+        ["asset:data/midjourney.jsonl"],
+        [{"dataset": "asset:data/midjourney.jsonl", "template": "instruction"}],
+    ],
+    ids=["name", "mapping", "list-of-a-name", "list-of-a-mapping"],
+)
+def test_a_source_alone_may_be_written_as_a_name_a_mapping_or_a_list_of_one(tmp_path, dataset):
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"dataset": dataset}}))
+    cli = build("--config", str(REPO / "configs/tiny.yaml"), "--config", str(overlay))
+    (member,) = cli.datamodule.members
+    assert member.source == Source("asset:data/midjourney.jsonl") and member.name == "midjourney"
+
+
+def test_a_setting_of_the_source_is_set_from_the_command_line():
+    cli = build(
+        "--config", str(REPO / "configs/tiny.yaml"), "--data.dataset.dataset", "asset:data/guanaco-sample.jsonl",
+        "--data.dataset.format", "turns",
+    )  # fmt: skip
+    (member,) = cli.datamodule.members
+    assert member.source == Source("asset:data/guanaco-sample.jsonl", format="turns")  # tiny's settings kept
 
 
 def header_figure(path: Path) -> tuple[float, int, list[str]] | None:

@@ -11,6 +11,7 @@ from helpers import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 from lightning_falcon import PromptDataModule
 from lightning_falcon.data import datamodule
 from lightning_falcon.data.prompts import IGNORE_INDEX
+from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
 
 make = prepared_datamodule
@@ -52,7 +53,7 @@ def test_truncation_is_counted(tmp_path, tokenizer):
 
 
 def test_turns_format_trains_only_assistant_turns(tmp_path):
-    dm = make(tmp_path, dataset=GUANACO, format="turns", val_fraction=0.25)
+    dm = make(tmp_path, dataset=Source(GUANACO, format="turns", val_fraction=0.25))
     row = dm._splits["train"][0]
     trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=False) if label != IGNORE_INDEX]
     text = dm.tokenizer.decode(trained)
@@ -65,8 +66,24 @@ def test_other_file_types_load(tmp_path, suffix):
     ds = datasets.Dataset.from_dict({"prompt": [f"request {i}" for i in range(10)], "response": ["answer"] * 10})
     path = tmp_path / f"data.{suffix}"
     {"csv": ds.to_csv, "parquet": ds.to_parquet, "json": lambda p: ds.to_json(p, lines=False)}[suffix](str(path))
-    dm = make(tmp_path, dataset=str(path), val_fraction=0.2)
+    dm = make(tmp_path, dataset={"dataset": str(path), "val_fraction": 0.2})
     assert dm.stats["train"]["rows"] == 8 and dm.stats["val"]["rows"] == 2
+
+
+def test_a_source_alone_is_a_list_of_one_however_it_is_written(tmp_path):
+    spellings = [
+        MIDJOURNEY,
+        {"dataset": MIDJOURNEY},
+        Source(MIDJOURNEY),
+        [MIDJOURNEY],
+        [{"dataset": MIDJOURNEY, "template": "instruction", "weight": 2}],  # a default, and a weight without a mix
+    ]
+    modules = [PromptDataModule(dataset=s, tokenizer=TINY, cache_dir=str(tmp_path)) for s in spellings]
+    assert all(dm.cache_paths == modules[0].cache_paths for dm in modules)  # one cache: the same rows
+    assert all(dm.val_names == ["midjourney"] and not dm.members[0].mixed for dm in modules)
+    # a `Source` is saved as the mapping of its fields, so a checkpoint of it loads weights-only
+    torch.save(dict(modules[2].hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["dataset"]["dataset"] == MIDJOURNEY
 
 
 def test_tokenized_once_then_read_from_cache(tmp_path, monkeypatch):
@@ -103,7 +120,7 @@ def test_predict_inputs_replace_the_held_out_prompts(tmp_path):
 
 def test_rows_with_empty_or_null_fields_are_skipped_and_counted(tmp_path):
     # 8 rows: a null response, an empty prompt, a missing response key, a whitespace-only prompt, and 4 good rows
-    dm = make(tmp_path, dataset=str(REPO / "tests/fixtures/data/some_empty.jsonl"), val_fraction=0.25)
+    dm = make(tmp_path, dataset={"dataset": str(REPO / "tests/fixtures/data/some_empty.jsonl"), "val_fraction": 0.25})
     assert dm.stats["train"]["empty"] == 4 and dm.stats["val"]["empty"] == 0
     assert dm.stats["train"]["rows"] + dm.stats["val"]["rows"] == 4
     kept = {r["input"] for split in ("train", "val") for r in dm._splits[split]}
@@ -115,7 +132,7 @@ def test_rows_with_empty_or_null_fields_are_skipped_and_counted(tmp_path):
 # ---------------------------------------------------------------------------------- bad input (more in test_bad_input)
 def test_bad_settings_are_listed_together(tmp_path):
     with pytest.raises(ConfigError) as e:
-        PromptDataModule(dataset=MIDJOURNEY, template="nope", val_fraction=0.0, batch_size=0)
+        PromptDataModule(dataset={"dataset": MIDJOURNEY, "template": "nope", "val_fraction": 0.0}, batch_size=0)
     assert "nope" in str(e.value) and "val_fraction" in str(e.value) and "batch_size" in str(e.value)
 
 

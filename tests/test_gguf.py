@@ -15,6 +15,7 @@ import torch
 from helpers import GUANACO, MIDJOURNEY, TINY, prepared_datamodule
 
 from lightning_falcon.data.prompts import TEMPLATES, pair_prompt_ids
+from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.export import gguf
 from lightning_falcon.export.modelfile import PROMPT, template
@@ -39,7 +40,7 @@ def test_the_modelfile_template_gives_the_ids_training_conditioned_on(tokenizer,
 
 
 def test_the_modelfile_template_of_a_turns_model_is_the_text_of_one_human_turn(tmp_path):
-    dm = prepared_datamodule(tmp_path, dataset=GUANACO, format="turns")
+    dm = prepared_datamodule(tmp_path, dataset=Source(GUANACO, format="turns"))
     text = template(dm.prompt_format()).replace(PROMPT, "What is a falcon?")
     # The same text; Ollama tokenizes it whole, where training tokenized the turn and the marker apart.
     assert text == dm.tokenizer.decode(dm.encode_input("What is a falcon?"))

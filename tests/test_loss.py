@@ -5,6 +5,7 @@ import torch
 from helpers import GUANACO, TINY, prepared_datamodule
 
 from lightning_falcon.data.batching import PackedRows
+from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.module import FalconQLoRA
 
@@ -25,7 +26,7 @@ def module():
 def batches(tmp_path) -> dict[str, dict[str, torch.Tensor]]:
     """A padded batch (masked prompts, padding) and a packed one (several examples per row, position_ids)."""
     padded = prepared_datamodule(tmp_path / "padded", batch_size=4)
-    packed = prepared_datamodule(tmp_path / "packed", dataset=GUANACO, format="turns", max_length=512)
+    packed = prepared_datamodule(tmp_path / "packed", dataset=Source(GUANACO, format="turns"), max_length=512)
     rows = PackedRows(packed._splits["train"], 512)
     multi = [b for b in range(len(rows)) if len(rows.bins[b]) >= 2][:2]
     return {

@@ -1,4 +1,4 @@
-"""Several datasets in one run (`data.datasets`): each epoch's mix, per-source validation and caches.
+"""Several datasets in one run (a list under `data.dataset`): each epoch's mix, per-source validation and caches.
 
 The proportions' error, as `lightning_falcon/data/mixing.py` states it: an epoch's count of a source's
 items is its exact share rounded to a whole item, so it is off by less than one, in every epoch.
@@ -37,7 +37,7 @@ MIX = [
 
 def mixed(tmp_path, sources=MIX, **kwargs):
     kwargs.setdefault("max_length", 128)
-    return prepared_datamodule(tmp_path, dataset=None, datasets=sources, **kwargs)
+    return prepared_datamodule(tmp_path, dataset=sources, **kwargs)
 
 
 def epoch(dm, number: int, world: int = 1, rank: int = 0) -> list[int]:
@@ -162,7 +162,7 @@ def test_validation_logs_each_sources_loss_beside_the_overall_one(tmp_path):
     data = yaml.safe_load((REPO / "configs" / "tiny-mix.yaml").read_text())["data"]
     sources = [
         {**s, "dataset": {"asset:data/midjourney.jsonl": MIDJOURNEY}.get(s["dataset"], GUANACO)}
-        for s in data["datasets"]
+        for s in data["dataset"]
     ]
     dm = mixed(tmp_path / "again", sources, max_length=data["max_length"])
     tokens = [sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in part) for part in dm._parts["val"]]

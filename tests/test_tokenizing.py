@@ -4,15 +4,15 @@ import datasets
 import pytest
 from helpers import GUANACO, MIDJOURNEY, prepared_datamodule
 
-# (data settings as the shipped config sets them, or cut short so rows are truncated and dropped, num_proc)
+from lightning_falcon.data.source import Source
+
+# (the source and max_length as the shipped config sets them, or cut short so rows are truncated and dropped,
+# num_proc)
 CASES = {
-    "midjourney as configs/tiny.yaml": ({"dataset": MIDJOURNEY, "template": "instruction", "max_length": 128}, 1),
-    "guanaco as configs/falcon-7b-guanaco.yaml": (
-        {"dataset": GUANACO, "format": "turns", "max_length": 512, "val_fraction": 0.05},
-        1,
-    ),
-    "midjourney cut to 40 tokens, 2 processes": ({"dataset": MIDJOURNEY, "max_length": 40}, 2),
-    "guanaco cut to 24 tokens, 2 processes": ({"dataset": GUANACO, "format": "turns", "max_length": 24}, 2),
+    "midjourney as configs/tiny.yaml": (Source(MIDJOURNEY, template="instruction"), 128, 1),
+    "guanaco as configs/falcon-7b-guanaco.yaml": (Source(GUANACO, format="turns", val_fraction=0.05), 512, 1),
+    "midjourney cut to 40 tokens, 2 processes": (Source(MIDJOURNEY), 40, 2),
+    "guanaco cut to 24 tokens, 2 processes": (Source(GUANACO, format="turns"), 24, 2),
 }
 
 
@@ -35,12 +35,12 @@ def per_row(dm, rows) -> tuple[datasets.Dataset, dict[str, int]]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_batched_cache_holds_what_per_row_encoding_gives(tmp_path, case):
-    settings, num_proc = CASES[case]
-    dm = prepared_datamodule(tmp_path, num_proc=num_proc, **settings)
+    source, max_length, num_proc = CASES[case]
+    dm = prepared_datamodule(tmp_path, dataset=source, max_length=max_length, num_proc=num_proc)
     # the splits prepare_data tokenized: the same rows, in the same order
     (member,) = dm.members
     rows, _ = dm._load(member, member.source.dataset, "train")
-    parts = rows.train_test_split(test_size=dm.hparams.val_fraction, seed=dm.hparams.seed)
+    parts = rows.train_test_split(test_size=member.source.val_fraction, seed=dm.hparams.seed)
     totals = {"truncated": 0, "dropped": 0}
     for name, part in (("train", parts["train"]), ("val", parts["test"])):
         expected, stats = per_row(dm, part)

@@ -3,7 +3,7 @@
 `prepare_data` (one process per node) loads, checks and tokenizes; `setup` (every rank) reads the
 cache. Nothing heavy happens in the constructor, so `--print_config` and every rank stay cheap.
 
-The data is one source (`data.dataset`) or several (`data.datasets`, `source.Source`), each with its own
+The data is one source or several (`data.dataset`, a list of `source.Source`), each with its own
 format, template, held-out split and cache; an epoch draws from them by weight (`mixing.py`), and each
 source is validated on its own (`val_names`).
 """
@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
-from lightning_falcon.data.formats import DataFormat, FormatName
+from lightning_falcon.data.formats import DataFormat
 from lightning_falcon.data.loading import empty, load_source, local_file
 from lightning_falcon.data.mixing import Mix, quotas
 from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
@@ -40,6 +40,11 @@ from lightning_falcon.files import staged_directory
 CACHE_FORMAT = 4
 
 
+def _plain(source: Any) -> Any:
+    """A `Source` as the mapping of its fields; anything else as it is."""
+    return asdict(source) if isinstance(source, Source) else source
+
+
 def _blank(value: Any) -> bool:
     """A field that holds nothing to train on: null (a missing key, an empty CSV cell) or only whitespace."""
     return value is None or not str(value).strip()
@@ -48,20 +53,9 @@ def _blank(value: Any) -> bool:
 class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
-        dataset: str | None = None,
-        val_dataset: str | None = None,
-        val_fraction: float = 0.1,
-        split: str = "train",
-        val_split: str | None = None,
-        format: FormatName = "prompt_response",
-        prompt_column: str = "prompt",
-        response_column: str = "response",
-        text_column: str = "text",
-        template: str = "instruction",
-        human_marker: str = "### Human:",
-        assistant_marker: str = "### Assistant:",
-        # plain `dict`: jsonargparse would read a `str` of `dict[str, Any]` as YAML ("### Human:" as a comment)
-        datasets: list[dict] | None = None,
+        # `dict` before `Source`: jsonargparse keeps a mapping as written (a `--data.dataset.KEY` merges into it),
+        # so `members` checks it and names a bad field by its option; `Source` documents the fields in `--help`.
+        dataset: str | dict | Source | list[str | dict | Source] | None = None,
         tokenizer: str | None = None,
         max_length: int = 512,
         max_samples: int | None = None,
@@ -75,28 +69,14 @@ class PromptDataModule(L.LightningDataModule):
         """Prompt/response data for causal-LM fine-tuning: one source, or several mixed by weight.
 
         Args:
-            dataset: A local .jsonl/.json/.csv/.parquet file, or a Hub dataset name for `datasets.load_dataset`.
-                `asset:NAME` names data shipped with the package (e.g. `asset:data/midjourney.jsonl`).
-                The settings from here to `assistant_marker` describe it; `datasets` replaces them all.
-            val_dataset: Optional separate validation data (same forms as `dataset`).
-                Without it, a seeded `val_fraction` of `dataset` is held out.
-            val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
-            split: The split to read from a Hub dataset.
-            val_split: The split to read from a Hub `val_dataset`; None uses `split`.
-            format: `prompt_response`: two columns rendered through `template`;
-                `turns`: one `text_column` with turn markers, where only assistant turns train.
-            prompt_column: Column holding the request (format `prompt_response`).
-            response_column: Column holding the target response (format `prompt_response`).
-            text_column: Column holding the whole conversation (format `turns`).
-            template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
-            human_marker: Marker that opens a human turn (format `turns`).
-            assistant_marker: Marker that opens an assistant turn (format `turns`).
-            datasets: Several sources instead of `dataset`: each a mapping of the settings above (`dataset` to
-                `assistant_marker`), a `name` and a `weight` (lightning_falcon/data/source.py). Each epoch holds
-                as many rows as they have together,
-                each source's share following its weight, drawn without replacement from (seed, epoch)
-                (lightning_falcon/data/mixing.py). Each is validated on its own (`val/loss/<name>`).
-                Generation, chat and export render a request as the first source does.
+            dataset: The training data, a list of sources. One source may stand alone: a local
+                .jsonl/.json/.csv/.parquet file, a Hub dataset name or `asset:NAME` (shipped data, e.g.
+                `asset:data/midjourney.jsonl`) with every default; or a mapping of a source's settings
+                (`dataset`, `format`, `template`, `val_fraction`, ...: `fit --data.dataset.help Source` lists
+                them, lightning_falcon/data/source.py). Several are mixed: each epoch holds as many rows as they
+                have together, each source's share following its `weight`, drawn without replacement from
+                (seed, epoch) (lightning_falcon/data/mixing.py), and each is validated on its own
+                (`val/loss/<name>`). Generation, chat and export render a request as the first source does.
             tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
             max_length: Sequences are cut to this many tokens; the number of cut rows is reported.
             max_samples: Use at most this many rows of each source (for quick runs); None uses all.
@@ -113,11 +93,11 @@ class PromptDataModule(L.LightningDataModule):
             cache_dir: Where tokenized data is cached, one entry per source, keyed on its data, the tokenizer
                 and the settings its rows depend on.
         """
-        if datasets is not None:  # plain mappings in the saved hyperparameters, so checkpoints load weights-only
-            datasets = [asdict(s) if isinstance(s, Source) else dict(s) for s in datasets]
+        # plain mappings in the saved hyperparameters, so checkpoints load weights-only
+        dataset = [_plain(s) for s in dataset] if isinstance(dataset, list) else _plain(dataset)
         super().__init__()
         self.save_hyperparameters()
-        self.members, problems = members(self.hparams)
+        self.members, problems = members(dataset)
         if max_length < 2:
             problems.append(f"data.max_length must be at least 2, got {max_length}. Fix: --data.max_length 512")
         if batch_size < 1:

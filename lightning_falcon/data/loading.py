@@ -14,7 +14,7 @@ from lightning_falcon.upstream import DATASETS_NO_ROWS
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def empty(label: str, option: str = "data", key: str = "dataset") -> ConfigError:
+def empty(label: str, option: str = "data.dataset", key: str = "dataset") -> ConfigError:
     return ConfigError(f"dataset {label} is empty. Fix: point {setting(option, key)} at data with rows")
 
 
@@ -24,7 +24,7 @@ def local_file(source: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def load_source(source: str, split: str, name: str | None = None, option: str = "data", key: str = "dataset"):
+def load_source(source: str, split: str, name: str | None = None, option: str = "data.dataset", key: str = "dataset"):
     """Load one data source: a .jsonl/.json/.csv/.parquet file, or the `split` of a Hub dataset.
 
     Errors name it by `source`, and by its `name` in a mix; their fixes name the setting `option.key` it came from.

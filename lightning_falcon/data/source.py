@@ -1,7 +1,9 @@
 """One training data source: where its rows are, how they are laid out, and its weight in a mix.
 
-`data.datasets` is a list of `Source`; the single `data.dataset` (with `data.format`, `data.template` and
-the rest beside it) is read as a list of one, so a config written before mixing keeps its meaning.
+`data.dataset` is a list of sources; one source is a list of one, and may be written alone: a file or Hub
+name (a source with every default), or a mapping of `Source`'s fields. `members` reads it into the run's
+sources and names what is wrong with each by the option that sets it (`--data.dataset.template`,
+`data.dataset[1].weight`).
 """
 
 from __future__ import annotations
@@ -11,27 +13,39 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from lightning_falcon.assets import resolve
 from lightning_falcon.data.formats import DataFormat, FormatName, data_format
 
 # A name becomes part of a TensorBoard tag (`val/loss/<name>`) and of the `[data]` lines.
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
+EXAMPLE = "asset:data/midjourney.jsonl"
 
 
 @dataclass
 class Source:
-    """One data source of `data.datasets`.
-
-    Every field but `name` and `weight` means what the `PromptDataModule` argument of the same name means
-    (`fit --help` documents them): those arguments describe the single `data.dataset`, and these one source.
+    """One source of training data: `data.dataset`, or one entry of a list of them.
 
     Args:
-        dataset: A local .jsonl/.json/.csv/.parquet file, a Hub dataset name, or `asset:NAME`.
+        dataset: A local .jsonl/.json/.csv/.parquet file, or a Hub dataset name for `datasets.load_dataset`.
+            `asset:NAME` names data shipped with the package (e.g. `asset:data/midjourney.jsonl`).
         name: Names the source in the `[data]` lines, in errors and in `val/loss/<name>`; None: the file's
             stem, or the last part of the Hub name.
-        weight: The source's share of each epoch's rows is its weight over the sum of the weights.
+        weight: In a mix, the source's share of each epoch's rows is its weight over the sum of the weights.
+        val_dataset: Optional separate validation data (same forms as `dataset`).
+            Without it, a seeded `val_fraction` of `dataset` is held out.
+        val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
+        split: The split to read from a Hub dataset.
+        val_split: The split to read from a Hub `val_dataset`; None uses `split`.
+        format: `prompt_response`: two columns rendered through `template`;
+            `turns`: one `text_column` with turn markers, where only assistant turns train.
+        prompt_column: Column holding the request (format `prompt_response`).
+        response_column: Column holding the target response (format `prompt_response`).
+        text_column: Column holding the whole conversation (format `turns`).
+        template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
+        human_marker: Marker that opens a human turn (format `turns`).
+        assistant_marker: Marker that opens an assistant turn (format `turns`).
     """
 
     dataset: str
@@ -50,9 +64,10 @@ class Source:
     assistant_marker: str = "### Assistant:"
 
 
-# The settings of a `Source` that `data.dataset` and its siblings spell the same way, and every field's default.
+TYPES = get_type_hints(Source)
+DEFAULTS = {f.name: f.default for f in fields(Source) if f.name != "dataset"}
+# What a source's tokenized rows depend on (its cache key): every field but its name and weight.
 SETTINGS = [f.name for f in fields(Source) if f.name not in ("name", "weight")]
-DEFAULTS = {f.name: f.default for f in fields(Source) if f.name != "dataset"} | {"dataset": None}
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ class Member:
 
     source: Source
     name: str
-    option: str  # the option prefix a fix names: `data` for `data.dataset`, `data.datasets[1]` in a list
+    option: str  # what a fix names: `data.dataset` for the source alone, `data.dataset[1]` in a list
     mixed: bool  # one of several sources, so errors name it
 
     @property
@@ -79,10 +94,30 @@ class Member:
 
 
 def setting(option: str, key: str, value: Any = None) -> str:
-    """How a fix spells a setting: `--data.key value` on the command line, `data.datasets[i].key: value` in a list."""
-    if option == "data":
-        return f"--data.{key}" + ("" if value is None else f" {value}")
+    """How a fix spells a setting of a source: `--data.dataset.key value` for the source alone (the command line
+    sets one field of a source written as a mapping), `data.dataset[i].key: value` in a list."""
+    if "[" not in option:
+        return f"--{option}.{key}" + ("" if value is None else f" {value}")
     return f"{option}.{key}" + ("" if value is None else f": {value}")
+
+
+def moved(key: str) -> str | None:
+    """The error for a key of `data` that a config written before `Source` spells (`data.template`,
+    `data.datasets`), naming where it sits now; None for any other key."""
+    group, _, name = key.partition(".")
+    if group != "data":
+        return None
+    if name == "datasets":
+        return (
+            "data.datasets is data.dataset now, which takes one source or a list of them. "
+            "Fix: rename data.datasets to data.dataset"
+        )
+    if name in DEFAULTS:
+        return (
+            f"data.{name} is a setting of a source now. "
+            f"Fix: data.dataset: {{dataset: FILE, {name}: VALUE}}, or --data.dataset.{name} VALUE"
+        )
+    return None
 
 
 def default_name(dataset: str) -> str:
@@ -92,78 +127,75 @@ def default_name(dataset: str) -> str:
     return dataset.rstrip("/").rsplit("/", 1)[-1]
 
 
-def members(hparams: dict[str, Any]) -> tuple[list[Member], list[str]]:
-    """The run's sources from `data.datasets`, or `data.dataset` as a list of one; and what is wrong with them."""
-    listed, single = hparams.get("datasets"), hparams.get("dataset")
-    if listed and single is not None:
-        both = "data.dataset and data.datasets are both set. Fix: set data.dataset: null beside data.datasets"
-        return [], [both]
-    if not listed:
-        if single is None:
-            return [], ["no training data. Fix: set --data.dataset, or list sources under data.datasets"]
-        source = Source(dataset=single, **{k: hparams[k] for k in SETTINGS if k != "dataset"})
-        return [Member(source, default_name(single), "data", mixed=False)], _problems(source, "data")
+def members(dataset: Any) -> tuple[list[Member], list[str]]:
+    """The run's sources from `data.dataset` (one source, or a list of them); and what is wrong with them."""
+    if dataset is None or dataset == []:
+        return [], [f"no training data. Fix: --data.dataset {EXAMPLE}, or list sources under data.dataset"]
+    entries = dataset if isinstance(dataset, list) else [dataset]
     found, problems = [], []
-    # each source sets its own: one set beside the list would be ignored, so it is refused
-    beside = [f"data.{k}" for k in SETTINGS if k != "dataset" and k in hparams and hparams[k] != DEFAULTS[k]]
-    if beside:
-        problems.append(
-            f"{', '.join(beside)} set beside data.datasets would be ignored: each source sets its own. "
-            f"Fix: move {'them' if len(beside) > 1 else 'it'} into the entries of data.datasets"
-        )
-    for i, entry in enumerate(listed):
-        option = f"data.datasets[{i}]"
-        source = _source(entry, option, problems)  # the datamodule hands `Source`s over as mappings
+    for i, entry in enumerate(entries):
+        option = f"data.dataset[{i}]" if isinstance(dataset, list) else "data.dataset"
+        source = _source(entry, option, problems)
         if source is None:
             continue
         problems += _problems(source, option)
-        if not math.isfinite(source.weight) or source.weight <= 0:
-            problems.append(
-                f"{option}.weight must be above 0, got {source.weight}. Fix: {setting(option, 'weight', 1)}"
-            )
-        name = source.name or default_name(source.dataset)
-        if not NAME.fullmatch(name):
+        name, mixed = source.name or default_name(source.dataset), len(entries) > 1
+        # a name is part of a tag only in a mix: one source's default name is never checked
+        if (mixed or source.name is not None) and not NAME.fullmatch(name):
             problems.append(
                 f"{option}.name {name!r} may hold only letters, digits, '_', '.' and '-'. "
                 f"Fix: {setting(option, 'name', 'my-data')}"
             )
-        found.append(Member(source, name, option, mixed=True))
+        found.append(Member(source, name, option, mixed))
     names = [m.name for m in found]
     for name in sorted({n for n in names if names.count(n) > 1}):
         where = ", ".join(m.option for m in found if m.name == name)
-        problems.append(f"sources {where} are all named {name!r}. Fix: give each its own name (data.datasets[i].name)")
+        problems.append(f"sources {where} are all named {name!r}. Fix: give each its own name (data.dataset[i].name)")
     return found, problems
 
 
 def _source(entry: Any, option: str, problems: list[str]) -> Source | None:
-    """A `Source` from a config's mapping, or None with its problems named (each key's, with the fix)."""
+    """A `Source` from a file or Hub name, a mapping of its fields or a `Source`; or None with its problems named
+    (each field's, with the fix)."""
+    if isinstance(entry, str):
+        entry = {"dataset": entry}
+    elif isinstance(entry, Source):
+        entry = asdict(entry)
     if not isinstance(entry, dict) or entry.get("dataset") is None:
-        problems.append(f"{option} needs a dataset. Fix: {setting(option, 'dataset', 'asset:data/midjourney.jsonl')}")
+        # `--data.dataset.KEY` on the command line replaces a source written as a name with a mapping of KEY alone
+        problems.append(
+            f"{option} has no dataset. Fix: {option}: {{dataset: {EXAMPLE}, ...}} "
+            f"(a --data.dataset.KEY needs the source written as such a mapping)"
+        )
         return None
-    found = []
-    for key, value in entry.items():
-        if key not in DEFAULTS:
-            near = difflib.get_close_matches(key, list(DEFAULTS), n=1)
-            fix = f"did you mean {option}.{near[0]}?" if near else f"use only {sorted(DEFAULTS)}"
-            found.append(f"unknown key {option}.{key}. Fix: {fix}")
-        elif key in ("weight", "val_fraction"):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                found.append(
-                    f"{option}.{key} must be a number, got {value!r}. Fix: {setting(option, key, DEFAULTS[key])}"
-                )
-        elif key == "format":
-            if value not in get_args(FormatName):
-                found.append(
-                    f"{option}.format must be one of {list(get_args(FormatName))}, got {value!r}. "
-                    f"Fix: {setting(option, 'format', 'turns')}"
-                )
-        elif not isinstance(value, str) and not (value is None and DEFAULTS[key] is None):
-            found.append(f"{option}.{key} must be text, got {value!r}. Fix: quote it")
+    found = [p for key, value in entry.items() if (p := _field_problem(option, key, value))]
     problems += found
     if found:
         return None
-    values = {k: float(v) if k in ("weight", "val_fraction") else v for k, v in entry.items()}
-    return Source(**values)
+    return Source(**{k: float(v) if TYPES[k] is float else v for k, v in entry.items()})
+
+
+def _field_problem(option: str, key: str, value: Any) -> str | None:
+    """What is wrong with one field of a source as written, with the fix; None when it fits the field's type."""
+    if key not in TYPES:
+        near = difflib.get_close_matches(key, list(TYPES), n=1)
+        fix = f"did you mean {option}.{near[0]}?" if near else f"use only {sorted(TYPES)}"
+        return f"unknown key {option}.{key}. Fix: {fix}"
+    kind = TYPES[key]
+    if value is None and type(None) in get_args(kind):
+        return None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{option}.{key} must be a number, got {value!r}. Fix: {setting(option, key, DEFAULTS[key])}"
+    elif get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            return (
+                f"{option}.{key} must be one of {list(get_args(kind))}, got {value!r}. "
+                f"Fix: {setting(option, key, get_args(kind)[-1])}"
+            )
+    elif not isinstance(value, str):
+        return f"{option}.{key} must be text, got {value!r}. Fix: quote it"
+    return None
 
 
 def _problems(source: Source, option: str) -> list[str]:
@@ -174,4 +206,6 @@ def _problems(source: Source, option: str) -> list[str]:
             f"{source.val_fraction}. Fix: {setting(option, 'val_fraction', 0.1)}, "
             f"or set {setting(option, 'val_dataset')}"
         )
+    if not math.isfinite(source.weight) or source.weight <= 0:
+        problems.append(f"{option}.weight must be above 0, got {source.weight}. Fix: {setting(option, 'weight', 1)}")
     return problems
