@@ -18,6 +18,7 @@ from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import load_weights_only, staged_directory
 from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.upstream import lora_weight_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA = "lightning_falcon.json"
@@ -77,11 +78,9 @@ def read_saved_lora(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, 
         items = [(key, tuple(t.shape)) for key, t in checkpoint.get("state_dict", {}).items()]
     shapes = {}
     for key, shape in items:
-        for kind in ("lora_A", "lora_B"):
-            if f".{kind}." in key:
-                # `[model.]base_model.model.<module>.lora_A[.default].weight` -> `<module>.lora_A`
-                module = key.split(f".{kind}.")[0].split("base_model.model.", 1)[-1]
-                shapes[f"{module}.{kind}"] = shape
+        name = lora_weight_name(key)  # `<module>.lora_A` or `<module>.lora_B`
+        if name is not None:
+            shapes[name] = shape
     return settings, shapes
 
 

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lightning_falcon.upstream import cuda_flash_takes
+
 Route = Literal["plain", "native", "expand", "gqa", "groups"]
 
 
@@ -109,11 +111,8 @@ def gqa_is_fused(query, key, value, attn_mask, is_causal) -> bool:
         return True
     if device != "cuda":
         return False
-    from torch.backends import cuda
-
     # Only flash: SDPA tries cuDNN after the math kernel, so a cuDNN that would take it is never reached.
-    params = cuda.SDPAParams(query, key, value, attn_mask, 0.0, is_causal, True)
-    return cuda.can_use_flash_attention(params)
+    return cuda_flash_takes(query, key, value, attn_mask, is_causal, enable_gqa=True)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.quantization import constant_bytes
+from lightning_falcon.upstream import loaded_in_kbit
 
 # Falcon's attention and MLP projections (the QLoRA paper adapts every linear layer of the block).
 FALCON_TARGET_MODULES = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -49,8 +50,7 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if kbit and upcast_frozen:
+    if loaded_in_kbit(model) and upcast_frozen:
         # Freezes the base, upcasts norms for stability and enables input grads for checkpointing.
         model = prepare_model_for_kbit_training(
             model,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.upstream import falcon_linear_as_nn_linear, keep_4bit_layout_trainable
+from lightning_falcon.upstream import falcon_linear_as_nn_linear, keep_4bit_layout_trainable, quantization_constants
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -199,16 +199,7 @@ def constant_bytes(module: nn.Module) -> int:
     """Bytes of a quantized layer's constants, which are neither parameters nor buffers (so
     `get_memory_footprint` leaves them out): 4-bit absmax (with its own constants under double
     quantization) and codes, or 8-bit row scales."""
-    total = 0
-    quant_state = getattr(module.weight, "quant_state", None)
-    if quant_state is not None:
-        for t in quant_state.as_dict(packed=False).values():
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    scb = getattr(module.weight, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        total += scb.numel() * scb.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in quantization_constants(module.weight))
 
 
 def paged_adamw_8bit(params, **kwargs) -> torch.optim.Optimizer:

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_falcon.training.checkpoint_io import checkpoint_dir
-from lightning_falcon.upstream import cluster_environment
+from lightning_falcon.upstream import cluster_environment, write_due_checkpoints
 
 # Set by the handlers, read at step boundaries: "stop" for SIGTERM, "requeue" for the warning signal.
 _received = {"requeue": False, "stop": False}
@@ -100,8 +100,7 @@ class SlurmRequeue(Callback):
         name = "requeue signal" if requeue_signal else "SIGTERM"
         rank_zero_info(f"[slurm] {name}: saving at step {trainer.global_step}")
         # ModelCheckpoint runs after this callback: a periodic checkpoint due at this step is written first.
-        for callback in trainer.checkpoint_callbacks:
-            callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        write_due_checkpoints(trainer, pl_module, outputs, batch, batch_idx)
         path = save_last(trainer)
         trainer.strategy.barrier("interruption checkpoint saved")
         if not requeue_signal:

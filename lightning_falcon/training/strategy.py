@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
 from lightning_falcon.errors import ConfigError, first_line
 from lightning_falcon.files import swap_in_directory
@@ -40,6 +40,7 @@ from lightning_falcon.upstream import (
     forget_hf_deepspeed_config,
     init_defaults,
     keep_only_trainable_in_checkpoints,
+    registered_strategy,
 )
 
 
@@ -162,9 +163,8 @@ class StrategySettings:
         if hasattr(value, "class_path"):
             module, _, name = value.class_path.rpartition(".")
             strategy_class, init = getattr(importlib.import_module(module), name), dict(value.init_args or {})
-        elif str(value) in StrategyRegistry:
-            entry = StrategyRegistry[str(value)]
-            strategy_class, init = entry["strategy"], dict(entry["init_params"])
+        elif (registered := registered_strategy(str(value))) is not None:
+            strategy_class, init = registered
         else:  # `auto`: Lightning picks a single-device or DDP strategy
             return cls()
         if not issubclass(strategy_class, DeepSpeedStrategy):
