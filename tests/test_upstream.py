@@ -57,9 +57,12 @@ def test_lightning_cli_still_calls_parse_ckpt_path_which_the_cli_overrides():
 
 
 def test_direct_logger_writes_land_on_the_steps_of_self_log(quick_fit):
-    # train/lr goes through upstream.log_to_loggers (logged_step, logging_step); train/loss through self.log.
-    s = scalars(quick_fit)
-    assert [step for step, _ in s["train/lr"]] == [step for step, _ in s["train/loss"]] == list(range(10))
+    # train/grad_norm and train/tokens go through upstream.log_to_loggers (logged_step, logging_step); train/loss
+    # through self.log.
+    steps = {tag: [step for step, _ in values] for tag, values in scalars(quick_fit).items()}
+    assert steps["train/grad_norm"] == steps["train/tokens"] == steps["train/loss"] == list(range(10)), (
+        f"upstream.log_to_loggers, logged_step: written at {steps}"
+    )
 
 
 def test_trainer_keeps_the_logging_decision_and_the_stepped_batch_count():
