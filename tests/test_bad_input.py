@@ -10,7 +10,7 @@ from helpers import REPO, on_a_gpu
 
 DATA = REPO / "tests" / "fixtures" / "data"
 
-import lightning_falcon.commands.export
+import lightning_falcon.export.run
 import lightning_falcon.model.module
 import lightning_falcon.model.quantization
 from lightning_falcon.commands.main import main
@@ -22,7 +22,7 @@ def no_weights(monkeypatch):
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(lightning_falcon.model.module, "load_causal_lm", refuse)
-    monkeypatch.setattr(lightning_falcon.commands.export, "load_causal_lm", refuse)  # export's merge
+    monkeypatch.setattr(lightning_falcon.export.run, "load_causal_lm", refuse)  # export's merge
 
 
 def run(tmp_path, capsys, *args, subcommand="fit"):

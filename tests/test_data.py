@@ -111,8 +111,7 @@ def test_predict_batches_are_the_held_out_prompts_as_written_then_left_padded(tm
 
 
 def test_predict_inputs_replace_the_held_out_prompts(tmp_path):
-    dm = make(tmp_path, batch_size=8)
-    dm.predict_inputs = ["a fox", "a boy in the snow"]
+    dm = make(tmp_path, batch_size=8, predict_inputs=["a fox", "a boy in the snow"])
     batch = next(iter(dm.predict_dataloader()))
     assert batch["inputs"] == ["a fox", "a boy in the snow"]
     assert batch["prompt_ids"] == [dm.encode_input("a fox"), dm.encode_input("a boy in the snow")]

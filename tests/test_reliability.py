@@ -12,8 +12,8 @@ import torch
 from helpers import REPO, cli, restored_process_state, tiny_arguments
 from processes import run_process
 
-from lightning_falcon.commands.cli import find_last
 from lightning_falcon.files import swap_in_directory
+from lightning_falcon.runs import find_last
 from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
 
 # The child saves through the real class; its torch.save writes part of the file and then the process

@@ -24,7 +24,6 @@ from transformers import TextStreamer
 from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.conversation import Conversation
-from lightning_falcon.files import load_weights_only
 from lightning_falcon.model import FalconQLoRA
 from lightning_falcon.model.generation import Generated, generate
 
@@ -33,6 +32,8 @@ COMMANDS_HELP = "/reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C
 
 
 class ChatCLI(FalconCLI):
+    logs = False
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument(
@@ -54,8 +55,7 @@ def main(args: list[str]) -> None:
     cli = build(ChatCLI, [*args, *SINGLE_DEVICE], "chat", run=False, save_config_callback=None)  # writes nothing
     source = cli.one_device_source("chat")
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    trainer.loggers = []
-    load(cli, source)
+    load(cli)
     config = cli.config_init
     conversation = Conversation(
         datamodule.format, datamodule.tokenizer, datamodule.hparams.max_length, config["history"]
@@ -71,24 +71,15 @@ def main(args: list[str]) -> None:
         chat.pipe(sys.stdin, sys.stdout)
 
 
-def load(cli: ChatCLI, source: Path | None) -> None:
-    """The quantized base with LoRA on the strategy's device, as fit builds it, then the run's LoRA weights.
-
-    An adapter directory loads inside `configure_model` (the CLI set `model.adapter_dir`); a `.ckpt` is
-    checked against the model and loaded here, as Lightning loads one for `predict`.
-    """
+def load(cli: ChatCLI) -> None:
+    """The quantized base with LoRA on the strategy's device, as fit builds it, with the run's LoRA weights
+    (`model.adapter`, which the CLI set from `--ckpt_path`)."""
     model, trainer = cli.model, cli.trainer
     model.trainer = trainer  # the strategy's device and precision, with no loop running
     model.prepare_data()
     with trainer.init_module(empty_init=False):
         model.configure_model()
     model.to(trainer.strategy.root_device)
-    ckpt = cli.config_init.get("ckpt_path")
-    if ckpt is not None:  # a checkpoint file (an adapter directory was resolved to None)
-        checkpoint = load_weights_only(ckpt)
-        model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"], strict=False)  # LoRA weights only, by design
-        rank_zero_info(f"[model] LoRA weights loaded from {ckpt}")
 
 
 def describe(model: FalconQLoRA, datamodule: PromptDataModule, source: Path | None, conversation) -> str:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar as LightningBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_falcon.commands.program import program
 from lightning_falcon.data import PromptDataModule
-from lightning_falcon.data.inputs import read_inputs
+from lightning_falcon.data.source import moved
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA, adapter
 from lightning_falcon.model.generation import GenerationSettings
@@ -32,12 +32,14 @@ from lightning_falcon.model.quantization import (
     check_quantization_runs,
     resolve_compute_dtype,
 )
+from lightning_falcon.runs import RunDir, find_last, is_deepspeed_checkpoint
 from lightning_falcon.training import default_callbacks
 from lightning_falcon.training.checkpoint_io import AtomicCheckpointIO
 from lightning_falcon.training.progress import ProgressBar, ProgressLines
 from lightning_falcon.training.strategy import StrategySettings, check_strategy_runs, strategy_problems
 from lightning_falcon.upstream import (
     JSONARGPARSE_BAD_VALUE,
+    JSONARGPARSE_GROUP,
     JSONARGPARSE_UNKNOWN_KEY,
     LIGHTNING_MACHINE_ERROR,
     failing_parser,
@@ -52,12 +54,11 @@ LOGGER = {
 
 
 def trainer_defaults() -> dict:
-    """The trainer's defaults in every subcommand: TensorBoard, the product's callbacks (new for each CLI:
-    they hold a run's state) and no Lightning model summary. LightningCLI adds these callbacks to any the
-    config lists."""
+    """The trainer's defaults in every subcommand: TensorBoard and no Lightning model summary. The product's
+    callbacks are added when the trainer is made (`FalconCLI.instantiate_trainer`), to any the config lists."""
     # Lightning's model summary counts a 4-bit weight as a parameter of the compute dtype: the module's own
     # `[model]` line (quantized layers, trainable of total, the real footprint) replaces it.
-    return {"logger": LOGGER, "callbacks": default_callbacks(), "enable_model_summary": False}
+    return {"logger": LOGGER, "enable_model_summary": False}
 
 
 class FalconArgumentParser(LightningArgumentParser):
@@ -80,6 +81,10 @@ def explain_parse_error(message: str, parser) -> str:
     found = next((m for m in (re.search(p, message) for p in JSONARGPARSE_UNKNOWN_KEY) if m), None)
     if found:
         key = found.group(1).lstrip("-").split("=")[0]
+        group = re.search(JSONARGPARSE_GROUP, message)  # a key of a config file is named without its group
+        key = f"{group.group(1)}.{key}" if group else key
+        if moved(key):  # a data key of a config written before `Source`: where it sits now
+            return moved(key)
         keys = parser_keys(parser)
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
         fix = f"did you mean {close[0]}?" if close else "remove it."
@@ -92,6 +97,8 @@ def explain_parse_error(message: str, parser) -> str:
 
 
 class FalconCLI(LightningCLI):
+    logs = True  # False: the subcommand writes no logger version (its output is its own file or its answers)
+
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_class", FalconArgumentParser)
         kwargs.setdefault("trainer_defaults", trainer_defaults())
@@ -110,7 +117,11 @@ class FalconCLI(LightningCLI):
             }
         )
         # A `generation:` section: settings and inputs of predict, evaluate and the samples logged during fit.
+        # Each user is given its part at construction: the model decodes with the settings, the data module
+        # reads predict's inputs, and the callbacks get theirs when the trainer is made.
         parser.add_class_arguments(GenerationSettings, "generation")
+        parser.link_arguments("generation", "model.generation", apply_on="instantiate")
+        parser.link_arguments("generation", "data.predict_inputs", compute_fn=predict_inputs, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """Keep the model config the user wrote, whatever `--ckpt_path` names (a library touch point: upstream.py).
@@ -118,16 +129,12 @@ class FalconCLI(LightningCLI):
         Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
         dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an
         adapter). Here a checkpoint that cannot fit the configured model fails instead, in one line
-        naming the differing keys (`_use_checkpoint`).
+        naming the differing keys (`check_run`).
         """
 
     def _section(self, config):
         """The running subcommand's part of a parsed config (the whole config when there is no subcommand)."""
         return config[self.subcommand] if self.subcommand else config
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        self.model.generation = self._section(self.config_init)["generation"]
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with the product's progress display and atomic checkpoint writes, unless the config
@@ -136,17 +143,27 @@ class FalconCLI(LightningCLI):
         Lightning's default writes through a temporary file in the system temp dir, which is a copy (not a
         rename) when checkpoints live on another filesystem (`training.checkpoint_io`).
         """
-        settings = self._section(self.config_init)["trainer"]
+        section = self._section(self.config_init)
+        settings = section["trainer"]
         chosen = settings.get("callbacks") or []
+        if not self.logs or self.subcommand == "predict":  # their output is their file or their answers
+            kwargs.setdefault("logger", False)
+        logged = kwargs.get("logger", settings.get("logger")) not in (False, [])
+        callbacks = self.product_callbacks(section["generation"], logged)
         if settings.get("enable_progress_bar") is not False and not any(isinstance(c, LightningBar) for c in chosen):
             # The product's bar, unless the config picked its own (Lightning refuses two) or none. A live bar
             # draws nothing where stdout is not a terminal (a Slurm log): lines there instead.
-            bar = ProgressBar() if sys.stdout.isatty() else ProgressLines()
-            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], bar]
-        trainer = self._trainer_or_config_error(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+            callbacks.append(ProgressBar() if sys.stdout.isatty() else ProgressLines())
+        self.trainer_defaults["callbacks"] = callbacks
+        plugins = settings.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        return self._trainer_or_config_error(**kwargs)
+
+    def product_callbacks(self, generation: GenerationSettings, logged: bool) -> list:
+        """The product's callbacks for this subcommand (`training.callbacks`), new for each trainer."""
+        return default_callbacks(generation, logged)
 
     def _trainer_or_config_error(self, **kwargs):
         # Lightning rejects an accelerator, strategy or device count this machine lacks with a traceback.
@@ -168,14 +185,48 @@ class FalconCLI(LightningCLI):
         config = self._section(self.config)
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
             config.data.tokenizer = config.model.model_name_or_path
+        self.settle_ckpt_path(config)
 
-    def check_run(self) -> Path | None:
+    def settle_ckpt_path(self, config) -> None:
+        """`--ckpt_path`, settled once before anything is made: what the run reads (`self.source`), and for every
+        subcommand but fit, LoRA weights that the model loads itself (`model.adapter`)."""
+        self.asked = config.get("ckpt_path")
+        self.source, self.resume = self._resolve_ckpt_path(config)
+        if self.subcommand != "fit" and "ckpt_path" in config:
+            if self.source is not None and self.resume is None:
+                config.model.adapter = str(self.source)
+            config.ckpt_path = self.resume
+
+    def _resolve_ckpt_path(self, config) -> tuple[Path | None, str | None]:
+        """(the checkpoint or adapter the run reads, what Lightning's `ckpt_path` gets).
+
+        Lightning keeps a fit's resume (optimizer and loop state) and a DeepSpeed checkpoint (its shards); an
+        adapter directory or a `.ckpt` file is LoRA weights, which the model loads for the other subcommands.
+        """
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
+            ckpt = last_checkpoint(config)
+        if ckpt is None or ckpt in LIGHTNING_CKPT_KEYWORDS:
+            return None, ckpt
+        path = Path(ckpt).expanduser()
+        if not path.exists():
+            raise ConfigError(f"checkpoint not found: {ckpt}. Fix: give a .ckpt file, `last`, or an adapter directory")
+        deepspeed = is_deepspeed_checkpoint(path)
+        if path.is_dir() and not deepspeed:
+            adapter.check_adapter_dir(path)  # a directory is an adapter or a DeepSpeed checkpoint, nothing else
+            if self.subcommand == "fit":
+                raise ConfigError(
+                    f"{path} is an adapter, which holds no optimizer or loop state to resume fit from. "
+                    "Fix: resume with the run's checkpoints/last.ckpt (or --ckpt_path last), "
+                    f"or start a new run from its weights: --model.adapter {path}"
+                )
+        resume = str(path) if self.subcommand == "fit" or deepspeed else None
+        return path, resume
+
+    def check_run(self) -> None:
         """Everything cheap, before the data is tokenized or any weights load (config.json only): what `plan`
         checks too (`check_config`), then this machine (`check_machine`), that `max_length` holds the template,
-        and `--ckpt_path`.
-
-        Returns the checkpoint or adapter directory the run reads, if any.
-        """
+        that the checkpoint or adapter fits the model, and predict's inputs."""
         hp, strategy = self.model.hparams, self.trainer.strategy
         check_config(
             StrategySettings.of(strategy),
@@ -186,94 +237,28 @@ class FalconCLI(LightningCLI):
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_max_length()
-        self._resolve_last()
-        source = self._use_checkpoint()
+        for path in {Path(p) for p in (self.source, hp.adapter) if p is not None}:
+            self.model.check_checkpoint(path)
         if self.subcommand == "predict":
-            self._prepare_predict(source)
-        return source
+            self.datamodule.predict_texts()  # an empty or unreadable input file fails now, not after loading
+        if self.subcommand == "fit":  # the saved config.yaml keeps what was asked (`last`); Lightning gets the file
+            self._section(self.config_init)["ckpt_path"] = self.resume
 
     def one_device_source(self, command: str) -> Path | None:
         """`check_run` for a one-device command that reads a run (evaluate, chat): `last` must find a
         checkpoint, and a DeepSpeed checkpoint (a shard per rank) is refused with the fix to read the
         run's adapter. Returns the checkpoint or adapter directory (None: the base model)."""
-        asked = self._section(self.config_init).get("ckpt_path")
-        source = self.check_run()
-        if source is None and asked is not None:
+        if self.source is None and self.asked is not None:
             raise ConfigError(
-                f"{command} found no checkpoint for --ckpt_path {asked}. Fix: train first, or name a checkpoint"
+                f"{command} found no checkpoint for --ckpt_path {self.asked}. Fix: train first, or name a checkpoint"
             )
-        if source is not None and is_deepspeed_checkpoint(source):
+        if self.source is not None and is_deepspeed_checkpoint(self.source):
             raise ConfigError(
-                f"{source} is a DeepSpeed checkpoint (one shard per rank), and {command} runs on one device. "
-                f"Fix: give the run's adapter: --ckpt_path {run_dir(source) / 'adapter'}"
+                f"{self.source} is a DeepSpeed checkpoint (one shard per rank), and {command} runs on one device. "
+                f"Fix: give the run's adapter: --ckpt_path {RunDir.of_source(self.source).adapter}"
             )
-        return source
-
-    def _resolve_last(self) -> None:
-        """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
-
-        With `checkpoint.dirpath`, in that directory. A named run (a pinned logger version, such as a
-        Slurm job's `slurm-JOBID`) resumes only from its own directory, never from another run's;
-        otherwise the newest of any of the run's numbered versions.
-        """
-        config = self._section(self.config_init)
-        if config.get("ckpt_path") != "last":
-            return
-        logger, callback = self.trainer.logger, self.trainer.checkpoint_callback
-        init_args = getattr(self._section(self.config).get("trainer.logger"), "init_args", None)
-        directories = []
-        if callback is not None and callback.dirpath:
-            directories = [Path(callback.dirpath)]
-        elif logger is not None and getattr(logger, "root_dir", None):
-            named = getattr(init_args, "version", None) is not None
-            directories = (
-                [Path(logger.log_dir) / "checkpoints"] if named else Path(logger.root_dir).glob("*/checkpoints")
-            )
-        newest = find_last(directories)
-        if newest is not None:
-            rank_zero_info(f"[resume] --ckpt_path last -> {newest}")
-            config["ckpt_path"] = str(newest)
-        else:
-            rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
-            config["ckpt_path"] = None
-
-    def _use_checkpoint(self) -> Path | None:
-        """Check `--ckpt_path` before any weights load; an adapter directory is loaded by the model, not Lightning.
-
-        Returns the checkpoint or adapter directory the run reads (None: the base model, or fit from scratch).
-        """
-        config = self._section(self.config_init)
-        ckpt = config.get("ckpt_path")
-        if ckpt is None or ckpt in LIGHTNING_CKPT_KEYWORDS:
-            return None
-        path = Path(ckpt).expanduser()
-        if not path.exists():
-            raise ConfigError(f"checkpoint not found: {ckpt}. Fix: give a .ckpt file, `last`, or an adapter directory")
-        if path.is_dir() and not is_deepspeed_checkpoint(path):
-            adapter.check_adapter_dir(path)  # a directory is an adapter or a DeepSpeed checkpoint, nothing else
-            if self.subcommand == "fit":
-                raise ConfigError(
-                    f"{path} is an adapter, which holds no optimizer or loop state to resume fit from. "
-                    "Fix: resume with the run's checkpoints/last.ckpt (or --ckpt_path last)"
-                )
-            self.model.adapter_dir = str(path)
-            config["ckpt_path"] = None
-        self.model.check_checkpoint(path)
-        return path
-
-    def _prepare_predict(self, source: Path | None) -> None:
-        """Read predict's inputs (failing on an empty file now, not after loading) and place its output."""
-        generation = self.model.generation
-        if generation.input_file:
-            self.datamodule.predict_inputs = read_inputs(
-                generation.input_file, self.datamodule.members[0].source.prompt_column
-            )
-        elif generation.inputs:
-            self.datamodule.predict_inputs = list(generation.inputs)
-        if generation.output is None:
-            directory = run_dir(source) if source is not None else Path(self.trainer.log_dir)
-            generation.output = str(directory / "predictions.jsonl")
-        self.trainer.loggers = []  # predict's output is that file: no new logger version (nor config.yaml: main)
+        self.check_run()
+        return self.source
 
     before_fit = before_validate = before_test = before_predict = check_run
 
@@ -320,32 +305,51 @@ def check_machine(strategy: Strategy, quantization: str, compute_dtype: ComputeD
     check_quantization_runs(quantization, dtype, device)
 
 
-# predict and evaluate run in one process on one device, whatever the config trains with.
+# predict, chat and evaluate run in one process on one device, whatever the config trains with.
 SINGLE_DEVICE = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
 
 # `--ckpt_path` values Lightning resolves itself (`last` is resolved above, within the run's directories).
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    """A DeepSpeed checkpoint is a directory holding `latest` and a tag directory of shards."""
-    return (path / "latest").is_file() or (path / "checkpoint").is_dir()
+def predict_inputs(generation: GenerationSettings) -> str | list[str] | None:
+    """`data.predict_inputs` from the `generation:` section: its file, else its inputs, else None (the held-out
+    prompts). Both set is refused by `GenerationSettings`."""
+    return generation.input_file or (list(generation.inputs) if generation.inputs else None)
 
 
-def run_dir(source: Path) -> Path:
-    """The run directory of a checkpoint (`RUN/checkpoints/X.ckpt`) or an adapter (`RUN/adapter`)."""
-    parent = source.parent
-    return parent.parent if parent.name == "checkpoints" else parent
+def last_checkpoint(config) -> str | None:
+    """`--ckpt_path last` -> the run's newest `last*.ckpt` (Lightning looks only in a new, empty version).
 
-
-def find_last(directories) -> Path | None:
-    """The newest `last*.ckpt` in `directories`: a file, or a directory of shards under DeepSpeed."""
-    found = [path for directory in directories for path in Path(directory).glob("last*.ckpt")]
-    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+    With `checkpoint.dirpath`, in that directory. A named run (a pinned logger version, such as a Slurm job's
+    `slurm-JOBID`) resumes only from its own directory, never from another run's; otherwise the newest of any of
+    the run's numbered versions. Read from the config, before the trainer exists.
+    """
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    directories = []
+    if config.checkpoint.get("dirpath"):
+        directories = [Path(config.checkpoint.dirpath)]
+    elif logger is not None and not isinstance(logger, bool):
+        made = instantiate_class((), logger.as_dict())  # a logger only computes its paths: it writes nothing here
+        if getattr(made, "root_dir", None):
+            named = logger.get("init_args", {}).get("version") is not None
+            run = RunDir(Path(made.log_dir))
+            directories = [run.checkpoints] if named else Path(made.root_dir).glob("*/checkpoints")
+    newest = find_last(directories)
+    if newest is None:
+        rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")
+        return None
+    rank_zero_info(f"[resume] --ckpt_path last -> {newest}")
+    return str(newest)
 
 
 class ParseOnlyCLI(FalconCLI):
     """The same config files and overrides as `fit`, parsed but never instantiated (no weights, no GPU)."""
+
+    def settle_ckpt_path(self, config) -> None:
+        pass  # nothing is read: `--ckpt_path` passes through as written (slurm-args hands it on)
 
     def instantiate_classes(self) -> None:
         pass

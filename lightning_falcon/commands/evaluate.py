@@ -1,9 +1,8 @@
 """`python -m lightning_falcon evaluate --config X --ckpt_path CKPT`: did fine-tuning help, and how?
 
-One process, one device, one load of the base. Two validations of the held-out split, the first with the
-adapter and the second with it switched off (the base). Each also generates for the query file
-(`generation.queries`), in the validation loop, so generation runs on the model's own device. The
-Markdown report gives:
+One process, one device, one load of the base. The held-out split is validated and the query file
+(`generation.queries`) predicted twice, first with the adapter and then with it switched off (the base);
+both run in Lightning's loops, so generation runs on the model's own device. The Markdown report gives:
 - loss and perplexity, base against fine-tuned;
 - the mean output length and the share of outputs that ended at EOS;
 - per level (easy / intermediate / advanced), each query's base output next to the fine-tuned one.
@@ -11,6 +10,7 @@ Markdown report gives:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -18,15 +18,18 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build, run_dir
+from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build
 from lightning_falcon.data.inputs import Query, read_queries
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA
-from lightning_falcon.model.generation import Generated
-from lightning_falcon.training.samples import GenerationSamples, markdown_cell
+from lightning_falcon.model.generation import Generated, GenerationSettings
+from lightning_falcon.runs import RunDir
+from lightning_falcon.training.samples import markdown_cell
 
 
 class EvaluateCLI(FalconCLI):
+    logs = False
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument(
@@ -39,6 +42,15 @@ class EvaluateCLI(FalconCLI):
             help="Markdown report to write; default evaluation.md in the run",
         )
 
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        # The queries are what the model is asked: predict's inputs, read by the data module.
+        self.config.generation.input_file = self.config.generation.queries
+        self.config.generation.inputs = []
+
+    def product_callbacks(self, generation: GenerationSettings, logged: bool) -> list:
+        return []  # the report is the output: no samples logged, no predictions file, no adapter saved
+
 
 def evaluate(args: list[str]) -> Path:
     """Parse, check everything cheap, then validate and generate twice and write the report."""
@@ -46,7 +58,7 @@ def evaluate(args: list[str]) -> Path:
     cli = build(EvaluateCLI, [*args, *SINGLE_DEVICE], "evaluate", run=False, save_config_callback=None)
     config = cli.config_init
     problems = []
-    if config.get("ckpt_path") is None:
+    if cli.asked is None:
         problems.append("evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
     try:
         queries = read_queries(cli.model.generation.queries)  # a bad query file fails before any weights load
@@ -54,23 +66,21 @@ def evaluate(args: list[str]) -> Path:
         problems.append(str(e))
     ConfigError.collect(problems)
     source = cli.one_device_source("evaluate")
-    report = Path(config["report"]) if config.get("report") else run_dir(source) / "evaluation.md"
+    report = Path(config["report"]) if config.get("report") else RunDir.of_source(source).evaluation
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    trainer.loggers = []  # nor a new TensorBoard version
-    model.generation.samples = [q.input for q in queries]
 
     results = {}
-    for name, enabled, ckpt in (("fine-tuned", True, config["ckpt_path"]), ("base", False, None)):
-        model.adapter_enabled = enabled
-        metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
-        outputs = next(cb for cb in trainer.callbacks if isinstance(cb, GenerationSamples)).outputs
+    for name, weights in (("fine-tuned", contextlib.nullcontext()), ("base", model.base_only())):
+        with weights:
+            metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+            predicted = trainer.predict(model, datamodule=datamodule, return_predictions=True)
+        outputs = [generated for batch in predicted for _, generated in batch]
         results[name] = {
             "loss": float(metrics["val/loss"]),
             # several data sources: each one's loss, so the report shows whether one skill gained at another's cost
             "sources": {source: float(metrics[f"val/loss/{source}"]) for source in model.source_names},
             "outputs": outputs,
         }
-    model.adapter_enabled = True
     text = render(queries, results, source, model, datamodule)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text, encoding="utf-8")

@@ -25,6 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
 from lightning_falcon.data.formats import DataFormat
+from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.data.loading import empty, load_source, local_file
 from lightning_falcon.data.mixing import Mix, quotas
 from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
@@ -65,6 +66,7 @@ class PromptDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         seed: int = 42,
         cache_dir: str = "~/.cache/lightning_falcon",
+        predict_inputs: str | list[str] | None = None,
     ) -> None:
         """Prompt/response data for causal-LM fine-tuning: one source, or several mixed by weight.
 
@@ -92,6 +94,9 @@ class PromptDataModule(L.LightningDataModule):
             seed: Seed of the held-out split, of the mix and of shuffling.
             cache_dir: Where tokenized data is cached, one entry per source, keyed on its data, the tokenizer
                 and the settings its rows depend on.
+            predict_inputs: `predict`'s inputs: a file (JSONL with an `input` or prompt field per line, or plain
+                text, one per line) or the texts themselves; None generates for the held-out prompts. The CLI
+                passes its `generation.input_file` or `generation.inputs`.
         """
         # plain mappings in the saved hyperparameters, so checkpoints load weights-only
         dataset = [_plain(s) for s in dataset] if isinstance(dataset, list) else _plain(dataset)
@@ -112,8 +117,7 @@ class PromptDataModule(L.LightningDataModule):
         self.stats: dict[str, Any] = {}
         self._splits: dict[str, Any] = {}  # `train` and `val`: every source's rows, end to end
         self._parts: dict[str, list[Any]] = {}  # `train` and `val`: each source's rows, in the order of `members`
-        # Set by the CLI for `predict` (generation.inputs / input_file); None generates for the held-out prompts.
-        self.predict_inputs: list[str] | None = None
+        self._predict_texts: list[str] | None = None  # `predict_inputs`, read by `predict_texts`
 
     @property
     def format(self) -> DataFormat:
@@ -351,9 +355,19 @@ class PromptDataModule(L.LightningDataModule):
         """A generation batch: the inputs as text and their prompt ids (padded on the left when generating)."""
         return {"inputs": [r["input"] for r in rows], "prompt_ids": [r["prompt_ids"] for r in rows]}
 
+    def predict_texts(self) -> list[str] | None:
+        """`predict_inputs` as texts, the file read once (an empty or unreadable one fails here, before any
+        weights load when the CLI asks first); None: predict the held-out prompts."""
+        inputs = self.hparams.predict_inputs
+        if self._predict_texts is None and inputs is not None:
+            prompt_field = self.members[0].source.prompt_column
+            self._predict_texts = read_inputs(inputs, prompt_field) if isinstance(inputs, str) else list(inputs)
+        return self._predict_texts
+
     def _prediction_rows(self) -> list[dict]:
-        if self.predict_inputs is not None:
-            return [{"input": text, "prompt_ids": self.encode_input(text)} for text in self.predict_inputs]
+        texts = self.predict_texts()
+        if texts is not None:
+            return [{"input": text, "prompt_ids": self.encode_input(text)} for text in texts]
         # the prompt part of each held-out row: everything before its first trained token
         return [
             {"input": r["input"], "prompt_ids": r["input_ids"][: prompt_length(r["labels"])]}
@@ -427,5 +441,5 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader(self._splits["val"], self.collate)
 
     def predict_dataloader(self) -> DataLoader:
-        """`predict_inputs` (from the CLI's generation section), else the prompts of the held-out split."""
+        """`predict_inputs`, else the prompts of the held-out split."""
         return self._loader(self._prediction_rows(), self.collate_prompts)

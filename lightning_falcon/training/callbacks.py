@@ -6,8 +6,9 @@ The CLI also shows `training.progress.ProgressBar`, unless the config picks its 
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
+from lightning_falcon.model.generation import GenerationSettings
 from lightning_falcon.training.disk_space import DiskSpaceCheck
 from lightning_falcon.training.predictions import PredictionWriter
 from lightning_falcon.training.preemption import SlurmRequeue
@@ -17,14 +18,23 @@ from lightning_falcon.training.save_adapter import SaveAdapter
 from lightning_falcon.training.throughput import TokenThroughput
 
 
-def default_callbacks() -> list[Callback]:
-    """New instances (they hold a run's state) of every callback the CLI runs with."""
-    return [
+def default_callbacks(generation: GenerationSettings | None = None, logged: bool = True) -> list[Callback]:
+    """New instances (they hold a run's state) of every callback the CLI runs with.
+
+    Args:
+        generation: The `generation:` section: the samples logged at each validation, and predict's output file.
+        logged: The trainer has a logger: the learning rate is logged as `train/lr` each logging step.
+    """
+    generation = generation or GenerationSettings()
+    callbacks = [
         TokenThroughput(),
         SaveAdapter(),
-        PredictionWriter(),
-        GenerationSamples(),
+        PredictionWriter(generation.output),
+        GenerationSamples(generation.samples),
         RNGState(),
         SlurmRequeue(),
         DiskSpaceCheck(),
     ]
+    if logged:  # Lightning's monitor refuses a trainer without a logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_falcon.files import atomic_write
+from lightning_falcon.runs import RunDir
 
 # Room asked for beyond a checkpoint's tensor bytes: its pickle, and the filesystem's own rounding.
 ROOM_MARGIN_BYTES = 1 << 20
@@ -37,7 +38,7 @@ def checkpoint_dir(trainer) -> Path:
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         return Path(callback.dirpath)
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+    return RunDir.of_trainer(trainer).checkpoints
 
 
 class DiskFull(OSError):

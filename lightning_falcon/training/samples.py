@@ -8,18 +8,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class GenerationSamples(Callback):
-    """At every validation (the sanity check included, as the before), generate for `generation.samples`
-    and log them to TensorBoard as a text table, with `samples/eos_rate` (the share that ended at EOS).
+    """At every validation (the sanity check included, as the before), generate for `samples` and log them to
+    TensorBoard as a text table, with `samples/eos_rate` (the share that ended at EOS).
 
-    Every rank generates (DeepSpeed ZeRO-3 needs all of them for each forward); rank 0 logs. The last
-    outputs stay in `outputs` (evaluate reads them).
+    Every rank generates (DeepSpeed ZeRO-3 needs all of them for each forward); rank 0 logs.
+
+    Args:
+        samples: The inputs (`generation.samples`).
     """
 
-    def __init__(self) -> None:
-        self.outputs = []
+    def __init__(self, samples: list[str] | None = None) -> None:
+        self.samples = list(samples or [])
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        samples = pl_module.generation.samples
+        samples = self.samples
         datamodule = trainer.datamodule
         if not samples or not hasattr(datamodule, "encode_input"):
             return
@@ -28,7 +30,7 @@ class GenerationSamples(Callback):
         # leaves the training's dropout and shuffling exactly as without them.
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            outputs = self.outputs = pl_module.generate(prompts, batch_size=datamodule.hparams.batch_size)
+            outputs = pl_module.generate(prompts, batch_size=datamodule.hparams.batch_size)
         rate = sum(o.stopped_at_eos for o in outputs) / len(outputs)
         pl_module.log("samples/eos_rate", rate, batch_size=1, sync_dist=True)
         if not trainer.is_global_zero:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_falcon.model import adapter
+from lightning_falcon.runs import RunDir
 from lightning_falcon.training.strategy import gathered_parameters
 
 
@@ -22,8 +22,7 @@ class SaveAdapter(Callback):
     """
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        # trainer.log_dir is a broadcast from rank 0: every rank must ask for it, or rank 0 waits forever.
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+        out = RunDir.of_trainer(trainer).adapter  # every rank asks: the run directory is a broadcast from rank 0
         named = [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad]
         lora = [p for _, p in named]
         with gathered_parameters(trainer.strategy, lora):
