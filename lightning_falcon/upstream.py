@@ -695,7 +695,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "transformers",
         "`model.hf_quantizer.remove_quantization_config(model)` marks a model as unquantized: no "
         "`quantization_config`, and castable.",
-        "lightning_falcon/export/merge.py:merge_into_dequantized",
+        "lightning_falcon/upstream.py:forget_quantization",
         "`model.dequantize()` does it only after expanding every layer at once, and no public call does it alone.",
         "test_transformers_quantizer_still_forgets_a_models_quantization",
     ),

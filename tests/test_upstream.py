@@ -1179,9 +1179,5 @@ def test_the_registry_names_existing_canaries_and_code():
         assert point.library in LIBRARIES and point.what and point.why, point
         assert re.fullmatch(r"lightning_falcon/[\w/]+\.py:[\w.]+", point.where), f"where is path.py:symbol: {point}"
         path, symbol = point.where.split(":")
-        if not (REPO / path).is_file():
-            # Export is being moved into lightning_falcon/export/: until it is whole there, only the files that
-            # exist are checked (to be tightened once the move is done).
-            assert path.startswith("lightning_falcon/export/"), f"{point.where}: no such file"
-            continue
+        assert (REPO / path).is_file(), f"{point.where}: no such file"
         assert defines(REPO / path, symbol), f"{point.where}: {path} defines no {symbol}"

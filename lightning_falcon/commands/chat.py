@@ -1,7 +1,7 @@
 """`python -m lightning_falcon chat --config X --ckpt_path CKPT|last|ADAPTER_DIR`: talk to a trained model.
 
 One process, one device, the base and adapter loaded once. Each request is rendered through the training
-template (`data.format`, `data.template` or the turn markers) and answered with the `generation:` settings,
+template (the first source's `format` and `template`, or its turn markers) and answered with the `generation:` settings,
 ending at EOS. A `turns` model reads the conversation so far, as it was trained to; a `prompt_response`
 model learned single prompts, so it answers each request on its own.
 

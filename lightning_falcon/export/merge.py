@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_falcon.model.quantization import quantized_layers
+from lightning_falcon.upstream import forget_quantization
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -52,8 +53,6 @@ def merge_into_dequantized(peft_model: nn.Module, dtype: torch.dtype) -> nn.Modu
         del weight
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, dense)
-    # What `model.dequantize()` does after expanding: the model and its saved config then say it is a
-    # plain dense model, which transformers lets be cast.
-    model.hf_quantizer.remove_quantization_config(model)
+    forget_quantization(model)  # as `model.dequantize()` does after expanding: now a plain model, which may be cast
     model.to(dtype)  # the embeddings, norms and biases left
     return model
