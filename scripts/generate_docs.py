@@ -6,7 +6,7 @@
 What drifts when written by hand is generated here:
 * `docs/reference/cli.md`: `python -m lightning_falcon --help` and each subcommand's `--help`, printed in a
   child process at a fixed width, offline;
-* `docs/reference/touch-points.md`: the library touch points, from `lightning_falcon.upstream.TOUCH_POINTS`;
+* `docs/reference/touch-points.md`: the library touch points, from `lightning_falcon.touch_points.TOUCH_POINTS`;
 * `docs/reference/modules.md`: the layers (pyproject.toml's import-linter contract) and every module's first
   docstring paragraph, for the package, the tests, the benchmarks and the scripts.
 
@@ -175,14 +175,11 @@ def where_link(where: str) -> str:
 
 
 def touch_points_page() -> str:
-    """docs/reference/touch-points.md: one row per entry of `lightning_falcon.upstream.TOUCH_POINTS`."""
-    from lightning_falcon import upstream
+    """docs/reference/touch-points.md: one row per entry of `lightning_falcon.touch_points.TOUCH_POINTS`."""
+    from lightning_falcon.touch_points import TOUCH_POINTS as points
 
-    points = getattr(upstream, "TOUCH_POINTS", None)
-    if points is None:
-        raise RuntimeError("lightning_falcon/upstream.py has no TOUCH_POINTS registry: the touch-point page needs it")
     lines = [
-        note("`lightning_falcon.upstream.TOUCH_POINTS`"),
+        note("`lightning_falcon.touch_points.TOUCH_POINTS`"),
         "",
         "# Library touch points",
         "",

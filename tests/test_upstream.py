@@ -1,4 +1,4 @@
-"""Canaries: each reach into a library that `lightning_falcon.upstream.TOUCH_POINTS` registers still exists and
+"""Canaries: each reach into a library that `lightning_falcon.touch_points.TOUCH_POINTS` registers still exists and
 still behaves as the code assumes, on the real library. A failure names the touch point that a new release moved.
 
 The last test checks that the registry and the canaries agree. `docs/reference/touch-points.md` is generated
@@ -18,7 +18,7 @@ import torch
 from helpers import REPO, TINY, scalars
 from torch import nn
 
-from lightning_falcon import upstream
+from lightning_falcon import touch_points, upstream
 
 
 @contextlib.contextmanager
@@ -1171,11 +1171,11 @@ LIBRARIES = {
 def test_the_registry_names_existing_canaries_and_code():
     tests = {node.name for node in ast.parse(Path(__file__).read_text()).body if isinstance(node, ast.FunctionDef)}
     tests = {name for name in tests if name.startswith("test_")}
-    named = {point.canary for point in upstream.TOUCH_POINTS}
+    named = {point.canary for point in touch_points.TOUCH_POINTS}
     assert not named - tests, f"the registry names canaries this file lacks: {sorted(named - tests)}"
     unnamed = tests - named - {"test_the_registry_names_existing_canaries_and_code"}
     assert not unnamed, f"canaries no touch point names: {sorted(unnamed)}"
-    for point in upstream.TOUCH_POINTS:
+    for point in touch_points.TOUCH_POINTS:
         assert point.library in LIBRARIES and point.what and point.why, point
         assert re.fullmatch(r"lightning_falcon/[\w/]+\.py:[\w.]+", point.where), f"where is path.py:symbol: {point}"
         path, symbol = point.where.split(":")

@@ -124,7 +124,7 @@ class FalconCLI(LightningCLI):
         parser.link_arguments("generation", "data.predict_inputs", compute_fn=predict_inputs, apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        """Keep the model config the user wrote, whatever `--ckpt_path` names (a library touch point: upstream.py).
+        """Keep the model config the user wrote, whatever `--ckpt_path` names (a library touch point: touch_points.py).
 
         Lightning 2.6 replaces the model section with a checkpoint file's hyperparameters, silently
         dropping the user's `--model.*` overrides, and only when the path is a file (not `last`, not an

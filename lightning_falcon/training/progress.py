@@ -31,7 +31,7 @@ class ProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:
         """`Epoch N/LAST`, or `Epoch N of a MAX-step run` when the run is bounded by steps (Lightning's own
-        says `Epoch N/-2` then). A touch point: a private method of Lightning's bar (see upstream.py)."""
+        says `Epoch N/-2` then). A touch point: a private method of Lightning's bar (touch_points.py)."""
         trainer = self.trainer
         if trainer.max_steps is not None and trainer.max_steps > 0 and (trainer.max_epochs or -1) < 0:
             text = f"Epoch {current_epoch} of a {trainer.max_steps}-step run"
