@@ -30,6 +30,23 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     # ------------------------------------------------------------- lightning
     TouchPoint(
         "lightning",
+        "`logger: true` makes `TensorBoardLogger(save_dir=default_root_dir, version=SLURMEnvironment.job_id())`.",
+        "lightning_falcon/upstream.py:default_logger",
+        "`--ckpt_path last` is resolved before the trainer exists, and Lightning builds its default logger inside "
+        "the trainer with no factory to ask.",
+        "test_lightning_still_makes_its_default_logger_as_default_logger_does",
+    ),
+    TouchPoint(
+        "lightning",
+        "A logger made from its config only computes `root_dir` and `log_dir` (the next version): it creates no "
+        "directory and writes nothing until it logs.",
+        "lightning_falcon/commands/cli.py:configured_logger",
+        "`--ckpt_path last` and predict's default output read the run's directories from the config, before the "
+        "trainer exists; Lightning documents the paths, not that making a logger leaves the disk alone.",
+        "test_a_lightning_logger_writes_nothing_until_it_logs",
+    ),
+    TouchPoint(
+        "lightning",
         "`LightningCLI.__init__` calls `self._parse_ckpt_path()`, which `FalconCLI` overrides to do nothing.",
         "lightning_falcon/commands/cli.py:FalconCLI._parse_ckpt_path",
         "Lightning swaps the model config for a checkpoint file's hyperparameters, dropping the user's `--model.*` "

@@ -100,6 +100,15 @@ def write_due_checkpoints(trainer, pl_module, outputs: Any, batch: Any, batch_id
         callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+def default_logger(default_root_dir: str):
+    """The logger Lightning's Trainer makes for `logger: true`: TensorBoard under `default_root_dir`, the version
+    pinned to the Slurm job's id inside a job. Lightning makes it in its logger connector and exposes no factory."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return TensorBoardLogger(save_dir=default_root_dir, version=SLURMEnvironment.job_id())
+
+
 def registered_strategy(name: str) -> tuple[type, dict[str, Any]] | None:
     """The class and arguments Lightning's `StrategyRegistry` holds under `name` (`deepspeed_stage_3`), or None."""
     from lightning.pytorch.strategies import StrategyRegistry

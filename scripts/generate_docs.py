@@ -186,8 +186,8 @@ def touch_points_page() -> str:
         (
             "Where no public API does the job, the code reaches into a library's internals or relies on its "
             "undocumented behaviour. Each such place is registered in "
-            "[`lightning_falcon/upstream.py`](../../lightning_falcon/upstream.py) with the reason no public API "
-            "serves, and has a canary in [`tests/test_upstream.py`](../../tests/test_upstream.py) that fails, "
+            "[`lightning_falcon/touch_points.py`](../../lightning_falcon/touch_points.py) with the reason no public "
+            "API serves, and has a canary in [`tests/test_upstream.py`](../../tests/test_upstream.py) that fails, "
             "naming it, when a release changes it. `pyproject.toml` bounds these libraries above at the release "
             "after the tested one: raise a bound when the canaries pass."
         ),

@@ -137,7 +137,7 @@ def test_bad_settings_are_listed_together(tmp_path):
 
 def test_collate_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
     dm = PromptDataModule(dataset=MIDJOURNEY, tokenizer=TINY)
-    assert dm._tokenizer().pad_token_id is None and dm.pad_id == dm.tokenizer.eos_token_id
+    assert dm.tokenizer.pad_token_id is None and dm.pad_id == dm.tokenizer.eos_token_id
     eos = dm.pad_id
     batch = dm.collate([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]}, {"input_ids": [5], "labels": [-100]}])
     assert batch["labels"].tolist() == [[-100, 6, eos], [-100, -100, -100]]

@@ -84,6 +84,7 @@ def test_lr_schedule_warms_up_then_decays():
     f = lr_factor(warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert f(150) == pytest.approx(0.1)  # past the planned total (a larger max_steps on resume): the floor holds
     assert lr_factor(5, 100, "constant", 0.0)(50) == 1.0
 
 

@@ -16,7 +16,7 @@ RUN_OBJECTS = {"model", "module", "pl_module", "trainer", "datamodule", "dm", "c
 ALLOWED = {
     # chat runs no loop: LightningModule's public `trainer` setter attaches the module to the trainer's strategy
     ("lightning_falcon/commands/chat.py", "model.trainer"),
-    # Slurm preemption: Lightning's ModelCheckpoint records where `last.ckpt` went (upstream.py lists it)
+    # Slurm preemption: Lightning's ModelCheckpoint records where `last.ckpt` went (touch_points.py lists it)
     ("lightning_falcon/training/preemption.py", "callback.last_model_path"),
     # the transformers model being built: no KV cache while training (its config is transformers' to set)
     ("lightning_falcon/model/lora.py", "model.config.use_cache"),
@@ -51,7 +51,7 @@ def test_no_run_object_is_rewired_from_outside_after_construction():
     writes = [
         f"{path.relative_to(REPO)}:{line}: {what}"
         for path in sorted(package.rglob("*.py"))
-        if path.name != "upstream.py"  # the registry of reaches into libraries' objects, each with its canary
+        if path.name != "upstream.py"  # the reaches into libraries' objects, each registered with its canary
         for line, what in attribute_writes(path)
         if (str(path.relative_to(REPO)), what) not in ALLOWED
     ]

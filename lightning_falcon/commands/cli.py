@@ -7,13 +7,15 @@ subcommands (`plan`, `slurm-args`, `prefetch`) build on it.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar as LightningBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -42,6 +44,7 @@ from lightning_falcon.upstream import (
     JSONARGPARSE_GROUP,
     JSONARGPARSE_UNKNOWN_KEY,
     LIGHTNING_MACHINE_ERROR,
+    default_logger,
     failing_parser,
     jsonargparse_recovers,
     parser_keys,
@@ -148,8 +151,10 @@ class FalconCLI(LightningCLI):
         chosen = settings.get("callbacks") or []
         if not self.logs or self.subcommand == "predict":  # their output is their file or their answers
             kwargs.setdefault("logger", False)
-        logged = kwargs.get("logger", settings.get("logger")) not in (False, [])
-        callbacks = self.product_callbacks(section["generation"], logged)
+        # Lightning's monitor refuses a trainer without a logger; a config's own one logs `train/lr` already
+        logged = kwargs.get("logger", settings.get("logger")) not in (False, None, [])
+        monitored = any(isinstance(c, LearningRateMonitor) for c in chosen)
+        callbacks = self.product_callbacks(section["generation"], logged and not monitored)
         if settings.get("enable_progress_bar") is not False and not any(isinstance(c, LightningBar) for c in chosen):
             # The product's bar, unless the config picked its own (Lightning refuses two) or none. A live bar
             # draws nothing where stdout is not a terminal (a Slurm log): lines there instead.
@@ -161,9 +166,9 @@ class FalconCLI(LightningCLI):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         return self._trainer_or_config_error(**kwargs)
 
-    def product_callbacks(self, generation: GenerationSettings, logged: bool) -> list:
+    def product_callbacks(self, generation: GenerationSettings, lr_monitor: bool) -> list:
         """The product's callbacks for this subcommand (`training.callbacks`), new for each trainer."""
-        return default_callbacks(generation, logged)
+        return default_callbacks(generation, lr_monitor)
 
     def _trainer_or_config_error(self, **kwargs):
         # Lightning rejects an accelerator, strategy or device count this machine lacks with a traceback.
@@ -186,6 +191,11 @@ class FalconCLI(LightningCLI):
         if config.data.tokenizer is None:  # the tokenizer normally lives beside the model
             config.data.tokenizer = config.model.model_name_or_path
         self.settle_ckpt_path(config)
+        if self.subcommand == "predict" and self.source is None and config.generation.output is None:
+            # the base model's predictions go where this run would log, as a run's go beside its checkpoint
+            logger, _ = configured_logger(config)
+            if getattr(logger, "log_dir", None):
+                config.generation.output = str(RunDir(Path(logger.log_dir)).predictions)
 
     def settle_ckpt_path(self, config) -> None:
         """`--ckpt_path`, settled once before anything is made: what the run reads (`self.source`), and for every
@@ -241,7 +251,7 @@ class FalconCLI(LightningCLI):
             self.model.check_checkpoint(path)
         if self.subcommand == "predict":
             self.datamodule.predict_texts()  # an empty or unreadable input file fails now, not after loading
-        if self.subcommand == "fit":  # the saved config.yaml keeps what was asked (`last`); Lightning gets the file
+        if self.subcommand == "fit":  # fit's config.yaml keeps what was asked (`last`); Lightning gets the file
             self._section(self.config_init)["ckpt_path"] = self.resume
 
     def one_device_source(self, command: str) -> Path | None:
@@ -308,14 +318,27 @@ def check_machine(strategy: Strategy, quantization: str, compute_dtype: ComputeD
 # predict, chat and evaluate run in one process on one device, whatever the config trains with.
 SINGLE_DEVICE = ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
 
-# `--ckpt_path` values Lightning resolves itself (`last` is resolved above, within the run's directories).
-LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+# `--ckpt_path` values Lightning resolves itself (`last` is resolved here, within the run's directories).
+LIGHTNING_CKPT_KEYWORDS = ("best", "hpc", "registry")
 
 
 def predict_inputs(generation: GenerationSettings) -> str | list[str] | None:
     """`data.predict_inputs` from the `generation:` section: its file, else its inputs, else None (the held-out
     prompts). Both set is refused by `GenerationSettings`."""
     return generation.input_file or (list(generation.inputs) if generation.inputs else None)
+
+
+def configured_logger(config) -> tuple[Logger | None, bool]:
+    """The trainer's first logger as `config` would make it, made only to read its paths (a logger writes nothing
+    until it logs), and whether its version is pinned (a named run, such as a Slurm job's `slurm-JOBID`)."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is True:
+        return default_logger(config.trainer.get("default_root_dir") or os.getcwd()), False
+    if not logger:
+        return None, False
+    return instantiate_class((), logger.as_dict()), logger.get("init_args", {}).get("version") is not None
 
 
 def last_checkpoint(config) -> str | None:
@@ -325,18 +348,13 @@ def last_checkpoint(config) -> str | None:
     `slurm-JOBID`) resumes only from its own directory, never from another run's; otherwise the newest of any of
     the run's numbered versions. Read from the config, before the trainer exists.
     """
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
+    logger, named = configured_logger(config)
     directories = []
     if config.checkpoint.get("dirpath"):
         directories = [Path(config.checkpoint.dirpath)]
-    elif logger is not None and not isinstance(logger, bool):
-        made = instantiate_class((), logger.as_dict())  # a logger only computes its paths: it writes nothing here
-        if getattr(made, "root_dir", None):
-            named = logger.get("init_args", {}).get("version") is not None
-            run = RunDir(Path(made.log_dir))
-            directories = [run.checkpoints] if named else Path(made.root_dir).glob("*/checkpoints")
+    elif getattr(logger, "root_dir", None):
+        run = RunDir(Path(logger.log_dir))
+        directories = [run.checkpoints] if named else Path(logger.root_dir).glob("*/checkpoints")
     newest = find_last(directories)
     if newest is None:
         rank_zero_info("[resume] --ckpt_path last: no checkpoint found for this run; starting from scratch")

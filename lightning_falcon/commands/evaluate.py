@@ -43,12 +43,18 @@ class EvaluateCLI(FalconCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        """Read the queries (a bad query file fails before any weights load, reported with the other problems by
+        `evaluate`): their texts are what the model is asked, predict's inputs."""
         super().before_instantiate_classes()
-        # The queries are what the model is asked: predict's inputs, read by the data module.
-        self.config.generation.input_file = self.config.generation.queries
-        self.config.generation.inputs = []
+        self.queries, self.problems = [], []
+        try:
+            self.queries = read_queries(self.config.generation.queries)
+        except ConfigError as e:
+            self.problems.append(str(e))
+        self.config.generation.input_file = None
+        self.config.generation.inputs = [q.input for q in self.queries]
 
-    def product_callbacks(self, generation: GenerationSettings, logged: bool) -> list:
+    def product_callbacks(self, generation: GenerationSettings, lr_monitor: bool) -> list:
         return []  # the report is the output: no samples logged, no predictions file, no adapter saved
 
 
@@ -56,14 +62,10 @@ def evaluate(args: list[str]) -> Path:
     """Parse, check everything cheap, then validate and generate twice and write the report."""
     # The report is the output: no config.yaml beside it (nor in the cwd).
     cli = build(EvaluateCLI, [*args, *SINGLE_DEVICE], "evaluate", run=False, save_config_callback=None)
-    config = cli.config_init
-    problems = []
+    config, queries = cli.config_init, cli.queries
+    problems = list(cli.problems)
     if cli.asked is None:
-        problems.append("evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
-    try:
-        queries = read_queries(cli.model.generation.queries)  # a bad query file fails before any weights load
-    except ConfigError as e:
-        problems.append(str(e))
+        problems.insert(0, "evaluate needs --ckpt_path. Fix: give a .ckpt file, `last`, or a run's adapter directory")
     ConfigError.collect(problems)
     source = cli.one_device_source("evaluate")
     report = Path(config["report"]) if config.get("report") else RunDir.of_source(source).evaluation
@@ -114,7 +116,7 @@ def as_json(queries: list[Query], results: dict) -> dict:
             **output_stats(r["outputs"]),
             "outputs": [
                 {"level": q.level, "input": q.input, "output": o.text, "tokens": o.new_tokens, "eos": o.stopped_at_eos}
-                for q, o in zip(queries, r["outputs"], strict=False)
+                for q, o in zip(queries, r["outputs"], strict=True)
             ],
         }
         for name, r in results.items()
@@ -159,7 +161,7 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
     levels = list(dict.fromkeys(q.level for q in queries))
     for level in levels:
         lines += ["", f"## {level}", "", "| # | query | base | fine-tuned |", "|---|---|---|---|"]
-        for i, (q, b, t) in enumerate(zip(queries, base["outputs"], tuned["outputs"], strict=False), start=1):
+        for i, (q, b, t) in enumerate(zip(queries, base["outputs"], tuned["outputs"], strict=True), start=1):
             if q.level == level:
                 lines.append(f"| {i} | {markdown_cell(q.input)} | {_cell(b)} | {_cell(t)} |")
     return "\n".join(lines) + "\n"

@@ -87,7 +87,7 @@ def prefetch(model, data) -> list[str]:
     check_offline(model.model_name_or_path, tokenizer, weights, model.trust_remote_code)
     datamodule = PromptDataModule(**{**data.as_dict(), "tokenizer": tokenizer})
     datamodule.prepare_data()  # the same loading, checks and tokenization the job runs, cached
-    for member, cache in zip(datamodule.members, datamodule.cache_paths.values(), strict=False):
+    for member, cache in zip(datamodule.members, datamodule.cache_paths.values(), strict=True):
         report.append(f"[prefetch] data {member.source.dataset}: tokenized cache {cache}")
     report.append(
         "[prefetch] done: compute nodes can run this config with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1, "

@@ -10,7 +10,7 @@
 * `--trainer.logger.init_args.version=slurm-JOBID`: the job logs to `runs/<name>/slurm-JOBID/`, the
   same directory after each requeue, so its checkpoints, TensorBoard events and adapter stay together;
 * on a restart (SLURM_RESTART_COUNT > 0), `--ckpt_path=last`. The version being pinned, `last` means
-  this job's own last checkpoint when it has one (`commands.cli.find_last`), never another run's, so a
+  this job's own last checkpoint when it has one (`runs.find_last`), never another run's, so a
   requeued job resumes where it stopped, or from step 0 if it never saved.
 
 It fails, in one line listing every problem, when the allocation runs a number of tasks per node
@@ -142,7 +142,7 @@ def fit_arguments(explicit: Mapping, resolved: Mapping, alloc: Allocation) -> li
     if class_path.endswith(VERSIONED_LOGGERS) and getattr(init_args, "version", None) is None:
         args.append(f"--trainer.logger.init_args.version=slurm-{alloc.job_id}")
     if alloc.restarts > 0 and explicit.get("ckpt_path") is None:
-        args.append("--ckpt_path=last")  # resolved by the CLI inside this job's own directory (commands.cli.find_last)
+        args.append("--ckpt_path=last")  # resolved by the CLI inside this job's own directory (runs.find_last)
     return args
 
 

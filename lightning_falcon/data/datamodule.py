@@ -112,7 +112,7 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.num_proc must be at least 1, got {num_proc}. Fix: --data.num_proc 2, or leave it unset"
             )
         ConfigError.collect(problems)
-        self.tokenizer = None
+        self._tokenizer = None  # loaded when first asked for (`tokenizer`)
         # totals over the sources (`train`, `val`), and each source's own (`sources[name][split]`)
         self.stats: dict[str, Any] = {}
         self._splits: dict[str, Any] = {}  # `train` and `val`: every source's rows, end to end
@@ -150,7 +150,7 @@ class PromptDataModule(L.LightningDataModule):
         """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
         columns = member.format.columns
         kept = ds.filter(
-            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values, strict=False)],
+            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values, strict=True)],
             batched=True,
             input_columns=columns,
         )
@@ -170,10 +170,12 @@ class PromptDataModule(L.LightningDataModule):
         self._check(member, dataset, ds)
         return self._drop_blank(member, dataset, ds)
 
-    def _tokenizer(self):
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        return self.tokenizer
+    @property
+    def tokenizer(self):
+        """`data.tokenizer`, loaded on first use in each process (every rank that asks has its own)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
 
     # ----------------------------------------------------------------- tokenizing and caching
     def check_max_length(self) -> None:
@@ -181,7 +183,7 @@ class PromptDataModule(L.LightningDataModule):
         dropped)."""
         max_length, problems = self.hparams.max_length, []
         for member in self.members:
-            scaffold, what = member.format.scaffold(self._tokenizer())
+            scaffold, what = member.format.scaffold(self.tokenizer)
             if max_length <= scaffold:
                 of = f" (source {member.name!r})" if member.mixed else ""
                 problems.append(
@@ -192,7 +194,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def encode_input(self, text: str) -> list[int]:
         """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
-        return self.format.prompt_ids(self._tokenizer(), text)
+        return self.format.prompt_ids(self.tokenizer, text)
 
     def prompt_format(self) -> dict[str, Any]:
         """How inputs were rendered in training, as saved beside an adapter."""
@@ -209,7 +211,7 @@ class PromptDataModule(L.LightningDataModule):
                     h.update(hashlib.file_digest(f, "sha256").digest())
             else:
                 h.update(str(dataset).encode())
-        tok = self._tokenizer()
+        tok = self.tokenizer
         h.update(
             tok.backend_tokenizer.to_str().encode() if tok.is_fast else str(sorted(tok.get_vocab().items())).encode()
         )
@@ -238,7 +240,7 @@ class PromptDataModule(L.LightningDataModule):
 
         # Our own one-line report replaces datasets' per-file progress bars.
         datasets.disable_progress_bars()
-        for member, target in zip(self.members, self.cache_paths.values(), strict=False):
+        for member, target in zip(self.members, self.cache_paths.values(), strict=True):
             if not (target / "stats.json").exists():
                 self._prepare(member, target)
 
@@ -271,7 +273,7 @@ class PromptDataModule(L.LightningDataModule):
                     member.label(dataset),
                     ds,
                     member.format,
-                    self._tokenizer(),
+                    self.tokenizer,
                     hp.max_length,
                     hp.num_proc,
                     scratch,
@@ -291,7 +293,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         parts: dict[str, list] = {"train": [], "val": []}
         self.stats = {"train": {}, "val": {}, "sources": {}}
-        for member, target in zip(self.members, self.cache_paths.values(), strict=False):
+        for member, target in zip(self.members, self.cache_paths.values(), strict=True):
             if not (target / "stats.json").exists():
                 raise RuntimeError(f"tokenized cache {target} is missing: prepare_data() must run before setup()")
             self.stats["sources"][member.name] = json.loads((target / "stats.json").read_text())
@@ -321,7 +323,7 @@ class PromptDataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         # Falcon has no pad token: pad with EOS. Padding is masked by attention_mask and labels,
         # never by token id, so the real EOS that ends each response stays a trained label.
-        return special_ids(self._tokenizer())[1]
+        return special_ids(self.tokenizer)[1]
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad a batch to its longest row (dynamic padding); `attention_mask` marks the real tokens.
@@ -335,7 +337,7 @@ class PromptDataModule(L.LightningDataModule):
         def padded(key: str, fill: int) -> torch.Tensor:
             # Padded as lists, then one tensor per field: a tensor per row and field costs far more.
             return torch.tensor(
-                [r[key] + [fill] * (width - n) for r, n in zip(rows, lengths, strict=False)], dtype=torch.long
+                [r[key] + [fill] * (width - n) for r, n in zip(rows, lengths, strict=True)], dtype=torch.long
             )
 
         batch = {
@@ -345,7 +347,7 @@ class PromptDataModule(L.LightningDataModule):
         }
         if "position_ids" in rows[0]:  # packed
             batch["position_ids"] = torch.tensor(
-                [r["position_ids"] + list(range(width - n)) for r, n in zip(rows, lengths, strict=False)],
+                [r["position_ids"] + list(range(width - n)) for r, n in zip(rows, lengths, strict=True)],
                 dtype=torch.long,
             )
         return batch
@@ -394,8 +396,8 @@ class PromptDataModule(L.LightningDataModule):
         lengths = [[len(ids) for ids in part["input_ids"]] for part in parts] if hp.batching != "padded" else None
         items: Any = self._splits["train"]
         if hp.batching == "packed":  # sequences of one or a few rows may still differ in length: grouped too
-            packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths, strict=False)]
-            lengths = [[sum(n[i] for i in b) for b in p.bins] for p, n in zip(packed, lengths, strict=False)]
+            packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths, strict=True)]
+            lengths = [[sum(n[i] for i in b) for b in p.bins] for p, n in zip(packed, lengths, strict=True)]
             items = packed[0] if len(packed) == 1 else ConcatDataset(packed)
             rank_zero_info(f"[data] packed {sum(rows)} train rows into {len(items)} sequences of <= {hp.max_length}")
         counts = [len(n) for n in lengths] if hp.batching == "packed" else rows
@@ -407,9 +409,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def _report_mix(self, mix: Mix, rows: list[int]) -> None:
         """A `[data]` line for each source: its share of an epoch's rows, and how often each of its rows comes."""
-        epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items, strict=False)]
+        epoch_rows = [quota * n / items for quota, n, items in zip(mix.quotas, rows, mix.items, strict=True)]
         about = "about " if self.hparams.batching == "packed" else ""  # whole sequences are drawn, not rows
-        for member, share, n, quota in zip(self.members, epoch_rows, rows, mix.quotas, strict=False):
+        for member, share, n, quota in zip(self.members, epoch_rows, rows, mix.quotas, strict=True):
             if quota == 0:
                 rank_zero_warn(
                     f"[data] source {member.name!r} gets no row of an epoch at weight {member.source.weight:g}: "

@@ -34,7 +34,7 @@ def quotas(weights: Sequence[float], items: Sequence[int], rows: Sequence[int]) 
     """
     total = sum(items)
     # items ∝ weight / (rows per item): a source of long sequences needs fewer of them for its share of rows
-    need = [w * n / r for w, n, r in zip(weights, items, rows, strict=False)]
+    need = [w * n / r for w, n, r in zip(weights, items, rows, strict=True)]
     exact = [total * x / sum(need) for x in need]
     counts = [int(e) for e in exact]
     by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -63,7 +63,7 @@ class Mix:
     def draw(self, epoch: int) -> list[int]:
         """The items of epoch `epoch`, grouped by source (the sampler shuffles them)."""
         drawn: list[int] = []
-        for source, (offset, items, quota) in enumerate(zip(self.offsets, self.items, self.quotas, strict=False)):
+        for source, (offset, items, quota) in enumerate(zip(self.offsets, self.items, self.quotas, strict=True)):
             passes, rest = divmod(quota, items)
             drawn += list(range(offset, offset + items)) * passes
             if rest:

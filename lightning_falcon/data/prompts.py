@@ -99,13 +99,9 @@ def encode_pairs(
     """`encode_pair` of each (prompt, response), with one tokenizer call for all prompts and one for all responses."""
     split = [_split_template(template, prompt) for prompt in prompts]
     prompt_ids = batch_ids(tokenizer, [text for text, _ in split])
-    response_ids = batch_ids(
-        tokenizer, [lead + response for (_, lead), response in zip(split, responses, strict=False)]
-    )
+    response_ids = batch_ids(tokenizer, [lead + response for (_, lead), response in zip(split, responses, strict=True)])
     eos = [tokenizer.eos_token_id]
-    return [
-        _assemble([(p, False), (r + eos, True)], max_length) for p, r in zip(prompt_ids, response_ids, strict=False)
-    ]
+    return [_assemble([(p, False), (r + eos, True)], max_length) for p, r in zip(prompt_ids, response_ids, strict=True)]
 
 
 def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tuple[str, str]]:

@@ -49,7 +49,7 @@ def _features():
 
 def _encode_rows(*columns: list, data_format: DataFormat, tokenizer, max_length: int) -> dict[str, list]:
     """A batch of rows (the format's columns, in order) -> the kept rows' cache columns and `truncated` flags."""
-    batch = dict(zip(data_format.columns, columns, strict=False))
+    batch = dict(zip(data_format.columns, columns, strict=True))
     out: dict[str, list] = {"input_ids": [], "labels": [], "input": [], "truncated": []}
     for i, enc in enumerate(data_format.encode_batch(tokenizer, batch, max_length)):
         if enc is None:  # no response token fits within max_length: dropped, counted from the row counts

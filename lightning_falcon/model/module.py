@@ -371,7 +371,7 @@ class FalconQLoRA(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
-        for name, metric in zip(self.source_names, self.source_loss, strict=False):
+        for name, metric in zip(self.source_names, self.source_loss, strict=True):
             self.log(f"val/loss/{name}", metric.compute())
             metric.reset()
 

@@ -48,7 +48,8 @@ def lr_factor(warmup_steps: int, total_steps: int, schedule: Schedule, min_ratio
     """The multiplier of the peak learning rate at each optimizer step: transformers' linear warmup, then its cosine
     decay to `min_ratio` or constant.
 
-    The warmup is transformers' one step ahead, so that the first step trains at lr / warmup_steps rather than at 0.
+    The warmup is transformers' one step ahead, so that the first step trains at lr / warmup_steps rather than at 0,
+    and a step past `total_steps` keeps the last rate (transformers' cosine would rise again).
     """
     throwaway = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its multiplier is read
     if schedule == "constant":
@@ -58,7 +59,7 @@ def lr_factor(warmup_steps: int, total_steps: int, schedule: Schedule, min_ratio
             throwaway, warmup_steps, total_steps, min_lr_rate=min_ratio
         )
     factor = scheduler.lr_lambdas[0]
-    return lambda step: factor(step + 1 if step < warmup_steps else step)
+    return lambda step: factor(step + 1 if step < warmup_steps else min(step, total_steps))
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> dict:
@@ -146,7 +147,7 @@ def stop_if_not_finite(trainer, checked: dict[str, torch.Tensor]) -> None:
         bad = trainer.strategy.reduce(bad, reduce_op="sum")
     if not bad.item():
         return
-    here = [name for name, ok in zip(checked, torch.isfinite(values).tolist(), strict=False) if not ok]
+    here = [name for name, ok in zip(checked, torch.isfinite(values).tolist(), strict=True) if not ok]
     what = here[0] if here else " or ".join(checked)
     value = f"this rank: {checked[what].float().item()}" if here else "finite on this rank, not on another"
     step, callback = trainer.global_step, trainer.checkpoint_callback

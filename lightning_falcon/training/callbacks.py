@@ -18,12 +18,13 @@ from lightning_falcon.training.save_adapter import SaveAdapter
 from lightning_falcon.training.throughput import TokenThroughput
 
 
-def default_callbacks(generation: GenerationSettings | None = None, logged: bool = True) -> list[Callback]:
+def default_callbacks(generation: GenerationSettings | None = None, lr_monitor: bool = True) -> list[Callback]:
     """New instances (they hold a run's state) of every callback the CLI runs with.
 
     Args:
         generation: The `generation:` section: the samples logged at each validation, and predict's output file.
-        logged: The trainer has a logger: the learning rate is logged as `train/lr` each logging step.
+        lr_monitor: Log the learning rate as `train/lr` each logging step (Lightning's LearningRateMonitor, which
+            needs a logger).
     """
     generation = generation or GenerationSettings()
     callbacks = [
@@ -35,6 +36,6 @@ def default_callbacks(generation: GenerationSettings | None = None, logged: bool
         SlurmRequeue(),
         DiskSpaceCheck(),
     ]
-    if logged:  # Lightning's monitor refuses a trainer without a logger
+    if lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks

@@ -8,7 +8,7 @@ target is at every moment either the old checkpoint or the new one.
 
 A DeepSpeed checkpoint is a directory (one shard per rank), which no single rename can replace. It is
 written whole under a hidden name, then swapped in with two renames. Between them the previous one
-exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`commands.cli.find_last`).
+exists as `last.old-<tag>.ckpt`, which `--ckpt_path last` still finds (`runs.find_last`).
 
 A full disk is found before a write where possible (`room_problem`, checked on every rank by
 `disk_space.DiskSpaceCheck`), and otherwise during it: the partial file is removed and `DiskFull`

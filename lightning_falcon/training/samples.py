@@ -37,7 +37,7 @@ class GenerationSamples(Callback):
             return
         rows = "\n".join(
             f"| {markdown_cell(text)} | {markdown_cell(out.text)} | {'EOS' if out.stopped_at_eos else 'cut'} |"
-            for text, out in zip(samples, outputs, strict=False)
+            for text, out in zip(samples, outputs, strict=True)
         )
         table = "| input | output | ended at |\n|---|---|---|\n" + rows
         for logger in trainer.loggers:
