@@ -277,3 +277,31 @@ def test_a_staged_directory_keeps_another_processs_whole_copy_and_refuses_a_part
         (staged / "stats.json").write_text("ours")
     assert (fresh / "stats.json").read_text() == "ours"
     assert fresh.stat().st_mode & 0o777 == 0o777 & ~umask()  # as the umask allows, not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("logger", ["configured", "true", "named"])
+def test_ckpt_path_last_finds_the_runs_newest_last_checkpoint_for_any_logger(tmp_path, logger, monkeypatch):
+    """`--ckpt_path last` is resolved from the config before the trainer exists, in the directories its logger
+    writes: the shipped TensorBoard logger's, Lightning's default one (`logger: true`), or a pinned version's only."""
+    from lightning_falcon import FalconQLoRA, PromptDataModule
+    from lightning_falcon.commands.chat import ChatCLI  # a CLI with --ckpt_path that builds without running
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    runs = {"configured": tmp_path / "runs" / "tiny", "true": tmp_path / "lightning_logs", "named": tmp_path / "runs"}
+    root = runs[logger]
+    for version in ("version_0", "version_1", "mine"):
+        (root / version / "checkpoints").mkdir(parents=True)
+        (root / version / "checkpoints" / "last.ckpt").write_bytes(b"")
+    newest = root / "version_1" / "checkpoints" / "last.ckpt"
+    os.utime(newest, (2e9, 2e9))  # the newest of the numbered versions
+    extra = {
+        "configured": [],
+        "true": ["--trainer.logger", "true", "--trainer.default_root_dir", str(tmp_path)],
+        "named": ["--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", "mine"],
+    }[logger]
+    args = [*tiny_arguments(tmp_path, "validate", *extra, "--ckpt_path", "last")[1:]]
+    with restored_process_state():
+        cli = ChatCLI(FalconQLoRA, PromptDataModule, args=args, run=False)
+    expected = root / "mine" / "checkpoints" / "last.ckpt" if logger == "named" else newest
+    assert cli.source == expected
+    assert cli.model.hparams.adapter == str(expected)  # its LoRA weights, which the model loads itself
