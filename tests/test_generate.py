@@ -62,7 +62,7 @@ def test_predict_for_inputs_from_the_command_line_a_text_file_and_an_adapter(fit
         "--generation.output",
         str(out),
     )
-    assert f"adapter loaded from {run / 'adapter'}" in proc.stderr
+    assert f"LoRA weights loaded from {run / 'adapter'}" in proc.stderr
     from_adapter = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["input"] for r in from_adapter] == REQUESTS
     # the adapter and the checkpoint of the same step are the same model: same greedy outputs
