@@ -9,8 +9,13 @@ embedded default (`configs/tiny.yaml`) and the tests run offline from them.
   from hand-written subjects, styles, lighting and camera phrases. A request that names a style,
   an orientation or a version gets a prompt that honours it, so the mapping is learnable.
 * `data/guanaco-sample.jsonl`: a few conversations in the OpenAssistant guanaco `text` format.
-* `tiny-falcon/`: a byte-level BPE tokenizer trained on that data and a random-initialised
-  Falcon of the falcon-7b family (multi-query, parallel attention, rotary) at toy size.
+* `data/guanaco-chat.jsonl`: the same conversations as OpenAI-style `{"messages": [...]}` rows, a few
+  of them carried on by hand to two and three exchanges, and every other row opened by a short
+  system prompt (drawn, seeded, from `SYSTEM_PROMPTS`): the shipped sample of chat data.
+* `tiny-falcon/`: a byte-level BPE tokenizer trained on the Midjourney and guanaco `text` data (not
+  the chat rows, so the tokenizer does not move when they change), carrying falcon-7b-instruct's chat
+  template, and a random-initialised Falcon of the falcon-7b family (multi-query, parallel attention,
+  rotary) at toy size.
 """
 
 from __future__ import annotations
@@ -302,6 +307,37 @@ GUANACO = [
     [("Describe autumn in five words.", "Crisp, golden, smoky, quiet, falling.")],
 ]
 
+# guanaco-chat.jsonl only: the first question of a GUANACO conversation -> the exchanges that carry it on.
+FOLLOW_UPS = {
+    "What is the capital of France?": [
+        ("And of Germany?", "The capital of Germany is Berlin."),
+        ("Which of the two is larger?", "Berlin, with about 3.7 million people against about 2.1 million in Paris."),
+    ],
+    "Write a haiku about rain.": [
+        (
+            "Now one about snow.",
+            "White hush on the field, / footprints fill before dawn comes, / the world holds its breath.",
+        ),
+    ],
+    "How do I boil an egg?": [
+        ("What if I want a runny yolk?", "Boil it for 6 minutes instead, then cool it in cold water straight away."),
+        ("How do I peel it easily?", "Crack it all over, roll it gently, and peel it under running water."),
+    ],
+    "What is 12 times 7?": [("And divided by 4?", "84 divided by 4 is 21.")],
+    "How many legs does a spider have?": [
+        ("Which has more, a centipede or a millipede?", "Usually a millipede: some have hundreds of legs."),
+    ],
+    "Suggest a name for a grey cat.": [("Something more unusual?", "How about Nimbus, Graphite or Earl Grey?")],
+    "What is the largest planet?": [("And the smallest?", "Mercury is the smallest planet in the Solar System.")],
+}
+# guanaco-chat.jsonl only: every other row opens with one of these, drawn with a seeded generator.
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a friendly assistant. Answer briefly.",
+    "You are a patient teacher. Keep answers short and clear.",
+    "Answer in one or two sentences.",
+]
+
 
 def midjourney_pairs(rng: random.Random, n: int) -> list[dict[str, str]]:
     """Compose `n` distinct request -> prompt pairs."""
@@ -338,7 +374,19 @@ def guanaco_rows() -> list[dict[str, str]]:
     return [{"text": "".join(f"### Human: {h} ### Assistant: {a}" for h, a in conv)} for conv in GUANACO]
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def guanaco_chat_rows(rng: random.Random) -> list[dict[str, list[dict[str, str]]]]:
+    """The GUANACO conversations, carried on by FOLLOW_UPS, as OpenAI-style `messages` rows; the even rows open
+    with a system prompt drawn from SYSTEM_PROMPTS."""
+    rows = []
+    for i, conv in enumerate(GUANACO):
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if i % 2 == 0 else []
+        for user, assistant in conv + FOLLOW_UPS.get(conv[0][0], []):
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in rows:
@@ -349,6 +397,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from lightning_falcon.data.chat_templates import FALCON_INSTRUCT
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -356,8 +406,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # No pad token on purpose: the real Falcon tokenizer has none, and the data path must cope.
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(out)
+    # No pad token on purpose: the real Falcon tokenizer has none, and the data path must cope. The chat template
+    # is falcon-7b-instruct's own, so `data.chat_template: auto` takes the tokenizer's path, as with a real Falcon.
+    # It goes in tokenizer_config.json, where falcon-7b-instruct keeps it, not in a chat_template.jinja beside it.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, chat_template=FALCON_INSTRUCT)
+    fast.save_pretrained(out, save_jinja_files=False)
 
 
 def build_model(vocab_size: int, eos_id: int, out: Path, initializer_range: float, hidden_size: int) -> None:
@@ -400,8 +453,10 @@ def main() -> None:
 
     mj = midjourney_pairs(random.Random(args.seed), args.pairs)
     gu = guanaco_rows()
+    chat = guanaco_chat_rows(random.Random(f"{args.seed} guanaco-chat"))
     write_jsonl(ASSETS / "data" / "midjourney.jsonl", mj)
     write_jsonl(ASSETS / "data" / "guanaco-sample.jsonl", gu)
+    write_jsonl(ASSETS / "data" / "guanaco-chat.jsonl", chat)
 
     out = args.out
     texts = [r["prompt"] + "\n" + r["response"] for r in mj] + [r["text"] for r in gu]
@@ -411,7 +466,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(out)
     build_model(len(tokenizer), tokenizer.eos_token_id, out, args.initializer_range, args.hidden_size)
     print(
-        f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, "
+        f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, {len(chat)} guanaco chat rows, "
         f"tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}"
     )
 
