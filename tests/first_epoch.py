@@ -1,7 +1,8 @@
 """The first epoch's training batches of each shipped single-dataset config, as a fingerprint.
 
 `tests/fixtures/first-epoch.json` holds the fingerprints the data path gave before datasets could be mixed
-(written by `python tests/first_epoch.py --write` at that commit); `test_mixing.py` checks that a config with
+(written by `python tests/first_epoch.py --write` at that commit; the 7B and 40B entries again when their chat
+template became falcon-7b-instruct's own); `test_mixing.py` checks that a config with
 one source in `data.dataset` still gives exactly those batches. Hub datasets are replaced by the shipped sample of
 the same shape, and every config is tokenized with the tiny model's tokenizer, so nothing needs the network.
 """

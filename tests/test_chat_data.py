@@ -257,7 +257,8 @@ def test_a_file_with_no_usable_row_fails_naming_the_line_and_a_fix(tmp_path):
         dm.prepare_data()
     message = str(error.value)
     assert "\n" not in message
-    assert "no row of dataset" in message and "line 1 of broken.jsonl has no assistant turn" in message
+    assert "no row of dataset" in message and "(1 an unknown role, 1 no assistant turn)" in message
+    assert "the first, line 1 of broken.jsonl, has no assistant turn" in message
     assert "Fix:" in message
 
 
@@ -427,3 +428,17 @@ def test_falcon_instruct_is_the_official_falcon_7b_instruct_template(tokenizer):
     expected = "SYS\n\nUser: a\n\nAssistant: b\n\nUser: c\n\nAssistant:"
     assert chat_templates.render(tokenizer, template, messages, generation_prompt=True) == expected
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+
+
+def test_alpaca_rows_without_an_input_column_train(tmp_path):
+    dm = prepared(tmp_path, [{"instruction": "Name a primary colour", "output": "Red"}] * 4)
+    assert dm.stats["train"]["rows"] == 4 and not dm.stats["train"]["skipped"]
+
+
+def test_a_messages_column_mixing_openai_and_sharegpt_items_reads_both(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"messages": [{"from": "human", "value": "Bye"}, {"role": "assistant", "content": "Goodbye"}]},
+    ] * 2
+    dm = prepared(tmp_path, rows)
+    assert dm.stats["train"]["rows"] == 4 and not dm.stats["train"]["skipped"]

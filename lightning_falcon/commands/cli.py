@@ -235,8 +235,8 @@ class FalconCLI(LightningCLI):
 
     def check_run(self) -> None:
         """Everything cheap, before the data is tokenized or any weights load (config.json only): what `plan`
-        checks too (`check_config`), then this machine (`check_machine`), that `max_length` holds the template,
-        that the checkpoint or adapter fits the model, and predict's inputs."""
+        checks too (`check_config`), then this machine (`check_machine`), that the chat template renders and
+        `max_length` holds it, that the checkpoint or adapter fits the model, and predict's inputs."""
         hp, strategy = self.model.hparams, self.trainer.strategy
         check_config(
             StrategySettings.of(strategy),
@@ -246,7 +246,7 @@ class FalconCLI(LightningCLI):
             self.model.linear_modules(),
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
-        self.datamodule.check_max_length()
+        self.datamodule.check_rendering()
         for path in {Path(p) for p in (self.source, hp.adapter) if p is not None}:
             self.model.check_checkpoint(path)
         if self.subcommand == "predict":

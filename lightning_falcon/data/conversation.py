@@ -1,20 +1,21 @@
 """A chat's token ids so far, rendered as training renders a conversation.
 
-In the `turns` format a conversation is the human turns and the assistant's replies in a row, each reply
-ending with EOS, which is how `encode_turns` lays out the training data: the model reads its history as
-it learned to. A `prompt_response` model learned single prompts, so each request is answered on its own.
+A `messages` model reads its history through the chat template, each earlier reply laid out as training laid
+it out (`conversations.layout`); a `turns` model reads the human turns and the assistant's replies in a row,
+each reply ending with EOS, as `encode_turns` lays out the training data. A model trained on alpaca or
+prompt/response rows learned single requests, so each is answered on its own.
 """
 
 from __future__ import annotations
 
-from lightning_falcon.data.formats import DataFormat, Turns
+from lightning_falcon.data.formats import Chat, DataFormat, Turns
 
 
 class Conversation:
     """The requests and replies so far, as the token ids the next reply is generated from.
 
     Args:
-        format: The data format the model was trained on; only `turns` keeps a history.
+        format: The data format the model was trained on; `messages` and `turns` keep a history.
         tokenizer: The training tokenizer.
         max_length: The longest prompt kept: the oldest exchanges are dropped to fit (training's `data.max_length`).
         history: False answers every request on its own, in any format.
@@ -22,23 +23,35 @@ class Conversation:
 
     def __init__(self, format: DataFormat, tokenizer, max_length: int, history: bool = True) -> None:
         self.format, self.tokenizer, self.max_length = format, tokenizer, max_length
-        self.keeps_history = history and isinstance(format, Turns)
-        self.exchanges: list[list[int]] = []  # each: the request's prompt ids, the reply's ids and EOS
+        multi_turn = isinstance(format, Turns) or (isinstance(format, Chat) and format.kind == "messages")
+        self.keeps_history = history and multi_turn
+        # each: the request, the reply's text, and (for `turns`) the exchange's ids, the reply ending with EOS
+        self.exchanges: list[tuple[str, str, list[int]]] = []
         self.dropped = 0  # exchanges dropped to fit max_length since the last reset
+
+    def _ids(self, message: str) -> list[int]:
+        if isinstance(self.format, Chat):
+            history = [(request, reply) for request, reply, _ in self.exchanges]
+            return self.format.prompt_ids(self.tokenizer, message, history)
+        return [t for *_, ids in self.exchanges for t in ids] + self.format.prompt_ids(self.tokenizer, message)
 
     def prompt(self, message: str) -> list[int]:
         """The ids to generate the reply to `message` from: the history that fits, then the request."""
-        request = self.format.prompt_ids(self.tokenizer, message)
-        while self.exchanges and sum(map(len, self.exchanges)) + len(request) > self.max_length:
+        ids = self._ids(message)
+        while self.exchanges and len(ids) > self.max_length:
             self.exchanges.pop(0)
             self.dropped += 1
-        return [token for exchange in self.exchanges for token in exchange] + request
+            ids = self._ids(message)
+        return ids
 
     def add(self, message: str, reply_ids: list[int]) -> None:
         """Keep an answered request (when the format has a history); `reply_ids` without the EOS."""
         if self.keeps_history:
-            request = self.format.prompt_ids(self.tokenizer, message)
-            self.exchanges.append([*request, *reply_ids, self.tokenizer.eos_token_id])
+            reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+            ids = []
+            if isinstance(self.format, Turns):
+                ids = self.format.prompt_ids(self.tokenizer, message) + reply_ids + [self.tokenizer.eos_token_id]
+            self.exchanges.append((message, reply, ids))
 
     def reset(self) -> None:
         self.exchanges, self.dropped = [], 0

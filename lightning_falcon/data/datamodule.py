@@ -1,11 +1,11 @@
-"""The LightningDataModule: load prompt/response data, tokenize it once into an on-disk cache, batch it.
+"""The LightningDataModule: load chat or prompt/response data, tokenize it once into an on-disk cache, batch it.
 
 `prepare_data` (one process per node) loads, checks and tokenizes; `setup` (every rank) reads the
 cache. Nothing heavy happens in the constructor, so `--print_config` and every rank stay cheap.
 
-The data is one source or several (`data.dataset`, a list of `source.Source`), each with its own
-format, template, held-out split and cache; an epoch draws from them by weight (`mixing.py`), and each
-source is validated on its own (`val_names`).
+The data is one source or several (`data.dataset`, a list of `source.Source`), each with its own format,
+held-out split and cache, all rendered through one chat template (`data.chat_template`); an epoch draws
+from them by weight (`mixing.py`), and each source is validated on its own (`val_names`).
 """
 
 from __future__ import annotations
@@ -24,31 +24,29 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
-from lightning_falcon.data.formats import DataFormat
+from lightning_falcon.data.chat_templates import end_marker, resolve_template, template_problems
+from lightning_falcon.data.conversations import Rendering, TrainOn
+from lightning_falcon.data.formats import Chat, DataFormat, Turns, detect, expected_columns, row_columns
 from lightning_falcon.data.inputs import read_inputs
-from lightning_falcon.data.loading import empty, load_source, local_file
+from lightning_falcon.data.loading import empty, line_of, load_source, local_file, peek_columns
 from lightning_falcon.data.mixing import Mix, quotas
-from lightning_falcon.data.prompts import IGNORE_INDEX, TEMPLATES, prompt_length
+from lightning_falcon.data.prompts import IGNORE_INDEX, prompt_length
 from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
 from lightning_falcon.data.source import Member, Source, members, setting
 from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
-from lightning_falcon.data.tokenizing import tokenize_split
+from lightning_falcon.data.tokenizing import screen_rows, tokenize_split
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import staged_directory
 
 # Part of the cache key: raise it when what a cache entry holds changes (2: the raw `input` text;
-# 3: rows with an empty or null field are skipped and counted, not trained on as "None"; 4: one cache per source).
-CACHE_FORMAT = 4
+# 3: rows with an empty or null field are skipped and counted, not trained on as "None"; 4: one cache per source;
+# 5: chat templates, and skips counted by reason).
+CACHE_FORMAT = 5
 
 
 def _plain(source: Any) -> Any:
     """A `Source` as the mapping of its fields; anything else as it is."""
     return asdict(source) if isinstance(source, Source) else source
-
-
-def _blank(value: Any) -> bool:
-    """A field that holds nothing to train on: null (a missing key, an empty CSV cell) or only whitespace."""
-    return value is None or not str(value).strip()
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -57,6 +55,9 @@ class PromptDataModule(L.LightningDataModule):
         # `dict` before `Source`: jsonargparse keeps a mapping as written (a `--data.dataset.KEY` merges into it),
         # so `members` checks it and names a bad field by its option; `Source` documents the fields in `--help`.
         dataset: str | dict | Source | list[str | dict | Source] | None = None,
+        chat_template: str = "auto",
+        system_prompt: str | None = None,
+        train_on: TrainOn = "all_assistant",
         tokenizer: str | None = None,
         max_length: int = 512,
         max_samples: int | None = None,
@@ -68,17 +69,28 @@ class PromptDataModule(L.LightningDataModule):
         cache_dir: str = "~/.cache/lightning_falcon",
         predict_inputs: str | list[str] | None = None,
     ) -> None:
-        """Prompt/response data for causal-LM fine-tuning: one source, or several mixed by weight.
+        """Chat and prompt/response data for causal-LM fine-tuning: one source, or several mixed by weight.
 
         Args:
             dataset: The training data, a list of sources. One source may stand alone: a local
                 .jsonl/.json/.csv/.parquet file, a Hub dataset name or `asset:NAME` (shipped data, e.g.
                 `asset:data/midjourney.jsonl`) with every default; or a mapping of a source's settings
-                (`dataset`, `format`, `template`, `val_fraction`, ...: `fit --data.dataset.help Source` lists
-                them, lightning_falcon/data/source.py). Several are mixed: each epoch holds as many rows as they
-                have together, each source's share following its `weight`, drawn without replacement from
-                (seed, epoch) (lightning_falcon/data/mixing.py), and each is validated on its own
-                (`val/loss/<name>`). Generation, chat and export render a request as the first source does.
+                (`dataset`, `format`, `val_fraction`, ...: `fit --data.dataset.help Source` lists them,
+                lightning_falcon/data/source.py). Its `format` is `auto` by default: `messages` (or ShareGPT)
+                lists, alpaca rows, prompt/response pairs or guanaco-style turns, read from the columns.
+                Several are mixed: each epoch holds as many rows as they have together, each source's share
+                following its `weight`, drawn without replacement from (seed, epoch)
+                (lightning_falcon/data/mixing.py), and each is validated on its own (`val/loss/<name>`).
+                Generation, chat and export render a request as the first source does.
+            chat_template: How conversations are rendered (every format but `turns`), training and generation
+                alike, and what the adapter and exports carry: `auto` (the tokenizer's own template where it has
+                one, else `instruction`), `tokenizer` (its own, which must exist), a name (`falcon-instruct`,
+                `falcon-180b-chat`, `chatml`, `instruction`, `guanaco`, `plain`;
+                lightning_falcon/data/chat_templates.py) or a `.jinja` file.
+            system_prompt: The system message of a conversation without one of its own, in training and at
+                generation; None: none.
+            train_on: Which assistant replies of a conversation train: `all_assistant` or `last_assistant`
+                (the earlier ones are context).
             tokenizer: Tokenizer name or directory; defaults to `model.model_name_or_path`.
             max_length: Sequences are cut to this many tokens; the number of cut rows is reported.
             max_samples: Use at most this many rows of each source (for quick runs); None uses all.
@@ -113,6 +125,8 @@ class PromptDataModule(L.LightningDataModule):
             )
         ConfigError.collect(problems)
         self._tokenizer = None  # loaded when first asked for (`tokenizer`)
+        self._rendering: Rendering | None = None  # the chat template, resolved with the tokenizer (`rendering`)
+        self._kinds: dict[str, tuple[str, tuple[str, ...]]] = {}  # source name -> (its format, its columns)
         # totals over the sources (`train`, `val`), and each source's own (`sources[name][split]`)
         self.stats: dict[str, Any] = {}
         self._splits: dict[str, Any] = {}  # `train` and `val`: every source's rows, end to end
@@ -122,7 +136,44 @@ class PromptDataModule(L.LightningDataModule):
     @property
     def format(self) -> DataFormat:
         """How generation, chat and export render a request: as the first source's rows were."""
-        return self.members[0].format
+        return self.format_of(self.members[0])
+
+    @property
+    def rendering(self) -> Rendering:
+        """`data.chat_template` for this tokenizer, what ends a reply, and which replies train."""
+        if self._rendering is None:
+            tok, hp = self.tokenizer, self.hparams
+            template = resolve_template(hp.chat_template, tok)
+            eos = "" if end_marker(tok, template) == tok.eos_token else tok.eos_token
+            self._rendering = Rendering(template, eos, hp.train_on)
+        return self._rendering
+
+    def format_of(self, member: Member, columns: list[str] | None = None) -> DataFormat:
+        """A source's format: as set, or for `auto` the one its columns fit (`columns`: the loaded data's; without
+        them, its first rows are read)."""
+        source = member.source
+        if member.name not in self._kinds or columns is not None:
+            kind = source.format
+            if kind == "auto":
+                columns = columns if columns is not None else peek_columns(source.dataset, source.split)
+                kind = detect(columns, source)
+                if kind is None:
+                    raise ConfigError(
+                        f"dataset {member.label()} has none of the columns of a format: it has {columns}. Fix: give "
+                        f"it the columns of one of {expected_columns(source)}, or name yours "
+                        f"({setting(member.option, 'prompt_column')} etc.)"
+                    )
+            cols = row_columns(kind, source, columns)
+            if source.format == "auto" and member.name not in self._kinds:
+                rank_zero_info(
+                    f"[data] {member.name}: format {kind}, from its column(s) {', '.join(cols)} "
+                    f"(set {setting(member.option, 'format')} to choose)"
+                )
+            self._kinds[member.name] = (kind, cols)
+        kind, cols = self._kinds[member.name]
+        if kind == "turns":
+            return Turns(source.text_column, source.human_marker, source.assistant_marker)
+        return Chat(kind, cols, self.rendering, self.hparams.system_prompt)
 
     @property
     def val_names(self) -> list[str]:
@@ -130,45 +181,44 @@ class PromptDataModule(L.LightningDataModule):
         return [m.name for m in self.members]
 
     # ----------------------------------------------------------------- loading and checking
-    def _check(self, member: Member, dataset: str, ds) -> None:
-        fmt, option = member.format, member.option
+    def _check(self, member: Member, dataset: str, ds) -> DataFormat:
+        """The source's format, for the columns of its loaded rows; a one-line error when they lack its columns
+        or hold no row."""
+        option = member.option
+        fmt = self.format_of(member, ds.column_names)
         missing = [c for c in fmt.columns if c not in ds.column_names]
         if missing:
-            pair = f"{setting(option, 'prompt_column')}/{setting(option, 'response_column')}"
-            fix = (
-                f"set {setting(option, 'text_column')} (or {setting(option, 'format', 'prompt_response')} {pair})"
-                if fmt.name == "turns"
-                else f"set {pair} (or {setting(option, 'format', 'turns')} {setting(option, 'text_column')})"
-            )
             raise ConfigError(
-                f"dataset {member.label(dataset)} lacks column(s) {missing}; it has {ds.column_names}. Fix: {fix}"
+                f"dataset {member.label(dataset)} lacks column(s) {missing}; it has {ds.column_names}. "
+                f"Fix: name the columns that hold the text ({setting(option, 'prompt_column')} etc.), or set "
+                f"{setting(option, 'format')} to the format it has: one of {expected_columns(member.source)}"
             )
         if len(ds) == 0:
             raise empty(member.label(dataset), option, "dataset" if dataset == member.source.dataset else "val_dataset")
+        return fmt
 
-    def _drop_blank(self, member: Member, dataset: str, ds) -> tuple[Any, int]:
-        """Skip rows with an empty or null field (counted, not trained on as "None"); fail if none are left."""
-        columns = member.format.columns
-        kept = ds.filter(
-            lambda *values: [not any(_blank(v) for v in row) for row in zip(*values, strict=True)],
-            batched=True,
-            input_columns=columns,
-        )
+    def _screen(self, member: Member, dataset: str, ds, fmt: DataFormat) -> tuple[Any, dict[str, int]]:
+        """Skip the rows that cannot train, counted by reason; fail when none is left, or when rows have a system
+        message the chat template cannot render."""
+        kept, skipped, first, systems = screen_rows(ds, fmt, self.hparams.num_proc)
         if len(kept) == 0:
+            index, reason = first
+            counts = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
             raise ConfigError(
-                f"every one of the {len(ds)} rows of dataset {member.label(dataset)} has an empty or null "
-                f"{' or '.join(columns)}. "
-                "Fix: fill them in, or name the columns that hold the text "
-                f"({setting(member.option, 'prompt_column')} etc.)"
+                f"no row of dataset {member.label(dataset)} can train ({counts}); the first, "
+                f"{line_of(dataset, index)}, has {reason}. Fix: give each row a user turn and an assistant reply "
+                f"with text (or name the columns that hold them, {setting(member.option, 'format')} etc.)"
             )
-        return kept, len(ds) - len(kept)
+        if systems and isinstance(fmt, Chat):
+            ConfigError.collect(template_problems(self.tokenizer, self.rendering.template, system=True))
+        return kept, skipped
 
     def _load(self, member: Member, dataset: str, split: str):
-        """One file or Hub split of a source, checked, with its blank rows skipped: (rows, rows skipped)."""
+        """One file or Hub split of a source, checked, with the rows that cannot train skipped:
+        (rows, skipped rows by reason)."""
         key = "dataset" if dataset == member.source.dataset else "val_dataset"
         ds = load_source(dataset, split, member.name if member.mixed else None, member.option, key)
-        self._check(member, dataset, ds)
-        return self._drop_blank(member, dataset, ds)
+        return self._screen(member, dataset, ds, self._check(member, dataset, ds))
 
     @property
     def tokenizer(self):
@@ -178,17 +228,24 @@ class PromptDataModule(L.LightningDataModule):
         return self._tokenizer
 
     # ----------------------------------------------------------------- tokenizing and caching
-    def check_max_length(self) -> None:
-        """Fail before tokenizing when `max_length` cannot hold even a source's template (every row would be
-        dropped)."""
-        max_length, problems = self.hparams.max_length, []
+    def check_rendering(self) -> None:
+        """Fail before tokenizing, listing each problem: a chat template that cannot render the run's
+        conversations (or `data.system_prompt`), or a `max_length` that cannot hold even a source's rendering of an
+        empty request (every row would be dropped)."""
+        problems, hp = [], self.hparams
+        if any(self.format_of(m).name == "chat" for m in self.members):
+            try:
+                problems += template_problems(self.tokenizer, self.rendering.template, system=bool(hp.system_prompt))
+            except ConfigError as e:
+                problems.append(str(e))
+        ConfigError.collect(problems)
         for member in self.members:
-            scaffold, what = member.format.scaffold(self.tokenizer)
-            if max_length <= scaffold:
+            scaffold, what = self.format_of(member).scaffold(self.tokenizer)
+            if hp.max_length <= scaffold:
                 of = f" (source {member.name!r})" if member.mixed else ""
                 problems.append(
-                    f"data.max_length={max_length} is no longer than {what}{of}, which alone takes {scaffold} tokens, "
-                    f"so no prompt or response fits. Fix: raise --data.max_length well above {scaffold}"
+                    f"data.max_length={hp.max_length} is no longer than {what}{of}, which alone takes {scaffold} "
+                    f"tokens, so no request or reply fits. Fix: raise --data.max_length well above {scaffold}"
                 )
         ConfigError.collect(problems)
 
@@ -222,9 +279,11 @@ class PromptDataModule(L.LightningDataModule):
             "max_length": hp.max_length,
             "max_samples": hp.max_samples,
             "seed": hp.seed,
-            "template_text": TEMPLATES.get(member.source.template),
             "cache_format": CACHE_FORMAT,
         }
+        fmt = self.format_of(member)
+        if isinstance(fmt, Chat):  # how its conversations render
+            settings.update(describe=fmt.describe(), eos=self.rendering.eos)
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:20]
 
@@ -246,12 +305,12 @@ class PromptDataModule(L.LightningDataModule):
 
     def _prepare(self, member: Member, target: Path) -> None:
         hp, source = self.hparams, member.source
-        train, empty_rows = self._load(member, source.dataset, source.split)
-        skipped = {"train": empty_rows, "val": 0}  # a held-out split comes from rows already kept
+        train, train_skips = self._load(member, source.dataset, source.split)
+        skips = {"train": train_skips, "val": {}}  # a held-out split comes from rows already kept
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
         if source.val_dataset is not None:
-            val, skipped["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
+            val, skips["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
             splits = {"train": (source.dataset, train), "val": (source.val_dataset, val)}
         else:
             held_out = math.ceil(len(train) * source.val_fraction)  # as `train_test_split` counts them
@@ -272,14 +331,14 @@ class PromptDataModule(L.LightningDataModule):
                 tokenized, stats[name] = tokenize_split(
                     member.label(dataset),
                     ds,
-                    member.format,
+                    self.format_of(member),
                     self.tokenizer,
                     hp.max_length,
                     hp.num_proc,
                     scratch,
                     fingerprint=f"{target.name}-{name}",
                 )
-                stats[name]["empty"] = skipped[name]
+                stats[name]["skipped"] = skips[name]
                 # A copy into `save_to_disk`'s layout, which `setup` reads (`load_from_disk`) as it always has.
                 tokenized.save_to_disk(str(tmp / name))
                 del tokenized
@@ -300,22 +359,33 @@ class PromptDataModule(L.LightningDataModule):
             for name in ("train", "val"):
                 parts[name].append(datasets.load_from_disk(str(target / name)).with_format("python"))
                 for key, value in self.stats["sources"][member.name][name].items():
-                    self.stats[name][key] = self.stats[name].get(key, 0) + value
+                    if key == "skipped":  # by reason
+                        total = self.stats[name].setdefault(key, {})
+                        for reason, n in value.items():
+                            total[reason] = total.get(reason, 0) + n
+                    else:
+                        self.stats[name][key] = self.stats[name].get(key, 0) + value
         self._parts = parts
         for name, rows in parts.items():
             self._splits[name] = rows[0] if len(rows) == 1 else datasets.concatenate_datasets(rows)
         self._report()
 
     def _report(self) -> None:
-        """A `[data]` line for each split of each source: rows, truncated, dropped, skipped."""
+        """A `[data]` line for each split of each source: rows, and every cut, drop and skip."""
         for member in self.members:
             for name in ("train", "val"):
                 s = self.stats["sources"][member.name][name]
                 of = f" {member.name}" if member.mixed else ""
+                reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(s["skipped"].items()))
+                turns = (
+                    f", {s['turns_dropped']} earlier exchanges left out of {s['rows_short']} rows to fit"
+                    if s["turns_dropped"]
+                    else ""
+                )
                 rank_zero_info(
                     f"[data] {name}{of}: {s['rows']} rows, {s['truncated']} truncated to "
-                    f"max_length={self.hparams.max_length}, {s['dropped']} dropped (no response token within "
-                    f"max_length), {s['empty']} skipped (an empty or null field)"
+                    f"max_length={self.hparams.max_length}{turns}, {s['dropped']} dropped (no reply token within "
+                    f"max_length), {sum(s['skipped'].values())} skipped" + (f" ({reasons})" if reasons else "")
                 )
 
     # ----------------------------------------------------------------- batching

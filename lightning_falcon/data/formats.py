@@ -1,11 +1,13 @@
-"""The two shapes of training data, as two objects the datamodule holds one of (`data_format`).
+"""The shapes of training data, as the objects the datamodule holds one of per source.
 
-- `PromptResponse`: a prompt column and a response column; the prompt is rendered through a named
-  template and the response follows it.
-- `Turns`: one text column holding a conversation with turn markers; only assistant turns train.
+- `Chat`: rows that are conversations (`messages` and ShareGPT lists, alpaca's instruction/input/output,
+  prompt/response pairs), rendered through the run's chat template (`conversations.py`).
+- `Turns`: one text column holding a conversation with turn markers, trained on as written; only assistant
+  turns train.
 
-Each knows its columns, how a row is tokenized, how a user's input is rendered for generation (the
-way training rendered it), and what is saved beside an adapter so that others render it alike.
+`detect` picks the format of a source set to `format: auto` from its columns. Each format knows its columns,
+why a row is skipped, how a batch of rows is tokenized, how a user's input is rendered for generation (the way
+training rendered it), and what is saved beside an adapter so that others render it alike.
 """
 
 from __future__ import annotations
@@ -13,19 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
-from lightning_falcon.data.prompts import (
-    TEMPLATES,
-    Encoded,
-    encode_pair,
-    encode_pairs,
-    encode_turns,
-    encode_turns_batch,
-    pair_prompt_ids,
-    prompt_length,
-    turn_prompt_ids,
-)
+from lightning_falcon.data import conversations
+from lightning_falcon.data.conversations import BLANK, Rendering
+from lightning_falcon.data.prompts import Encoded, encode_turns_batch, prompt_length, turn_prompt_ids
 
-FormatName = Literal["prompt_response", "turns"]
+FormatName = Literal["auto", "messages", "alpaca", "prompt_response", "turns"]
+# the columns of alpaca rows: the input may be empty, or missing
+ALPACA = ("instruction", "input", "output")
+# the column of a messages list, by default: OpenAI's name, then ShareGPT's
+MESSAGES = ("messages", "conversations")
 
 
 class DataFormat(Protocol):
@@ -35,66 +33,77 @@ class DataFormat(Protocol):
 
     @property
     def columns(self) -> list[str]:
-        """The columns a dataset must have."""
+        """The columns a dataset must have, in the order `screen` and `encode_batch` take them."""
 
-    def problems(self) -> list[str]:
-        """What is wrong with the settings, each with its fix (none: an empty list)."""
-
-    def encode(self, tokenizer, row: dict, max_length: int) -> Encoded | None:
-        """A row's ids and labels, cut to `max_length`; None when no trained token fits."""
+    def screen(self, values: tuple) -> tuple[str | None, bool]:
+        """(why a row, its `columns`' values, is skipped, None when it is kept; whether it has a system message of
+        its own)."""
 
     def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
-        """`encode` of each row of a batch given as columns (`columns` holds at least `self.columns`), batched."""
+        """Each kept row's ids and labels, cut to `max_length`, with one tokenizer call for the batch; None when
+        no trained token fits."""
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
-        """The ids generation starts from for a user's input, rendered as training rendered prompts."""
+        """The ids generation starts from for a user's input, rendered as training rendered requests."""
 
     def scaffold(self, tokenizer) -> tuple[int, str]:
         """(tokens the rendering takes around an empty input, what those tokens are)."""
-
-    def raw_input(self, tokenizer, row: dict, encoded: Encoded) -> str:
-        """What a user would have typed for this row."""
 
     def describe(self) -> dict[str, Any]:
         """How inputs are rendered, as saved beside an adapter."""
 
 
 @dataclass(frozen=True)
-class PromptResponse:
-    prompt_column: str
-    response_column: str
-    template: str
-    name: ClassVar[str] = "prompt_response"
+class Chat:
+    """Conversation rows of one `kind` (`messages`, `alpaca` or `prompt_response`), rendered through the run's
+    chat template."""
+
+    kind: str
+    row_columns: tuple[str, ...]
+    rendering: Rendering
+    system_prompt: str | None = None
+    name: ClassVar[str] = "chat"
 
     @property
     def columns(self) -> list[str]:
-        return [self.prompt_column, self.response_column]
+        return list(self.row_columns)
 
-    def problems(self) -> list[str]:
-        if self.template not in TEMPLATES:
-            return [f"data.template {self.template!r} is unknown. Fix: choose one of {sorted(TEMPLATES)}"]
-        return []
+    def messages(self, values: tuple) -> list[dict[str, str]] | str:
+        return conversations.messages_of(self.kind, values, self.system_prompt)
 
-    def encode(self, tokenizer, row: dict, max_length: int) -> Encoded | None:
-        prompt, response = str(row[self.prompt_column]), str(row[self.response_column])
-        return encode_pair(tokenizer, prompt, response, self.template, max_length)
+    def screen(self, values: tuple) -> tuple[str | None, bool]:
+        found = conversations.messages_of(self.kind, values, None)
+        return (found, False) if isinstance(found, str) else (None, found[0]["role"] == "system")
 
     def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
-        prompts = [str(p) for p in columns[self.prompt_column]]
-        responses = [str(r) for r in columns[self.response_column]]
-        return encode_pairs(tokenizer, prompts, responses, self.template, max_length)
+        rows = zip(*(columns[c] for c in self.row_columns), strict=True)
+        conversations_ = [self.messages(values) for values in rows]
+        return conversations.encode(tokenizer, self.rendering, conversations_, max_length)
 
-    def prompt_ids(self, tokenizer, text: str) -> list[int]:
-        return pair_prompt_ids(tokenizer, text, self.template)
+    def request(self, text: str, history: list[tuple[str, str]] = ()) -> list[dict[str, str]]:
+        """The messages that ask `text` after the exchanges of `history`, the system prompt first."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for asked, answered in history:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+        return [*messages, {"role": "user", "content": text}]
+
+    def prompt_ids(self, tokenizer, text: str, history: list[tuple[str, str]] = ()) -> list[int]:
+        return conversations.prompt_ids(tokenizer, self.rendering, self.request(text, history))
 
     def scaffold(self, tokenizer) -> tuple[int, str]:
-        return len(self.prompt_ids(tokenizer, "")), f"the {self.template!r} template"
-
-    def raw_input(self, tokenizer, row: dict, encoded: Encoded) -> str:
-        return str(row[self.prompt_column])
+        return len(self.prompt_ids(tokenizer, "")), f"the {self.rendering.template.name!r} chat template"
 
     def describe(self) -> dict[str, Any]:
-        return {"format": self.name, "template": self.template, "template_text": TEMPLATES[self.template]}
+        template = self.rendering.template
+        return {
+            "format": self.name,
+            "rows": self.kind,
+            "chat_template": template.name,
+            "chat_template_text": template.text,
+            "system_prompt": self.system_prompt,
+            "eos_after_reply": bool(self.rendering.eos),
+            "train_on": self.rendering.train_on,
+        }
 
 
 @dataclass(frozen=True)
@@ -108,15 +117,17 @@ class Turns:
     def columns(self) -> list[str]:
         return [self.text_column]
 
-    def problems(self) -> list[str]:
-        return []
-
-    def encode(self, tokenizer, row: dict, max_length: int) -> Encoded | None:
-        return encode_turns(tokenizer, str(row[self.text_column]), self.human_marker, self.assistant_marker, max_length)
+    def screen(self, values: tuple) -> tuple[str | None, bool]:
+        (text,) = values
+        return (BLANK if text is None or not str(text).strip() else None), False
 
     def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
         texts = [str(t) for t in columns[self.text_column]]
-        return encode_turns_batch(tokenizer, texts, self.human_marker, self.assistant_marker, max_length)
+        encoded = encode_turns_batch(tokenizer, texts, self.human_marker, self.assistant_marker, max_length)
+        for enc in encoded:
+            if enc is not None:  # the conversation before the first trained reply
+                enc.input = tokenizer.decode(enc.input_ids[: prompt_length(enc.labels)]).strip()
+        return encoded
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         return turn_prompt_ids(tokenizer, text, self.human_marker, self.assistant_marker)
@@ -124,16 +135,47 @@ class Turns:
     def scaffold(self, tokenizer) -> tuple[int, str]:
         return len(self.prompt_ids(tokenizer, "")), "the turn markers"
 
-    def raw_input(self, tokenizer, row: dict, encoded: Encoded) -> str:
-        # the conversation before the first trained reply
-        return tokenizer.decode(encoded.input_ids[: prompt_length(encoded.labels)]).strip()
-
     def describe(self) -> dict[str, Any]:
         return {"format": self.name, "human_marker": self.human_marker, "assistant_marker": self.assistant_marker}
 
 
-def data_format(hparams) -> DataFormat:
-    """The format object a datamodule's settings describe."""
-    if hparams["format"] == "prompt_response":
-        return PromptResponse(hparams["prompt_column"], hparams["response_column"], hparams["template"])
-    return Turns(hparams["text_column"], hparams["human_marker"], hparams["assistant_marker"])
+def row_columns(kind: str, source, columns: list[str] | None = None) -> tuple[str, ...]:
+    """The columns rows of `kind` are read from, by the source's settings (and the data's `columns`, when known:
+    alpaca's input column is optional)."""
+    if kind == "messages":
+        return (messages_column(columns or [], source),)
+    if kind == "alpaca":
+        return ALPACA if columns is None or ALPACA[1] in columns else (ALPACA[0], ALPACA[2])
+    if kind == "prompt_response":
+        return (source.prompt_column, source.response_column)
+    return (source.text_column,)
+
+
+def detect(columns: list[str], source) -> str | None:
+    """The format of a source set to `auto`, from its columns: a messages list (`messages`, ShareGPT's
+    `conversations`, or `messages_column`), alpaca's instruction and output, the prompt and response columns,
+    or the text column with turn markers; None when none fits."""
+    if source.messages_column in columns or any(c in columns for c in MESSAGES):
+        return "messages"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if source.prompt_column in columns and source.response_column in columns:
+        return "prompt_response"
+    if source.text_column in columns:
+        return "turns"
+    return None
+
+
+def messages_column(columns: list[str], source) -> str:
+    """The column that holds a source's messages lists: `messages_column`, else `messages` or `conversations`."""
+    if source.messages_column is not None:
+        return source.messages_column
+    return next((c for c in MESSAGES if c in columns), MESSAGES[0])
+
+
+def expected_columns(source) -> str:
+    """Each format and the columns it reads, for the error when a source fits none."""
+    return (
+        f"messages ({source.messages_column or ' or '.join(MESSAGES)}), alpaca ({', '.join(ALPACA)}), "
+        f"prompt_response ({source.prompt_column}, {source.response_column}), turns ({source.text_column})"
+    )

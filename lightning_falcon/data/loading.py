@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lightning_falcon.assets import resolve
@@ -72,3 +73,47 @@ def load_source(source: str, split: str, name: str | None = None, option: str = 
             f"from the Hub ({first_line(e)}). "
             "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
         ) from e
+
+
+def peek_columns(source: str, split: str) -> list[str]:
+    """A source's columns without loading it whole: a JSON line's keys, a CSV header, a Parquet schema; a Hub
+    dataset's, streamed."""
+    import datasets
+
+    path = local_file(source)
+    if path is None:
+        try:
+            return list(datasets.load_dataset(source, split=split, streaming=True).column_names or [])
+        except Exception as e:
+            raise ConfigError(
+                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
+                "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
+            ) from e
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # loading it reports the line
+                    return list(row) if isinstance(row, dict) else []
+        return []
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return list(load_source(source, split).column_names)
+
+
+def line_of(source: str, index: int) -> str:
+    """How an error names the row at `index` of a source as loaded: its line in a JSON-lines file, else its row."""
+    path = local_file(source)
+    if path is not None and path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            rows = (number for number, line in enumerate(f, 1) if line.strip())
+            for i, number in enumerate(rows):
+                if i == index:
+                    return f"line {number} of {path.name}"
+    return f"row {index + 1}"

@@ -1,12 +1,10 @@
-"""Named prompt templates, and prompt/response -> token ids + labels.
+"""The `turns` format (one text column with turn markers) -> token ids + labels, and what every format's
+encoding is: `Encoded`, with -100 (ignored by the loss) on every untrained token.
 
-Labels are -100 (ignored by the loss) on every prompt token; response tokens and the EOS that
-ends each response are trained. Prompt and response are tokenized separately and concatenated,
-so the boundary between masked and trained tokens is exact whatever the tokenizer merges.
-
-Each format has a per-row encoder (the definition, also used to render generation prompts) and a
-batched one for tokenizing a dataset, which makes one tokenizer call for a whole batch of rows and
-gives exactly the per-row result (tests/test_tokenizing.py).
+Only assistant turns train, each ending with an EOS. The pieces are tokenized separately and concatenated,
+so the boundary between masked and trained tokens is exact whatever the tokenizer merges. The per-row
+encoder is the definition (also used to render generation prompts); the batched one makes one tokenizer call
+for a whole batch of rows and gives exactly the per-row result (tests/test_tokenizing.py).
 """
 
 from __future__ import annotations
@@ -15,28 +13,14 @@ from dataclasses import dataclass
 
 IGNORE_INDEX = -100
 
-# name -> template with a `{prompt}` field; the response follows the rendered text directly.
-TEMPLATES: dict[str, str] = {
-    # Alpaca-style instruction block, the usual choice for base models.
-    "instruction": "### Instruction:\n{prompt}\n\n### Response:\n",
-    # The guanaco / OpenAssistant turn format, for prompt/response data that should match it.
-    "guanaco": "### Human: {prompt} ### Assistant: ",
-    # The chat format falcon-*-instruct was tuned on.
-    "falcon-instruct": "User: {prompt}\nAssistant: ",
-    # No decoration: the prompt, then a newline.
-    "plain": "{prompt}\n",
-}
-
-
-def render(template: str, prompt: str) -> str:
-    return TEMPLATES[template].format(prompt=prompt)
-
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    truncated: bool  # cut at max_length
+    dropped_turns: int = 0  # whole earlier exchanges left out to fit max_length
+    input: str = ""  # what a user typed for the first trained reply
 
 
 def prompt_length(labels: list[int]) -> int:
@@ -62,46 +46,11 @@ def _assemble(pieces: list[tuple[list[int], bool]], max_length: int) -> Encoded 
     return Encoded(input_ids, labels, truncated)
 
 
-def _split_template(template: str, prompt: str) -> tuple[str, str]:
-    """(prompt text, text the response starts with).
-
-    A byte-level BPE attaches a space to the word after it (" Hello"), so a template's trailing
-    space moves to the response: the boundary then tokenizes as it does in running text.
-    """
-    text = render(template, prompt)
-    stripped = text.rstrip(" ")
-    return stripped, text[len(stripped) :]
-
-
 def batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each text's ids, as `tokenizer(text)` gives them, from one batched call (a fast tokenizer encodes in Rust)."""
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def pair_prompt_ids(tokenizer, prompt: str, template: str) -> list[int]:
-    """The ids a response follows in format (a): what training conditions on, and what generation starts from."""
-    return tokenizer(_split_template(template, prompt)[0], add_special_tokens=False)["input_ids"]
-
-
-def encode_pair(tokenizer, prompt: str, response: str, template: str, max_length: int) -> Encoded | None:
-    """Format (a): a prompt rendered through `template`, then the response and a trained EOS."""
-    lead = _split_template(template, prompt)[1]
-    prompt_ids = pair_prompt_ids(tokenizer, prompt, template)
-    response_ids = tokenizer(lead + response, add_special_tokens=False)["input_ids"]
-    return _assemble([(prompt_ids, False), (response_ids + [tokenizer.eos_token_id], True)], max_length)
-
-
-def encode_pairs(
-    tokenizer, prompts: list[str], responses: list[str], template: str, max_length: int
-) -> list[Encoded | None]:
-    """`encode_pair` of each (prompt, response), with one tokenizer call for all prompts and one for all responses."""
-    split = [_split_template(template, prompt) for prompt in prompts]
-    prompt_ids = batch_ids(tokenizer, [text for text, _ in split])
-    response_ids = batch_ids(tokenizer, [lead + response for (_, lead), response in zip(split, responses, strict=True)])
-    eos = [tokenizer.eos_token_id]
-    return [_assemble([(p, False), (r + eos, True)], max_length) for p, r in zip(prompt_ids, response_ids, strict=True)]
 
 
 def split_turns(text: str, human_marker: str, assistant_marker: str) -> list[tuple[str, str]]:

@@ -2,7 +2,7 @@
 
 `data.dataset` is a list of sources; one source is a list of one, and may be written alone: a file or Hub
 name (a source with every default), or a mapping of `Source`'s fields. `members` reads it into the run's
-sources and names what is wrong with each by the option that sets it (`--data.dataset.template`,
+sources and names what is wrong with each by the option that sets it (`--data.dataset.format`,
 `data.dataset[1].weight`).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from lightning_falcon.assets import resolve
-from lightning_falcon.data.formats import DataFormat, FormatName, data_format
+from lightning_falcon.data.formats import FormatName
 
 # A name becomes part of a TensorBoard tag (`val/loss/<name>`) and of the `[data]` lines.
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -38,12 +38,15 @@ class Source:
         val_fraction: Fraction of `dataset` held out for validation when `val_dataset` is not given.
         split: The split to read from a Hub dataset.
         val_split: The split to read from a Hub `val_dataset`; None uses `split`.
-        format: `prompt_response`: two columns rendered through `template`;
-            `turns`: one `text_column` with turn markers, where only assistant turns train.
+        format: `auto` picks one from the columns, and prints which. `messages`: a list of
+            {role, content} per row (OpenAI's layout; ShareGPT's {from, value} reads alike). `alpaca`:
+            instruction, input, output. `prompt_response`: two columns. These three render through
+            `data.chat_template`. `turns`: one `text_column` with turn markers, trained on as written.
+            Only assistant turns train.
+        messages_column: Column holding the messages (format `messages`); None: `messages`, else `conversations`.
         prompt_column: Column holding the request (format `prompt_response`).
         response_column: Column holding the target response (format `prompt_response`).
         text_column: Column holding the whole conversation (format `turns`).
-        template: Named prompt template, one of `lightning_falcon.data.prompts.TEMPLATES`.
         human_marker: Marker that opens a human turn (format `turns`).
         assistant_marker: Marker that opens an assistant turn (format `turns`).
     """
@@ -55,11 +58,11 @@ class Source:
     val_fraction: float = 0.1
     split: str = "train"
     val_split: str | None = None
-    format: FormatName = "prompt_response"
+    format: FormatName = "auto"
+    messages_column: str | None = None
     prompt_column: str = "prompt"
     response_column: str = "response"
     text_column: str = "text"
-    template: str = "instruction"
     human_marker: str = "### Human:"
     assistant_marker: str = "### Assistant:"
 
@@ -78,10 +81,6 @@ class Member:
     name: str
     option: str  # what a fix names: `data.dataset` for the source alone, `data.dataset[1]` in a list
     mixed: bool  # one of several sources, so errors name it
-
-    @property
-    def format(self) -> DataFormat:
-        return data_format(asdict(self.source))
 
     def label(self, dataset: str | None = None) -> str:
         """How errors name this source's `dataset` (or its `val_dataset`)."""
@@ -107,6 +106,8 @@ def moved(key: str) -> str | None:
     group, _, name = key.partition(".")
     if group != "data":
         return None
+    if name == "template" or name.endswith(".template"):
+        return TEMPLATE_MOVED
     if name == "datasets":
         return (
             "data.datasets is data.dataset now, which takes one source or a list of them. "
@@ -118,6 +119,12 @@ def moved(key: str) -> str | None:
             f"Fix: data.dataset: {{dataset: FILE, {name}: VALUE}}, or --data.dataset.{name} VALUE"
         )
     return None
+
+
+TEMPLATE_MOVED = (
+    "a source's template is data.chat_template now: one chat template renders every source. "
+    "Fix: --data.chat_template NAME (e.g. instruction, falcon-instruct)"
+)
 
 
 def default_name(dataset: str) -> str:
@@ -177,6 +184,8 @@ def _source(entry: Any, option: str, problems: list[str]) -> Source | None:
 
 def _field_problem(option: str, key: str, value: Any) -> str | None:
     """What is wrong with one field of a source as written, with the fix; None when it fits the field's type."""
+    if key == "template":
+        return f"{option}.template: {TEMPLATE_MOVED}"
     if key not in TYPES:
         near = difflib.get_close_matches(key, list(TYPES), n=1)
         fix = f"did you mean {option}.{near[0]}?" if near else f"use only {sorted(TYPES)}"
@@ -199,7 +208,7 @@ def _field_problem(option: str, key: str, value: Any) -> str | None:
 
 
 def _problems(source: Source, option: str) -> list[str]:
-    problems = [p.replace("data.", f"{option}.", 1) for p in data_format(asdict(source)).problems()]
+    problems = []
     if source.val_dataset is None and not 0.0 < source.val_fraction < 1.0:
         problems.append(
             f"{option}.val_fraction must be in (0, 1) when {option}.val_dataset is not set, got "

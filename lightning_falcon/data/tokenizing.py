@@ -3,7 +3,8 @@
 `datasets.Dataset.map` hands a format a batch of rows at a time (`DataFormat.encode_batch`: one tokenizer
 call for the batch, not one per row) in `num_proc` processes, each writing its rows to an Arrow file as
 they come, so memory holds a few batches whatever the number of rows. The counts come from the table
-(a `truncated` column summed by Arrow, then dropped) and from the row counts (the rows dropped).
+(`truncated` and `turns_dropped` columns summed by Arrow, then dropped) and from the row counts (the rows
+dropped). Before that, `screen_rows` skips the rows that cannot train, counting each reason.
 """
 
 from __future__ import annotations
@@ -43,21 +44,56 @@ def _features():
             "labels": List(Value(COLUMNS["labels"])),
             "input": Value(COLUMNS["input"]),
             "truncated": Value("bool"),
+            "turns_dropped": Value("int32"),
         }
     )
+
+
+def _reasons(*columns: list, data_format: DataFormat) -> dict[str, list]:
+    """Why each row of a batch is skipped ("" when kept), and whether it has a system message of its own."""
+    screened = [data_format.screen(values) for values in zip(*columns, strict=True)]
+    return {"reason": [reason or "" for reason, _ in screened], "system": [system for _, system in screened]}
+
+
+def screen_rows(rows: Any, data_format: DataFormat, num_proc: int | None) -> tuple[Any, dict[str, int], tuple, bool]:
+    """The rows that can train; how many were skipped, by reason; the first skipped (its index, its reason);
+    and whether a kept row has a system message of its own."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if num_proc is None:
+        num_proc = default_processes(len(rows))
+    num_proc = min(num_proc, len(rows))
+    screened = rows.map(
+        functools.partial(_reasons, data_format=data_format),
+        batched=True,
+        input_columns=data_format.columns,
+        remove_columns=rows.column_names,
+        num_proc=num_proc if num_proc > 1 else None,
+        keep_in_memory=True,
+    )
+    reason = screened.data.column("reason")
+    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(reason).to_pylist() if v["values"]}
+    if not counts:
+        return rows, {}, (), bool(pc.any(screened.data.column("system")).as_py())
+    kept = np.flatnonzero(pc.equal(reason, "").to_numpy(zero_copy_only=False))
+    first = int(np.flatnonzero(pc.not_equal(reason, "").to_numpy(zero_copy_only=False))[0])
+    systems = bool(pc.any(screened.data.column("system")).as_py())
+    return rows.select(kept), counts, (first, reason[first].as_py()), systems
 
 
 def _encode_rows(*columns: list, data_format: DataFormat, tokenizer, max_length: int) -> dict[str, list]:
     """A batch of rows (the format's columns, in order) -> the kept rows' cache columns and `truncated` flags."""
     batch = dict(zip(data_format.columns, columns, strict=True))
-    out: dict[str, list] = {"input_ids": [], "labels": [], "input": [], "truncated": []}
-    for i, enc in enumerate(data_format.encode_batch(tokenizer, batch, max_length)):
-        if enc is None:  # no response token fits within max_length: dropped, counted from the row counts
+    out: dict[str, list] = {"input_ids": [], "labels": [], "input": [], "truncated": [], "turns_dropped": []}
+    for enc in data_format.encode_batch(tokenizer, batch, max_length):
+        if enc is None:  # no reply token fits within max_length: dropped, counted from the row counts
             continue
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
-        out["input"].append(data_format.raw_input(tokenizer, {c: batch[c][i] for c in batch}, enc))
+        out["input"].append(enc.input)
         out["truncated"].append(enc.truncated)
+        out["turns_dropped"].append(enc.dropped_turns)
     return out
 
 
@@ -86,7 +122,8 @@ def tokenize_split(
             `datasets` would hash the tokenizer to make one.
 
     Returns:
-        The kept rows with columns `COLUMNS`, and counts: rows kept, rows truncated, rows dropped.
+        The kept rows with columns `COLUMNS`, and counts: rows kept, rows truncated, earlier exchanges left out
+        (and the rows that lost some), rows dropped.
     """
     import pyarrow.compute as pc
 
@@ -112,5 +149,12 @@ def tokenize_split(
             f"within data.max_length={max_length}. Fix: raise --data.max_length"
         )
     truncated = pc.sum(tokenized.data.column("truncated")).as_py()
-    stats = {"rows": len(tokenized), "truncated": truncated, "dropped": len(rows) - len(tokenized)}
-    return tokenized.remove_columns("truncated"), stats
+    turns = tokenized.data.column("turns_dropped")
+    stats = {
+        "rows": len(tokenized),
+        "truncated": truncated,
+        "turns_dropped": pc.sum(turns).as_py() or 0,
+        "rows_short": pc.sum(pc.greater(turns, 0)).as_py() or 0,  # rows that lost earlier exchanges
+        "dropped": len(rows) - len(tokenized),
+    }
+    return tokenized.remove_columns(["truncated", "turns_dropped"]), stats

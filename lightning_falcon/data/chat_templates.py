@@ -1,0 +1,176 @@
+"""Chat templates: the Jinja text that renders a conversation, chosen by `data.chat_template`.
+
+Every chat-shaped row (`messages`, ShareGPT, alpaca, prompt/response) is rendered through one template with
+`tokenizer.apply_chat_template`, so training, `chat`, `predict`, and any server that renders with the same
+template (HF pipelines, vLLM, TGI, llama.cpp) agree token for token. The template travels with the adapter,
+the merged export and the GGUF.
+
+`data.chat_template` is `auto` (the tokenizer's own template where it has one, else `instruction`),
+`tokenizer` (the tokenizer's own, which must exist), a name of `NAMED`, or a path to a `.jinja` file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import TemplateError
+
+from lightning_falcon.assets import resolve
+from lightning_falcon.errors import ConfigError
+
+# Exactly the `chat_template` of tiiuae/falcon-7b-instruct's tokenizer: an optional system text, then `User:`
+# and `Assistant:` turns after blank lines, each content stripped and its blank lines closed up.
+FALCON_INSTRUCT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = '' %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 %}{{ system_message.strip() }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '\\n\\nUser: ' + message['content'].strip().replace('\\r\\n', '\\n').replace('\\n\\n', '\\n') }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '\\n\\nAssistant: ' + message['content'].strip().replace('\\r\\n', '\\n').replace('\\n\\n', '\\n') }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+
+# Falcon-180B-chat's layout, as its model card gives it: `System:`, `User:` and `Falcon:` lines.
+FALCON_180B_CHAT = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' }}{% elif message['role'] == 'user' %}{{ 'User: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Falcon: ' }}{% endif %}{{ message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' + 'Falcon:' }}{% endif %}"
+)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _plain(user: str, assistant: str, separator: str) -> str:
+    """A template for base models: `user` and `assistant` open their turns, `separator` goes between turns (a
+    system text first, as it is). A single exchange renders as `{user}{prompt}{separator}{assistant}{response}`.
+
+    The generation prompt is `{separator}{assistant}` without its trailing space: a byte-level BPE attaches a space
+    to the word after it (" Hello"), so the reply starts with that space, as it does in the rendered text."""
+    return (
+        "{% for message in messages %}{% if not loop.first %}{{ " + repr(separator) + " }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ " + repr(user) + " + message['content'] }}"
+        "{% elif message['role'] == 'assistant' %}{{ " + repr(assistant) + " + message['content'] }}"
+        "{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + repr(separator + assistant.rstrip(" ")) + " }}{% endif %}"
+    )
+
+
+# name -> Jinja text
+NAMED: dict[str, str] = {
+    "falcon-instruct": FALCON_INSTRUCT,
+    "falcon-180b-chat": FALCON_180B_CHAT,
+    "chatml": CHATML,
+    # An Alpaca-style instruction block, the usual choice for base models.
+    "instruction": _plain("### Instruction:\n", "### Response:\n", "\n\n"),
+    # The guanaco / OpenAssistant turn format.
+    "guanaco": _plain("### Human: ", "### Assistant: ", " "),
+    # No decoration: each turn on its own line.
+    "plain": _plain("", "", "\n"),
+}
+# what `auto` falls back to for a tokenizer without a template of its own (a base model's)
+FALLBACK = "instruction"
+CHOICES = ("auto", "tokenizer", *NAMED)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved `data.chat_template`: what was asked, where the text came from, and the text."""
+
+    setting: str  # as written: `auto`, `tokenizer`, a name, or a path
+    name: str  # a name of NAMED, `tokenizer`, or the .jinja file's path
+    text: str
+
+    @property
+    def named(self) -> bool:
+        return self.name in NAMED
+
+
+def resolve_template(setting: str, tokenizer) -> ChatTemplate:
+    """The template `data.chat_template` names, for this tokenizer; a one-line error when there is none."""
+    own = getattr(tokenizer, "chat_template", None)
+    if setting == "auto":
+        return ChatTemplate(setting, "tokenizer", own) if own else ChatTemplate(setting, FALLBACK, NAMED[FALLBACK])
+    if setting == "tokenizer":
+        if not own:
+            raise ConfigError(
+                f"data.chat_template tokenizer: the tokenizer {tokenizer.name_or_path} has no chat template. "
+                f"Fix: --data.chat_template NAME (one of {sorted(NAMED)}) or a .jinja file"
+            )
+        return ChatTemplate(setting, "tokenizer", own)
+    if setting in NAMED:
+        return ChatTemplate(setting, setting, NAMED[setting])
+    path = Path(resolve(setting)).expanduser()
+    if path.suffix == ".jinja" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template {setting}: no such file. Fix: give the path of a .jinja file")
+        return ChatTemplate(setting, str(path), path.read_text(encoding="utf-8"))
+    raise ConfigError(
+        f"data.chat_template {setting!r} is neither a template name nor a .jinja file. "
+        f"Fix: choose one of {list(CHOICES)}, or give the path of a .jinja file"
+    )
+
+
+def render(tokenizer, template: ChatTemplate, messages: list[dict], generation_prompt: bool = False) -> str:
+    """`messages` rendered through `template` (`apply_chat_template`, as a server renders them)."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template.text, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+# What rendering a template that refuses a conversation raises: its own `raise_exception`, a Jinja error, or a
+# Python one from the expressions it evaluates.
+RENDER_ERRORS = (TemplateError, TypeError, ValueError, KeyError, IndexError)
+
+PROBE = "ZqXprobeXqZ"  # a content no template changes, found again in what it renders
+
+
+def end_marker(tokenizer, template: ChatTemplate) -> str:
+    """What the template writes right after an assistant's content, up to its last non-space character:
+    `<|im_end|>` for ChatML, empty for Falcon's templates (which end a reply with nothing)."""
+    text = render(tokenizer, template, [{"role": "user", "content": "x"}, {"role": "assistant", "content": PROBE}])
+    return text[text.rindex(PROBE) + len(PROBE) :].rstrip()
+
+
+def template_problems(tokenizer, template: ChatTemplate, system: bool) -> list[str]:
+    """What stops `template` rendering training rows: an error on a plain exchange, a system message it
+    cannot render (when `system`: the data or `data.system_prompt` has one), or earlier turns rendered
+    differently once a later one follows (training needs each turn's text to stay put)."""
+    exchange = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+    fix = f"Fix: choose another --data.chat_template (one of {sorted(NAMED)}) or a .jinja file"
+    try:
+        whole = render(tokenizer, template, exchange)
+        first = render(tokenizer, template, exchange[:2])
+        prompt = render(tokenizer, template, exchange[:1], generation_prompt=True)
+    except RENDER_ERRORS as e:  # a template's own raise_exception, or a Jinja error
+        return [f"data.chat_template {template.name} cannot render a user/assistant exchange ({e}). {fix}"]
+    problems = []
+    if not (whole.startswith(first) and first.startswith(prompt)):
+        problems.append(
+            f"data.chat_template {template.name} renders earlier turns differently once later ones follow, so a "
+            f"turn's tokens are not where training would mark them. {fix}"
+        )
+    if system:
+        try:
+            text = render(tokenizer, template, [{"role": "system", "content": PROBE}, *exchange[:2]])
+        except RENDER_ERRORS as e:
+            text = f"({e})"
+        if PROBE not in text:
+            problems.append(
+                f"data.chat_template {template.name} cannot render a system message {text[:80] if text else ''}, "
+                "and the data or data.system_prompt has one. "
+                f"Fix: choose a template that renders one (e.g. falcon-instruct), or drop data.system_prompt"
+            )
+    return problems

@@ -1,0 +1,206 @@
+"""Chat-shaped rows as conversations, and a conversation as token ids and labels through a chat template.
+
+A row becomes a list of `{"role", "content"}` messages:
+- `messages`: the column's own list, roles system, user and assistant; ShareGPT's `{"from", "value"}` with
+  `human`, `gpt` and `system` reads alike.
+- `alpaca`: one exchange, the user asking the instruction with its input after a blank line.
+- `prompt_response`: one exchange.
+
+A row is skipped, with its reason counted, when it has an unknown role, an empty content, roles out of order
+(an optional system message first, then user and assistant in turn, from the user) or no assistant turn. A
+user turn at the very end answers nothing, and is left out. Without a system message of its own, a row gets
+`data.system_prompt` when it is set.
+
+The trained tokens of an assistant turn are its text after the template's generation prompt, through the
+template's end-of-turn marker when it has one, then EOS unless that marker is EOS itself: the reply, then what
+ends it. Role names, the generation prompt, system and user text, and the space between turns train nothing.
+Rendering is the template's own (`apply_chat_template`); the ids are the tokenizer's on the rendered text, with
+the EOS tokens inserted, so they equal `apply_chat_template(messages, tokenize=True)` but for those EOS.
+
+Too long for `max_length`: whole exchanges are dropped from the front (after the system message) until the
+rest fits or one exchange is left, then the sequence is cut at `max_length`, inside the last reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_falcon.data.chat_templates import ChatTemplate, render
+from lightning_falcon.data.prompts import IGNORE_INDEX, Encoded
+from lightning_falcon.errors import ConfigError
+
+TrainOn = Literal["all_assistant", "last_assistant"]
+
+# `from` / `role` -> role: ShareGPT's names, then the OpenAI ones
+ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+# why a row is skipped
+UNKNOWN_ROLE = "an unknown role"
+EMPTY = "an empty content"
+BLANK = "an empty or null field"  # a prompt, response, instruction or output column
+ORDER = "roles out of order"
+NO_ASSISTANT = "no assistant turn"
+
+
+def _message(item: Any) -> dict[str, str] | str:
+    """One message as `{"role", "content"}` (OpenAI's keys or ShareGPT's), or why it is unusable."""
+    if not isinstance(item, dict):
+        return UNKNOWN_ROLE
+    # `datasets` gives a column mixing both layouts every key, the other layout's null
+    role = item.get("role") if item.get("role") is not None else item.get("from")
+    content = item.get("content") if item.get("content") is not None else item.get("value")
+    if role not in ROLES:
+        return UNKNOWN_ROLE
+    if not isinstance(content, str) or not content.strip():
+        return EMPTY
+    return {"role": ROLES[role], "content": content}
+
+
+def messages_of(kind: str, values: tuple, system_prompt: str | None) -> list[dict[str, str]] | str:
+    """A row's conversation (`values`: the format's columns, in order), or why the row is skipped."""
+    if kind == "alpaca":  # the input column may be missing
+        instruction, extra, output = values if len(values) == 3 else (values[0], None, values[1])
+        if not all(isinstance(v, str) and v.strip() for v in (instruction, output)):
+            return BLANK
+        ask = instruction if not isinstance(extra, str) or not extra.strip() else f"{instruction}\n\n{extra}"
+        messages = [{"role": "user", "content": ask}, {"role": "assistant", "content": output}]
+    elif kind == "prompt_response":
+        prompt, response = (v if isinstance(v, str) else None if v is None else str(v) for v in values)
+        if not (prompt and prompt.strip() and response and response.strip()):
+            return BLANK
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        (items,) = values
+        if not isinstance(items, list) or not items:
+            return NO_ASSISTANT
+        messages = []
+        for item in items:
+            message = _message(item)
+            if isinstance(message, str):
+                return message
+            messages.append(message)
+    return _ordered(messages, system_prompt)
+
+
+def _ordered(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]] | str:
+    start = 1 if messages[0]["role"] == "system" else 0
+    turns = messages[start:]
+    if turns and turns[-1]["role"] == "user":
+        turns = turns[:-1]  # a last request answers nothing
+    if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
+        return ORDER
+    if not turns:
+        return NO_ASSISTANT
+    system = messages[:start] or ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    return system + turns
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How conversations become ids: the template, the EOS text inserted after each reply (empty where the
+    template's own end marker is EOS), and which replies train."""
+
+    template: ChatTemplate
+    eos: str
+    train_on: TrainOn = "all_assistant"
+
+
+@dataclass
+class Layout:
+    text: str  # the rendered conversation, the EOS inserted after each reply
+    spans: list[tuple[int, int]]  # the characters that train: each trained reply and what ends it
+    eos_at: list[int]  # where the inserted EOS texts start
+
+
+def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], generation_prompt: bool = False) -> Layout:
+    """The text of `messages` as training sees it, and which characters train."""
+    template = rendering.template
+    whole = render(tokenizer, template, messages, generation_prompt)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = set(replies if rendering.train_on == "all_assistant" else replies[-1:])
+    text, spans, eos_at, cursor = "", [], [], 0
+    for i in replies:
+        before = render(tokenizer, template, messages[:i], generation_prompt=True)
+        through = render(tokenizer, template, messages[: i + 1])
+        if not (whole.startswith(through) and through.startswith(before)):
+            raise ConfigError(
+                f"data.chat_template {template.name} renders turn {i} differently once later turns follow, so its "
+                "tokens cannot be marked. Fix: choose another --data.chat_template"
+            )
+        end = len(before) + len(through[len(before) :].rstrip())
+        text += whole[cursor:end]
+        if i in trained:
+            spans.append((len(before) + len(text) - end, len(text) + len(rendering.eos)))
+        if rendering.eos:
+            eos_at.append(len(text))
+            text += rendering.eos
+        cursor = end
+    return Layout(text + whole[cursor:], spans, eos_at)
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's label: itself where it overlaps a trained span, else ignored."""
+    labels, j = [], 0
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        inside = j < len(spans) and start < spans[j][1] and max(end, start + 1) > spans[j][0]
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+def _tokenize(tokenizer, layouts: list[Layout]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each layout, from one batched tokenizer call."""
+    if not layouts:
+        return []
+    encoded = tokenizer([lay.text for lay in layouts], add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        (ids, _labels(ids, offsets, lay.spans))
+        for ids, offsets, lay in zip(encoded["input_ids"], encoded["offset_mapping"], layouts, strict=True)
+    ]
+
+
+def prompt_ids(tokenizer, rendering: Rendering, messages: list[dict[str, str]]) -> list[int]:
+    """The ids a reply to `messages` (ending with the user's request) is generated from: as training lays out
+    the conversation so far, then the generation prompt."""
+    return _tokenize(tokenizer, [layout(tokenizer, rendering, messages, generation_prompt=True)])[0][0]
+
+
+def _exchanges(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[list[dict[str, str]]]]:
+    start = 1 if messages[0]["role"] == "system" else 0
+    return messages[:start], [messages[i : i + 2] for i in range(start, len(messages), 2)]
+
+
+def _assemble(ids: list[int], labels: list[int], max_length: int, dropped: int, request: str) -> Encoded | None:
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    # shifted loss: the label at position 0 never counts
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return Encoded(ids, labels, truncated, dropped_turns=dropped, input=request)
+
+
+def encode(
+    tokenizer, rendering: Rendering, conversations: list[list[dict[str, str]]], max_length: int
+) -> list[Encoded | None]:
+    """Each conversation's ids and labels, fitted to `max_length` (None: no trained token fits), with one
+    batched tokenizer call for all that fit whole."""
+    first = _tokenize(tokenizer, [layout(tokenizer, rendering, c) for c in conversations])
+    out: list[Encoded | None] = []
+    for messages, (ids, labels) in zip(conversations, first, strict=True):
+        dropped = 0
+        system, exchanges = _exchanges(messages)
+        while len(ids) > max_length and len(exchanges) > 1:
+            exchanges, dropped = exchanges[1:], dropped + 1
+            messages = system + [m for exchange in exchanges for m in exchange]
+            ((ids, labels),) = _tokenize(tokenizer, [layout(tokenizer, rendering, messages)])
+        out.append(_assemble(ids, labels, max_length, dropped, _request(messages, rendering.train_on)))
+    return out
+
+
+def _request(messages: list[dict[str, str]], train_on: TrainOn) -> str:
+    """What a user typed for the first trained reply: the request it answers."""
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    first = replies[0] if train_on == "all_assistant" else replies[-1]
+    return messages[first - 1]["content"].strip()
