@@ -65,7 +65,8 @@ def run(request: dict, timeout: float = 600) -> dict:
 def answer(request: dict) -> dict:
     """Load `model` (a GGUF file) in llama.cpp; tokenize each of `texts`; continue each of `prompts` (token
     ids) greedily for at most `new_tokens` tokens, ending at EOS; the logits at every position of each of
-    `score` (token ids). Also its vocabulary size and metadata."""
+    `score` (token ids); the prompt tokens of each of `chats` (lists of messages) as its chat completion renders
+    them, through the GGUF's own chat template. Also its vocabulary size and metadata."""
     from llama_cpp import Llama
 
     scored = request.get("score", [])
@@ -91,7 +92,11 @@ def answer(request: dict) -> dict:
                 break
             tokens.append(token)
         continuations.append(tokens)
+    chat_tokens = []
+    for messages in request.get("chats", []):
+        chat_tokens.append(_chat_prompt(llm, messages))
     return {
+        "chat_tokens": chat_tokens,
         "tokens": [
             llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in request.get("texts", [])
         ],
@@ -101,6 +106,18 @@ def answer(request: dict) -> dict:
         "eos": eos,
         "metadata": llm.metadata,
     }
+
+
+def _chat_prompt(llm, messages: list[dict]) -> list[int]:
+    """The tokens `create_chat_completion` generates from for `messages`: the formatter `Llama` makes of the GGUF's
+    `tokenizer.chat_template` (its default chat format), then the tokenization its chat handler does."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    # Llama took the GGUF's template as its chat format, and builds this formatter of it (Llama.__init__)
+    assert llm.chat_format == "chat_template.default", llm.chat_format
+    eos, bos = (llm._model.token_get_text(i) for i in (llm.token_eos(), llm.token_bos()))
+    result = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos, bos)(messages=messages)
+    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
 
 
 if __name__ == "__main__":

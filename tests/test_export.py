@@ -72,15 +72,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 merged_dir, adapter_dir, base = sys.argv[1:]
 tok = AutoTokenizer.from_pretrained(merged_dir)
-ids = tok("### Instruction:\\nMidjourney prompt for a boy running in the snow\\n\\n### Response:\\n",
-          return_tensors="pt")["input_ids"]
+request = [{"role": "user", "content": "Midjourney prompt for a boy running in the snow"}]
+text = tok.apply_chat_template(request, tokenize=False, add_generation_prompt=True)  # the run's template
+ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 merged = AutoModelForCausalLM.from_pretrained(merged_dir)
 new = merged.generate(ids, max_new_tokens=100)[0, ids.shape[1]:]  # EOS and pad from the saved generation config
 plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 with torch.no_grad():
     before = plain(ids).logits
     tuned = PeftModel.from_pretrained(plain, adapter_dir)(ids).logits
-print(json.dumps({"stopped": int(new[-1]) == tok.eos_token_id, "tokens": len(new),
+print(json.dumps({"stopped": int(new[-1]) == tok.eos_token_id, "tokens": len(new), "prompt": text,
                   "text": tok.decode(new, skip_special_tokens=True),
                   "adapter_changes_logits": bool((before - tuned).abs().max() > 1e-3)}))
 """
@@ -96,10 +97,13 @@ def test_exported_directories_load_with_plain_transformers_and_peft_in_a_fresh_p
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["stopped"] and result["tokens"] < 100 and "--ar" in result["text"], result
     assert result["adapter_changes_logits"]
+    # the merged model's tokenizer renders a request as training did: the tiny config's `instruction` template
+    assert result["prompt"] == "### Instruction:\nMidjourney prompt for a boy running in the snow\n\n### Response:\n"
     assert {p.name for p in exported["adapter"].iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
         "tokenizer.json",
+        "chat_template.jinja",
         "lightning_falcon.json",
     }
 

@@ -28,6 +28,17 @@ def test_fit_writes_config_scalars_lora_only_checkpoints_and_an_adapter(quick_fi
     adapter_changes_the_model(run / "adapter")
 
 
+def test_the_adapter_carries_the_chat_template_the_run_rendered_with(quick_fit, chat_fit, tokenizer):
+    from transformers import AutoTokenizer
+
+    from lightning_falcon.data.chat_templates import NAMED
+
+    # the tiny config renders through `instruction`, not the tokenizer's own: its adapter carries `instruction`
+    assert tokenizer.chat_template != NAMED["instruction"]
+    assert AutoTokenizer.from_pretrained(quick_fit / "adapter").chat_template == NAMED["instruction"]
+    assert AutoTokenizer.from_pretrained(chat_fit / "adapter").chat_template == tokenizer.chat_template
+
+
 def test_everything_a_fit_writes_is_as_readable_as_the_umask_allows(quick_fit):
     mask = umask()
     modes = {p.relative_to(quick_fit): p.stat().st_mode & 0o777 for p in quick_fit.rglob("*")}

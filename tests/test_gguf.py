@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GUANACO, MIDJOURNEY, TINY, prepared_datamodule
+from helpers import GUANACO, MIDJOURNEY, TINY, chat_format, prepared_datamodule
 
-from lightning_falcon.data.prompts import TEMPLATES, pair_prompt_ids
+from lightning_falcon.data.chat_templates import NAMED
 from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.export import gguf
-from lightning_falcon.export.modelfile import PROMPT, template
+from lightning_falcon.export.modelfile import PROMPT, SYSTEM, modelfile, template
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import GenerationSettings, generate
 
@@ -31,17 +31,33 @@ def test_the_kv_heads_are_those_the_attention_computes_with(model, heads):
         assert config.multi_query and config.num_kv_heads == config.num_attention_heads != 1
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
+def ollama(text: str, system: str | None, prompt: str) -> str:
+    """What Ollama renders from a TEMPLATE of the one form ours take: `{{ if .System }}A{{ else }}B{{ end }}`."""
+    if text.startswith("{{ if .System }}"):
+        with_system, alone = text.removeprefix("{{ if .System }}").removesuffix("{{ end }}").split("{{ else }}")
+        text = with_system.replace(SYSTEM, system) if system else alone
+    return text.replace(PROMPT, prompt)
+
+
+@pytest.mark.parametrize("name", ["tokenizer", *NAMED])
 def test_the_modelfile_template_gives_the_ids_training_conditioned_on(tokenizer, name):
-    text = template({"format": "prompt_response", "template": name, "template_text": TEMPLATES[name]})
-    for prompt in ("Midjourney prompt for a fantasy village at night", "mj prompt: a cat, 4k"):
-        rendered = tokenizer(text.replace(PROMPT, prompt), add_special_tokens=False)["input_ids"]
-        assert rendered == pair_prompt_ids(tokenizer, prompt, name)
+    for system in (None, "You are terse."):
+        chat = chat_format(tokenizer, name, "messages", system=system)
+        text = template(chat.describe(), tokenizer)
+        for prompt in ("Midjourney prompt for a fantasy village at night", "mj prompt: a cat, 4k"):
+            rendered = tokenizer(ollama(text, system, prompt), add_special_tokens=False)["input_ids"]
+            assert rendered == chat.prompt_ids(tokenizer, prompt)
 
 
-def test_the_modelfile_template_of_a_turns_model_is_the_text_of_one_human_turn(tmp_path):
+def test_the_modelfile_carries_the_system_prompt(tokenizer):
+    chat = chat_format(tokenizer, "falcon-instruct", "messages", system="You are terse.")
+    text = modelfile("m.gguf", chat.describe(), "<|endoftext|>", tokenizer)
+    assert 'SYSTEM """You are terse."""' in text.splitlines()
+
+
+def test_the_modelfile_template_of_a_turns_model_is_the_text_of_one_human_turn(tmp_path, tokenizer):
     dm = prepared_datamodule(tmp_path, dataset=Source(GUANACO, format="turns"))
-    text = template(dm.prompt_format()).replace(PROMPT, "What is a falcon?")
+    text = template(dm.prompt_format(), tokenizer).replace(PROMPT, "What is a falcon?")
     # The same text; Ollama tokenizes it whole, where training tokenized the turn and the marker apart.
     assert text == dm.tokenizer.decode(dm.encode_input("What is a falcon?"))
 
@@ -128,9 +144,12 @@ def logit_difference(model, sequences: list[list[int]], got: dict) -> float:
 
 
 def training_prompts(tokenizer, n: int) -> tuple[list[str], list[list[int]]]:
+    """The first `n` Midjourney rows as the tiny config renders them (the `instruction` chat template): each row's
+    text, and the ids generation starts from for its prompt."""
+    chat = chat_format(tokenizer)
     rows = [json.loads(line) for line in Path(MIDJOURNEY).read_text(encoding="utf-8").splitlines()][:n]
-    texts = [TEMPLATES["instruction"].format(prompt=r["prompt"]) + r["response"] for r in rows]
-    return texts, [pair_prompt_ids(tokenizer, r["prompt"], "instruction") for r in rows]
+    texts = [tokenizer.decode(chat.prompt_ids(tokenizer, r["prompt"])) + r["response"] for r in rows]
+    return texts, [chat.prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +231,28 @@ def test_a_grouped_kv_falcon_40b_layout_generates_in_llama_cpp_as_in_transformer
     print(f"40B layout: relative logit difference {difference:.2e}; greedy tokens equal for {agree}")
     # A wrong query-key-value order or norm would give unrelated logits, not a difference this small.
     assert difference <= 1e-3 and min(agree) >= 8
+
+
+@pytest.mark.slow
+def test_llama_cpp_renders_a_chat_through_the_ggufs_own_template_as_training_did(tmp_path, tokenizer, llama):
+    """The tiny model with its tokenizer's template (falcon-7b-instruct's): llama.cpp's chat completion renders
+    a request through the template the GGUF carries, to the ids training and `chat` generate from."""
+    from transformers import AutoConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "chat.gguf"
+    gguf.write(FalconForCausalLM(AutoConfig.from_pretrained(TINY)).eval(), tokenizer, path, "f32", "chat")
+    chat = chat_format(tokenizer, "tokenizer", "messages", system="You are terse.")
+    history = [("What is the capital of France?", "Paris.")]
+    asked = [chat.request("Name three primary colours."), chat.request("And of Italy?", history)]
+    got = llama({"model": str(path), "chats": asked})
+    assert got["metadata"]["tokenizer.chat_template"] == tokenizer.chat_template
+    single, multi = got["chat_tokens"]
+    assert single == chat.prompt_ids(tokenizer, "Name three primary colours.")
+    # The history as training laid it out, but for the EOS training puts after each reply (the template has none)
+    ours = chat.prompt_ids(tokenizer, "And of Italy?", history)
+    assert ours.count(tokenizer.eos_token_id) == 1
+    assert multi == [t for t in ours if t != tokenizer.eos_token_id]
 
 
 @pytest.mark.slow

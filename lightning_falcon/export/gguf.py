@@ -208,6 +208,8 @@ def write(model: torch.nn.Module, tokenizer, path: Path, gguf_type: str, name: s
     writer.add_pad_token_id(pad)
     writer.add_add_bos_token(False)  # training never prepended one
     writer.add_add_eos_token(False)
+    if tokenizer.chat_template:  # llama.cpp, and servers built on it, render chats with it
+        writer.add_chat_template(tokenizer.chat_template)
 
     for gguf_name, tensor in tensors(model):  # the shapes first: the header lists every tensor
         qtype = _type_of(tuple(tensor.shape), gguf_type)

@@ -120,7 +120,8 @@ def export(
             name = f"{out.name}-{gguf_type}.gguf"
             gguf.write(model, tokenizer, staging / name, gguf_type, out.name)
             stop = tokenizer.convert_ids_to_tokens(special_ids(tokenizer)[0])
-            (staging / "Modelfile").write_text(modelfile(name, metadata["prompt"], stop), encoding="utf-8")
+            text = modelfile(name, metadata["prompt"], stop, tokenizer)
+            (staging / "Modelfile").write_text(text, encoding="utf-8")
         elif merge:
             model, tokenizer = _merge(source, metadata, merge_into, dtype, base, device, trust_remote_code)
             model.save_pretrained(staging)
@@ -224,6 +225,9 @@ def _merge(
     merged = merged.to(device="cpu", dtype=target)
     merged.config.use_cache = True  # training switched the KV cache off
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(source, metadata, base))
+    template = adapters.chat_template(metadata)
+    if template is not None:  # what training rendered with, where the tokenizer came from the base
+        tokenizer.chat_template = template
     # generate() then stops at EOS and pads with it without being told (Falcon has no pad token).
     merged.generation_config.eos_token_id, merged.generation_config.pad_token_id = special_ids(tokenizer)
     return merged, tokenizer

@@ -135,6 +135,15 @@ def training_metadata(pl_module, datamodule, global_step: int) -> dict[str, Any]
     }
 
 
+# the file transformers keeps a tokenizer's chat template in, beside tokenizer_config.json
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def chat_template(metadata: dict[str, Any]) -> str | None:
+    """The chat template the run rendered its conversations with (None: a `turns` run, trained as written)."""
+    return (metadata.get("prompt") or {}).get("chat_template_text")
+
+
 def load_weights(peft_model: torch.nn.Module, path: str | Path) -> None:
     """Load an adapter directory's LoRA weights into a model already wrapped with the same LoRA config."""
     from peft import set_peft_model_state_dict
@@ -159,7 +168,8 @@ def save(
     tokenizer,
     metadata: dict[str, Any],
 ) -> None:
-    """Write the adapter, the tokenizer, a generation config with EOS/pad, and our metadata, to `out`.
+    """Write the adapter, the tokenizer with the run's chat template, a generation config with EOS/pad, and our
+    metadata, to `out`.
 
     The directory is built whole beside `out` and renamed into place, so a crash leaves the previous adapter.
     """
@@ -169,6 +179,9 @@ def save(
         peft_model.save_pretrained(staged, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
+            template = chat_template(metadata)
+            if template is not None:  # transformers reads it back as the tokenizer's own, over tokenizer_config.json
+                (staged / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
             eos, pad = special_ids(tokenizer)
             generation = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
             generation.save_pretrained(staged)
