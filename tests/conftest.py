@@ -44,6 +44,17 @@ def quick_fit(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_fit(tmp_path_factory) -> Path:
+    """configs/tiny-chat.yaml (the shipped chat sample, the tokenizer's own template, a system prompt) trained for
+    10 steps in this process: its run dir."""
+    root = tmp_path_factory.mktemp("chat")
+    return fit_in_process(
+        root, "--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--generation.max_new_tokens", "8",
+        config="tiny-chat.yaml",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 

@@ -6,13 +6,13 @@ import os
 import sys
 
 import pytest
-from helpers import GUANACO, tiny_arguments, tuned_tiny
+from helpers import GUANACO, chat_format, tiny_arguments, tuned_tiny
 from processes import run_process
 
 from lightning_falcon.commands.chat import one_line
 from lightning_falcon.data.conversation import Conversation
-from lightning_falcon.data.formats import PromptResponse, Turns
-from lightning_falcon.data.prompts import IGNORE_INDEX, encode_turns, pair_prompt_ids, turn_prompt_ids
+from lightning_falcon.data.formats import Turns
+from lightning_falcon.data.prompts import IGNORE_INDEX, encode_turns, turn_prompt_ids
 from lightning_falcon.model.generation import GenerationSettings, generate
 
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
@@ -59,11 +59,31 @@ def test_a_conversation_drops_its_oldest_exchanges_to_fit_max_length(tokenizer):
     assert len(prompt) <= len(request) + 20
 
 
-@pytest.mark.parametrize(
-    "format, history",
-    [(PromptResponse("prompt", "response", "instruction"), True), (Turns("text", HUMAN, ASSISTANT), False)],
-)
+def test_a_messages_conversation_reads_its_history_through_the_chat_template(tokenizer):
+    from lightning_falcon.data.conversations import encode
+
+    chat = chat_format(tokenizer, "tokenizer", "messages", system="Be brief.")
+    conversation = Conversation(chat, tokenizer, max_length=512)
+    conversation.add("hello there", tokenizer(" hi, friend", add_special_tokens=False)["input_ids"])
+    second = conversation.prompt("how are you")
+    assert tokenizer.decode(second) == (
+        "Be brief.\n\nUser: hello there\n\nAssistant: hi, friend<|endoftext|>\n\nUser: how are you\n\nAssistant:"
+    )
+    # The same conversation as a training row: the prompt is everything before the second reply.
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi, friend"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    (row,) = encode(tokenizer, chat.rendering, [messages], 512)
+    assert second == row.input_ids[: trained_starts(row.labels)[1]]
+
+
+@pytest.mark.parametrize("format, history", [("prompt_response", True), ("alpaca", True), ("turns", False)])
 def test_single_prompt_models_and_history_false_answer_each_request_on_its_own(tokenizer, format, history):
+    format = Turns("text", HUMAN, ASSISTANT) if format == "turns" else chat_format(tokenizer, kind=format)
     conversation = Conversation(format, tokenizer, max_length=512, history=history)
     conversation.add("one", [100, 101])
     assert not conversation.keeps_history
@@ -78,12 +98,12 @@ def test_an_answer_on_one_line_is_reversible():
     assert unescaped == text
 
 
-def run_chat(monkeypatch, capsys, stdin: io.StringIO, root, *args: str) -> list[str]:
-    """`chat --config configs/tiny.yaml ARGS` in this process, reading `stdin`: the lines of its stdout."""
+def run_chat(monkeypatch, capsys, stdin: io.StringIO, root, *args: str, config: str = "tiny.yaml") -> list[str]:
+    """`chat --config configs/CONFIG ARGS` in this process, reading `stdin`: the lines of its stdout."""
     from lightning_falcon.commands.main import main
 
     monkeypatch.setattr(sys, "stdin", stdin)
-    main(tiny_arguments(root, "chat", *args))
+    main(tiny_arguments(root, "chat", *args, config=config))
     return capsys.readouterr().out.splitlines()
 
 
@@ -96,10 +116,31 @@ def test_chat_on_a_pipe_answers_a_line_for_each_line_as_generate_does(
         "--ckpt_path", str(quick_fit / "adapter"), "--generation.max_new_tokens", "24",
     )  # fmt: skip
     model = tuned_tiny(quick_fit / "adapter")
-    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    prompts = [chat_format(tokenizer).prompt_ids(tokenizer, text) for text in REQUESTS]
     expected = [one_line(g.text) for g in generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=24), 1)]
     assert all(expected)
     assert out == [expected[0], "", expected[1]]  # stdout holds the answers alone; /exit ends before the last
+
+
+def test_chat_on_a_pipe_with_a_system_prompt_renders_through_the_chat_template(
+    chat_fit, tmp_path, tokenizer, monkeypatch, capsys, caplog
+):
+    caplog.set_level("INFO")
+    requests = ["What is the capital of Italy?", "And of Spain?"]
+    out = run_chat(
+        monkeypatch, capsys, io.StringIO("\n".join(requests) + "\n"), tmp_path,
+        "--ckpt_path", str(chat_fit / "adapter"), "--system", "Answer in one word.",
+        "--generation.max_new_tokens", "12", config="tiny-chat.yaml",
+    )  # fmt: skip
+    model = tuned_tiny(chat_fit / "adapter")
+    chat = chat_format(tokenizer, "tokenizer", "messages", system="Answer in one word.")
+    settings = GenerationSettings(max_new_tokens=12)
+    (first,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, requests[0])], settings, 1)
+    history = [(requests[0], first.text)]
+    (second,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, requests[1], history)], settings, 1)
+    assert out == [one_line(first.text), one_line(second.text)]
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[chat] ")]
+    assert "messages with chat template tokenizer, system prompt 'Answer in one word.'" in line
 
 
 def test_chat_with_a_turns_model_reads_the_conversation_until_reset(tmp_path, tokenizer, tiny_nf4, monkeypatch, capsys):
@@ -167,7 +208,7 @@ def test_chat_through_a_pipe_with_the_trained_model(fitted, tokenizer):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = tuned_tiny(run / "adapter")  # last.ckpt holds the adapter's weights: the run ends with both
-    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    prompts = [chat_format(tokenizer).prompt_ids(tokenizer, text) for text in REQUESTS]
     expected = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=128), 1)
     assert all(g.stopped_at_eos for g in expected)  # the trained model ends its answers itself
     assert proc.stdout.splitlines() == [one_line(g.text) for g in expected]
@@ -182,7 +223,7 @@ def test_chat_on_a_terminal_streams_and_takes_reset_exit_and_ctrl_d(fitted, toke
     (expected,) = generate(
         tuned_tiny(run / "adapter"),
         tokenizer,
-        [pair_prompt_ids(tokenizer, REQUESTS[0], "instruction")],
+        [chat_format(tokenizer).prompt_ids(tokenizer, REQUESTS[0])],
         GenerationSettings(max_new_tokens=128),
         1,
     )

@@ -1,9 +1,9 @@
 """`python -m lightning_falcon chat --config X --ckpt_path CKPT|last|ADAPTER_DIR`: talk to a trained model.
 
-One process, one device, the base and adapter loaded once. Each request is rendered through the training
-template (the first source's `format` and `template`, or its turn markers) and answered with the `generation:` settings,
-ending at EOS. A `turns` model reads the conversation so far, as it was trained to; a `prompt_response`
-model learned single prompts, so it answers each request on its own.
+One process, one device, the base and adapter loaded once. Each request is rendered as training rendered
+the first source (its chat template, with `data.system_prompt` or `--system`, or its turn markers) and answered
+with the `generation:` settings, ending at EOS. A `messages` or `turns` model reads the conversation so far, as
+it was trained to; an alpaca or prompt/response model learned single requests, so it answers each on its own.
 
 - On a terminal: the answer streams as it is generated. `/reset` starts a new conversation, `/exit` or
   Ctrl-D quits, and Ctrl-C stops an answer (which the conversation then does not keep).
@@ -46,8 +46,19 @@ class ChatCLI(FalconCLI):
             "--history",
             type=bool,
             default=True,
-            help="A `turns` model reads the conversation so far; false answers each request on its own",
+            help="A `messages` or `turns` model reads the conversation so far; false answers each request on its own",
         )
+        parser.add_argument(
+            "--system",
+            type=str | None,
+            default=None,
+            help="The system prompt of this chat, in place of data.system_prompt",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.config.system is not None:  # the data module renders every request with it
+            self.config.data.system_prompt = self.config.system
 
 
 def main(args: list[str]) -> None:
@@ -85,11 +96,14 @@ def load(cli: ChatCLI) -> None:
 def describe(model: FalconQLoRA, datamodule: PromptDataModule, source: Path | None, conversation) -> str:
     g = model.generation
     fmt = datamodule.prompt_format()
-    rendering = f"template {fmt['template']}" if "template" in fmt else "the turn markers"
+    rendering = f"chat template {fmt['chat_template']}" if "chat_template" in fmt else "the turn markers"
+    if fmt.get("system_prompt"):
+        rendering += f", system prompt {fmt['system_prompt']!r}"
     memory = "the conversation so far" if conversation.keeps_history else "each request on its own"
     weights = f"the base + {source}" if source is not None else "the base model, no adapter"
     return (
-        f"{model.hparams.model_name_or_path}: {weights}; {fmt['format']} with {rendering}, reading {memory}; "
+        f"{model.hparams.model_name_or_path}: {weights}; {fmt.get('rows', fmt['format'])} with {rendering}, "
+        f"reading {memory}; "
         f"{g.decoding()}, at most {g.max_new_tokens} new tokens"
     )
 

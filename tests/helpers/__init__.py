@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = resolve("asset:tiny-falcon")
 MIDJOURNEY = resolve("asset:data/midjourney.jsonl")
 GUANACO = resolve("asset:data/guanaco-sample.jsonl")
+GUANACO_CHAT = resolve("asset:data/guanaco-chat.jsonl")
 
 
 # pytest's own per-test limit is `timeout` in pyproject.toml (the fast tier); a slow- or scale-tier test gets this.
@@ -67,6 +68,20 @@ def prepared_datamodule(tmp_path, **kwargs):
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def chat_format(tokenizer, template: str = "instruction", kind: str = "prompt_response", system: str | None = None):
+    """The `Chat` format a run with `data.chat_template: template` renders `kind` rows with, for this tokenizer."""
+    from lightning_falcon.data.chat_templates import end_marker, resolve_template
+    from lightning_falcon.data.conversations import Rendering
+    from lightning_falcon.data.formats import Chat
+
+    resolved = resolve_template(template, tokenizer)
+    eos = "" if end_marker(tokenizer, resolved) == tokenizer.eos_token else tokenizer.eos_token
+    columns = {"messages": ("messages",), "alpaca": ("instruction", "input", "output")}.get(
+        kind, ("prompt", "response")
+    )
+    return Chat(kind, columns, Rendering(resolved, eos), system)
 
 
 def write_jsonl(path, rows) -> str:
