@@ -55,6 +55,16 @@ def chat_fit(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_trained(tmp_path_factory) -> Path:
+    """configs/tiny-chat.yaml trained for 200 steps in this process, long enough to answer in words: its run dir."""
+    root = tmp_path_factory.mktemp("chat-trained")
+    return fit_in_process(
+        root, "--trainer.max_steps", "200", "--trainer.val_check_interval", "200", "--generation.max_new_tokens", "8",
+        config="tiny-chat.yaml",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 

@@ -192,8 +192,8 @@ def test_ctrl_c_stops_an_answer_which_the_conversation_then_forgets(tmp_path, mo
 # --------------------------------------------------------------------------- the slow tier: real processes
 
 
-def chat_command(root, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "chat", *args)]
+def chat_command(root, *args: str, config: str = "tiny.yaml") -> list[str]:
+    return [sys.executable, "-m", "lightning_falcon", *tiny_arguments(root, "chat", *args, config=config)]
 
 
 def offline_env() -> dict:
@@ -247,6 +247,32 @@ def test_chat_on_a_terminal_streams_and_takes_reset_exit_and_ctrl_d(fitted, toke
     child = pexpect.spawn(command[0], command[1:], cwd=str(root), env=offline_env(), encoding="utf-8", timeout=120)
     child.expect_exact(">> ")
     child.sendeof()  # Ctrl-D
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_chat_on_a_terminal_streams_the_chat_models_answer_to_its_system_prompt(chat_trained, tmp_path, tokenizer):
+    import pexpect
+
+    system, request = "Answer in one word.", "What is the capital of Italy?"
+    chat = chat_format(tokenizer, "tokenizer", "messages", system=system)
+    settings = GenerationSettings(max_new_tokens=24)
+    model = tuned_tiny(chat_trained / "adapter")
+    (expected,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, request)], settings, 1)
+    assert expected.text
+    command = chat_command(
+        tmp_path, "--ckpt_path", str(chat_trained / "adapter"), "--system", system, "--generation.max_new_tokens", "24",
+        config="tiny-chat.yaml",
+    )  # fmt: skip
+    child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), env=offline_env(), encoding="utf-8", timeout=120)
+    child.expect_exact(f"system prompt {system!r}")
+    child.expect_exact(">> ")
+    child.sendline(request)
+    child.expect_exact(expected.text.splitlines()[0])  # a terminal writes a newline as \r\n
+    child.expect_exact(">> ")
+    child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
