@@ -122,7 +122,8 @@ def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], gene
     text, spans, eos_at, cursor = "", [], [], 0
     for i in replies:
         before = render(tokenizer, template, messages[:i], generation_prompt=True)
-        through = render(tokenizer, template, messages[: i + 1])
+        last = i == len(messages) - 1 and not generation_prompt
+        through = whole if last else render(tokenizer, template, messages[: i + 1])
         if not (whole.startswith(through) and through.startswith(before)):
             raise ConfigError(
                 f"data.chat_template {template.name} renders turn {i} differently once later turns follow, so its "
