@@ -89,7 +89,12 @@ def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path, capsys):
 def test_missing_columns_lists_those_that_exist(tmp_path, capsys):
     err = data_error(tmp_path, capsys, "other_columns.jsonl")
     assert "lacks column(s) ['prompt', 'response']; it has ['question', 'answer']" in err
-    assert "Fix: set --data.dataset.prompt_column/--data.dataset.response_column" in err
+    assert "Fix: name the columns that hold the text (--data.dataset.prompt_column etc.), or set " in err
+    assert "--data.dataset.format to the format it has: one of messages (messages or conversations), alpaca " in err
+    # format auto, the default: no format's columns are there
+    err = run(tmp_path, capsys, "--data.dataset", str(DATA / "other_columns.jsonl"))
+    assert "has none of the columns of a format: it has ['question', 'answer']" in err
+    assert "prompt_response (prompt, response), turns (text), or name yours (--data.dataset.prompt_column" in err
 
 
 def test_empty_file(tmp_path, capsys):
@@ -99,7 +104,8 @@ def test_empty_file(tmp_path, capsys):
 
 def test_rows_with_empty_or_null_fields_fail_only_when_none_is_left(tmp_path, capsys):
     err = data_error(tmp_path, capsys, "all_empty.jsonl")
-    assert "every one of the 3 rows of" in err and "has an empty or null prompt or response" in err
+    assert "no row of dataset" in err and "all_empty.jsonl can train (3 an empty or null field)" in err
+    assert "line 1 of all_empty.jsonl, has an empty or null field" in err  # the first row that cannot
 
 
 def test_every_row_too_long(tmp_path, capsys):
@@ -110,12 +116,30 @@ def test_every_row_too_long(tmp_path, capsys):
 
 def test_max_length_shorter_than_the_template(tmp_path, capsys):
     err = run(tmp_path, capsys, "--data.max_length", "16")  # the instruction template is 22 tiny-tokenizer tokens
-    assert "data.max_length=16 is no longer than the 'instruction' template, which alone takes 22 tokens" in err
+    assert "data.max_length=16 is no longer than the 'instruction' chat template, which alone takes 22 tokens" in err
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
 
 
 def test_directory_as_dataset(tmp_path, capsys):
     assert "is a directory" in run(tmp_path, capsys, "--data.dataset", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["missing.jsonl", "rows.xml", "empty.jsonl", "header_only.csv", "malformed.jsonl", "latin1.jsonl", "directory",
+     "first_line_malformed.jsonl"],
+)  # fmt: skip
+def test_format_auto_reports_a_file_it_cannot_read_as_a_set_format_does(tmp_path, capsys, name):
+    # `auto` reads the columns before loading: a file it cannot read gets the same line, not a guess at its columns
+    path = DATA / name
+    if name == "directory":
+        path = tmp_path / "data"
+        path.mkdir()
+    elif name == "first_line_malformed.jsonl":
+        path = tmp_path / name
+        path.write_text('{"prompt": "a", "response": \n{"prompt": "b", "response": "c"}\n')
+    set_format = run(tmp_path, capsys, "--data.dataset.dataset", str(path), "--data.dataset.format", "prompt_response")
+    assert run(tmp_path, capsys, "--data.dataset.dataset", str(path), "--data.dataset.format", "auto") == set_format
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -222,7 +246,8 @@ def test_wrong_types_name_the_key_and_what_it_takes(tmp_path, capsys):
         "bad value for data.batch_size: Expected a <class 'int'>. Got value: four. Fix: correct data.batch_size" in err
     )
     err = run(tmp_path, capsys, "--data.dataset.format", "chat")
-    assert "data.dataset.format must be one of ['prompt_response', 'turns'], got 'chat'. Fix: --data.dataset" in err
+    formats = "['auto', 'messages', 'alpaca', 'prompt_response', 'turns']"
+    assert f"data.dataset.format must be one of {formats}, got 'chat'. Fix: --data.dataset" in err
 
 
 def test_lora_rank_below_one(tmp_path, capsys):
@@ -428,14 +453,15 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         ({"dataset": "nobody/nothing"}, [], "unknown dataset 'broken' (nobody/nothing)"),
         ({"dataset": str(DATA / "malformed.jsonl")}, [], "dataset 'broken': "),
         ({"dataset": str(DATA / "latin1.jsonl")}, [], "dataset 'broken': "),
-        ({"dataset": str(DATA / "other_columns.jsonl")}, [], "Fix: set data.dataset[1].prompt_column"),
-        ({"dataset": str(DATA / "empty.jsonl")}, [], "dataset 'broken' ("),
-        ({"dataset": str(DATA / "all_empty.jsonl")}, [], "rows of dataset 'broken' ("),
+        ({"dataset": str(DATA / "other_columns.jsonl")}, [], "or name yours (data.dataset[1].prompt_column etc.)"),
+        ({"dataset": str(DATA / "empty.jsonl")}, [], "jsonl) is empty. Fix: point data.dataset[1].dataset at"),
+        ({"dataset": str(DATA / "all_empty.jsonl")}, [], "no row of dataset 'broken' ("),
         ({"dataset": str(DATA / "too_long.jsonl")}, ["--data.max_length", "40"], "rows of dataset 'broken' ("),
         ({"dataset": str(DATA / "some_empty.jsonl"), "val_dataset": str(DATA / "empty.jsonl")}, [],
          "'broken' (" + str(DATA / "empty.jsonl") + ") is empty. Fix: point data.dataset[1].val_dataset"),
         ({"dataset": str(DATA / "some_empty.jsonl"), "val_fraction": 0.9}, [], "'broken' ("),
-        ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [], "data.dataset[1].template 'nope'"),
+        ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [],
+         "data.dataset[1].template: a source's template is data.chat_template now"),
         ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.dataset[1].weight must be above 0"),
         ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.dataset[1].val_fraction"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.dataset[1].name 'a b'"),
@@ -450,13 +476,13 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         (
             {"dataset": "x.jsonl", "format": "chat"},
             [],
-            "data.dataset[1].format must be one of ['prompt_response', 'turns']",
+            "data.dataset[1].format must be one of ['auto', 'messages', 'alpaca', 'prompt_response', 'turns']",
         ),
-        ({"template": "plain"}, [], "data.dataset[1] has no dataset. Fix: data.dataset[1]: {dataset: "),
+        ({"format": "turns"}, [], "data.dataset[1] has no dataset. Fix: data.dataset[1]: {dataset: "),
         (
             {"dataset": "x.jsonl"},
-            ["--data.template", "guanaco"],
-            "data.template is a setting of a source now. Fix: data.dataset: {dataset: ",
+            ["--data.human_marker", "User:"],
+            "data.human_marker is a setting of a source now. Fix: data.dataset: {dataset: ",
         ),
     ],
     ids=[
@@ -492,6 +518,11 @@ def test_a_config_written_before_sources_is_told_where_each_data_key_went(tmp_pa
                         "Fix: rename data.datasets to data.dataset")  # fmt: skip
     overlay.write_text(json.dumps({"data": {"dataset": "asset:data/midjourney.jsonl", "template": "guanaco"}}))
     err = run(tmp_path, capsys, "--config", str(overlay))
-    assert "data.template is a setting of a source now. Fix: data.dataset: {dataset: " in err
+    assert "template is data.chat_template now: one chat template renders every source. " in err
+    assert "Fix: --data.chat_template NAME (e.g. instruction, falcon-instruct)" in err
+    source = {"dataset": "asset:data/midjourney.jsonl", "template": "plain"}  # a source's own
+    overlay.write_text(json.dumps({"data": {"dataset": source}}))
+    err = run(tmp_path, capsys, "--config", str(overlay))
+    assert "data.dataset.template: a source's template is data.chat_template now" in err
     err = run(tmp_path, capsys, "--data.format", "turns")
     assert "data.format is a setting of a source now. Fix: data.dataset: {dataset: " in err

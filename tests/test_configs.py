@@ -178,7 +178,7 @@ def test_help_shows_documented_arguments(capsys):
         "asset:data/midjourney.jsonl",
         {"dataset": "asset:data/midjourney.jsonl"},
         ["asset:data/midjourney.jsonl"],
-        [{"dataset": "asset:data/midjourney.jsonl", "template": "instruction"}],
+        [{"dataset": "asset:data/midjourney.jsonl", "format": "auto"}],  # a default written out
     ],
     ids=["name", "mapping", "list-of-a-name", "list-of-a-mapping"],
 )

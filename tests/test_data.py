@@ -10,6 +10,7 @@ from helpers import GUANACO, MIDJOURNEY, REPO, TINY, prepared_datamodule
 
 from lightning_falcon import PromptDataModule
 from lightning_falcon.data import datamodule
+from lightning_falcon.data.conversations import BLANK
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
@@ -37,7 +38,7 @@ def test_prompt_response_batches_mask_prompt_and_padding_but_train_eos(tmp_path)
 
 
 def test_truncation_is_counted(tmp_path, tokenizer):
-    dm = make(tmp_path, max_length=64)
+    dm = make(tmp_path, max_length=64, chat_template="instruction")
     rows = [json.loads(line) for line in Path(MIDJOURNEY).read_text().splitlines()]
     template = "### Instruction:\n{}\n\n### Response:\n"
     lengths = [
@@ -76,7 +77,7 @@ def test_a_source_alone_is_a_list_of_one_however_it_is_written(tmp_path):
         {"dataset": MIDJOURNEY},
         Source(MIDJOURNEY),
         [MIDJOURNEY],
-        [{"dataset": MIDJOURNEY, "template": "instruction", "weight": 2}],  # a default, and a weight without a mix
+        [{"dataset": MIDJOURNEY, "format": "auto", "weight": 2}],  # a default, and a weight without a mix
     ]
     modules = [PromptDataModule(dataset=s, tokenizer=TINY, cache_dir=str(tmp_path)) for s in spellings]
     assert all(dm.cache_paths == modules[0].cache_paths for dm in modules)  # one cache: the same rows
@@ -120,7 +121,7 @@ def test_predict_inputs_replace_the_held_out_prompts(tmp_path):
 def test_rows_with_empty_or_null_fields_are_skipped_and_counted(tmp_path):
     # 8 rows: a null response, an empty prompt, a missing response key, a whitespace-only prompt, and 4 good rows
     dm = make(tmp_path, dataset={"dataset": str(REPO / "tests/fixtures/data/some_empty.jsonl"), "val_fraction": 0.25})
-    assert dm.stats["train"]["empty"] == 4 and dm.stats["val"]["empty"] == 0
+    assert dm.stats["train"]["skipped"] == {BLANK: 4} and dm.stats["val"]["skipped"] == {}
     assert dm.stats["train"]["rows"] + dm.stats["val"]["rows"] == 4
     kept = {r["input"] for split in ("train", "val") for r in dm._splits[split]}
     assert kept == {"a fox in snow", "a city at night", "a lighthouse", "a forest"}
@@ -131,8 +132,8 @@ def test_rows_with_empty_or_null_fields_are_skipped_and_counted(tmp_path):
 # ---------------------------------------------------------------------------------- bad input (more in test_bad_input)
 def test_bad_settings_are_listed_together(tmp_path):
     with pytest.raises(ConfigError) as e:
-        PromptDataModule(dataset={"dataset": MIDJOURNEY, "template": "nope", "val_fraction": 0.0}, batch_size=0)
-    assert "nope" in str(e.value) and "val_fraction" in str(e.value) and "batch_size" in str(e.value)
+        PromptDataModule(dataset={"dataset": MIDJOURNEY, "weight": 0, "val_fraction": 0.0}, batch_size=0)
+    assert "weight" in str(e.value) and "val_fraction" in str(e.value) and "batch_size" in str(e.value)
 
 
 def test_collate_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):

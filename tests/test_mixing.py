@@ -37,6 +37,7 @@ MIX = [
 
 def mixed(tmp_path, sources=MIX, **kwargs):
     kwargs.setdefault("max_length", 128)
+    kwargs.setdefault("chat_template", "instruction")  # as configs/tiny-mix.yaml renders the midjourney pairs
     return prepared_datamodule(tmp_path, dataset=sources, **kwargs)
 
 
@@ -131,7 +132,7 @@ def test_each_source_is_held_out_and_reported_on_its_own(tmp_path, caplog):
     )
     assert any(line.startswith("[data] mix guanaco: weight 1, 25.0% of an epoch's rows (87 of 348)") for line in lines)
     # generation renders a request as the first source does
-    assert dm.prompt_format()["template"] == "instruction"
+    assert dm.prompt_format()["rows"] == "prompt_response" and dm.prompt_format()["chat_template"] == "instruction"
 
 
 def test_changing_one_source_tokenizes_only_that_one_again(tmp_path, monkeypatch):
@@ -164,7 +165,7 @@ def test_validation_logs_each_sources_loss_beside_the_overall_one(tmp_path):
         {**s, "dataset": {"asset:data/midjourney.jsonl": MIDJOURNEY}.get(s["dataset"], GUANACO)}
         for s in data["dataset"]
     ]
-    dm = mixed(tmp_path / "again", sources, max_length=data["max_length"])
+    dm = mixed(tmp_path / "again", sources, max_length=data["max_length"], chat_template=data["chat_template"])
     tokens = [sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in part) for part in dm._parts["val"]]
     for k, (_, overall) in enumerate(logged["val/loss"]):
         parts = [logged[f"val/loss/{name}"][k][1] for name in dm.val_names]
