@@ -461,7 +461,7 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
          "'broken' (" + str(DATA / "empty.jsonl") + ") is empty. Fix: point data.dataset[1].val_dataset"),
         ({"dataset": str(DATA / "some_empty.jsonl"), "val_fraction": 0.9}, [], "'broken' ("),
         ({"dataset": str(DATA / "missing.jsonl"), "template": "nope"}, [],
-         "data.dataset[1].template: a source's template is data.chat_template now"),
+         "data.dataset[1].template: the template is data.chat_template now"),
         ({"dataset": str(DATA / "missing.jsonl"), "weight": 0}, [], "data.dataset[1].weight must be above 0"),
         ({"dataset": str(DATA / "missing.jsonl"), "val_fraction": 1.5}, [], "data.dataset[1].val_fraction"),
         ({"dataset": str(DATA / "missing.jsonl"), "name": "a b"}, [], "data.dataset[1].name 'a b'"),
@@ -518,11 +518,11 @@ def test_a_config_written_before_sources_is_told_where_each_data_key_went(tmp_pa
                         "Fix: rename data.datasets to data.dataset")  # fmt: skip
     overlay.write_text(json.dumps({"data": {"dataset": "asset:data/midjourney.jsonl", "template": "guanaco"}}))
     err = run(tmp_path, capsys, "--config", str(overlay))
-    assert "template is data.chat_template now: one chat template renders every source. " in err
+    assert "data.template: the template is data.chat_template now: one chat template renders every source. " in err
     assert "Fix: --data.chat_template NAME (e.g. instruction, falcon-instruct)" in err
     source = {"dataset": "asset:data/midjourney.jsonl", "template": "plain"}  # a source's own
     overlay.write_text(json.dumps({"data": {"dataset": source}}))
     err = run(tmp_path, capsys, "--config", str(overlay))
-    assert "data.dataset.template: a source's template is data.chat_template now" in err
+    assert "data.dataset.template: the template is data.chat_template now" in err
     err = run(tmp_path, capsys, "--data.format", "turns")
     assert "data.format is a setting of a source now. Fix: data.dataset: {dataset: " in err

@@ -155,7 +155,9 @@ class PromptDataModule(L.LightningDataModule):
         if member.name not in self._kinds or columns is not None:
             kind = source.format
             if kind == "auto":
-                columns = columns if columns is not None else peek_columns(source.dataset, source.split)
+                if columns is None:
+                    name = member.name if member.mixed else None
+                    columns = peek_columns(source.dataset, source.split, name, member.option)
                 kind = detect(columns, source)
                 if kind is None:
                     raise ConfigError(
@@ -232,13 +234,12 @@ class PromptDataModule(L.LightningDataModule):
         """Fail before tokenizing, listing each problem: a chat template that cannot render the run's
         conversations (or `data.system_prompt`), or a `max_length` that cannot hold even a source's rendering of an
         empty request (every row would be dropped)."""
-        problems, hp = [], self.hparams
+        hp = self.hparams
+        # a template that cannot be found raises here: nothing below can be checked without it
         if any(self.format_of(m).name == "chat" for m in self.members):
-            try:
-                problems += template_problems(self.tokenizer, self.rendering.template, system=bool(hp.system_prompt))
-            except ConfigError as e:
-                problems.append(str(e))
-        ConfigError.collect(problems)
+            system = bool(hp.system_prompt)
+            ConfigError.collect(template_problems(self.tokenizer, self.rendering.template, system=system))
+        problems = []
         for member in self.members:
             scaffold, what = self.format_of(member).scaffold(self.tokenizer)
             if hp.max_length <= scaffold:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -75,36 +76,34 @@ def load_source(source: str, split: str, name: str | None = None, option: str = 
         ) from e
 
 
-def peek_columns(source: str, split: str) -> list[str]:
-    """A source's columns without loading it whole: a JSON line's keys, a CSV header, a Parquet schema; a Hub
-    dataset's, streamed."""
+def peek_columns(source: str, split: str, name: str | None = None, option: str = "data.dataset") -> list[str]:
+    """A source's columns without loading it whole where it can: a JSON line's keys, a Parquet schema, a Hub
+    dataset's first rows, streamed. Anything else (a CSV or JSON file, or a file that is missing, empty or bad)
+    is loaded, which reads it, or reports what is wrong with it as loading the data would."""
     import datasets
 
-    path = local_file(source)
-    if path is None:
-        try:
-            return list(datasets.load_dataset(source, split=split, streaming=True).column_names or [])
-        except Exception as e:
-            raise ConfigError(
-                f"unknown dataset {source!r}: not a local file and not loadable from the Hub ({first_line(e)}). "
-                "Fix: give an existing .jsonl/.json/.csv/.parquet path or a Hub dataset name"
-            ) from e
+    path = Path(resolve(source)).expanduser()
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if path.is_file() and suffix == ".jsonl":
         with path.open(encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # loading it reports the line
-                    return list(row) if isinstance(row, dict) else []
-        return []
-    if suffix == ".parquet":
+            line = next((line for line in f if line.strip()), None)
+        try:
+            row = json.loads(line) if line is not None else None
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            return list(row)
+    elif path.is_file() and suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names)
-    return list(load_source(source, split).column_names)
+        with contextlib.suppress(Exception):  # an unreadable file: loading it names the problem
+            return list(pq.read_schema(path).names)
+    elif not path.exists() and suffix not in FILE_BUILDERS:
+        with contextlib.suppress(Exception):  # not on the Hub either: loading it names the problem
+            columns = datasets.load_dataset(source, split=split, streaming=True).column_names
+            if columns:
+                return list(columns)
+    return list(load_source(source, split, name, option).column_names)
 
 
 def line_of(source: str, index: int) -> str:

@@ -107,7 +107,7 @@ def moved(key: str) -> str | None:
     if group != "data":
         return None
     if name == "template" or name.endswith(".template"):
-        return TEMPLATE_MOVED
+        return f"{key}: {TEMPLATE_MOVED}"
     if name == "datasets":
         return (
             "data.datasets is data.dataset now, which takes one source or a list of them. "
@@ -122,7 +122,7 @@ def moved(key: str) -> str | None:
 
 
 TEMPLATE_MOVED = (
-    "a source's template is data.chat_template now: one chat template renders every source. "
+    "the template is data.chat_template now: one chat template renders every source. "
     "Fix: --data.chat_template NAME (e.g. instruction, falcon-instruct)"
 )
 
