@@ -5,6 +5,11 @@
   memory sampled during `prepare_data` (this process's RssAnon; the Pss_Anon of it and its tokenizing
   workers together). `--synthetic-rows 100000 1000000` adds the
   Midjourney sample repeated to that many rows, to show the rate at scale and memory flat in the rows.
+- **`messages` beside `prompt_response`**: the same Midjourney pairs as `prompt_response` rows and as
+  `messages` rows (the user asks the prompt, the assistant answers), repeated to `--format-rows` rows, each
+  through configs/tiny.yaml's data settings and chat template: cold `prepare_data` rows/s, `--format-repeats`
+  runs a side, alternating (A B, B A, ...), each on a file and caches of its own. Both must give the same
+  tokens and labels, which the run checks.
 - **Padding efficiency**: real tokens / all tokens over one epoch of the real train loader, for the
   shipped Midjourney and guanaco samples at their configs' settings, with `data.batching` padded,
   grouped and packed. The guanaco sample is also measured repeated 300x (9,600 rows, about the size of
@@ -16,12 +21,14 @@ token counts are the tiny tokenizer's: about 1.5-2x Falcon's on English text.
 
     python benchmarks/data_pipeline.py [--speed-steps 200] [--repeats 5] [--synthetic-rows 100000 1000000]
     python benchmarks/data_pipeline.py --tokenize-only --synthetic-rows 100000 1000000 [--num-proc 2]
+    python benchmarks/data_pipeline.py --tokenize-only --speed-steps 0 [--format-rows 18000] [--format-repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -43,12 +50,24 @@ SAMPLES = {
 }
 
 
-def data_settings(config: str, path: Path) -> dict:
+def data_settings(config: str, path: Path, source: dict | None = None) -> dict:
+    """The config's data settings on `path`, the config's one source's settings updated by `source`."""
     import yaml
 
     settings = yaml.safe_load((REPO / config).read_text())["data"]
-    source = {**settings["dataset"], "dataset": str(path), "split": "train"}  # the config's one source, on `path`
+    source = {**settings["dataset"], **(source or {}), "dataset": str(path), "split": "train"}
     return {**settings, "dataset": source, "tokenizer": "asset:tiny-falcon"}
+
+
+def as_messages(path: Path, out: Path) -> Path:
+    """`path`'s prompt/response pairs written as OpenAI-style `messages` rows: the user asks the prompt, the
+    assistant answers with the response."""
+    with path.open() as f, out.open("w") as g:
+        for line in f:
+            row = json.loads(line)
+            turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+            g.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+    return out
 
 
 def repeated(path: Path, times: int, directory: str, rows: int | None = None) -> Path:
@@ -96,16 +115,21 @@ class PeakMemory:
         self._thread.join()
 
 
-def tokenize_rate(path: Path, config: str, directory: str, num_proc: int | None = None) -> dict:
+def tokenize_rate(
+    path: Path, config: str, directory: str, num_proc: int | None = None, source: dict | None = None, digest=False
+) -> dict:
+    """Cold `prepare_data` and warm `setup` of `path` with `config`'s data settings (its source's updated by
+    `source`); with `digest`, a digest of the train split's ids and labels too (equal data tokenizes alike)."""
     import datasets  # noqa: F401  (importing it, a second or so, is not per-row work)
 
     from lightning_falcon.data import PromptDataModule
+    from lightning_falcon.data.tokenizing import default_processes
 
-    settings = data_settings(config, path)
+    settings = data_settings(config, path, source)
     if num_proc is not None:
         settings["num_proc"] = num_proc
     dm = PromptDataModule(**settings, cache_dir=str(Path(directory) / f"cache-{path.stem}"))
-    dm._tokenizer()  # loading the tokenizer is not per-row work
+    _ = dm.tokenizer  # loading the tokenizer is not per-row work
     with open(path, "rb") as f:
         rows = sum(1 for _ in f)
     before = rss_anon_bytes()
@@ -116,15 +140,52 @@ def tokenize_rate(path: Path, config: str, directory: str, num_proc: int | None 
     start = time.perf_counter()
     dm.setup("fit")
     warm = time.perf_counter() - start
+    train = dm._splits["train"]
+    extra = {}
+    if digest:
+        tokens = train[:]
+        text = json.dumps([tokens["input_ids"], tokens["labels"]]).encode()
+        extra["tokens_digest"] = hashlib.sha256(text).hexdigest()[:16]
     return {
         "rows": rows,
+        "train_rows": len(train),
+        "processes": dm.hparams.num_proc or default_processes(len(train)),
         "rows_per_sec": rows / cold,
         "prepare_s": cold,
         "setup_s": warm,
         "rss_anon_before_mib": before / 2**20,
         "rss_anon_peak_mib": peak.own / 2**20,
         "pss_anon_peak_with_workers_mib": peak.total / 2**20,
+        **extra,
     }
+
+
+def format_comparison(directory: str, rows: int, repeats: int, num_proc: int | None) -> dict[str, list[dict]]:
+    """Cold `prepare_data` of the Midjourney pairs as `prompt_response` rows and as `messages` rows, `rows` rows
+    each, `repeats` runs a side in alternating order, each run on a file, Arrow copy and cache of its own."""
+    config = SAMPLES["midjourney (360 rows)"][1]
+    pairs = SAMPLES["midjourney (360 rows)"][0]
+    samples = {"prompt_response": pairs, "messages": as_messages(pairs, Path(directory) / "midjourney-messages.jsonl")}
+    sides = list(samples)
+    for kind, sample in samples.items():  # untimed: the first run in a process pays one-time costs
+        run = Path(directory) / f"warmup-{kind}"
+        run.mkdir()
+        tokenize_rate(sample, config, str(run), num_proc, {"format": kind})
+        shutil.rmtree(run)
+    results: dict[str, list[dict]] = {kind: [] for kind in sides}
+    for i in range(repeats):
+        for kind in sides if i % 2 == 0 else sides[::-1]:
+            run = Path(directory) / f"{kind}-{i}"
+            run.mkdir()
+            path = repeated(samples[kind], 0, str(run), rows)
+            r = tokenize_rate(path, config, str(run), num_proc, {"format": kind}, digest=True)
+            shutil.rmtree(run)
+            print(json.dumps({"format": kind, "run": i, **r}), flush=True)
+            results[kind].append(r)
+    digests = {r["tokens_digest"] for runs in results.values() for r in runs}
+    if len(digests) != 1:
+        raise RuntimeError(f"the two formats tokenized the same pairs differently: {sorted(digests)}")
+    return results
 
 
 def efficiency(path: Path, config: str, batching: str, directory: str) -> dict:
@@ -160,7 +221,13 @@ def main() -> None:
         help="also tokenize the Midjourney sample repeated to each of these many rows (e.g. 100000 1000000)",
     )
     parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: the datamodule's)")
-    parser.add_argument("--tokenize-only", action="store_true", help="only the tokenize-and-cache table")
+    parser.add_argument("--tokenize-only", action="store_true", help="only the tokenize-and-cache tables")
+    parser.add_argument(
+        "--format-rows", type=int, default=18_000, help="rows of each side of messages beside prompt_response"
+    )
+    parser.add_argument(
+        "--format-repeats", type=int, default=3, help="cold runs of each side, alternating (0: leave it out)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,6 +264,35 @@ def main() -> None:
         header = ["data", "rows", "rows/s (prepare_data, cold)", "prepare_data s", "setup s (warm cache)"]
         header += ["RssAnon before MiB", "peak RssAnon MiB", "peak Pss_Anon with workers MiB"]
         print(table(header, rates))
+
+        if args.format_repeats:
+            results = format_comparison(tmp, args.format_rows, args.format_repeats, args.num_proc)
+            rate = {kind: median(runs, "rows_per_sec") for kind, runs in results.items()}
+            rows = [
+                [
+                    f"`{kind}`",
+                    f"{runs[0]['rows']:,}",
+                    str(runs[0]["processes"]),
+                    ", ".join(f"{r['rows_per_sec']:,.0f}" for r in runs),
+                    f"{rate[kind]:,.0f}",
+                    f"{rate[kind] / rate['prompt_response']:.2f}",
+                    f"{max(r['pss_anon_peak_with_workers_mib'] for r in runs):,.0f}",
+                ]
+                for kind, runs in results.items()
+            ]
+            print(
+                f"\n## messages beside prompt_response: the Midjourney pairs either way, configs/tiny.yaml's "
+                f"data settings ({args.format_repeats} cold runs a side, alternating; the same tokens, checked)\n"
+            )
+            header = ["data.dataset.format", "rows", "processes", "rows/s (prepare_data, cold), by run", "median"]
+            header += ["vs prompt_response", "peak Pss_Anon with workers MiB"]
+            print(table(header, rows))
+            paired = [m["rows_per_sec"] / p["rows_per_sec"] for p, m in zip(*results.values(), strict=True)]
+            ratio = rate["messages"] / rate["prompt_response"]
+            print(
+                f"\nmessages / prompt_response rows/s: {ratio:.3f} (medians); by run pair: "
+                + ", ".join(f"{x:.3f}" for x in paired)
+            )
         if args.tokenize_only:
             return
 
