@@ -23,6 +23,7 @@ rest fits or one exchange is left, then the sequence is cut at `max_length`, ins
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -142,12 +143,12 @@ def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], gene
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Each token's label: itself where it overlaps a trained span, else ignored."""
-    labels, j = [], 0
-    for token, (start, end) in zip(ids, offsets, strict=True):
-        while j < len(spans) and spans[j][1] <= start:
-            j += 1
-        inside = j < len(spans) and start < spans[j][1] and max(end, start + 1) > spans[j][0]
-        labels.append(token if inside else IGNORE_INDEX)
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [start for start, _ in offsets]
+    ends = [max(end, start + 1) for start, end in offsets]  # an empty token sits on its first character
+    for first, last in spans:  # the tokens overlapping [first, last): their ends past `first`, starts before `last`
+        i, j = bisect.bisect_right(ends, first), bisect.bisect_left(starts, last)
+        labels[i:j] = ids[i:j]
     return labels
 
 
