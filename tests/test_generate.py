@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import MIDJOURNEY, REPO, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
+from helpers import MIDJOURNEY, REPO, chat_format, cli, cli_error, sample_texts, scalars, tuned_tiny, write_jsonl
 
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.generation import GenerationSettings, generate
@@ -19,11 +19,9 @@ REQUESTS = [
 
 @pytest.mark.slow
 def test_greedy_generation_is_deterministic_and_independent_of_the_batch(fitted, tokenizer):
-    from lightning_falcon.data.prompts import pair_prompt_ids
-
     _, run, _ = fitted
     model = tuned_tiny(run / "adapter")
-    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    prompts = [chat_format(tokenizer).prompt_ids(tokenizer, text) for text in REQUESTS]
     assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is really left-padded
     settings = GenerationSettings(max_new_tokens=48)
     batched = generate(model, tokenizer, prompts, settings, batch_size=len(prompts))
@@ -163,11 +161,9 @@ def test_a_checkpoint_with_other_lora_shapes_fails_before_loading(fitted):
 def test_beam_search_and_seeded_sampling_stop_at_eos_and_repeat(fitted, tokenizer):
     import torch
 
-    from lightning_falcon.data.prompts import pair_prompt_ids
-
     _, run, _ = fitted
     model = tuned_tiny(run / "adapter")
-    prompts = [pair_prompt_ids(tokenizer, text, "instruction") for text in REQUESTS]
+    prompts = [chat_format(tokenizer).prompt_ids(tokenizer, text) for text in REQUESTS]
     beams = generate(model, tokenizer, prompts, GenerationSettings(num_beams=3), batch_size=3)
     sampling = GenerationSettings(do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.2)
     torch.manual_seed(7)
