@@ -39,6 +39,19 @@ def test_the_adapter_carries_the_chat_template_the_run_rendered_with(quick_fit, 
     assert AutoTokenizer.from_pretrained(chat_fit / "adapter").chat_template == tokenizer.chat_template
 
 
+def test_a_turns_run_carries_no_chat_template(tmp_path):
+    """It was trained on its turn markers, not on the tokenizer's own template, which a server would apply."""
+    from helpers import GUANACO
+    from transformers import AutoTokenizer
+
+    run = fit_in_process(
+        tmp_path, "--data.dataset.dataset", GUANACO, "--data.dataset.format", "turns", "--data.max_length", "256",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--generation.max_new_tokens", "4",
+    )  # fmt: skip
+    assert AutoTokenizer.from_pretrained(run / "adapter").chat_template is None
+    assert not (run / "adapter" / "chat_template.jinja").exists()
+
+
 def test_everything_a_fit_writes_is_as_readable_as_the_umask_allows(quick_fit):
     mask = umask()
     modes = {p.relative_to(quick_fit): p.stat().st_mode & 0o777 for p in quick_fit.rglob("*")}

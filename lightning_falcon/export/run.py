@@ -225,9 +225,8 @@ def _merge(
     merged = merged.to(device="cpu", dtype=target)
     merged.config.use_cache = True  # training switched the KV cache off
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(source, metadata, base))
-    template = adapters.chat_template(metadata)
-    if template is not None:  # what training rendered with, where the tokenizer came from the base
-        tokenizer.chat_template = template
+    if metadata.get("prompt"):  # what training rendered with (none for `turns`), where the tokenizer is the base's
+        tokenizer.chat_template = adapters.chat_template(metadata)
     # generate() then stops at EOS and pads with it without being told (Falcon has no pad token).
     merged.generation_config.eos_token_id, merged.generation_config.pad_token_id = special_ids(tokenizer)
     return merged, tokenizer

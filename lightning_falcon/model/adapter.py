@@ -8,6 +8,7 @@ exactly the 4-bit weights the adapter was trained against) and the prompt templa
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,6 @@ def training_metadata(pl_module, datamodule, global_step: int) -> dict[str, Any]
     }
 
 
-# the file transformers keeps a tokenizer's chat template in, beside tokenizer_config.json
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
 def chat_template(metadata: dict[str, Any]) -> str | None:
     """The chat template the run rendered its conversations with (None: a `turns` run, trained as written)."""
     return (metadata.get("prompt") or {}).get("chat_template_text")
@@ -178,10 +175,10 @@ def save(
     with staged_directory(out) as staged:
         peft_model.save_pretrained(staged, state_dict=state)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staged)
-            template = chat_template(metadata)
-            if template is not None:  # transformers reads it back as the tokenizer's own, over tokenizer_config.json
-                (staged / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+            # A copy: the run's tokenizer keeps its own template. A `turns` run has none: it was trained on its markers.
+            saved = copy.copy(tokenizer)
+            saved.chat_template = chat_template(metadata)
+            saved.save_pretrained(staged)
             eos, pad = special_ids(tokenizer)
             generation = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id)
             generation.save_pretrained(staged)
