@@ -122,25 +122,39 @@ def test_chat_on_a_pipe_answers_a_line_for_each_line_as_generate_does(
     assert out == [expected[0], "", expected[1]]  # stdout holds the answers alone; /exit ends before the last
 
 
-def test_chat_on_a_pipe_with_a_system_prompt_renders_through_the_chat_template(
-    chat_fit, tmp_path, tokenizer, monkeypatch, capsys, caplog
-):
+def chat_on_a_pipe_with_a_system_prompt(run, root, tokenizer, monkeypatch, capsys, caplog) -> list[str]:
+    """`chat --system` on a pipe with the tiny model trained on configs/tiny-chat.yaml (`run`), two requests:
+    checks the answers are generate's on the template's ids and the [chat] line; returns the prompts, decoded."""
+    from lightning_falcon.commands import chat as command
+
     caplog.set_level("INFO")
-    requests = ["What is the capital of Italy?", "And of Spain?"]
+    prompts, real = [], command.generate
+    monkeypatch.setattr(command, "generate", lambda m, t, p, *a, **k: prompts.extend(p) or real(m, t, p, *a, **k))
     out = run_chat(
-        monkeypatch, capsys, io.StringIO("\n".join(requests) + "\n"), tmp_path,
-        "--ckpt_path", str(chat_fit / "adapter"), "--system", "Answer in one word.",
+        monkeypatch, capsys, io.StringIO("\n".join(CHAT_REQUESTS) + "\n"), root,
+        "--ckpt_path", str(run / "adapter"), "--system", "Answer in one word.",
         "--generation.max_new_tokens", "12", config="tiny-chat.yaml",
     )  # fmt: skip
-    model = tuned_tiny(chat_fit / "adapter")
+    model = tuned_tiny(run / "adapter")
     chat = chat_format(tokenizer, "tokenizer", "messages", system="Answer in one word.")
     settings = GenerationSettings(max_new_tokens=12)
-    (first,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, requests[0])], settings, 1)
-    history = [(requests[0], first.text)]
-    (second,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, requests[1], history)], settings, 1)
+    (first,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, CHAT_REQUESTS[0])], settings, 1)
+    history = [(CHAT_REQUESTS[0], first.text)] if first.text else []
+    (second,) = generate(model, tokenizer, [chat.prompt_ids(tokenizer, CHAT_REQUESTS[1], history)], settings, 1)
     assert out == [one_line(first.text), one_line(second.text)]
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[chat] ")]
     assert "messages with chat template tokenizer, system prompt 'Answer in one word.'" in line
+    return [tokenizer.decode(p) for p in prompts]
+
+
+CHAT_REQUESTS = ["What is the capital of Italy?", "And of Spain?"]
+
+
+def test_chat_on_a_pipe_with_a_system_prompt_renders_through_the_chat_template(
+    chat_fit, tmp_path, tokenizer, monkeypatch, capsys, caplog
+):
+    prompts = chat_on_a_pipe_with_a_system_prompt(chat_fit, tmp_path, tokenizer, monkeypatch, capsys, caplog)
+    assert prompts[0] == "Answer in one word.\n\nUser: What is the capital of Italy?\n\nAssistant:"
 
 
 def test_chat_with_a_turns_model_reads_the_conversation_until_reset(tmp_path, tokenizer, tiny_nf4, monkeypatch, capsys):
@@ -250,6 +264,19 @@ def test_chat_on_a_terminal_streams_and_takes_reset_exit_and_ctrl_d(fitted, toke
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_chat_on_a_pipe_reads_its_history_through_the_template(
+    chat_trained, tmp_path, tokenizer, monkeypatch, capsys, caplog
+):
+    prompts = chat_on_a_pipe_with_a_system_prompt(chat_trained, tmp_path, tokenizer, monkeypatch, capsys, caplog)
+    reply = prompts[1].split("Assistant: ", 1)[1].split("<|endoftext|>", 1)[0]
+    assert reply.strip()  # the trained model answers in words, which the second request's history holds
+    assert prompts[1] == (
+        "Answer in one word.\n\nUser: What is the capital of Italy?\n\nAssistant: "
+        f"{reply}<|endoftext|>\n\nUser: And of Spain?\n\nAssistant:"
+    )
 
 
 @pytest.mark.slow

@@ -442,3 +442,80 @@ def test_a_messages_column_mixing_openai_and_sharegpt_items_reads_both(tmp_path)
     ] * 2
     dm = prepared(tmp_path, rows)
     assert dm.stats["train"]["rows"] == 4 and not dm.stats["train"]["skipped"]
+
+
+# ----------------------------------------------------------------- system prompts, caches, odd rows
+def test_a_rows_own_system_message_wins_over_the_system_prompt(tmp_path, tokenizer):
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}]
+    dm = prepared(tmp_path, rows, system_prompt="Be kind.")
+    texts = sorted(tokenizer.decode(r["input_ids"]) for r in dm._splits["train"])
+    assert texts[0].startswith("Be brief.\n\nUser: Hi there") and "Be kind." not in texts[0]
+    assert texts[1] == f"Be kind.\n\nUser: Hi there\n\nAssistant: {REPLIES[0]}{EOS}"
+    # generation (predict's inputs, the samples, chat) renders a request with the system prompt too
+    assert tokenizer.decode(dm.encode_input("Hello?")) == "Be kind.\n\nUser: Hello?\n\nAssistant:"
+
+
+def test_an_empty_system_message_is_left_out_and_the_system_prompt_applies(tmp_path, tokenizer):
+    messages = [{"from": "system", "value": ""}, *sharegpt(CONVERSATION[1:3])]
+    dm = prepared(tmp_path, [{"conversations": messages}] * 2, system_prompt="Be kind.")
+    assert not dm.stats["train"]["skipped"]
+    assert tokenizer.decode(dm._splits["train"][0]["input_ids"]).startswith("Be kind.\n\nUser: Hi there")
+
+
+@pytest.mark.parametrize(
+    "setting", [{"chat_template": "chatml"}, {"system_prompt": "Be kind."}, {"train_on": "last_assistant"}]
+)
+def test_what_changes_the_rows_changes_the_cache(tmp_path, setting):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
+    plain = PromptDataModule(dataset=path, tokenizer=TINY, cache_dir=str(tmp_path / "cache"))
+    changed = PromptDataModule(dataset=path, tokenizer=TINY, cache_dir=str(tmp_path / "cache"), **setting)
+    assert plain.cache_paths != changed.cache_paths
+
+
+def test_a_val_dataset_is_read_with_its_own_columns_and_must_hold_the_same_format(tmp_path, tokenizer):
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"instruction": "Translate", "input": "bonjour", "output": "hello"}] * 4
+    )
+    val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "Name a colour", "output": "Red"}] * 2)
+    dm = prepared_datamodule(tmp_path, dataset={"dataset": train, "val_dataset": val})
+    assert tokenizer.decode(dm._splits["train"][0]["input_ids"]).startswith("\n\nUser: Translate\nbonjour\n\n")
+    assert tokenizer.decode(dm._splits["val"][0]["input_ids"]).startswith("\n\nUser: Name a colour\n\n")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"messages": CONVERSATION}] * 2)
+    dm = PromptDataModule(
+        dataset={"dataset": train, "val_dataset": other}, tokenizer=TINY, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(ConfigError, match=r"holds messages rows .* alpaca rows\. Fix: give --data.dataset.val_dataset"):
+        dm.prepare_data()
+
+
+def test_a_template_that_cannot_render_fails_in_one_line_before_any_weights(tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% if %}")
+    dm = unprepared(tmp_path, [{"messages": EXCHANGE}] * 3, chat_template=str(broken))
+    with pytest.raises(ConfigError) as error:
+        dm.check_rendering()
+    assert "\n" not in str(error.value) and "cannot render a user/assistant exchange" in str(error.value)
+    assert "Fix: choose another --data.chat_template" in str(error.value)
+
+
+def test_alpaca_numbers_read_as_text(tmp_path, tokenizer):
+    dm = prepared(tmp_path, [{"instruction": "What is 6 times 7?", "input": None, "output": 42}] * 2)
+    assert not dm.stats["train"]["skipped"]
+    assert tokenizer.decode(dm._splits["train"][0]["input_ids"]).endswith(f"Assistant: 42{EOS}")
+
+
+def test_turns_text_without_an_assistant_turn_is_skipped_and_counted(tmp_path):
+    rows = [{"text": "### Human: hi ### Assistant: hello"}] * 3 + [{"text": "just some prose"}]
+    dm = prepared(tmp_path, rows)
+    assert dm.stats["train"]["skipped"] == {"no assistant turn": 1}
+
+
+def test_a_marker_the_tokenizer_lacks_ends_the_reply_but_is_not_part_of_it(tmp_path, tokenizer):
+    from lightning_falcon.data.conversation import Conversation
+
+    dm = prepared(tmp_path, [{"messages": CONVERSATION}] * 2, chat_template="chatml")
+    assert dm.reply_marker == "<|im_end|>"  # several tokens in Falcon's vocabulary: EOS follows it
+    conversation = Conversation(dm.format, tokenizer, 512)
+    conversation.add("Hi", tokenizer("Hello<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert conversation.exchanges[0][1] == "Hello"  # the history does not hold it twice
+    assert tokenizer.decode(conversation.prompt("Bye")).count("<|im_end|>") == 3  # system, request and reply

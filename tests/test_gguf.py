@@ -186,6 +186,8 @@ def test_llama_cpp_tokenizes_and_generates_the_exported_tiny_model_as_transforme
     got = llama({"model": gguf_file(exports["f32"]), **request})
 
     assert got["n_vocab"] == 1024 and got["metadata"]["falcon.attention.head_count_kv"] == "1"
+    assert got["metadata"]["tokenizer.chat_template"] == NAMED["instruction"]  # the tiny config's, not the tokenizer's
+    assert '{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}"""' in modelfile
     assert got["tokens"] == ids  # llama.cpp's tokenizer splits the training inputs as ours does
     difference = logit_difference(merged, ids[:6], got)
     agree = agreement(got["continuations"], [o.ids for o in ours])

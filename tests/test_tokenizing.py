@@ -76,7 +76,7 @@ def test_the_batched_cache_holds_what_per_row_encoding_gives(tmp_path, case):
     dm = prepared_datamodule(tmp_path, dataset=source, num_proc=num_proc, **settings)
     # the splits prepare_data tokenized: the same rows, in the same order
     (member,) = dm.members
-    rows, skipped = dm._load(member, member.source.dataset, "train")
+    rows, skipped, _ = dm._load(member, member.source.dataset, "train")
     assert skipped == {}
     parts = rows.train_test_split(test_size=member.source.val_fraction, seed=dm.hparams.seed)
     totals = {"truncated": 0, "dropped": 0, "turns_dropped": 0}

@@ -126,7 +126,14 @@ class Chat:
         streamer = Streamer(self.tokenizer, stream) if stream is not None and model.generation.num_beams == 1 else None
         with self.trainer.precision_plugin.forward_context():
             (reply,) = generate(
-                model.model, self.tokenizer, [prompt], model.generation, 1, device=model.device, streamer=streamer
+                model.model,
+                self.tokenizer,
+                [prompt],
+                model.generation,
+                1,
+                device=model.device,
+                streamer=streamer,
+                marker=self.conversation.format.reply_marker,
             )
         if stream is not None and streamer is None:  # beam search: transformers streams no beams
             stream.write(reply.text + "\n")

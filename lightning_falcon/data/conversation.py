@@ -48,6 +48,10 @@ class Conversation:
         """Keep an answered request (when the format has a history); `reply_ids` without the EOS."""
         if self.keeps_history:
             reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+            if self.format.reply_marker:  # it ends the reply; the template writes it again
+                reply = reply.split(self.format.reply_marker, 1)[0].rstrip()
+            if not reply:  # an empty answer tells the model nothing, and no training row holds one
+                return
             ids = []
             if isinstance(self.format, Turns):
                 ids = self.format.prompt_ids(self.tokenizer, message) + reply_ids + [self.tokenizer.eos_token_id]

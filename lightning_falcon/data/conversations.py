@@ -44,8 +44,9 @@ ORDER = "roles out of order"
 NO_ASSISTANT = "no assistant turn"
 
 
-def _message(item: Any) -> dict[str, str] | str:
-    """One message as `{"role", "content"}` (OpenAI's keys or ShareGPT's), or why it is unusable."""
+def _message(item: Any) -> dict[str, str] | str | None:
+    """One message as `{"role", "content"}` (OpenAI's keys or ShareGPT's), or why it is unusable; None for an empty
+    system message, which ShareGPT dumps often hold: it is left out (and `data.system_prompt` applies)."""
     if not isinstance(item, dict):
         return UNKNOWN_ROLE
     # `datasets` gives a column mixing both layouts every key, the other layout's null
@@ -54,20 +55,25 @@ def _message(item: Any) -> dict[str, str] | str:
     if role not in ROLES:
         return UNKNOWN_ROLE
     if not isinstance(content, str) or not content.strip():
-        return EMPTY
+        return None if ROLES[role] == "system" and (content is None or isinstance(content, str)) else EMPTY
     return {"role": ROLES[role], "content": content}
+
+
+def _text(value: Any) -> str | None:
+    """A field as text: a number in a CSV column reads as its digits; null stays None."""
+    return value if isinstance(value, str) or value is None else str(value)
 
 
 def messages_of(kind: str, values: tuple, system_prompt: str | None) -> list[dict[str, str]] | str:
     """A row's conversation (`values`: the format's columns, in order), or why the row is skipped."""
     if kind == "alpaca":  # the input column may be missing
-        instruction, extra, output = values if len(values) == 3 else (values[0], None, values[1])
-        if not all(isinstance(v, str) and v.strip() for v in (instruction, output)):
+        instruction, extra, output = (_text(v) for v in (values if len(values) == 3 else (values[0], None, values[1])))
+        if not (instruction and instruction.strip() and output and output.strip()):
             return BLANK
         ask = instruction if not isinstance(extra, str) or not extra.strip() else f"{instruction}\n\n{extra}"
         messages = [{"role": "user", "content": ask}, {"role": "assistant", "content": output}]
     elif kind == "prompt_response":
-        prompt, response = (v if isinstance(v, str) else None if v is None else str(v) for v in values)
+        prompt, response = (_text(v) for v in values)
         if not (prompt and prompt.strip() and response and response.strip()):
             return BLANK
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
@@ -80,7 +86,10 @@ def messages_of(kind: str, values: tuple, system_prompt: str | None) -> list[dic
             message = _message(item)
             if isinstance(message, str):
                 return message
-            messages.append(message)
+            if message is not None:
+                messages.append(message)
+        if not messages:
+            return NO_ASSISTANT
     return _ordered(messages, system_prompt)
 
 
@@ -100,18 +109,23 @@ def _ordered(messages: list[dict[str, str]], system_prompt: str | None) -> list[
 @dataclass(frozen=True)
 class Rendering:
     """How conversations become ids: the template, the EOS text inserted after each reply (empty where the
-    template's own end marker is EOS), and which replies train."""
+    template's own end marker is EOS), which replies train, and the end marker a generated reply stops with before
+    that EOS (ChatML's `<|im_end|>` on a tokenizer that lacks it as a token), which is not part of the answer."""
 
     template: ChatTemplate
     eos: str
     train_on: TrainOn = "all_assistant"
+    marker: str = ""
+
+    def answer(self, text: str) -> str:
+        """A generated reply without the end marker it stopped with."""
+        return text.split(self.marker, 1)[0].rstrip() if self.marker else text
 
 
 @dataclass
 class Layout:
     text: str  # the rendered conversation, the EOS inserted after each reply
     spans: list[tuple[int, int]]  # the characters that train: each trained reply and what ends it
-    eos_at: list[int]  # where the inserted EOS texts start
 
 
 def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], generation_prompt: bool = False) -> Layout:
@@ -120,7 +134,7 @@ def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], gene
     whole = render(tokenizer, template, messages, generation_prompt)
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     trained = set(replies if rendering.train_on == "all_assistant" else replies[-1:])
-    text, spans, eos_at, cursor = "", [], [], 0
+    text, spans, cursor = "", [], 0
     for i in replies:
         before = render(tokenizer, template, messages[:i], generation_prompt=True)
         last = i == len(messages) - 1 and not generation_prompt
@@ -134,11 +148,9 @@ def layout(tokenizer, rendering: Rendering, messages: list[dict[str, str]], gene
         text += whole[cursor:end]
         if i in trained:
             spans.append((len(before) + len(text) - end, len(text) + len(rendering.eos)))
-        if rendering.eos:
-            eos_at.append(len(text))
-            text += rendering.eos
+        text += rendering.eos
         cursor = end
-    return Layout(text + whole[cursor:], spans, eos_at)
+    return Layout(text + whole[cursor:], spans)
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

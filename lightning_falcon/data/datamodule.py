@@ -144,38 +144,59 @@ class PromptDataModule(L.LightningDataModule):
         if self._rendering is None:
             tok, hp = self.tokenizer, self.hparams
             template = resolve_template(hp.chat_template, tok)
-            eos = "" if end_marker(tok, template) == tok.eos_token else tok.eos_token
-            self._rendering = Rendering(template, eos, hp.train_on)
+            # a template that cannot render an exchange fails here, in one line, not in the middle of tokenizing
+            ConfigError.collect(template_problems(tok, template, system=False))
+            marker = end_marker(tok, template)
+            eos = "" if marker.strip() == tok.eos_token else tok.eos_token  # a marker of its own EOS: nothing added
+            self._rendering = Rendering(template, eos, hp.train_on, marker if eos else "")
         return self._rendering
 
-    def format_of(self, member: Member, columns: list[str] | None = None) -> DataFormat:
-        """A source's format: as set, or for `auto` the one its columns fit (`columns`: the loaded data's; without
-        them, its first rows are read)."""
+    def format_of(self, member: Member, columns: list[str] | None = None, dataset: str | None = None) -> DataFormat:
+        """A source's format: as set, or for `auto` the one its columns fit.
+
+        Args:
+            member: The source.
+            columns: The columns of its loaded `dataset` (None: its training data's first rows are read).
+            dataset: Which of its files `columns` are of; its `val_dataset` must have the format of its `dataset`,
+                and the columns it reads are its own.
+        """
         source = member.source
+        own = dataset is None or dataset == source.dataset
         if member.name not in self._kinds or columns is not None:
-            kind = source.format
-            if kind == "auto":
-                if columns is None:
-                    name = member.name if member.mixed else None
-                    columns = peek_columns(source.dataset, source.split, name, member.option)
-                kind = detect(columns, source)
-                if kind is None:
+            if columns is None:
+                name = member.name if member.mixed else None
+                columns = (
+                    peek_columns(source.dataset, source.split, name, member.option) if source.format == "auto" else []
+                )
+            kind = source.format if source.format != "auto" else detect(columns, source)
+            if kind is None:
+                raise ConfigError(
+                    f"dataset {member.label(dataset)} has none of the columns of a format: it has {columns}. Fix: "
+                    f"give it the columns of one of {expected_columns(source)}, or name yours "
+                    f"({setting(member.option, 'prompt_column')} etc.)"
+                )
+            cols = row_columns(kind, source, columns or None)
+            if not own:
+                trained = self._kinds[member.name][0] if member.name in self._kinds else kind
+                if kind != trained:
                     raise ConfigError(
-                        f"dataset {member.label()} has none of the columns of a format: it has {columns}. Fix: give "
-                        f"it the columns of one of {expected_columns(source)}, or name yours "
-                        f"({setting(member.option, 'prompt_column')} etc.)"
+                        f"dataset {member.label(dataset)} holds {kind} rows and {member.label()} {trained} rows. "
+                        f"Fix: give {setting(member.option, 'val_dataset')} rows of the same format"
                     )
-            cols = row_columns(kind, source, columns)
-            if source.format == "auto" and member.name not in self._kinds:
+                return self._format(member, kind, cols)
+            if source.format == "auto" and self._kinds.get(member.name) != (kind, cols):
                 rank_zero_info(
                     f"[data] {member.name}: format {kind}, from its column(s) {', '.join(cols)} "
                     f"(set {setting(member.option, 'format')} to choose)"
                 )
             self._kinds[member.name] = (kind, cols)
-        kind, cols = self._kinds[member.name]
+        return self._format(member, *self._kinds[member.name])
+
+    def _format(self, member: Member, kind: str, columns: tuple[str, ...]) -> DataFormat:
+        source = member.source
         if kind == "turns":
             return Turns(source.text_column, source.human_marker, source.assistant_marker)
-        return Chat(kind, cols, self.rendering, self.hparams.system_prompt)
+        return Chat(kind, columns, self.rendering, self.hparams.system_prompt)
 
     @property
     def val_names(self) -> list[str]:
@@ -187,7 +208,7 @@ class PromptDataModule(L.LightningDataModule):
         """The source's format, for the columns of its loaded rows; a one-line error when they lack its columns
         or hold no row."""
         option = member.option
-        fmt = self.format_of(member, ds.column_names)
+        fmt = self.format_of(member, ds.column_names, dataset)
         missing = [c for c in fmt.columns if c not in ds.column_names]
         if missing:
             raise ConfigError(
@@ -199,7 +220,7 @@ class PromptDataModule(L.LightningDataModule):
             raise empty(member.label(dataset), option, "dataset" if dataset == member.source.dataset else "val_dataset")
         return fmt
 
-    def _screen(self, member: Member, dataset: str, ds, fmt: DataFormat) -> tuple[Any, dict[str, int]]:
+    def _screen(self, member: Member, dataset: str, ds, fmt: DataFormat) -> tuple[Any, dict[str, int], DataFormat]:
         """Skip the rows that cannot train, counted by reason; fail when none is left, or when rows have a system
         message the chat template cannot render."""
         kept, skipped, first, systems = screen_rows(ds, fmt, self.hparams.num_proc)
@@ -213,11 +234,11 @@ class PromptDataModule(L.LightningDataModule):
             )
         if systems and isinstance(fmt, Chat):
             ConfigError.collect(template_problems(self.tokenizer, self.rendering.template, system=True))
-        return kept, skipped
+        return kept, skipped, fmt
 
     def _load(self, member: Member, dataset: str, split: str):
         """One file or Hub split of a source, checked, with the rows that cannot train skipped:
-        (rows, skipped rows by reason)."""
+        (rows, skipped rows by reason, the format of its rows)."""
         key = "dataset" if dataset == member.source.dataset else "val_dataset"
         ds = load_source(dataset, split, member.name if member.mixed else None, member.option, key)
         return self._screen(member, dataset, ds, self._check(member, dataset, ds))
@@ -253,6 +274,12 @@ class PromptDataModule(L.LightningDataModule):
     def encode_input(self, text: str) -> list[int]:
         """The prompt ids generation starts from for a user's input: the training template, as training renders it."""
         return self.format.prompt_ids(self.tokenizer, text)
+
+    @property
+    def reply_marker(self) -> str:
+        """Text a generated reply ends with before its EOS that is not part of the answer (ChatML's `<|im_end|>` on
+        a tokenizer without it as a token); empty for most templates."""
+        return self.format.reply_marker
 
     def prompt_format(self) -> dict[str, Any]:
         """How inputs were rendered in training, as saved beside an adapter."""
@@ -306,12 +333,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def _prepare(self, member: Member, target: Path) -> None:
         hp, source = self.hparams, member.source
-        train, train_skips = self._load(member, source.dataset, source.split)
+        train, train_skips, fmt = self._load(member, source.dataset, source.split)
         skips = {"train": train_skips, "val": {}}  # a held-out split comes from rows already kept
+        formats = {"train": fmt, "val": fmt}
         if hp.max_samples is not None:
             train = train.shuffle(seed=hp.seed).select(range(min(hp.max_samples, len(train))))
         if source.val_dataset is not None:
-            val, skips["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
+            val, skips["val"], formats["val"] = self._load(member, source.val_dataset, source.val_split or source.split)
             splits = {"train": (source.dataset, train), "val": (source.val_dataset, val)}
         else:
             held_out = math.ceil(len(train) * source.val_fraction)  # as `train_test_split` counts them
@@ -332,7 +360,7 @@ class PromptDataModule(L.LightningDataModule):
                 tokenized, stats[name] = tokenize_split(
                     member.label(dataset),
                     ds,
-                    self.format_of(member),
+                    formats[name],
                     self.tokenizer,
                     hp.max_length,
                     hp.num_proc,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 from lightning_falcon.data import conversations
-from lightning_falcon.data.conversations import BLANK, Rendering
-from lightning_falcon.data.prompts import Encoded, encode_turns_batch, prompt_length, turn_prompt_ids
+from lightning_falcon.data.conversations import BLANK, NO_ASSISTANT, Rendering
+from lightning_falcon.data.prompts import Encoded, encode_turns_batch, prompt_length, split_turns, turn_prompt_ids
 
 FormatName = Literal["auto", "messages", "alpaca", "prompt_response", "turns"]
 # the columns of alpaca rows: the input may be empty, or missing
@@ -48,6 +48,10 @@ class DataFormat(Protocol):
 
     def scaffold(self, tokenizer) -> tuple[int, str]:
         """(tokens the rendering takes around an empty input, what those tokens are)."""
+
+    @property
+    def reply_marker(self) -> str:
+        """Text a generated reply ends with before its EOS, which is not part of the answer (empty: none)."""
 
     def describe(self) -> dict[str, Any]:
         """How inputs are rendered, as saved beside an adapter."""
@@ -93,6 +97,10 @@ class Chat:
     def scaffold(self, tokenizer) -> tuple[int, str]:
         return len(self.prompt_ids(tokenizer, "")), f"the {self.rendering.template.name!r} chat template"
 
+    @property
+    def reply_marker(self) -> str:
+        return self.rendering.marker
+
     def describe(self) -> dict[str, Any]:
         template = self.rendering.template
         return {
@@ -102,6 +110,7 @@ class Chat:
             "chat_template_text": template.text,
             "system_prompt": self.system_prompt,
             "eos_after_reply": bool(self.rendering.eos),
+            "reply_marker": self.rendering.marker,
             "train_on": self.rendering.train_on,
         }
 
@@ -119,7 +128,10 @@ class Turns:
 
     def screen(self, values: tuple) -> tuple[str | None, bool]:
         (text,) = values
-        return (BLANK if text is None or not str(text).strip() else None), False
+        if text is None or not str(text).strip():
+            return BLANK, False
+        turns = split_turns(str(text), self.human_marker, self.assistant_marker)
+        return (None if any(role == "assistant" for role, _ in turns) else NO_ASSISTANT), False
 
     def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
         texts = [str(t) for t in columns[self.text_column]]
@@ -134,6 +146,10 @@ class Turns:
 
     def scaffold(self, tokenizer) -> tuple[int, str]:
         return len(self.prompt_ids(tokenizer, "")), "the turn markers"
+
+    @property
+    def reply_marker(self) -> str:
+        return ""
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.name, "human_marker": self.human_marker, "assistant_marker": self.assistant_marker}

@@ -48,4 +48,5 @@ def modelfile(gguf_name: str, prompt_format: dict[str, Any], stop: str, tokenize
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template(prompt_format, tokenizer)}"""']
     if prompt_format.get("system_prompt"):
         lines.append(f'SYSTEM """{prompt_format["system_prompt"]}"""')
-    return "\n".join([*lines, f"PARAMETER stop {json.dumps(stop)}", ""])
+    stops = [stop, *([prompt_format["reply_marker"]] if prompt_format.get("reply_marker") else [])]
+    return "\n".join([*lines, *(f"PARAMETER stop {json.dumps(s)}" for s in stops), ""])

@@ -117,12 +117,15 @@ def generate(
     synced_gpus: bool = False,
     device: torch.device | None = None,
     streamer: BaseStreamer | None = None,
+    marker: str = "",
 ) -> list[Generated]:
     """Generate for token prompts in left-padded batches of `batch_size`; the model's mode is restored after.
 
     `synced_gpus` keeps every rank stepping until all are done, which DeepSpeed ZeRO-3 needs: each forward
     gathers parameters from all ranks. `device` is where the inputs go (default: the first parameter's).
     `streamer` (transformers') receives the tokens as they are generated: one prompt, no beam search.
+    `marker` is the text a chat template ends a reply with before its EOS when the tokenizer has no token for it
+    (ChatML's `<|im_end|>` on Falcon's): the text is cut there.
     """
     eos, pad = special_ids(tokenizer)
     device = device or next(model.parameters()).device
@@ -146,6 +149,8 @@ def generate(
                 hits = (row == eos).nonzero()
                 n = int(hits[0]) if len(hits) else len(row)
                 text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                if marker:
+                    text = text.split(marker, 1)[0].rstrip()
                 results.append(Generated(text, n, bool(len(hits)), row[:n].tolist()))
     finally:
         model.train(was_training)

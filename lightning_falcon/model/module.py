@@ -156,6 +156,7 @@ class FalconQLoRA(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.generation = generation or GenerationSettings()
         self.tokenizer = None  # the data module's, for generation: from `setup`
+        self.reply_marker = ""  # what ends a generated reply before its EOS, not part of it: from `setup`
         self._adapter_enabled = True  # off inside `base_only`
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
@@ -344,6 +345,7 @@ class FalconQLoRA(L.LightningModule):
         # Made here, before the strategy moves the module, so that every rank holds the same metrics.
         datamodule = getattr(self.trainer, "datamodule", None)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
+        self.reply_marker = getattr(datamodule, "reply_marker", "")
         names = list(getattr(datamodule, "val_names", []))
         if len(names) > 1:  # one source: its loss is val/loss
             self.source_names = names
@@ -383,7 +385,16 @@ class FalconQLoRA(L.LightningModule):
         batch_size = batch_size or len(prompts)
         synced = zero_stage(self.trainer.strategy) == 3
         with self._adapter():
-            return generate(self.model, self.tokenizer, prompts, self.generation, batch_size, synced, self.device)
+            return generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                self.generation,
+                batch_size,
+                synced,
+                self.device,
+                marker=self.reply_marker,
+            )
 
     def predict_step(self, batch, batch_idx) -> list[tuple[str, Generated]]:
         """Each input text with what was generated for it."""
