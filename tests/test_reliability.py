@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, cli, restored_process_state, tiny_arguments
 from processes import run_process
 
@@ -124,8 +125,9 @@ def test_a_run_that_blows_up_stops_with_its_step_and_keeps_the_last_good_checkpo
         (1, 0, "tiny-mix.yaml", None, "adamw"),
         (1, 0, "tiny-mix.yaml", "packed", "adamw"),
         (1, 0, "tiny.yaml", None, "paged_adamw_8bit"),  # the shipped GPU configs' optimizer (unpaged on CPU)
+        (1, 0, "tiny-chat-mix", None, "adamw"),  # messages rows (several turns, system prompts) beside pairs
     ],
-    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed", "paged-8bit-adamw"],
+    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed", "paged-8bit-adamw", "mixed-chat"],
 )
 def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
     tmp_path, accumulate, micro_batch, config, batching, optimizer
@@ -143,6 +145,12 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
         "--trainer.val_check_interval", "6", "--generation.samples", "[]", "--model.optimizer", optimizer,
         *(["--data.batching", batching] if batching else []),
     ]  # fmt: skip
+    if config == "tiny-chat-mix":  # tiny-mix.yaml with the shipped chat sample in place of the guanaco turns
+        config, overlay = "tiny-mix.yaml", tmp_path / "chat-mix.yaml"
+        sources = yaml.safe_load((REPO / "configs" / config).read_text())["data"]["dataset"][:1]
+        sources.append({"name": "chat", "dataset": "asset:data/guanaco-chat.jsonl", "val_fraction": 0.25})
+        overlay.write_text(yaml.safe_dump({"data": {"dataset": sources}}))
+        common += ["--config", str(overlay)]
     env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     for root in (uninterrupted, interrupted):
