@@ -145,7 +145,8 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
         "--trainer.val_check_interval", "6", "--generation.samples", "[]", "--model.optimizer", optimizer,
         *(["--data.batching", batching] if batching else []),
     ]  # fmt: skip
-    if config == "tiny-chat-mix":  # tiny-mix.yaml with the shipped chat sample in place of the guanaco turns
+    chat = config == "tiny-chat-mix"
+    if chat:  # tiny-mix.yaml with the shipped chat sample in place of the guanaco turns
         config, overlay = "tiny-mix.yaml", tmp_path / "chat-mix.yaml"
         sources = yaml.safe_load((REPO / "configs" / config).read_text())["data"]["dataset"][:1]
         sources.append({"name": "chat", "dataset": "asset:data/guanaco-chat.jsonl", "val_fraction": 0.25})
@@ -166,6 +167,7 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
     proc = cli(interrupted, "fit", *common, "--ckpt_path", "last", config=config)
     assert "dataloader is not resumable" not in proc.stderr
+    assert not chat or "[data] chat: format messages, from its column(s) messages" in proc.stderr
 
     a = load_file(uninterrupted / "runs" / runs / "version_0" / "adapter" / "adapter_model.safetensors")
     b = load_file(interrupted / "runs" / runs / "version_1" / "adapter" / "adapter_model.safetensors")
