@@ -82,36 +82,31 @@ CHOICES = ("auto", "tokenizer", *NAMED)
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A resolved `data.chat_template`: what was asked, where the text came from, and the text."""
+    """A resolved `data.chat_template`: where the text came from, and the text."""
 
-    setting: str  # as written: `auto`, `tokenizer`, a name, or a path
     name: str  # a name of NAMED, `tokenizer`, or the .jinja file's path
     text: str
-
-    @property
-    def named(self) -> bool:
-        return self.name in NAMED
 
 
 def resolve_template(setting: str, tokenizer) -> ChatTemplate:
     """The template `data.chat_template` names, for this tokenizer; a one-line error when there is none."""
     own = getattr(tokenizer, "chat_template", None)
     if setting == "auto":
-        return ChatTemplate(setting, "tokenizer", own) if own else ChatTemplate(setting, FALLBACK, NAMED[FALLBACK])
+        return ChatTemplate("tokenizer", own) if own else ChatTemplate(FALLBACK, NAMED[FALLBACK])
     if setting == "tokenizer":
         if not own:
             raise ConfigError(
                 f"data.chat_template tokenizer: the tokenizer {tokenizer.name_or_path} has no chat template. "
                 f"Fix: --data.chat_template NAME (one of {sorted(NAMED)}) or a .jinja file"
             )
-        return ChatTemplate(setting, "tokenizer", own)
+        return ChatTemplate("tokenizer", own)
     if setting in NAMED:
-        return ChatTemplate(setting, setting, NAMED[setting])
+        return ChatTemplate(setting, NAMED[setting])
     path = Path(resolve(setting)).expanduser()
     if path.suffix == ".jinja" or path.exists():
         if not path.is_file():
             raise ConfigError(f"data.chat_template {setting}: no such file. Fix: give the path of a .jinja file")
-        return ChatTemplate(setting, str(path), path.read_text(encoding="utf-8"))
+        return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
     raise ConfigError(
         f"data.chat_template {setting!r} is neither a template name nor a .jinja file. "
         f"Fix: choose one of {list(CHOICES)}, or give the path of a .jinja file"

@@ -28,8 +28,7 @@ def template(prompt_format: dict[str, Any], tokenizer) -> str:
         return f"{prompt_format['human_marker']} {PROMPT} {prompt_format['assistant_marker']}"
     if prompt_format["format"] == "prompt_response":  # an adapter written before chat templates
         return prompt_format["template_text"].replace("{prompt}", PROMPT).rstrip(" ")
-    name = prompt_format["chat_template"]
-    chat = ChatTemplate(name, name, prompt_format["chat_template_text"])
+    chat = ChatTemplate(prompt_format["chat_template"], prompt_format["chat_template_text"])
     request = [{"role": "user", "content": PROBE}]
     alone = render(tokenizer, chat, request, generation_prompt=True).replace(PROBE, PROMPT)
     try:
