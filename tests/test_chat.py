@@ -90,6 +90,24 @@ def test_single_prompt_models_and_history_false_answer_each_request_on_its_own(t
     assert conversation.prompt("two") == format.prompt_ids(tokenizer, "two")
 
 
+@pytest.mark.parametrize(
+    "marker, pieces, shown",
+    [
+        ("<|im_end|>", ["Hel", "lo <|im", "_end|>", ""], "Hello\n"),  # the marker, split across pieces, is not shown
+        ("<|im_end|>", ["a <", "b", ""], "a <b\n"),  # what only looked like its start is shown once it is not
+        ("", ["  Hi", " there", ""], "Hi there\n"),  # no marker: the leading spaces alone go
+    ],
+)
+def test_a_streamed_answer_leaves_out_the_end_marker(tokenizer, marker, pieces, shown):
+    from lightning_falcon.commands.chat import Streamer
+
+    out = io.StringIO()
+    streamer = Streamer(tokenizer, out, marker)
+    for i, piece in enumerate(pieces):
+        streamer.on_finalized_text(piece, stream_end=i == len(pieces) - 1)
+    assert out.getvalue() == shown
+
+
 def test_an_answer_on_one_line_is_reversible():
     text = 'a\nb\\n "c"\r\n'
     line = one_line(text)

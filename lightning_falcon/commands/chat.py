@@ -123,7 +123,9 @@ class Chat:
             rank_zero_info(
                 f"[chat] the oldest exchanges no longer fit data.max_length: {self.conversation.dropped} dropped"
             )
-        streamer = Streamer(self.tokenizer, stream) if stream is not None and model.generation.num_beams == 1 else None
+        marker = self.conversation.format.reply_marker
+        streams = stream is not None and model.generation.num_beams == 1
+        streamer = Streamer(self.tokenizer, stream, marker) if streams else None
         with self.trainer.precision_plugin.forward_context():
             (reply,) = generate(
                 model.model,
@@ -200,16 +202,29 @@ def one_line(text: str) -> str:
 class Streamer(TextStreamer):
     """transformers' text streamer, writing the reply to `out` as tokens arrive (not the prompt).
 
-    The reply's leading spaces are dropped, as the final text drops them.
+    The reply's leading spaces are dropped, as the final text drops them, and so is the end `marker` a reply stops
+    with before its EOS (`reply_marker`): text that may be its start is held back until it is not.
     """
 
-    def __init__(self, tokenizer, out: TextIO) -> None:
+    def __init__(self, tokenizer, out: TextIO, marker: str = "") -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out, self.started = out, False
+        self.out, self.marker, self.started, self.held, self.ended = out, marker, False, "", False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
-        self.out.write(text + ("\n" if stream_end else ""))
+        text, self.held = self.held + text, ""
+        if self.marker and not self.ended:
+            if self.marker in text:
+                text, self.ended = text.split(self.marker, 1)[0].rstrip(), True
+            else:  # the longest end of the text that the marker starts with, and the spaces before it, wait
+                keep = next((n for n in range(len(self.marker) - 1, 0, -1) if text.endswith(self.marker[:n])), 0)
+                shown = text[: len(text) - keep].rstrip()
+                text, self.held = shown, text[len(shown) :]
+        elif self.ended:
+            text = ""
+        if stream_end:
+            text, self.held = text + self.held + "\n", ""
+        self.out.write(text)
         self.out.flush()
