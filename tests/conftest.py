@@ -43,25 +43,24 @@ def quick_fit(tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
+def chat_run(tmp_path_factory, steps: int) -> Path:
+    """configs/tiny-chat.yaml (the shipped chat sample, the tokenizer's own template, a system prompt) trained for
+    `steps` steps in this process: its run dir."""
+    root = tmp_path_factory.mktemp(f"chat-{steps}")
+    steps_args = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    return fit_in_process(root, *steps_args, "--generation.max_new_tokens", "8", config="tiny-chat.yaml")
+
+
 @pytest.fixture(scope="session")
 def chat_fit(tmp_path_factory) -> Path:
-    """configs/tiny-chat.yaml (the shipped chat sample, the tokenizer's own template, a system prompt) trained for
-    10 steps in this process: its run dir."""
-    root = tmp_path_factory.mktemp("chat")
-    return fit_in_process(
-        root, "--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--generation.max_new_tokens", "8",
-        config="tiny-chat.yaml",
-    )  # fmt: skip
+    """configs/tiny-chat.yaml trained for 10 steps: quick, its answers not yet words."""
+    return chat_run(tmp_path_factory, 10)
 
 
 @pytest.fixture(scope="session")
 def chat_trained(tmp_path_factory) -> Path:
-    """configs/tiny-chat.yaml trained for 200 steps in this process, long enough to answer in words: its run dir."""
-    root = tmp_path_factory.mktemp("chat-trained")
-    return fit_in_process(
-        root, "--trainer.max_steps", "200", "--trainer.val_check_interval", "200", "--generation.max_new_tokens", "8",
-        config="tiny-chat.yaml",
-    )  # fmt: skip
+    """configs/tiny-chat.yaml trained for 200 steps, long enough to answer in words."""
+    return chat_run(tmp_path_factory, 200)
 
 
 @pytest.fixture(scope="session")

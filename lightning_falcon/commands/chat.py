@@ -24,6 +24,7 @@ from transformers import TextStreamer
 from lightning_falcon.commands.cli import SINGLE_DEVICE, FalconCLI, build
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.conversation import Conversation
+from lightning_falcon.data.conversations import without_marker
 from lightning_falcon.model import FalconQLoRA
 from lightning_falcon.model.generation import Generated, generate
 
@@ -217,7 +218,7 @@ class Streamer(TextStreamer):
         text, self.held = self.held + text, ""
         if self.marker and not self.ended:
             if self.marker in text:
-                text, self.ended = text.split(self.marker, 1)[0].rstrip(), True
+                text, self.ended = without_marker(text, self.marker), True
             else:  # the longest end of the text that the marker starts with, and the spaces before it, wait
                 keep = next((n for n in range(len(self.marker) - 1, 0, -1) if text.endswith(self.marker[:n])), 0)
                 shown = text[: len(text) - keep].rstrip()

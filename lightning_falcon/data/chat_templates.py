@@ -134,38 +134,47 @@ def end_marker(tokenizer, template: ChatTemplate) -> str:
     return text[text.rindex(PROBE) + len(PROBE) :].rstrip()
 
 
-def template_problems(tokenizer, template: ChatTemplate, system: bool) -> list[str]:
-    """What stops `template` rendering training rows: an error on a plain exchange, a system message it
-    cannot render (when `system`: the data or `data.system_prompt` has one), or earlier turns rendered
+EXCHANGES = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Goodbye"},
+]
+
+
+def template_problems(tokenizer, template: ChatTemplate) -> list[str]:
+    """What stops `template` rendering training rows: an error on a plain exchange, or earlier turns rendered
     differently once a later one follows (training needs each turn's text to stay put)."""
-    exchange = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye"},
-    ]
     fix = f"Fix: choose another --data.chat_template (one of {sorted(NAMED)}) or a .jinja file"
     try:
-        whole = render(tokenizer, template, exchange)
-        first = render(tokenizer, template, exchange[:2])
-        prompt = render(tokenizer, template, exchange[:1], generation_prompt=True)
+        whole = render(tokenizer, template, EXCHANGES)
+        first = render(tokenizer, template, EXCHANGES[:2])
+        prompt = render(tokenizer, template, EXCHANGES[:1], generation_prompt=True)
     except RENDER_ERRORS as e:  # a template's own raise_exception, or a Jinja error
         return [f"data.chat_template {template.name} cannot render a user/assistant exchange ({e}). {fix}"]
-    problems = []
     if not (whole.startswith(first) and first.startswith(prompt)):
-        problems.append(
-            f"data.chat_template {template.name} renders earlier turns differently once later ones follow, so a "
-            f"turn's tokens are not where training would mark them. {fix}"
-        )
-    if system:
-        try:
-            text = render(tokenizer, template, [{"role": "system", "content": PROBE}, *exchange[:2]])
-        except RENDER_ERRORS as e:
-            text = f"({e})"
-        if PROBE not in text:
-            problems.append(
-                f"data.chat_template {template.name} cannot render a system message {text[:80] if text else ''}, "
-                "and the data or data.system_prompt has one. "
-                f"Fix: choose a template that renders one (e.g. falcon-instruct), or drop data.system_prompt"
+        return [
+            (
+                f"data.chat_template {template.name} renders earlier turns differently once later ones follow, "
+                f"so a turn's tokens are not where training would mark them. {fix}"
             )
-    return problems
+        ]
+    return []
+
+
+def system_problems(tokenizer, template: ChatTemplate) -> list[str]:
+    """The error when `template` cannot render a system message (asked when the data or `data.system_prompt` has
+    one); none when it can."""
+    try:
+        text = render(tokenizer, template, [{"role": "system", "content": PROBE}, *EXCHANGES[:2]])
+    except RENDER_ERRORS as e:
+        text = f"({e})"
+    if PROBE in text:
+        return []
+    return [
+        (
+            f"data.chat_template {template.name} cannot render a system message {text[:80] if text else ''}, "
+            "and the data or data.system_prompt has one. "
+            "Fix: choose a template that renders one (e.g. falcon-instruct), or drop data.system_prompt"
+        )
+    ]

@@ -8,6 +8,7 @@ prompt/response rows learned single requests, so each is answered on its own.
 
 from __future__ import annotations
 
+from lightning_falcon.data.conversations import without_marker
 from lightning_falcon.data.formats import Chat, DataFormat, Turns
 
 
@@ -47,9 +48,10 @@ class Conversation:
     def add(self, message: str, reply_ids: list[int]) -> None:
         """Keep an answered request (when the format has a history); `reply_ids` without the EOS."""
         if self.keeps_history:
-            reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
-            if self.format.reply_marker:  # it ends the reply; the template writes it again
-                reply = reply.split(self.format.reply_marker, 1)[0].rstrip()
+            # the end marker ends the reply, and the template writes it again
+            reply = without_marker(
+                self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip(), self.format.reply_marker
+            )
             if not reply:  # an empty answer tells the model nothing, and no training row holds one
                 return
             ids = []

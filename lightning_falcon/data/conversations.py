@@ -79,7 +79,7 @@ def messages_of(kind: str, values: tuple, system_prompt: str | None) -> list[dic
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     else:
         (items,) = values
-        if not isinstance(items, list) or not items:
+        if not isinstance(items, list):
             return NO_ASSISTANT
         messages = []
         for item in items:
@@ -117,9 +117,10 @@ class Rendering:
     train_on: TrainOn = "all_assistant"
     marker: str = ""
 
-    def answer(self, text: str) -> str:
-        """A generated reply without the end marker it stopped with."""
-        return text.split(self.marker, 1)[0].rstrip() if self.marker else text
+
+def without_marker(text: str, marker: str) -> str:
+    """A generated reply up to the end `marker` it stopped with (`Rendering.marker`; empty: all of it)."""
+    return text.split(marker, 1)[0].rstrip() if marker else text
 
 
 @dataclass

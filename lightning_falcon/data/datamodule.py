@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
-from lightning_falcon.data.chat_templates import end_marker, resolve_template, template_problems
+from lightning_falcon.data.chat_templates import end_marker, resolve_template, system_problems, template_problems
 from lightning_falcon.data.conversations import Rendering, TrainOn
 from lightning_falcon.data.formats import Chat, DataFormat, Turns, detect, expected_columns, row_columns
 from lightning_falcon.data.inputs import read_inputs
@@ -145,7 +145,7 @@ class PromptDataModule(L.LightningDataModule):
             tok, hp = self.tokenizer, self.hparams
             template = resolve_template(hp.chat_template, tok)
             # a template that cannot render an exchange fails here, in one line, not in the middle of tokenizing
-            ConfigError.collect(template_problems(tok, template, system=False))
+            ConfigError.collect(template_problems(tok, template))
             marker = end_marker(tok, template)
             eos = "" if marker.strip() == tok.eos_token else tok.eos_token  # a marker of its own EOS: nothing added
             self._rendering = Rendering(template, eos, hp.train_on, marker if eos else "")
@@ -232,8 +232,8 @@ class PromptDataModule(L.LightningDataModule):
                 f"{line_of(dataset, index)}, has {reason}. Fix: give each row a user turn and an assistant reply "
                 f"with text (or name the columns that hold them, {setting(member.option, 'format')} etc.)"
             )
-        if systems and isinstance(fmt, Chat):
-            ConfigError.collect(template_problems(self.tokenizer, self.rendering.template, system=True))
+        if isinstance(fmt, Chat) and (systems or self.hparams.system_prompt):
+            ConfigError.collect(system_problems(self.tokenizer, self.rendering.template))
         return kept, skipped, fmt
 
     def _load(self, member: Member, dataset: str, split: str):
@@ -256,10 +256,10 @@ class PromptDataModule(L.LightningDataModule):
         conversations (or `data.system_prompt`), or a `max_length` that cannot hold even a source's rendering of an
         empty request (every row would be dropped)."""
         hp = self.hparams
-        # a template that cannot be found raises here: nothing below can be checked without it
-        if any(self.format_of(m).name == "chat" for m in self.members):
-            system = bool(hp.system_prompt)
-            ConfigError.collect(template_problems(self.tokenizer, self.rendering.template, system=system))
+        # a template that cannot be found or render an exchange raises here (`rendering`): nothing below can be
+        # checked without it
+        if any(self.format_of(m).name == "chat" for m in self.members) and hp.system_prompt:
+            ConfigError.collect(system_problems(self.tokenizer, self.rendering.template))
         problems = []
         for member in self.members:
             scaffold, what = self.format_of(member).scaffold(self.tokenizer)

@@ -27,6 +27,12 @@ COLUMNS = {"input_ids": "int32", "labels": "int64", "input": "string"}
 ROWS_PER_PROCESS = 4_000
 
 
+def _processes(num_proc: int | None, rows: int) -> int:
+    """`num_proc`, or `default_processes` when None; never more than the rows (`datasets` would make empty
+    shards of the extra processes)."""
+    return min(default_processes(rows) if num_proc is None else num_proc, rows)
+
+
 def default_processes(rows: int) -> int:
     """One process per `ROWS_PER_PROCESS` rows, at most one per CPU this process may run on (a Slurm allocation's)."""
     # sched_getaffinity honours a CPU set (Slurm's); macOS lacks it
@@ -61,9 +67,7 @@ def screen_rows(rows: Any, data_format: DataFormat, num_proc: int | None) -> tup
     import numpy as np
     import pyarrow.compute as pc
 
-    if num_proc is None:
-        num_proc = default_processes(len(rows))
-    num_proc = min(num_proc, len(rows))
+    num_proc = _processes(num_proc, len(rows))
     screened = rows.map(
         functools.partial(_reasons, data_format=data_format),
         batched=True,
@@ -74,11 +78,11 @@ def screen_rows(rows: Any, data_format: DataFormat, num_proc: int | None) -> tup
     )
     reason = screened.data.column("reason")
     counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(reason).to_pylist() if v["values"]}
+    systems = bool(pc.any(screened.data.column("system")).as_py())
     if not counts:
-        return rows, {}, (), bool(pc.any(screened.data.column("system")).as_py())
+        return rows, {}, (), systems
     kept = np.flatnonzero(pc.equal(reason, "").to_numpy(zero_copy_only=False))
     first = int(np.flatnonzero(pc.not_equal(reason, "").to_numpy(zero_copy_only=False))[0])
-    systems = bool(pc.any(screened.data.column("system")).as_py())
     return rows.select(kept), counts, (first, reason[first].as_py()), systems
 
 
@@ -127,9 +131,7 @@ def tokenize_split(
     """
     import pyarrow.compute as pc
 
-    if num_proc is None:
-        num_proc = default_processes(len(rows))
-    num_proc = min(num_proc, len(rows))  # `datasets` would make empty shards of the extra processes
+    num_proc = _processes(num_proc, len(rows))
     encode = functools.partial(_encode_rows, data_format=data_format, tokenizer=tokenizer, max_length=max_length)
     scratch.mkdir(parents=True, exist_ok=True)
     tokenized = rows.map(

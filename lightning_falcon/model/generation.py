@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_falcon.data.conversations import without_marker
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
 
@@ -148,9 +149,7 @@ def generate(
             for row in out[:, input_ids.shape[1] :].cpu():
                 hits = (row == eos).nonzero()
                 n = int(hits[0]) if len(hits) else len(row)
-                text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                if marker:
-                    text = text.split(marker, 1)[0].rstrip()
+                text = without_marker(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), marker)
                 results.append(Generated(text, n, bool(len(hits)), row[:n].tolist()))
     finally:
         model.train(was_training)
