@@ -120,7 +120,7 @@ def model_flops_per_token(config_dir: str, lora_r: int, length: int) -> float:
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+    from lightning_falcon.architectures import FALCON
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
@@ -128,7 +128,7 @@ def model_flops_per_token(config_dir: str, lora_r: int, length: int) -> float:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     base = sum(m.in_features * m.out_features for _, m in linears)
     lora = sum(
-        lora_r * (m.in_features + m.out_features) for n, m in linears if n.rsplit(".", 1)[-1] in FALCON_TARGET_MODULES
+        lora_r * (m.in_features + m.out_features) for n, m in linears if n.rsplit(".", 1)[-1] in FALCON.lora_targets
     )
     return 4 * base + 6 * lora + 12 * config.num_hidden_layers * config.hidden_size * length
 
@@ -178,15 +178,15 @@ def plan_one_gpu_gib(shape: Path, batch_size: int, max_length: int) -> float:
     """`plan`'s per-GPU total for the 40B config on one GPU at this architecture, at this batch."""
     from transformers import AutoConfig
 
+    from lightning_falcon.architectures import FALCON
     from lightning_falcon.commands.cli import parse_only
     from lightning_falcon.commands.plan import PlanCLI, setup_of
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES
     from lightning_falcon.model.memory import count_model, plan
 
     sizes = ["--data.batch_size", str(batch_size), "--data.max_length", str(max_length)]
     config = parse_only(PlanCLI, ["--config", CONFIG_40B, *sizes], "plan").config
     model = config.model
-    count = count_model(AutoConfig.from_pretrained(shape), model.target_modules or FALCON_TARGET_MODULES, model.lora_r)
+    count = count_model(AutoConfig.from_pretrained(shape), model.target_modules or FALCON.lora_targets, model.lora_r)
     return plan(count, setup_of(model, config.data, config.trainer, 1), "single").total / 2**30
 
 

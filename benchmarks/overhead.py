@@ -88,10 +88,11 @@ class HandLoop:
     def __init__(self, steps: int, settings: dict | None = None) -> None:
         import torch
 
+        from lightning_falcon.architectures import FALCON
         from lightning_falcon.assets import resolve
         from lightning_falcon.data import PromptDataModule
         from lightning_falcon.model.attention import attend
-        from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+        from lightning_falcon.model.lora import apply_lora
         from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
         from lightning_falcon.model.random_weights import random_checkpoint
         from lightning_falcon.model.step_policy import lr_factor
@@ -114,7 +115,7 @@ class HandLoop:
         if fit_setting(m, "fused_attention"):  # fit's attention (model/attention.py), so the losses are fit's
             route_falcon_attention(base, attend)
         self.model = apply_lora(
-            base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], m.get("target_modules") or FALCON_TARGET_MODULES,
+            base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], m.get("target_modules") or FALCON.lora_targets,
             m.get("gradient_checkpointing", False), m.get("upcast_frozen", True),
         )  # fmt: skip
         self.model.train()

@@ -57,9 +57,10 @@ def trl_worker(
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from lightning_falcon.architectures import FALCON
     from lightning_falcon.assets import resolve
     from lightning_falcon.data import PromptDataModule
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.model.lora import apply_lora
     from lightning_falcon.model.quantization import load_causal_lm, resolve_compute_dtype
     from lightning_falcon.model.random_weights import random_checkpoint
 
@@ -79,7 +80,7 @@ def trl_worker(
         path, m["quantization"], m.get("double_quant", True), resolve_compute_dtype(m["compute_dtype"], device), device
     )
     checkpointing = m.get("gradient_checkpointing", False)
-    model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON_TARGET_MODULES, checkpointing)
+    model = apply_lora(base, m["lora_r"], m["lora_alpha"], m["lora_dropout"], FALCON.lora_targets, checkpointing)
     if device.type == "cuda":  # training's peak, not the load's: as fit reports it
         torch.cuda.reset_peak_memory_stats()
     window = StepWindow(warmup, steps, anon_memory)

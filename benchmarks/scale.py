@@ -160,10 +160,10 @@ def footprint_mib(output: str) -> float:
 def planner_rows(shape: Path, world_size: int, max_length: int, strategy: str = "single") -> dict[str, float]:
     from transformers import AutoConfig
 
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+    from lightning_falcon.architectures import FALCON
     from lightning_falcon.model.memory import Setup, count_model, plan
 
-    count = count_model(AutoConfig.from_pretrained(shape), FALCON_TARGET_MODULES, 64)
+    count = count_model(AutoConfig.from_pretrained(shape), FALCON.lora_targets, 64)
     setup = Setup(compute_bytes=4, mixed_16bit=False, batch_size=1, max_length=max_length, world_size=world_size)
     return plan(count, setup, strategy).rows
 
@@ -380,11 +380,12 @@ def worker_merged(merged: str, logits_path: str, out: str) -> None:
 
 def worker_layers(checkpoint: str, out: str) -> None:
     """Bytes each decoder layer holds after nf4 + LoRA r 64, and the rest (embeddings, final norm), counted."""
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.architectures import FALCON
+    from lightning_falcon.model.lora import apply_lora
     from lightning_falcon.model.quantization import load_causal_lm
 
     base = load_causal_lm(checkpoint, "nf4", True, torch.float32, torch.device("cpu"))
-    model = apply_lora(base, 64, 16, 0.1, FALCON_TARGET_MODULES, gradient_checkpointing=True)
+    model = apply_lora(base, 64, 16, 0.1, FALCON.lora_targets, gradient_checkpointing=True)
     total = sum(held_bytes(model).values())
     layers = model.get_base_model().transformer.h
     per = [sum(held_bytes(layer).values()) for layer in layers]

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from packaging.version import Version
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_falcon.architectures import FALCON
 from lightning_falcon.assets import resolve
 from lightning_falcon.data.batching import packed_attention_mask
 from lightning_falcon.model.attention import attend, per_group, route, with_masked_key
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+from lightning_falcon.model.lora import apply_lora
 from lightning_falcon.upstream import route_falcon_attention
 
 HEAD_DIM = 8
@@ -44,7 +45,7 @@ def lora_falcon(size: str, attn: str, fused: bool):
     model = AutoModelForCausalLM.from_config(falcon_config(size), attn_implementation=attn, dtype=torch.float32)
     if fused:
         assert route_falcon_attention(model, attend) == 2
-    model = apply_lora(model, 4, 8, 0.0, FALCON_TARGET_MODULES, False, True)
+    model = apply_lora(model, 4, 8, 0.0, FALCON.lora_targets, False, True)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -97,7 +98,7 @@ def test_fused_attention_gives_eager_attentions_logits_and_lora_gradients(size, 
         real = inputs["attention_mask"].bool()
         ref_logits, logits = ref_logits[real], logits[real]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
-    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 2 * len(FALCON_TARGET_MODULES)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 2 * len(FALCON.lora_targets)
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)

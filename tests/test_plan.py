@@ -8,10 +8,11 @@ import torch
 from helpers import REPO, TINY
 from transformers import AutoConfig
 
+from lightning_falcon.architectures import FALCON
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.main import main
 from lightning_falcon.commands.plan import parse_bytes
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+from lightning_falcon.model.lora import apply_lora
 from lightning_falcon.model.memory import Setup, count_model, plan
 from lightning_falcon.model.quantization import load_causal_lm
 
@@ -22,7 +23,7 @@ from shapes import held_bytes
 def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
     """Bytes a real load holds, by the planner's rows (on CPU, so the compute dtype is fp32)."""
     base = load_causal_lm(TINY, quantization, double_quant, torch.float32, torch.device("cpu"))
-    model = apply_lora(base, r, 2 * r, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
+    model = apply_lora(base, r, 2 * r, 0.0, FALCON.lora_targets, gradient_checkpointing=False)
     rows = held_bytes(model)
     return {
         "quantized": rows["quantized"] + rows["constants"],
@@ -35,7 +36,7 @@ def measured(quantization: str, double_quant: bool, r: int) -> dict[str, int]:
 def test_weight_bytes_match_a_real_load_within_5_percent(quantization, double_quant):
     r = 16
     real = measured(quantization, double_quant, r)
-    count = count_model(AutoConfig.from_pretrained(TINY), FALCON_TARGET_MODULES, r)
+    count = count_model(AutoConfig.from_pretrained(TINY), FALCON.lora_targets, r)
     rows = plan(count, Setup(quantization=quantization, double_quant=double_quant, compute_bytes=4), "single").rows
     predicted = {
         "quantized": rows["quantized base weights"] + rows["quantization constants"],
@@ -49,11 +50,11 @@ def test_weight_bytes_match_a_real_load_within_5_percent(quantization, double_qu
 
 def test_frozen_weights_kept_in_bf16_plan_and_load_at_2_bytes():
     """`upcast_frozen: false`: the unquantized weights stay in the compute dtype, as the planner counts them."""
-    count = count_model(AutoConfig.from_pretrained(TINY), FALCON_TARGET_MODULES, 8)
+    count = count_model(AutoConfig.from_pretrained(TINY), FALCON.lora_targets, 8)
     base = load_causal_lm(TINY, "nf4", True, torch.bfloat16, torch.device("cpu"))
-    kept = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON_TARGET_MODULES, False, upcast_frozen=False))
+    kept = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON.lora_targets, False, upcast_frozen=False))
     base = load_causal_lm(TINY, "nf4", True, torch.bfloat16, torch.device("cpu"))
-    upcast = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON_TARGET_MODULES, False, upcast_frozen=True))
+    upcast = held_bytes(apply_lora(base, 8, 16, 0.0, FALCON.lora_targets, False, upcast_frozen=True))
     rows = {
         frozen: plan(count, Setup(compute_bytes=2, upcast_frozen=frozen), "single").rows["unquantized parameters"]
         for frozen in (True, False)
@@ -63,7 +64,7 @@ def test_frozen_weights_kept_in_bf16_plan_and_load_at_2_bytes():
 
 
 def test_the_chunked_loss_plans_one_chunk_of_logits_not_the_batch():
-    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON.lora_targets, 64)
     setup = Setup(batch_size=4, max_length=512)
     whole = plan(count, setup, "single").rows["logits"]
     chunked = plan(count, replace(setup, loss_chunk_size=256), "single").rows["logits"]
@@ -74,8 +75,8 @@ def test_the_chunked_loss_plans_one_chunk_of_logits_not_the_batch():
 
 
 def test_attention_is_planned_by_the_kernel_the_run_gets():
-    falcon_7b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
-    falcon_40b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
+    falcon_7b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON.lora_targets, 64)
+    falcon_40b = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON.lora_targets, 64)
     assert (falcon_7b.heads, falcon_7b.kv_heads, falcon_40b.heads, falcon_40b.kv_heads) == (71, 1, 128, 8)
     setup = Setup(batch_size=4, max_length=2048, attn_implementation="sdpa")
 
@@ -115,13 +116,13 @@ def test_plan_names_the_attention_kernel(capsys, flags, kernel):
 
 
 def test_falcon_7b_count_is_the_published_parameter_count():
-    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON_TARGET_MODULES, 64)
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON.lora_targets, 64)
     assert count.quantized_weights + count.unquantized == 6_921_720_704  # tiiuae/falcon-7b's model card
     assert len(count.quantized) == 32 * 4
 
 
 def test_sharding_divides_what_each_strategy_shards():
-    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON_TARGET_MODULES, 64)
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-40b")), FALCON.lora_targets, 64)
     setup = Setup(world_size=8, batch_size=2, max_length=512)
     single, ddp, zero2, zero3, offload = (
         plan(count, setup, s)

@@ -6,7 +6,7 @@ import torch
 from helpers import TINY, layer_bytes, on_a_gpu, unquantized_bytes
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES
+from lightning_falcon.architectures import FALCON
 from lightning_falcon.model.quantization import (
     load_causal_lm,
     quantized_layers,
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 def targeted(model):
-    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in FALCON_TARGET_MODULES}
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in FALCON.lora_targets}
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

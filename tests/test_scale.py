@@ -19,7 +19,8 @@ from test_distributed import CPU_DEEPSPEED
 sys.path.insert(0, str(REPO / "benchmarks"))
 from shapes import falcon_shape, fit_arguments, held_bytes
 
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora, parameter_report
+from lightning_falcon.architectures import FALCON
+from lightning_falcon.model.lora import apply_lora, parameter_report
 from lightning_falcon.model.memory import Setup, count_model, plan
 from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
 from lightning_falcon.model.random_weights import random_checkpoint
@@ -71,14 +72,14 @@ def test_real_width_loads_every_projection_4bit_and_the_planner_counts_its_bytes
         assert (layer.in_features, layer.out_features) == expected[name.split(".", 3)[3]], name
         assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
 
-    model = apply_lora(base, 64, 16, 0.1, FALCON_TARGET_MODULES, gradient_checkpointing=True)
+    model = apply_lora(base, 64, 16, 0.1, FALCON.lora_targets, gradient_checkpointing=True)
     lora = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     assert len(lora) == 2 * 4 * layers
     for name, (n_in, n_out) in expected.items():
         assert lora[f"base_model.model.transformer.h.0.{name}.lora_A.default.weight"] == (64, n_in)
         assert lora[f"base_model.model.transformer.h.0.{name}.lora_B.default.weight"] == (n_out, 64)
 
-    count = count_model(base.config, FALCON_TARGET_MODULES, 64)
+    count = count_model(base.config, FALCON.lora_targets, 64)
     rows = plan(count, Setup(compute_bytes=4, mixed_16bit=False), "single").rows
     held = held_bytes(model)
     assert held == {

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_falcon.architectures import Architecture
 from lightning_falcon.commands.program import program
 from lightning_falcon.data import PromptDataModule
 from lightning_falcon.data.source import moved
@@ -244,6 +245,8 @@ class FalconCLI(LightningCLI):
             hp.optimizer,
             self.model.target_modules,
             self.model.linear_modules(),
+            self.model.architecture(),
+            self.datamodule.hparams.batching,
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_rendering()
@@ -279,6 +282,8 @@ def check_config(
     optimizer: str,
     target_modules: list[str],
     linear_modules: list[str],
+    family: Architecture,
+    batching: str,
 ) -> None:
     """Refuse, listing every problem, a config that cannot run on any machine. fit and plan both call this, so
     plan refuses what fit refuses, with the same line.
@@ -287,14 +292,21 @@ def check_config(
         strategy: The trainer's strategy: fit reads it from the strategy it built, plan from the config.
         quantization: `model.quantization`.
         optimizer: `model.optimizer`.
-        target_modules: The LoRA targets (`model.target_modules`, or Falcon's when unset).
+        target_modules: The LoRA targets (`model.target_modules`, or the family's when unset).
         linear_modules: The leaf names of the model's linear layers, from its config.json alone.
+        family: The model's row of `architectures.py`.
+        batching: `data.batching`.
     """
     problems = strategy_problems(strategy, quantization, optimizer)
     try:
-        check_target_modules(linear_modules, target_modules)
+        check_target_modules(linear_modules, target_modules, family)
     except ConfigError as e:
         problems.insert(0, str(e))
+    if batching == "packed" and not family.packs_exactly:
+        problems.append(
+            f"data.batching packed: {family.family}'s Mamba state would run on from one packed row into the next. "
+            "Fix: --data.batching padded (or grouped)"
+        )
     ConfigError.collect(problems)
 
 

@@ -13,10 +13,10 @@ import re
 
 import torch
 
+from lightning_falcon.architectures import architecture
 from lightning_falcon.assets import resolve
 from lightning_falcon.commands.cli import ParseOnlyCLI, check_config, parse_only
 from lightning_falcon.model.config import read_model_config, warn_remote_code
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 from lightning_falcon.model.memory import (
     STRATEGIES,
     GiB,
@@ -97,10 +97,11 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     nodes = num_nodes if num_nodes is not None else int(trainer.num_nodes or 1)
     setup = setup_of(model, data, trainer, devices * nodes)
     hf_config, source = model_config(model.model_name_or_path, model.trust_remote_code)
-    targets = model.target_modules or FALCON_TARGET_MODULES
+    family = architecture(hf_config)
+    targets = model.target_modules if model.target_modules is not None else family.lora_targets
     strategy = StrategySettings.from_config(trainer.strategy)
     count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
-    check_config(strategy, model.quantization, model.optimizer, targets, count.linear_modules)
+    check_config(strategy, model.quantization, model.optimizer, targets, count.linear_modules, family, data.batching)
     plans = [plan(count, setup, name) for name in STRATEGIES]
     title = (
         f"{model.model_name_or_path}{source}: {len(count.quantized)} {model.quantization} layers, "
@@ -144,6 +145,15 @@ SHIPPED_CONFIGS = {
     "tiiuae/falcon-7b-instruct": "asset:falcon-7b",
     "tiiuae/falcon-40b": "asset:falcon-40b",
     "tiiuae/falcon-40b-instruct": "asset:falcon-40b",
+    "tiiuae/falcon-180B": "asset:falcon-180b",
+    "tiiuae/falcon-180B-chat": "asset:falcon-180b",
+    "tiiuae/falcon-11B": "asset:falcon-11b",
+    "tiiuae/Falcon3-7B-Base": "asset:falcon3-7b",
+    "tiiuae/Falcon3-7B-Instruct": "asset:falcon3-7b",
+    "tiiuae/Falcon-H1-0.5B-Base": "asset:falcon-h1-0.5b",
+    "tiiuae/Falcon-H1-0.5B-Instruct": "asset:falcon-h1-0.5b",
+    "tiiuae/Falcon-H1-7B-Base": "asset:falcon-h1-7b",
+    "tiiuae/Falcon-H1-7B-Instruct": "asset:falcon-h1-7b",
 }
 
 

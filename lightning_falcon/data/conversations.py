@@ -109,8 +109,9 @@ def _ordered(messages: list[dict[str, str]], system_prompt: str | None) -> list[
 @dataclass(frozen=True)
 class Rendering:
     """How conversations become ids: the template, the EOS text inserted after each reply (empty where the
-    template's own end marker is EOS), which replies train, and the end marker a generated reply stops with before
-    that EOS (ChatML's `<|im_end|>` on a tokenizer that lacks it as a token), which is not part of the answer."""
+    template's own end marker is EOS, or a special token of the tokenizer), which replies train, and the end marker
+    a generated reply stops with, which is not part of the answer: ChatML's `<|im_end|>`, as text before the
+    inserted EOS on a tokenizer that lacks it as a token, or as the token itself (Falcon-H1's)."""
 
     template: ChatTemplate
     eos: str

@@ -33,7 +33,7 @@ from lightning_falcon.data.mixing import Mix, quotas
 from lightning_falcon.data.prompts import IGNORE_INDEX, prompt_length
 from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
 from lightning_falcon.data.source import Member, Source, members, setting
-from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
+from lightning_falcon.data.tokenizer import load_tokenizer, special_ids, special_token_id
 from lightning_falcon.data.tokenizing import screen_rows, tokenize_split
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import staged_directory
@@ -147,8 +147,12 @@ class PromptDataModule(L.LightningDataModule):
             # a template that cannot render an exchange fails here, in one line, not in the middle of tokenizing
             ConfigError.collect(template_problems(tok, template))
             marker = end_marker(tok, template)
-            eos = "" if marker.strip() == tok.eos_token else tok.eos_token  # a marker of its own EOS: nothing added
-            self._rendering = Rendering(template, eos, hp.train_on, marker if eos else "")
+            if marker.strip() == tok.eos_token:  # the template ends a reply with EOS itself: nothing to add or cut
+                self._rendering = Rendering(template, "", hp.train_on)
+            elif special_token_id(tok, marker.strip()) is not None:  # an end-of-turn token: generation stops there
+                self._rendering = Rendering(template, "", hp.train_on, marker)
+            else:  # an EOS after the template's own end, which generation stops at; the marker text is cut off
+                self._rendering = Rendering(template, tok.eos_token, hp.train_on, marker)
         return self._rendering
 
     def format_of(self, member: Member, columns: list[str] | None = None, dataset: str | None = None) -> DataFormat:

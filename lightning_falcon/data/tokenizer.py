@@ -33,3 +33,8 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """(eos, pad). Falcon has no pad token: pad with EOS, which the attention mask hides."""
     eos = tokenizer.eos_token_id
     return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+
+def special_token_id(tokenizer, text: str) -> int | None:
+    """The id of `text` where the tokenizer has it as one special token (Falcon-H1's `<|im_end|>`), else None."""
+    return next((i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content == text), None)

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from lightning_falcon.architectures import architecture
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import load_weights_only, staged_directory
-from lightning_falcon.model.lora import FALCON_TARGET_MODULES
 from lightning_falcon.upstream import lora_weight_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,7 +50,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _lora_settings(r: int, alpha: float, targets: list[str] | None) -> dict[str, Any]:
-    return {"lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets or FALCON_TARGET_MODULES)}
+    return {"lora_r": r, "lora_alpha": alpha, "target_modules": sorted(targets or [])}
 
 
 def read_saved_lora(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, ...]]]:
@@ -93,6 +93,8 @@ def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modul
     catches an adapter trained on another base.
     """
     saved, shapes = read_saved_lora(path)
+    if saved is not None and not saved["target_modules"]:  # a run of `model.target_modules: null`: the family's own
+        saved["target_modules"] = sorted(architecture(skeleton.config).lora_targets)
     configured = _lora_settings(lora_r, lora_alpha, target_modules)
     differ = [k for k in configured if saved is not None and saved[k] != configured[k]]
     if differ:

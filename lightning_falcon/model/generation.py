@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lightning_falcon.data.conversations import without_marker
-from lightning_falcon.data.tokenizer import special_ids
+from lightning_falcon.data.tokenizer import special_ids, special_token_id
 from lightning_falcon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -125,10 +125,13 @@ def generate(
     `synced_gpus` keeps every rank stepping until all are done, which DeepSpeed ZeRO-3 needs: each forward
     gathers parameters from all ranks. `device` is where the inputs go (default: the first parameter's).
     `streamer` (transformers') receives the tokens as they are generated: one prompt, no beam search.
-    `marker` is the text a chat template ends a reply with before its EOS when the tokenizer has no token for it
-    (ChatML's `<|im_end|>` on Falcon's): the text is cut there.
+    `marker` is what a chat template ends a reply with (`Rendering.marker`): one special token of the tokenizer
+    (Falcon-H1's `<|im_end|>`), which generation stops at as at EOS, or text before an EOS (ChatML's `<|im_end|>`
+    on Falcon's tokenizer), which the text is cut at.
     """
     eos, pad = special_ids(tokenizer)
+    marker_id = special_token_id(tokenizer, marker)
+    stops = [eos] if marker_id is None else [eos, marker_id]
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off, LoRA's included
@@ -139,7 +142,7 @@ def generate(
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                eos_token_id=eos,
+                eos_token_id=stops,
                 pad_token_id=pad,
                 use_cache=True,  # training switches the KV cache off in the model config
                 synced_gpus=synced_gpus,
@@ -147,7 +150,7 @@ def generate(
                 **settings.generate_kwargs(),
             )
             for row in out[:, input_ids.shape[1] :].cpu():
-                hits = (row == eos).nonzero()
+                hits = torch.isin(row, torch.tensor(stops)).nonzero()
                 n = int(hits[0]) if len(hits) else len(row)
                 text = without_marker(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), marker)
                 results.append(Generated(text, n, bool(len(hits)), row[:n].tolist()))

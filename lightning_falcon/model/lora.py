@@ -1,17 +1,18 @@
-"""LoRA settings -> a PEFT model: Falcon's target modules, the target check and the parameter report."""
+"""LoRA settings -> a PEFT model: the target check, the wrapping and the parameter report.
+
+Each family's default targets are its row of `lightning_falcon/architectures.py`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_falcon.architectures import Architecture
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.quantization import constant_bytes
 from lightning_falcon.upstream import loaded_in_kbit
-
-# Falcon's attention and MLP projections (the QLoRA paper adapts every linear layer of the block).
-FALCON_TARGET_MODULES = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -23,14 +24,24 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def check_target_modules(available: list[str], target_modules: list[str]) -> None:
-    """Fail with the list of modules the model has when a LoRA target is missing."""
-    missing = [t for t in target_modules if t not in available]
+def check_target_modules(available: list[str], target_modules: Sequence[str], family: Architecture) -> None:
+    """Fail, listing both problems, when a LoRA target is missing from the model (naming the linear modules it has)
+    or is one its family's fused kernels bypass (`Architecture.not_lora`)."""
+    problems = []
+    bypassed = [t for t in target_modules if t in family.not_lora]
+    missing = [t for t in target_modules if t not in available and t not in bypassed]
     if missing:
-        raise ConfigError(
+        problems.append(
             f"model.target_modules {missing} not found in the model; it has linear modules {available}. "
             "Fix: set --model.target_modules to some of those."
         )
+    if bypassed:
+        problems.append(
+            f"model.target_modules {bypassed}: {family.family}'s fused kernels read these weights directly, "
+            f"so LoRA there would silently not train. Fix: leave model.target_modules unset "
+            f"({', '.join(family.lora_targets)})"
+        )
+    ConfigError.collect(problems)
 
 
 def apply_lora(
@@ -38,7 +49,7 @@ def apply_lora(
     r: int,
     alpha: int,
     dropout: float,
-    target_modules: list[str],
+    target_modules: Sequence[str],
     gradient_checkpointing: bool,
     upcast_frozen: bool = True,
 ) -> nn.Module:
@@ -64,8 +75,9 @@ def apply_lora(
             model.enable_input_require_grads()
     # The KV cache is useless while training and conflicts with checkpointing.
     model.config.use_cache = False
+    targets = list(target_modules)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
 

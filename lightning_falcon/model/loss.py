@@ -21,6 +21,26 @@ from torch.utils.checkpoint import checkpoint
 from lightning_falcon.data.prompts import IGNORE_INDEX
 
 
+class ScaledOutput(nn.Module):
+    """An output layer whose logits the model multiplies by a constant (Falcon-H1's μP `lm_head_multiplier`)."""
+
+    def __init__(self, head: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.head, self.scale = head, scale
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) * self.scale
+
+
+def output_layer(causal_lm: nn.Module, logit_scale: str | None) -> nn.Module:
+    """The module that turns the decoder's final hidden states into the model's own logits: the output
+    embedding, scaled by the config attribute `logit_scale` where the family has one (`Architecture.logit_scale`)."""
+    head = causal_lm.get_output_embeddings()
+    if logit_scale is None:
+        return head
+    return ScaledOutput(head, getattr(causal_lm.config, logit_scale))
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed fp32 cross-entropy of one chunk of positions."""
     logits = head(hidden).float()

@@ -34,24 +34,32 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   2·b·s·h·c more; those copies' gradients, or the gradients the memory-efficient kernel's backward
   builds at every head for keys and values it got as zero-stride views, are 2·b·s·h·c for the layer in
   flight. With checkpointing, one layer's; without, every layer keeps its part.
+* Mamba-2 (Falcon-H1), for d = the mixer's inner width, g groups of state size n, H heads of width P,
+  chunks of Q positions and a convolution of width k: what mamba_ssm's fused kernels keep for backward,
+  b·s·(in_proj's 2d + 2gn + H outputs, the convolution's d + 2gn, the scan's output and its gated norm, 2d)·c,
+  plus the states between chunks, b·ceil(s/Q)·H·P·n x 4 (fp32), and the step sizes, 2·b·H·s x 4. With
+  checkpointing, one layer's; without, every layer's. Plus the state and convolution caches of generation
+  (the samples during validation): L·b·(H·P·n + (d + 2gn)·k) x 4. Without mamba_ssm, transformers' PyTorch
+  path holds more (it builds b·s·Q·H·n products at once), which the plan does not count.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
 
-Activations, attention and the 1 GiB are the approximate part; the weight terms are exact counts.
+Activations, attention, the Mamba-2 mixers and the 1 GiB are the approximate part; the weight terms are exact counts.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from lightning_falcon.architectures import architecture
 from lightning_falcon.model.attention import Kernel, gpu_kernel
 from lightning_falcon.model.lora import linear_module_names
-from lightning_falcon.upstream import falcon_linear_as_nn_linear
 
 GiB = 2**30
 STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
@@ -71,30 +79,35 @@ class ModelCount:
     linear_modules: list[str]  # the leaf names LoRA can target
     heads: int = 1  # query heads of a layer
     kv_heads: int = 1  # key/value heads of a layer (Falcon-7B: 1; Falcon-40B: 8 groups)
+    head_dim: int = 0  # width of one head (Falcon-H1's heads x head_dim is not the hidden size)
+    routes_attention: bool = True  # model.fused_attention applies (Falcon); other families run transformers' own
+    mamba: dict[str, int] = field(default_factory=dict)  # a Mamba-2 mixer's widths per block (Falcon-H1); else none
 
     @property
     def quantized_weights(self) -> int:
         return sum(i * o for i, o in self.quantized)
 
 
-def count_model(config, target_modules: list[str], lora_r: int, quantized: bool = True) -> ModelCount:
+def count_model(config, target_modules: Sequence[str], lora_r: int, quantized: bool = True) -> ModelCount:
     """Build `config` on the meta device and count what each part holds. No weights are read or allocated."""
     from transformers import AutoModelForCausalLM
 
-    with falcon_linear_as_nn_linear(), torch.device("meta"):
+    family = architecture(config)
+    with family.build(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    # transformers leaves the output embedding unquantized (it is tied to the input embedding for Falcon).
+    # transformers leaves the output embedding unquantized (tied to the input embedding for Falcon-7B and 40B),
+    # and the family's own `keep_unquantized` layers stay whole too.
     output = model.get_output_embeddings()
     layers, lora, in_linear = [], 0, set()
     for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
         if type(module) is nn.Linear and module is not output:
-            if quantized:
+            if quantized and leaf not in family.keep_unquantized:
                 layers.append((module.in_features, module.out_features))
                 in_linear.add(id(module.weight))
-            if name.rsplit(".", 1)[-1] in target_modules:
+            if leaf in target_modules:
                 lora += lora_r * (module.in_features + module.out_features)
     unique = {id(p): p for p in model.parameters()}
-    attention = next(m for m in model.modules() if hasattr(m, "num_kv_heads"))  # Falcon's attention layer
     unquantized = sum(p.numel() for key, p in unique.items() if key not in in_linear)
     return ModelCount(
         quantized=layers,
@@ -104,9 +117,37 @@ def count_model(config, target_modules: list[str], lora_r: int, quantized: bool 
         layers=config.num_hidden_layers,
         vocab=config.vocab_size,
         linear_modules=linear_module_names(model),
-        heads=attention.num_heads,
-        kv_heads=attention.num_kv_heads,
+        heads=config.num_attention_heads,
+        kv_heads=family.kv_heads(config),
+        head_dim=family.head_dim(config),
+        routes_attention=family.routes_attention,
+        mamba=mamba_widths(config) if family.mamba else {},
     )
+
+
+def mamba_widths(config) -> dict[str, int]:
+    """A Falcon-H1 block's Mamba-2 mixer, from its config: inner width, groups, state size, heads, head width,
+    chunk and convolution widths (the planner's d, g, n, H, P, Q, k)."""
+    return {
+        "d": config.mamba_d_ssm or config.mamba_expand * config.hidden_size,
+        "g": config.mamba_n_groups,
+        "n": config.mamba_d_state,
+        "H": config.mamba_n_heads,
+        "P": config.mamba_d_head,
+        "Q": config.mamba_chunk_size,
+        "k": config.mamba_d_conv,
+    }
+
+
+def mamba_bytes(count: ModelCount, setup: Setup) -> float:
+    """What the Mamba-2 mixers hold for backward, and their generation caches: see the module docstring."""
+    m = count.mamba
+    b, s, c = setup.batch_size, setup.max_length, setup.compute_bytes
+    d, gn = m["d"], m["g"] * m["n"]
+    per_layer = b * s * ((2 * d + 2 * gn + m["H"]) + (d + 2 * gn) + 2 * d) * c
+    per_layer += b * math.ceil(s / m["Q"]) * m["H"] * m["P"] * m["n"] * 4 + 2 * b * m["H"] * s * 4
+    caches = count.layers * b * (m["H"] * m["P"] * m["n"] + (d + 2 * gn) * m["k"]) * 4
+    return (per_layer if setup.gradient_checkpointing else count.layers * per_layer) + caches
 
 
 def quantized_layer_bytes(n: int, out_features: int, quantization: str, double_quant: bool) -> tuple[int, int]:
@@ -186,6 +227,8 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
     else:
         p.rows["activations"] = L * per_layer
     p.rows["attention"] = attention_bytes(count, setup)
+    if count.mamba:
+        p.rows["Mamba-2 mixers"] = mamba_bytes(count, setup)
     positions = b * s
     if setup.loss_chunk_size is None:
         p.rows["logits"] = positions * count.vocab * (c + 8)
@@ -204,16 +247,15 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
 
 def attention_kernel(count: ModelCount, setup: Setup) -> Kernel:
     """The attention kernel the run gets on a CUDA GPU."""
-    return gpu_kernel(
-        count.heads, count.kv_heads, setup.attn_implementation, setup.fused_attention, setup.compute_bytes
-    )
+    fused = setup.fused_attention and count.routes_attention
+    return gpu_kernel(count.heads, count.kv_heads, setup.attn_implementation, fused, setup.compute_bytes)
 
 
 def attention_bytes(count: ModelCount, setup: Setup) -> float:
     """What attention holds beyond the layer activations: see the module docstring."""
     kernel = attention_kernel(count, setup)
     b, s, a, c = setup.batch_size, setup.max_length, count.heads, setup.compute_bytes
-    every_head = 2 * b * s * count.hidden * c  # keys and values at every query head (a x d = h)
+    every_head = 2 * b * s * a * count.head_dim * c  # keys and values at every query head
     if kernel.score_bytes:  # the probabilities kept for backward; beside them the scores, then their gradients
         kept = b * a * s * s * kernel.score_bytes
         in_flight = 2 * kept
@@ -229,4 +271,4 @@ def attention_bytes(count: ModelCount, setup: Setup) -> float:
 def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
     """Activations + attention + logits for the batch, with or without checkpointing (for the comparison line)."""
     p = plan(count, replace(setup, gradient_checkpointing=checkpointing), "single")
-    return p.rows["activations"] + p.rows["attention"] + p.rows["logits"]
+    return p.rows["activations"] + p.rows["attention"] + p.rows.get("Mamba-2 mixers", 0) + p.rows["logits"]

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_falcon.architectures import Architecture, architecture
 from lightning_falcon.assets import resolve
 from lightning_falcon.data.batching import packed_attention_mask
 from lightning_falcon.data.prompts import IGNORE_INDEX
@@ -23,13 +24,12 @@ from lightning_falcon.model.attention import attend, default_implementation
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import Generated, GenerationSettings, generate
 from lightning_falcon.model.lora import (
-    FALCON_TARGET_MODULES,
     apply_lora,
     check_target_modules,
     linear_module_names,
     parameter_report,
 )
-from lightning_falcon.model.loss import chunked_causal_lm_loss
+from lightning_falcon.model.loss import chunked_causal_lm_loss, output_layer
 from lightning_falcon.model.placement import base_placement, zero_stage
 from lightning_falcon.model.quantization import (
     ComputeDtype,
@@ -106,8 +106,9 @@ class FalconQLoRA(L.LightningModule):
             lora_r: LoRA rank.
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
             lora_dropout: Dropout on the LoRA input.
-            target_modules: Linear layers that get adapters; None = Falcon's query_key_value, dense,
-                dense_h_to_4h and dense_4h_to_h.
+            target_modules: Linear layers that get adapters; None = every projection LoRA reaches in the model's
+                family (`lightning_falcon/architectures.py`): Falcon's query_key_value, dense, dense_h_to_4h and
+                dense_4h_to_h; Falcon3's q/k/v/o and gate/up/down projections; Falcon-H1's those and Mamba's in_proj.
             gradient_checkpointing: Recompute activations in backward to save memory (KV cache stays off).
             upcast_frozen: Upcast the frozen unquantized weights (embeddings, norms, biases) to fp32, as PEFT's
                 `prepare_model_for_kbit_training` does for stability. False keeps them in the compute dtype: at
@@ -133,13 +134,12 @@ class FalconQLoRA(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["generation"])  # a run-time setting, not a hyperparameter
-        targets = target_modules if target_modules is not None else FALCON_TARGET_MODULES
         problems = []
         if lora_r < 1:
             problems.append(f"model.lora_r must be >= 1, got {lora_r}. Fix: --model.lora_r 8 (or 16, 64)")
         if not 0.0 <= lora_dropout < 1.0:
             problems.append(f"model.lora_dropout must be in [0, 1), got {lora_dropout}. Fix: --model.lora_dropout 0.05")
-        if not targets:
+        if target_modules is not None and not target_modules:
             problems.append("model.target_modules is empty; LoRA needs at least one module. Fix: leave it unset (null)")
         if learning_rate <= 0:
             problems.append(f"model.learning_rate must be > 0, got {learning_rate}. Fix: --model.learning_rate 2e-4")
@@ -152,7 +152,6 @@ class FalconQLoRA(L.LightningModule):
                 f"model.loss_chunk_size must be >= 1 or null, got {loss_chunk_size}. Fix: --model.loss_chunk_size 256"
             )
         ConfigError.collect(problems)
-        self.target_modules = list(targets)
         self.model: torch.nn.Module | None = None
         self.generation = generation or GenerationSettings()
         self.tokenizer = None  # the data module's, for generation: from `setup`
@@ -167,6 +166,7 @@ class FalconQLoRA(L.LightningModule):
         self._trainable: list[torch.nn.Parameter] = []  # listed by configure_optimizers
         self._guard = StepGuard()
         self._linear_modules: list[str] | None = None  # from config.json, by linear_modules()
+        self._architecture: Architecture | None = None  # from config.json, by architecture()
 
     # ----------------------------------------------------------------- building
     def _strategy(self) -> Strategy | None:
@@ -175,6 +175,19 @@ class FalconQLoRA(L.LightningModule):
             return self.trainer.strategy
         except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
             return None
+
+    def architecture(self) -> Architecture:
+        """The model family's row of `architectures.py`, from config.json alone; an unsupported one fails here."""
+        if self._architecture is None:
+            hp = self.hparams
+            self._architecture = architecture(read_model_config(hp.model_name_or_path, hp.trust_remote_code))
+        return self._architecture
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The LoRA targets: `model.target_modules`, or the family's own when it is unset."""
+        asked = self.hparams.target_modules
+        return list(asked) if asked is not None else list(self.architecture().lora_targets)
 
     def skeleton(self) -> torch.nn.Module:
         """The configured model without weights (on the meta device), from its config.json alone."""
@@ -193,8 +206,8 @@ class FalconQLoRA(L.LightningModule):
         return self._linear_modules
 
     def check_targets(self) -> None:
-        """Fail before any weights load if a LoRA target is missing."""
-        check_target_modules(self.linear_modules(), self.target_modules)
+        """Fail before any weights load if a LoRA target is missing, or one the family's kernels bypass."""
+        check_target_modules(self.linear_modules(), self.target_modules, self.architecture())
 
     def check_checkpoint(self, path: str | Path) -> None:
         """Fail before any weights load if a checkpoint or adapter directory cannot fit this model."""
@@ -332,7 +345,8 @@ class FalconQLoRA(L.LightningModule):
                 position_ids=batch.get("position_ids"),
                 use_cache=False,
             ).last_hidden_state
-        return chunked_causal_lm_loss(hidden, causal_lm.get_output_embeddings(), batch["labels"], chunk)
+        head = output_layer(causal_lm, self.architecture().logit_scale)
+        return chunked_causal_lm_loss(hidden, head, batch["labels"], chunk)
 
     def training_step(self, batch, batch_idx):
         loss = self.batch_loss(batch)

@@ -1,10 +1,12 @@
-"""bitsandbytes settings -> a quantized Falcon load. With `upstream.py`, the only module that imports bitsandbytes.
+"""bitsandbytes settings -> a quantized load. With `upstream.py`, the only module that imports bitsandbytes.
 
-The trap this file exists for: transformers 5.x swaps in bitsandbytes layers only for modules whose
-type is *exactly* `nn.Linear`, and Falcon's are `FalconLinear(nn.Linear)`, so a plain "4-bit" load of
-Falcon silently stays full precision. The load builds Falcon with `nn.Linear` in their place
-(`upstream.falcon_linear_as_nn_linear`), and `tests/test_quantization.py` proves every targeted layer
-is quantized.
+The traps this file exists for, each family's answer in its row of `architectures.py`:
+- transformers 5.x swaps in bitsandbytes layers only for modules whose type is *exactly* `nn.Linear`, and
+  Falcon's are `FalconLinear(nn.Linear)`, so a plain "4-bit" load of Falcon silently stays full precision.
+  The load builds Falcon with `nn.Linear` in their place (`Architecture.build`).
+- Falcon-H1's fused Mamba kernels read `out_proj`'s weight directly: a 4-bit one crashes them, so it stays
+  in the compute dtype (`Architecture.keep_unquantized`).
+`tests/test_quantization.py` proves, family by family, which layers are quantized and which are not.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_falcon.architectures import architecture
 from lightning_falcon.errors import ConfigError, first_line
-from lightning_falcon.upstream import falcon_linear_as_nn_linear, keep_4bit_layout_trainable, quantization_constants
+from lightning_falcon.upstream import keep_4bit_layout_trainable, quantization_constants
+
+# The output layer of every supported family; transformers keeps it unquantized unless given its own list.
+OUTPUT_LAYER = "lm_head"
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -129,19 +135,24 @@ def bnb_config(
     double_quant: bool,
     compute_dtype: torch.dtype,
     quant_storage: torch.dtype = torch.uint8,
+    keep: tuple[str, ...] = (),
 ):
     """The `BitsAndBytesConfig` for a quantization name, or None for `none`.
 
     `quant_storage` is the dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 partitions
     only floating tensors of its own dtype, so under ZeRO-3 it is that dtype; elsewhere uint8.
+    `keep` names linear layers left unquantized (`Architecture.keep_unquantized`). A list of its own replaces
+    transformers' default one, which keeps the output layer, so the output layer joins it.
     """
     from transformers import BitsAndBytesConfig
 
     if quantization == "none":
         return None
+    skip = {"llm_int8_skip_modules": [*keep, OUTPUT_LAYER]} if keep else {}
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
@@ -160,20 +171,21 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
-    """Load a causal LM through `from_pretrained`, quantized onto `device`.
+    """Load a causal LM of a supported family (`architectures.py`) through `from_pretrained`, quantized onto `device`.
 
     `device=None` is the DeepSpeed ZeRO-3 load: transformers refuses a `device_map` there, and puts a
     quantized model on this rank's current device itself (`torch.cuda.current_device()`, set per rank).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    quantization_config = bnb_config(quantization, double_quant, compute_dtype, quant_storage)
+    family = architecture(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code))
+    quantization_config = bnb_config(quantization, double_quant, compute_dtype, quant_storage, family.keep_unquantized)
     kwargs = {}
     if quantization_config is not None and device is not None:
         # bitsandbytes quantizes while it moves weights onto the device, so the device is explicit:
         # each DDP rank gets its own copy on its own GPU, never all of them on cuda:0.
         kwargs["device_map"] = {"": str(device)}
-    with falcon_linear_as_nn_linear():
+    with family.build():
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path,
             quantization_config=quantization_config,

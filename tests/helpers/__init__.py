@@ -160,12 +160,13 @@ def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) 
 
 def tuned_tiny(adapter_dir) -> torch.nn.Module:
     """The trained tiny model as predict builds it: the 4-bit base (fp32 compute) + the adapter's LoRA weights."""
+    from lightning_falcon.architectures import FALCON
     from lightning_falcon.model.adapter import load_weights
-    from lightning_falcon.model.lora import FALCON_TARGET_MODULES, apply_lora
+    from lightning_falcon.model.lora import apply_lora
     from lightning_falcon.model.quantization import load_causal_lm
 
     base = load_causal_lm(TINY, "nf4", True, torch.float32, torch.device("cpu"))
-    model = apply_lora(base, 16, 32, 0.0, FALCON_TARGET_MODULES, gradient_checkpointing=False)
+    model = apply_lora(base, 16, 32, 0.0, FALCON.lora_targets, gradient_checkpointing=False)
     load_weights(model, adapter_dir)
     return model.eval()
 
