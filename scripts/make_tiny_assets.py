@@ -1,6 +1,6 @@
 """Generate the assets that ship inside the package: sample data, a tiny tokenizer and a tiny Falcon.
 
-    python scripts/make_tiny_assets.py            # rewrites lightning_falcon/assets/{data,tiny-falcon}
+    python scripts/make_tiny_assets.py  # rewrites assets/{data,tiny-falcon,tiny-falcon3,tiny-falcon-h1}
 
 Everything is seeded, so a re-run reproduces the same files. The outputs are committed: the
 embedded default (`configs/tiny.yaml`) and the tests run offline from them.
@@ -16,6 +16,15 @@ embedded default (`configs/tiny.yaml`) and the tests run offline from them.
   the chat rows, so the tokenizer does not move when they change), carrying falcon-7b-instruct's chat
   template, and a random-initialised Falcon of the falcon-7b family (multi-query, parallel attention,
   rotary) at toy size.
+* `tiny-falcon3/`: the same trained BPE, with Falcon3's `<|pad|>` added as a special token beside its EOS
+  `<|endoftext|>` (the role tags `<|system|>`, `<|user|>`, `<|assistant|>` stay plain text: they were not found
+  among Falcon3's special tokens), carrying Falcon3-Instruct's chat template, and a random-initialised
+  `LlamaForCausalLM` of the Falcon3 family (grouped-query attention, an explicit head_dim, rope_theta 1000042,
+  untied embeddings) at toy size.
+* `tiny-falcon-h1/`: the same trained BPE, its special token at id 0 renamed `<|pad|>` (Falcon-H1's pad, at the
+  same id) and `<|begin_of_text|>`, `<|end_of_text|>` (the EOS), `<|im_start|>`, `<|im_end|>` added, carrying
+  Falcon-H1-Instruct's chat template, and a random-initialised `FalconH1ForCausalLM` (attention and Mamba-2 side by
+  side in every layer, with non-trivial muP multipliers like the released configs') at toy size.
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "lightning_falcon" / "assets"
 EOS = "<|endoftext|>"  # Falcon's own EOS string; like Falcon, the tokenizer has no pad token.
+# Falcon3's tokenizer: EOS `<|endoftext|>` (id 11 there; the config's BOS is the same id), and a pad token.
+FALCON3_PAD = "<|pad|>"
+# Falcon-H1's tokenizer: `<|pad|>` at id 0, a BOS its chat template writes first, an EOS, and ChatML's turn markers.
+FALCON_H1_PAD, FALCON_H1_BOS, FALCON_H1_EOS = "<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"
+FALCON_H1_TURNS = ("<|im_start|>", "<|im_end|>")
 
 # (short subject used in the request, richer description used in the prompt)
 SUBJECTS = [
@@ -441,6 +455,137 @@ def build_model(vocab_size: int, eos_id: int, out: Path, initializer_range: floa
     FalconForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
 
 
+def family_tokenizer(
+    base: Path,
+    out: Path,
+    template: str,
+    special: dict[str, str],
+    added: tuple[str, ...] = (),
+    rename_first: str | None = None,
+):
+    """Save the trained BPE of `base` (not retrained) with a family's special tokens: `rename_first` renames the
+    special token at id 0, `added` are appended as special tokens, and `special` names the roles (eos_token, ...).
+    The chat template goes in tokenizer_config.json, as in the tiny-falcon."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
+    if rename_first is not None:
+        first = next(t for t in spec["added_tokens"] if t["id"] == 0)
+        spec["model"]["vocab"][rename_first] = spec["model"]["vocab"].pop(first["content"])
+        first["content"] = rename_first
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **special)
+    fast.save_pretrained(out, save_jinja_files=False)
+    return fast
+
+
+def save_tiny(model, out: Path) -> None:
+    """bf16 on disk, as the tiny-falcon; bos/eos/pad ids come from the config into generation_config.json."""
+    import torch
+
+    model.to(torch.bfloat16).save_pretrained(out)
+
+
+def build_falcon3(base: Path, out: Path, initializer_range: float, hidden_size: int) -> None:
+    """Falcon3 is a `LlamaForCausalLM`: grouped-query attention, an explicit head_dim, SwiGLU, RMSNorm, a high
+    rope_theta and untied embeddings (tiiuae/Falcon3-7B: 12 query / 4 KV heads of 256, rope_theta 1000042)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_falcon.data.chat_templates import FALCON3_INSTRUCT
+
+    tokenizer = family_tokenizer(
+        base, out, FALCON3_INSTRUCT, {"eos_token": EOS, "pad_token": FALCON3_PAD}, added=(FALCON3_PAD,)
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # Falcon3's embeddings are exactly its tokenizer's 131072 tokens
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        hidden_act="silu",
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=1000042,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,  # Falcon3's config.json: bos_token_id = eos_token_id = 11
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,  # as the tiny-falcon: logits with a real range
+    )
+    save_tiny(LlamaForCausalLM(config), out)
+
+
+def build_falcon_h1(base: Path, out: Path, initializer_range: float, hidden_size: int) -> None:
+    """Falcon-H1 runs attention and a Mamba-2 mixer side by side in every layer, under muP multipliers: the values of
+    tiiuae/Falcon-H1-0.5B's config.json, none of them trivial but attention_in, so that a test exercises them."""
+    import torch
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from lightning_falcon.data.chat_templates import FALCON_H1_INSTRUCT
+
+    tokenizer = family_tokenizer(
+        base,
+        out,
+        FALCON_H1_INSTRUCT,
+        {"bos_token": FALCON_H1_BOS, "eos_token": FALCON_H1_EOS, "pad_token": FALCON_H1_PAD},
+        added=(FALCON_H1_BOS, FALCON_H1_EOS, *FALCON_H1_TURNS),
+        rename_first=FALCON_H1_PAD,
+    )
+    lm_head_multiplier = 0.0390625
+    torch.manual_seed(0)
+    config = FalconH1Config(
+        vocab_size=len(tokenizer),  # like Falcon-H1-7B's 130049: exactly its tokenizer's tokens
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        mamba_d_ssm=2 * hidden_size,
+        mamba_n_heads=8,
+        mamba_d_head=2 * hidden_size // 8,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_d_conv=4,
+        mamba_chunk_size=16,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        mamba_norm_before_gate=False,
+        mamba_rms_norm=True,
+        projectors_bias=False,
+        max_position_embeddings=512,
+        rope_theta=1e11,
+        tie_word_embeddings=False,
+        embedding_multiplier=5.656854249492381,
+        lm_head_multiplier=lm_head_multiplier,
+        attention_in_multiplier=1.0,
+        attention_out_multiplier=0.9375,
+        key_multiplier=0.390625,
+        ssm_in_multiplier=1.25,
+        ssm_out_multiplier=0.23570226039551587,
+        mlp_multipliers=[0.8838834764831844, 0.5859375],
+        ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
+    )
+    model = FalconH1ForCausalLM(config)
+    # The logits are lm_head(h) * lm_head_multiplier: a head drawn 1 / multiplier wider gives them the range the
+    # tiny-falcon's have, which the frozen random head needs for a LoRA's loss to fall at all.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1 / lm_head_multiplier)
+    save_tiny(model, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=360, help="number of Midjourney pairs")
@@ -449,6 +594,10 @@ def main() -> None:
     parser.add_argument("--initializer_range", type=float, default=0.15)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ASSETS / "tiny-falcon", help="model + tokenizer directory")
+    parser.add_argument("--falcon3_out", type=Path, default=ASSETS / "tiny-falcon3", help="tiny Falcon3 directory")
+    parser.add_argument(
+        "--falcon_h1_out", type=Path, default=ASSETS / "tiny-falcon-h1", help="tiny Falcon-H1 directory"
+    )
     args = parser.parse_args()
 
     mj = midjourney_pairs(random.Random(args.seed), args.pairs)
@@ -465,9 +614,13 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     build_model(len(tokenizer), tokenizer.eos_token_id, out, args.initializer_range, args.hidden_size)
+    # The same trained BPE (out's tokenizer.json, not retrained) under each family's special tokens and template.
+    build_falcon3(out, args.falcon3_out, args.initializer_range, args.hidden_size)
+    build_falcon_h1(out, args.falcon_h1_out, args.initializer_range, args.hidden_size)
     print(
         f"wrote {len(mj)} Midjourney pairs, {len(gu)} guanaco rows, {len(chat)} guanaco chat rows, "
-        f"tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}"
+        f"tokenizer ({len(tokenizer)} tokens) and model to {ASSETS}, and {args.falcon3_out.name}, "
+        f"{args.falcon_h1_out.name}"
     )
 
 

@@ -5,7 +5,8 @@ Every chat-shaped row (`messages`, ShareGPT, alpaca, prompt/response) is rendere
 template (HF pipelines, vLLM, TGI, llama.cpp) agree token for token. The template travels with the adapter,
 the merged export and the GGUF.
 
-`data.chat_template` is `auto` (the tokenizer's own template where it has one, else `instruction`),
+`data.chat_template` is `auto` (the tokenizer's own template where it has one, else the model family's default
+from `lightning_falcon/architectures.py`: `instruction` for Falcon's base models),
 `tokenizer` (the tokenizer's own, which must exist), a name of `NAMED`, or a path to a `.jinja` file.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
+from lightning_falcon.architectures import ARCHITECTURES
 from lightning_falcon.assets import resolve
 from lightning_falcon.errors import ConfigError
 
@@ -48,6 +50,89 @@ CHATML = (
 )
 
 
+# Exactly the `chat_template` of tiiuae/Falcon3-7B-Instruct's tokenizer (all Falcon3 Instruct sizes share it).
+FALCON3_INSTRUCT = (
+    "{%- if tools %}\n"
+    "{{- '<|system|>\\n' }}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "{{- messages[0]['content'] }}\n"
+    "{%- set remaining_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "{%- set remaining_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{{- 'You are a Falcon assistant skilled in function calling. You are helpful, respectful, and"
+    " concise.\\n\\n# Tools\\n\\nYou have access to the following functions. You MUST use them to answer"
+    " questions when needed. For each function call, you MUST return a JSON object inside"
+    " <tool_call></tool_call> tags.\\n\\n<tools>' + tools|tojson(indent=2) + '</tools>\\n\\n# Output"
+    " Format\\n\\nYour response MUST follow this format when making function calls:\\n<tool_call>\\n[\\n "
+    ' {"name": "function_name", "arguments": {"arg1": "value1", "arg2": "value2"}},\\n  {"name":'
+    ' "another_function", "arguments": {"arg": "value"}}\\n]\\n</tool_call>\\nIf no function calls are'
+    " needed, respond normally without the tool_call tags.\\n' }}\n"
+    "{%- for message in remaining_messages %}\n"
+    "{%- if message['role'] == 'user' %}\n"
+    "{{- '<|user|>\\n' + message['content'] + '\\n' }}\n"
+    "{%- elif message['role'] == 'assistant' %}\n"
+    "{%- if message.content %}\n"
+    "{{- '<|assistant|>\\n' + message['content'] }}\n"
+    "{%- endif %}\n"
+    "{%- if message.tool_calls %}\n"
+    "{{- '\\n<tool_call>\\n' }}\n"
+    "{{- message.tool_calls|tojson(indent=2) }}\n"
+    "{{- '\\n</tool_call>' }}\n"
+    "{%- endif %}\n"
+    "{{- eos_token + '\\n' }}\n"
+    "{%- elif message['role'] == 'tool' %}\n"
+    "{{- '<|assistant|>\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{{- '<|assistant|>\\n' if add_generation_prompt }}\n"
+    "{%- else %}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] == 'system' %}\n"
+    "{{- '<|system|>\\n' + message['content'] + '\\n' }}\n"
+    "{%- elif message['role'] == 'user' %}\n"
+    "{{- '<|user|>\\n' + message['content'] + '\\n' }}\n"
+    "{%- elif message['role'] == 'assistant' %}\n"
+    "{%- if not loop.last %}\n"
+    "{{- '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}\n"
+    "{%- else %}\n"
+    "{{- '<|assistant|>\\n' + message['content'] + eos_token }}\n"
+    "{%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- if loop.last and add_generation_prompt %}\n"
+    "{{- '<|assistant|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- endif %}"
+)
+
+# Exactly the `chat_template` of tiiuae/Falcon-H1-7B-Instruct's tokenizer (the Falcon-H1 Instruct one): BOS, ChatML.
+FALCON_H1_INSTRUCT = (
+    "{{bos_token}}\n"
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- messages[0].content + '\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    '    {{- "You are a function calling AI model. You are provided with function signature within'
+    " <tools> </tools> XML tags. You may call one or more functions to assist with the user query."
+    " Don't make assumptions about what values to plug into functions.\\n<tools>\\n\" }}\n"
+    "    {%- for tool in tools %}[{{- tool | tojson }}]{%- endfor %}\n"
+    '    {{- "\\n</tools>\\nFor each function call, return a json object with function name and'
+    " arguments within <tool_call> </tool_call> tags with the following"
+    " schema:\\n<tool_call>\\n{'arguments': <args-dict>, 'name': <function-name>}\\n</tool_call>\\n\" }}\n"
+    "{%- else %}\n"
+    "    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}{% for message in messages %}{%- if message.role != 'system' %}{{'<|im_start|>' +"
+    " message['role'] + '\n"
+    "' + message['content'] + '<|im_end|>' + '\n"
+    "'}}{%- endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n"
+    "' }}{% endif %}"
+)
+
+
 def _plain(user: str, assistant: str, separator: str) -> str:
     """A template for base models: `user` and `assistant` open their turns, `separator` goes between turns (a
     system text first, as it is). A single exchange renders as `{user}{prompt}{separator}{assistant}{response}`.
@@ -68,6 +153,8 @@ NAMED: dict[str, str] = {
     "falcon-instruct": FALCON_INSTRUCT,
     "falcon-180b-chat": FALCON_180B_CHAT,
     "chatml": CHATML,
+    "falcon3": FALCON3_INSTRUCT,
+    "falcon-h1": FALCON_H1_INSTRUCT,
     # An Alpaca-style instruction block, the usual choice for base models.
     "instruction": _plain("### Instruction:\n", "### Response:\n", "\n\n"),
     # The guanaco / OpenAssistant turn format.
@@ -75,7 +162,7 @@ NAMED: dict[str, str] = {
     # No decoration: each turn on its own line.
     "plain": _plain("", "", "\n"),
 }
-# what `auto` falls back to for a tokenizer without a template of its own (a base model's)
+# what `auto` falls back to for a tokenizer without a template of its own, beside no config.json of a known family
 FALLBACK = "instruction"
 CHOICES = ("auto", "tokenizer", *NAMED)
 
@@ -88,11 +175,27 @@ class ChatTemplate:
     text: str
 
 
+def family_template(tokenizer) -> str:
+    """The named template of the model family whose config.json is beside the tokenizer (`Architecture.chat_template`);
+    `FALLBACK` where there is none, or it is of no supported family."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(tokenizer.name_or_path)
+    except (OSError, ValueError):  # a tokenizer alone, or a model_type this transformers does not know
+        return FALLBACK
+    family = ARCHITECTURES.get(config.model_type)
+    return family.chat_template if family is not None else FALLBACK
+
+
 def resolve_template(setting: str, tokenizer) -> ChatTemplate:
     """The template `data.chat_template` names, for this tokenizer; a one-line error when there is none."""
     own = getattr(tokenizer, "chat_template", None)
     if setting == "auto":
-        return ChatTemplate("tokenizer", own) if own else ChatTemplate(FALLBACK, NAMED[FALLBACK])
+        if own:
+            return ChatTemplate("tokenizer", own)
+        name = family_template(tokenizer)
+        return ChatTemplate(name, NAMED[name])
     if setting == "tokenizer":
         if not own:
             raise ConfigError(

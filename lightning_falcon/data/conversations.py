@@ -27,8 +27,9 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_falcon.data.chat_templates import ChatTemplate, render
+from lightning_falcon.data.chat_templates import ChatTemplate, end_marker, render
 from lightning_falcon.data.prompts import IGNORE_INDEX, Encoded
+from lightning_falcon.data.tokenizer import special_token_id
 from lightning_falcon.errors import ConfigError
 
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -117,6 +118,17 @@ class Rendering:
     eos: str
     train_on: TrainOn = "all_assistant"
     marker: str = ""
+
+
+def rendering_of(tokenizer, template: ChatTemplate, train_on: TrainOn = "all_assistant") -> Rendering:
+    """How `template` ends a reply on this tokenizer, and so what goes after it and where generation stops."""
+    marker = end_marker(tokenizer, template).strip()
+    if marker == tokenizer.eos_token:  # the template ends a reply with EOS itself: nothing to add or cut
+        return Rendering(template, "", train_on)
+    if special_token_id(tokenizer, marker) is not None:  # an end-of-turn token: generation stops there
+        return Rendering(template, "", train_on, marker)
+    # An EOS after the template's own end (if any), which generation stops at; the marker text is cut off.
+    return Rendering(template, tokenizer.eos_token, train_on, marker)
 
 
 def without_marker(text: str, marker: str) -> str:

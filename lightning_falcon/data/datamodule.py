@@ -24,8 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_falcon.data.batching import Batching, PackedRows
-from lightning_falcon.data.chat_templates import end_marker, resolve_template, system_problems, template_problems
-from lightning_falcon.data.conversations import Rendering, TrainOn
+from lightning_falcon.data.chat_templates import resolve_template, system_problems, template_problems
+from lightning_falcon.data.conversations import Rendering, TrainOn, rendering_of
 from lightning_falcon.data.formats import Chat, DataFormat, Turns, detect, expected_columns, row_columns
 from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.data.loading import empty, line_of, load_source, local_file, peek_columns
@@ -33,7 +33,7 @@ from lightning_falcon.data.mixing import Mix, quotas
 from lightning_falcon.data.prompts import IGNORE_INDEX, prompt_length
 from lightning_falcon.data.sampler import ResumableLoader, ResumableSampler
 from lightning_falcon.data.source import Member, Source, members, setting
-from lightning_falcon.data.tokenizer import load_tokenizer, special_ids, special_token_id
+from lightning_falcon.data.tokenizer import load_tokenizer, special_ids
 from lightning_falcon.data.tokenizing import screen_rows, tokenize_split
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import staged_directory
@@ -146,13 +146,7 @@ class PromptDataModule(L.LightningDataModule):
             template = resolve_template(hp.chat_template, tok)
             # a template that cannot render an exchange fails here, in one line, not in the middle of tokenizing
             ConfigError.collect(template_problems(tok, template))
-            marker = end_marker(tok, template)
-            if marker.strip() == tok.eos_token:  # the template ends a reply with EOS itself: nothing to add or cut
-                self._rendering = Rendering(template, "", hp.train_on)
-            elif special_token_id(tok, marker.strip()) is not None:  # an end-of-turn token: generation stops there
-                self._rendering = Rendering(template, "", hp.train_on, marker)
-            else:  # an EOS after the template's own end, which generation stops at; the marker text is cut off
-                self._rendering = Rendering(template, tok.eos_token, hp.train_on, marker)
+            self._rendering = rendering_of(tok, template, hp.train_on)
         return self._rendering
 
     def format_of(self, member: Member, columns: list[str] | None = None, dataset: str | None = None) -> DataFormat:
