@@ -118,19 +118,30 @@ def test_a_run_that_blows_up_stops_with_its_step_and_keeps_the_last_good_checkpo
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "accumulate, micro_batch, config, batching, optimizer",
+    "accumulate, micro_batch, config, batching, optimizer, model",
     [
-        (1, 0, "tiny.yaml", None, "adamw"),
-        (2, 1, "tiny.yaml", None, "adamw"),
-        (1, 0, "tiny-mix.yaml", None, "adamw"),
-        (1, 0, "tiny-mix.yaml", "packed", "adamw"),
-        (1, 0, "tiny.yaml", None, "paged_adamw_8bit"),  # the shipped GPU configs' optimizer (unpaged on CPU)
-        (1, 0, "tiny-chat-mix", None, "adamw"),  # messages rows (several turns, system prompts) beside pairs
+        (1, 0, "tiny.yaml", None, "adamw", None),
+        (2, 1, "tiny.yaml", None, "adamw", None),
+        (1, 0, "tiny-mix.yaml", None, "adamw", None),
+        (1, 0, "tiny-mix.yaml", "packed", "adamw", None),
+        (1, 0, "tiny.yaml", None, "paged_adamw_8bit", None),  # the shipped GPU configs' optimizer (unpaged on CPU)
+        (1, 0, "tiny-chat-mix", None, "adamw", None),  # messages rows (several turns, system prompts) beside pairs
+        (1, 0, "tiny.yaml", None, "adamw", "asset:tiny-falcon3"),  # the other families (architectures.py)
+        (1, 0, "tiny.yaml", None, "adamw", "asset:tiny-falcon-h1"),
     ],
-    ids=["step", "inside-accumulation-window", "mixed", "mixed-packed", "paged-8bit-adamw", "mixed-chat"],
+    ids=[
+        "step",
+        "inside-accumulation-window",
+        "mixed",
+        "mixed-packed",
+        "paged-8bit-adamw",
+        "mixed-chat",
+        "falcon3",
+        "falcon-h1",
+    ],
 )
 def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
-    tmp_path, accumulate, micro_batch, config, batching, optimizer
+    tmp_path, accumulate, micro_batch, config, batching, optimizer, model
 ):
     from safetensors.torch import load_file
 
@@ -144,6 +155,7 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
         "--trainer.accumulate_grad_batches", str(accumulate), "--checkpoint.every_n_train_steps", "4",
         "--trainer.val_check_interval", "6", "--generation.samples", "[]", "--model.optimizer", optimizer,
         *(["--data.batching", batching] if batching else []),
+        *(["--model.model_name_or_path", model] if model else []),
     ]  # fmt: skip
     chat = config == "tiny-chat-mix"
     if chat:  # tiny-mix.yaml with the shipped chat sample in place of the guanaco turns

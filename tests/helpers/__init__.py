@@ -17,6 +17,8 @@ from lightning_falcon.assets import resolve
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = resolve("asset:tiny-falcon")
+# The tiny models of the other families (`lightning_falcon/architectures.py`), with their tokenizers and templates.
+TINY_FAMILIES = {"falcon3": resolve("asset:tiny-falcon3"), "falcon-h1": resolve("asset:tiny-falcon-h1")}
 MIDJOURNEY = resolve("asset:data/midjourney.jsonl")
 GUANACO = resolve("asset:data/guanaco-sample.jsonl")
 GUANACO_CHAT = resolve("asset:data/guanaco-chat.jsonl")
@@ -72,16 +74,14 @@ def prepared_datamodule(tmp_path, **kwargs):
 
 def chat_format(tokenizer, template: str = "instruction", kind: str = "prompt_response", system: str | None = None):
     """The `Chat` format a run with `data.chat_template: template` renders `kind` rows with, for this tokenizer."""
-    from lightning_falcon.data.chat_templates import end_marker, resolve_template
-    from lightning_falcon.data.conversations import Rendering
+    from lightning_falcon.data.chat_templates import resolve_template
+    from lightning_falcon.data.conversations import rendering_of
     from lightning_falcon.data.formats import Chat
 
-    resolved = resolve_template(template, tokenizer)
-    eos = "" if end_marker(tokenizer, resolved) == tokenizer.eos_token else tokenizer.eos_token
     columns = {"messages": ("messages",), "alpaca": ("instruction", "input", "output")}.get(
         kind, ("prompt", "response")
     )
-    return Chat(kind, columns, Rendering(resolved, eos), system)
+    return Chat(kind, columns, rendering_of(tokenizer, resolve_template(template, tokenizer)), system)
 
 
 def write_jsonl(path, rows) -> str:
@@ -123,12 +123,12 @@ def files_holding_the_token(root: Path) -> tuple[list[Path], list[Path]]:
     return files, [path for path in files if PLANTED_TOKEN.encode() in path.read_bytes()]
 
 
-def adapter_changes_the_model(adapter_dir: Path) -> None:
-    """The adapter loads onto the tiny base with plain PEFT, and changes its logits (it is not empty)."""
+def adapter_changes_the_model(adapter_dir: Path, base_path: str = TINY) -> None:
+    """The adapter loads onto its tiny base with plain PEFT, and changes its logits (it is not empty)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         before = base(ids).logits
@@ -158,15 +158,17 @@ def cli_error(root: Path, subcommand: str, *args: str, env: dict | None = None) 
     return last
 
 
-def tuned_tiny(adapter_dir) -> torch.nn.Module:
-    """The trained tiny model as predict builds it: the 4-bit base (fp32 compute) + the adapter's LoRA weights."""
-    from lightning_falcon.architectures import FALCON
+def tuned_tiny(adapter_dir, base_path: str = TINY) -> torch.nn.Module:
+    """A trained tiny model as predict builds it: the 4-bit base (fp32 compute) + the adapter's LoRA weights (r 16,
+    the family's default targets)."""
+    from lightning_falcon.architectures import architecture
     from lightning_falcon.model.adapter import load_weights
     from lightning_falcon.model.lora import apply_lora
     from lightning_falcon.model.quantization import load_causal_lm
 
-    base = load_causal_lm(TINY, "nf4", True, torch.float32, torch.device("cpu"))
-    model = apply_lora(base, 16, 32, 0.0, FALCON.lora_targets, gradient_checkpointing=False)
+    base = load_causal_lm(base_path, "nf4", True, torch.float32, torch.device("cpu"))
+    targets = architecture(base.config).lora_targets
+    model = apply_lora(base, 16, 32, 0.0, targets, gradient_checkpointing=False)
     load_weights(model, adapter_dir)
     return model.eval()
 
