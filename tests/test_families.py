@@ -1,10 +1,11 @@
-"""The whole path for each family beside Falcon (`lightning_falcon/architectures.py`), on its shipped tiny model:
-fit, chat, predict, evaluate, `export --merge` against the 4-bit base + adapter, and the adapter under plain PEFT.
+"""The whole path for each family beside the 7B/40B Falcon (`lightning_falcon/architectures.py`) on a tiny model of
+its shape: fit, chat, predict, evaluate, `export --merge` against the 4-bit base + adapter, and plain PEFT.
 
-Each tiny model carries its family's tokenizer specials and chat template (Falcon3's `<|user|>` turns ending in
-EOS, Falcon-H1's ChatML ending in its `<|im_end|>` token), so the runs below render, train and stop as the real
-models do. Kill-and-resume for these families is in tests/test_reliability.py, GGUF in tests/test_gguf.py, and
-their real widths in the scale tier.
+Falcon3's and Falcon-H1's tiny models ship with the package, with their family's tokenizer specials and chat
+template (Falcon3's `<|user|>` turns ending in EOS, Falcon-H1's ChatML ending in its `<|im_end|>` token), so the runs
+below render, train and stop as the real models do. Falcon2-11B's traits (an untied output layer, one layer norm,
+grouped KV heads) are a Falcon's, built here at toy width on the tiny Falcon's tokenizer. Kill-and-resume for these
+families is in tests/test_reliability.py, GGUF in tests/test_gguf.py, and their real widths in the scale tier.
 """
 
 import io
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_FAMILIES, adapter_changes_the_model, cli, fit_in_process, scalars, tuned_tiny
+from helpers import (
+    TINY,
+    TINY_FAMILIES,
+    adapter_changes_the_model,
+    cli,
+    falcon2_11b_shaped,
+    fit_in_process,
+    scalars,
+    tuned_tiny,
+)
 from test_chat import one_line, run_chat
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,39 +35,39 @@ from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.export.run import export
 from lightning_falcon.model.generation import GenerationSettings, generate
 
-FAMILIES = list(TINY_FAMILIES)
+FAMILIES = [*TINY_FAMILIES, "falcon2-11b"]
 REQUESTS = ["What is the capital of Italy?", "Write a haiku about rain."]
 
 
-def family_arguments(family: str) -> list[str]:
-    return ["--model.model_name_or_path", f"asset:{TINY_FAMILIES[family].rsplit('/', 1)[-1]}"]
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """family -> (the directory of its tiny model's weights, of its tokenizer)."""
+    shaped = str(falcon2_11b_shaped(tmp_path_factory.mktemp("falcon2-11b")))
+    return {**{family: (path, path) for family, path in TINY_FAMILIES.items()}, "falcon2-11b": (shaped, TINY)}
+
+
+def model_arguments(models, family: str) -> list[str]:
+    base, tokenizer = models[family]
+    return ["--model.model_name_or_path", base, "--data.tokenizer", tokenizer]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, models):
     """family -> configs/tiny-chat.yaml on that family's tiny model, trained 40 steps in this process: its run dir."""
     done = {}
 
     def get(family: str):
         if family not in done:
             root = tmp_path_factory.mktemp(family)
-            steps = [
-                "--trainer.max_steps",
-                "40",
-                "--trainer.val_check_interval",
-                "20",
-                "--trainer.log_every_n_steps",
-                "5",
-            ]
-            done[family] = fit_in_process(
-                root, *family_arguments(family), *steps, "--generation.max_new_tokens", "8", config="tiny-chat.yaml"
-            )
+            steps = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "20"]
+            steps += ["--trainer.log_every_n_steps", "5", "--generation.max_new_tokens", "8"]
+            done[family] = fit_in_process(root, *model_arguments(models, family), *steps, config="tiny-chat.yaml")
         return done[family]
 
     return get
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_a_reply_trains_through_the_templates_own_end_and_nothing_after(family):
     tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
     rendering = rendering_of(tokenizer, resolve_template("auto", tokenizer))
@@ -73,13 +83,13 @@ def test_a_reply_trains_through_the_templates_own_end_and_nothing_after(family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fit_quantizes_every_target_trains_and_saves_the_familys_template(runs, family):
-    run = runs(family)
-    config = AutoModelForCausalLM.from_pretrained(TINY_FAMILIES[family]).config
+def test_fit_quantizes_every_target_trains_and_saves_the_familys_template(runs, models, family):
+    run, (base, tokenizer_dir) = runs(family), models[family]
+    config = AutoModelForCausalLM.from_pretrained(base).config
     targets = architecture(config).lora_targets
     loss = [v for _, v in scalars(run)["train/loss"]]
     assert loss[-1] < 0.8 * loss[0], loss
-    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     adapter = run / "adapter"
     assert (adapter / "chat_template.jinja").read_text() == tokenizer.chat_template
     lora = json.loads((adapter / "adapter_config.json").read_text())
@@ -88,20 +98,20 @@ def test_fit_quantizes_every_target_trains_and_saves_the_familys_template(runs, 
 
     adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in load_file(adapter / "adapter_model.safetensors")}
     assert adapted == set(targets)  # and none on the layers the family keeps out (H1's out_proj)
-    adapter_changes_the_model(adapter, TINY_FAMILIES[family])
+    adapter_changes_the_model(adapter, base)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_merge_keeps_the_outputs_of_the_4bit_base_plus_adapter(runs, family, tmp_path):
-    run = runs(family)
+def test_merge_keeps_the_outputs_of_the_4bit_base_plus_adapter(runs, models, family, tmp_path):
+    run, (base, tokenizer_dir) = runs(family), models[family]
     adapter = str(run / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(export(adapter, str(tmp_path / "m"), merge=True, dtype="fp32"))
     original = AutoModelForCausalLM.from_pretrained(
         export(adapter, str(tmp_path / "o"), merge=True, dtype="fp32", merge_into="original")
     )
-    reference = tuned_tiny(run / "adapter", TINY_FAMILIES[family])
-    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
+    reference = tuned_tiny(run / "adapter", base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": REQUESTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=False
     )
@@ -112,23 +122,24 @@ def test_merge_keeps_the_outputs_of_the_4bit_base_plus_adapter(runs, family, tmp
           f"{error:.2e}, into the original weights {original_error:.2e}")  # fmt: skip
     assert error <= 1e-3
     assert original_error > 100 * error  # the usual merge shifts every output by the quantization error
-    assert merged.config.tie_word_embeddings is False  # both families' output layers are their own
+    assert merged.config.tie_word_embeddings is False  # each family's output layer is its own, merged as it was
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chat_answers_as_generate_does_on_the_familys_template(runs, family, tmp_path, monkeypatch, capsys):
-    run = runs(family)
+def test_chat_answers_as_generate_does_on_the_familys_template(runs, models, family, tmp_path, monkeypatch, capsys):
+    run, (base, tokenizer_dir) = runs(family), models[family]
     out = run_chat(
-        monkeypatch, capsys, io.StringIO(REQUESTS[0] + "\n"), tmp_path, *family_arguments(family),
+        monkeypatch, capsys, io.StringIO(REQUESTS[0] + "\n"), tmp_path, *model_arguments(models, family),
         "--ckpt_path", str(run / "adapter"), "--generation.max_new_tokens", "12", "--history", "false",
         config="tiny-chat.yaml",
     )  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rendering = rendering_of(tokenizer, resolve_template("auto", tokenizer))
     messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": REQUESTS[0]}]
+    # one request: no reply of its history, so the template's own ids are training's
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    model = tuned_tiny(run / "adapter", TINY_FAMILIES[family])
+    model = tuned_tiny(run / "adapter", base)
     (expected,) = generate(
         model, tokenizer, [prompt], GenerationSettings(max_new_tokens=12), 1, marker=rendering.marker
     )
@@ -138,10 +149,10 @@ def test_chat_answers_as_generate_does_on_the_familys_template(runs, family, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_predict_and_evaluate_run_on_the_trained_adapter(runs, family):
+def test_predict_and_evaluate_run_on_the_trained_adapter(runs, models, family):
     run = runs(family)
     root = run.parents[2]
-    common = [*family_arguments(family), "--ckpt_path", str(run / "adapter"), "--generation.max_new_tokens", "8"]
+    common = [*model_arguments(models, family), "--ckpt_path", str(run / "adapter"), "--generation.max_new_tokens", "8"]
     out = root / "predictions.jsonl"
     inputs = json.dumps(REQUESTS)
     cli(

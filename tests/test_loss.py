@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import GUANACO, TINY, prepared_datamodule
+from helpers import GUANACO, TINY, TINY_FAMILIES, falcon2_11b_shaped, prepared_datamodule
 
 from lightning_falcon.data.batching import PackedRows
 from lightning_falcon.data.source import Source
@@ -87,3 +87,36 @@ def test_chunked_loss_never_keeps_the_whole_logits(module, tmp_path):
 def test_bad_chunk_size_is_refused_before_loading():
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         FalconQLoRA(TINY, loss_chunk_size=0)
+
+
+@pytest.fixture(scope="module")
+def family_modules(tmp_path_factory):
+    """family -> its tiny 4-bit model with LoRA as fit builds it, with an adapter that changes it."""
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            path = TINY_FAMILIES.get(family) or str(falcon2_11b_shaped(tmp_path_factory.mktemp(family)))
+            torch.manual_seed(0)
+            m = FalconQLoRA(path, lora_dropout=0.0, gradient_checkpointing=True)
+            m.configure_model()
+            with torch.no_grad():
+                for name, p in m.model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05)
+            built[family] = m
+        return built[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", [*TINY_FAMILIES, "falcon2-11b"])
+def test_chunked_loss_is_the_models_own_for_an_untied_or_scaled_output(family_modules, family, tmp_path):
+    """Falcon2-11B's and Falcon3's output layers are their own weights; Falcon-H1 scales its logits (μP)."""
+    module = family_modules(family)
+    batch = batches(tmp_path)["padded"]  # the tiny tokenizer's ids, inside every tiny vocabulary
+    reference, reference_grads = loss_and_grads(module, batch, None)
+    loss, grads = loss_and_grads(module, batch, 7)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=0)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[key], atol=1e-6, rtol=0, msg=key)

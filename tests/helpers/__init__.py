@@ -84,6 +84,23 @@ def chat_format(tokenizer, template: str = "instruction", kind: str = "prompt_re
     return Chat(kind, columns, rendering_of(tokenizer, resolve_template(template, tokenizer)), system)
 
 
+def falcon2_11b_shaped(root: Path) -> Path:
+    """A random Falcon with Falcon2-11B's traits from its shipped config (8 KV groups under new_decoder_architecture,
+    one layer norm per block, an untied output layer, rope theta 500,042) at the tiny model's width and vocabulary:
+    the checkpoint directory, which takes the tiny tokenizer."""
+    from lightning_falcon.model.random_weights import random_checkpoint
+
+    config = json.loads((Path(resolve("asset:falcon-11b")) / "config.json").read_text())
+    assert config["num_ln_in_parallel_attn"] == 1 and config["tie_word_embeddings"] is False
+    # as the tiny Falcon: a wide init gives the frozen random weights' logits a range LoRA can move
+    toy = {"hidden_size": 128, "num_attention_heads": 8, "num_kv_heads": 2, "ffn_hidden_size": 512}
+    toy |= {"num_hidden_layers": 2, "vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0, "initializer_range": 0.15}
+    shape = root / "falcon2-11b-shaped"
+    shape.mkdir(parents=True, exist_ok=True)
+    (shape / "config.json").write_text(json.dumps(config | toy))
+    return random_checkpoint(str(shape), root / "random")
+
+
 def write_jsonl(path, rows) -> str:
     """Write `rows` as a JSONL data file and return its path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
