@@ -3,10 +3,10 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import TINY, layer_bytes, on_a_gpu, unquantized_bytes
+from helpers import TINY, TINY_FAMILIES, layer_bytes, on_a_gpu, unquantized_bytes
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lightning_falcon.architectures import FALCON
+from lightning_falcon.architectures import FALCON, architecture
 from lightning_falcon.model.quantization import (
     load_causal_lm,
     quantized_layers,
@@ -98,3 +98,17 @@ def test_backward_through_4bit_layer_is_exact_after_an_eval_pass():
     assert x.grad is not None
     reference = torch.autograd.grad((x @ weight.T).pow(2).sum(), x)[0]
     torch.testing.assert_close(x.grad, reference)
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_each_family_quantizes_every_block_projection_but_the_ones_its_kernels_read(family):
+    """Falcon3: every projection. Falcon-H1: all but Mamba's out_proj, which its fused kernels read directly; and its
+    output layer stays whole, though a skip list of our own replaces the one transformers keeps it with."""
+    model = load_causal_lm(TINY_FAMILIES[family], "nf4", double_quant=True, compute_dtype=torch.float32, device=CPU)
+    family_row = architecture(model.config)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = {n for n in linear if n.rsplit(".", 1)[-1] in family_row.keep_unquantized} | {"lm_head"}
+    assert sorted(quantized_layers(model)) == sorted(set(linear) - kept)
+    assert all(type(linear[n]) is torch.nn.Linear and linear[n].weight.dtype == torch.float32 for n in kept)
+    assert {n.rsplit(".", 1)[-1] for n in quantized_layers(model)} == set(family_row.lora_targets)
+    assert len(kept) == 1 + (model.config.num_hidden_layers if family == "falcon-h1" else 0)
