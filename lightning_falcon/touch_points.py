@@ -336,17 +336,9 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     ),
     TouchPoint(
         "transformers",
-        "`FalconAttention` keeps `num_heads` and `num_kv_heads`, the key/value heads it computes with: one under "
-        "`multi_query` without `new_decoder_architecture`, whatever `config.num_kv_heads` says.",
-        "lightning_falcon/model/memory.py:count_model",
-        "The config's `num_kv_heads` is not the count Falcon's attention uses, which transformers does not expose.",
-        "test_falcon_attention_computes_with_the_kv_heads_plan_and_gguf_count",
-    ),
-    TouchPoint(
-        "transformers",
         "Falcon's attention computes with one key/value head under `multi_query` without `new_decoder_architecture`, "
-        "else with `config.num_kv_heads`: restated from the config.",
-        "lightning_falcon/export/gguf.py:kv_heads",
+        "else with `config.num_kv_heads`: restated from the config for the planner and the GGUF writer.",
+        "lightning_falcon/architectures.py:_falcon_kv_heads",
         "The config's `num_kv_heads` is not the count Falcon's attention uses, which transformers does not expose.",
         "test_falcon_attention_computes_with_the_kv_heads_plan_and_gguf_count",
     ),
@@ -652,7 +644,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
         "gguf",
         "llama.cpp's names for Falcon's tensors (`token_embd`, `blk.N.attn_qkv`, ...), as gguf lists them for "
         "`MODEL_ARCH.FALCON`, are written as literals.",
-        "lightning_falcon/export/gguf.py:tensors",
+        "lightning_falcon/export/gguf_falcon.py:tensors",
         "The names are llama.cpp's conventions, which its loader looks up by name.",
         "test_gguf_still_names_falcons_tensors_as_the_writer_does",
     ),

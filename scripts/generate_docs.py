@@ -7,6 +7,8 @@ What drifts when written by hand is generated here:
 * `docs/reference/cli.md`: `python -m lightning_falcon --help` and each subcommand's `--help`, printed in a
   child process at a fixed width, offline;
 * `docs/reference/touch-points.md`: the library touch points, from `lightning_falcon.touch_points.TOUCH_POINTS`;
+* `docs/reference/models.md`: the supported models, from `lightning_falcon.architectures.ARCHITECTURES` and the
+  shipped configs;
 * `docs/reference/modules.md`: the layers (pyproject.toml's import-linter contract) and every module's first
   docstring paragraph, for the package, the tests, the benchmarks and the scripts.
 
@@ -37,6 +39,7 @@ if str(REPO) not in sys.path:  # the package of this checkout, installed or not
 CLI_PAGE = "docs/reference/cli.md"
 TOUCH_POINTS_PAGE = "docs/reference/touch-points.md"
 MODULES_PAGE = "docs/reference/modules.md"
+MODELS_PAGE = "docs/reference/models.md"
 # The libraries whose code prints part of the CLI page, besides Python's argparse.
 HELP_LIBRARIES = ("lightning", "jsonargparse", "torch")
 # A width every machine gives alike: argparse wraps the help to $COLUMNS.
@@ -259,10 +262,81 @@ def modules_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+# shipped config -> the shape the tests run it at (each family's tiny model runs the whole path: tests/test_families.py)
+TESTED_SHAPES = {
+    "falcon-7b": "2 layers at real width (scale tier: fit, resume, GGUF); all 32 in benchmarks/scale.py",
+    "falcon-40b": "1 layer at real width, ZeRO-3 over 2 processes (scale tier)",
+    "falcon-180b": "1 layer at real width, ZeRO-3 over 2 processes (scale tier)",
+    "falcon-11b": "2 layers at real width (scale tier); the whole path at toy width (test_families)",
+    "falcon3-7b": "2 layers at real width (scale tier); the whole path on tiny-falcon3",
+    "falcon-h1-0.5b": "its config plans offline (test_architectures); the whole path on tiny-falcon-h1",
+    "falcon-h1-7b": "1 layer at real width, trained on CPU (scale tier); the whole path on tiny-falcon-h1",
+}
+
+
+def models_page() -> str:
+    """docs/reference/models.md: each shipped model config with its family's row of `ARCHITECTURES`."""
+    from lightning_falcon.architectures import ARCHITECTURES, architecture
+    from lightning_falcon.commands.plan import SHIPPED_CONFIGS
+
+    ids: dict[str, list[str]] = {}
+    for hub_id, asset in SHIPPED_CONFIGS.items():
+        ids.setdefault(asset.removeprefix("asset:"), []).append(f"`{hub_id}`")
+    lines = [
+        note("`lightning_falcon.architectures.ARCHITECTURES` and the shipped configs"),
+        "",
+        "# Supported models",
+        "",
+        (
+            "Every model whose `config.json` names one of these families fine-tunes through the same fit, plan, "
+            "chat, evaluate and export. Each family is one row of "
+            "[`lightning_falcon/architectures.py`](../../lightning_falcon/architectures.py); "
+            "[tests/test_architectures.py](../../tests/test_architectures.py) holds each row to the real configs, "
+            "and [tests/test_families.py](../../tests/test_families.py) takes a tiny model of each family through the "
+            "whole path. Adding one: [add a Falcon](../how-to/add-a-falcon.md)."
+        ),
+        "",
+        "| family | `model_type` | LoRA targets (`model.target_modules: null`) | kept out of 4 bits | template for "
+        "a tokenizer without one (`data.chat_template: auto`) | packed batches | GGUF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in ARCHITECTURES.values():
+        kept = ", ".join(f"`{n}`" for n in (*a.keep_unquantized, "lm_head"))
+        no_lora = f" (never {', '.join(f'`{n}`' for n in a.not_lora)})" if a.not_lora else ""
+        gguf = f"yes (`{a.gguf}`)" if a.gguf else f"no: {cell(a.no_gguf)}"
+        packed = "yes" if a.packs_exactly else "refused (Mamba state crosses rows)"
+        lines.append(
+            f"| {cell(a.family)} | `{a.model_type}` | {', '.join(f'`{t}`' for t in a.lora_targets)}{no_lora} | {kept} "
+            f"| `{a.chat_template}` | {packed} | {gguf} |"
+        )
+    lines += [
+        "",
+        "## Shipped configs",
+        "",
+        "Their `config.json` ships in the package (no weights), so `plan` and `--model.random_init true` work offline.",
+        "",
+        "| config | Hub ids | class | layers x width | query / KV heads | vocabulary | output layer | tested at |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    from transformers import AutoConfig
+
+    for asset, hub_ids in ids.items():
+        config = AutoConfig.from_pretrained(REPO / "lightning_falcon" / "assets" / asset)
+        family = architecture(config)
+        tied = "tied to the embedding" if config.tie_word_embeddings else "its own"
+        lines.append(
+            f"| `asset:{asset}` | {', '.join(hub_ids)} | `{config.architectures[0]}` | "
+            f"{config.num_hidden_layers} x {config.hidden_size:,} | {config.num_attention_heads} / "
+            f"{family.kv_heads(config)} | {config.vocab_size:,} | {tied} | {TESTED_SHAPES[asset]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 PAGES: dict[str, Callable[[], str]] = {
     CLI_PAGE: cli_page,
     TOUCH_POINTS_PAGE: touch_points_page,
     MODULES_PAGE: modules_page,
+    MODELS_PAGE: models_page,
 }
 
 

@@ -1,23 +1,27 @@
 """`export --format gguf`: one GGUF file that llama.cpp itself loads, tokenizes and generates from as
-transformers does, and the Ollama Modelfile beside it.
+transformers does, and the Ollama Modelfile beside it, for each family's llama.cpp architecture (`falcon`;
+Falcon3 as `llama`; Falcon-H1 as `falcon-h1`).
 
-The fast tier checks what needs no llama.cpp: the KV heads of each Falcon, the Modelfile's template
-against training's prompt ids, and the refusals. The slow tier builds llama-cpp-python from its source
-distribution once (`tests/llama_cpp_build.py`) and runs it on the exported tiny model; the scale tier on
-a falcon-7b-shaped export.
+The fast tier checks what needs no llama.cpp: the KV heads of each Falcon, the tensor names each architecture's
+writer gives against gguf's own, Falcon-H1's folded multipliers against transformers, the tensor types, the
+Modelfile's template against training's prompt ids, and the refusals. The slow tier builds llama-cpp-python from
+its source distribution once (`tests/llama_cpp_build.py`) and runs it on the exported tiny models; the scale tier
+on a falcon-7b-shaped export.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import GUANACO, MIDJOURNEY, TINY, chat_format, prepared_datamodule
+from helpers import GUANACO, MIDJOURNEY, TINY, TINY_FAMILIES, chat_format, fit_in_process, prepared_datamodule
 
+from lightning_falcon import architectures
 from lightning_falcon.data.chat_templates import NAMED
 from lightning_falcon.data.source import Source
 from lightning_falcon.errors import ConfigError
-from lightning_falcon.export import gguf
+from lightning_falcon.export import gguf, gguf_falcon_h1
 from lightning_falcon.export.modelfile import PROMPT, SYSTEM, modelfile, template
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import GenerationSettings, generate
@@ -26,7 +30,7 @@ from lightning_falcon.model.generation import GenerationSettings, generate
 @pytest.mark.parametrize("model, heads", [("asset:falcon-7b", 1), ("asset:falcon-40b", 8), ("asset:tiny-falcon", 1)])
 def test_the_kv_heads_are_those_the_attention_computes_with(model, heads):
     config = read_model_config(model, False)
-    assert gguf.kv_heads(config) == heads
+    assert architectures.architecture(config).kv_heads(config) == heads
     if model != "asset:falcon-40b":  # the trap: transformers' config says otherwise under multi-query attention
         assert config.multi_query and config.num_kv_heads == config.num_attention_heads != 1
 
@@ -110,6 +114,126 @@ def falcon_tokenizer(directory: Path):
 
 def test_falcons_own_pre_tokenizer_is_named_falcon_for_llama_cpp(tmp_path):
     assert gguf.pre_tokenizer(falcon_tokenizer(tmp_path)) == "falcon"
+
+
+# --------------------------------------------------------------------------- each architecture's writer
+TINY_MODELS = {"falcon": TINY, **TINY_FAMILIES}
+
+
+def tiny_model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TINY_MODELS[family], dtype=torch.float32).eval()
+
+
+def test_the_table_names_llama_cpp_architectures_that_have_a_writer():
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    named = {row.gguf for row in architectures.ARCHITECTURES.values()} - {None}
+    assert named <= set(gguf.WRITERS) and set(gguf.WRITERS) <= set(MODEL_ARCH_NAMES.values())
+
+
+@pytest.mark.parametrize("family", list(TINY_MODELS))
+def test_every_tensor_written_is_one_that_llama_cpps_architecture_has(family):
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    model = tiny_model(family)
+    arch = architectures.architecture(model.config).gguf
+    (key,) = [k for k, name in MODEL_ARCH_NAMES.items() if name == arch]
+    theirs = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[key] for i in range(model.config.num_hidden_layers)}
+    written = [name for name, _ in gguf.WRITERS[arch].tensors(model)]
+    assert len(written) == len(set(written))
+    assert {name.removesuffix(".weight").removesuffix(".bias") for name in written} <= theirs
+
+
+def test_falcon_h1s_multipliers_folded_into_the_weights_leave_its_logits():
+    """llama.cpp's falcon-h1 graph has no multiplier: the weights as written, loaded back into a Falcon-H1 whose
+    multipliers are all 1, compute the shipped model's logits."""
+    from transformers import FalconH1ForCausalLM
+
+    model = tiny_model("falcon-h1")
+    assert model.config.embedding_multiplier != 1 and model.config.ssm_multipliers != [1.0] * 5
+    written = dict(gguf_falcon_h1.tensors(model))
+    ones = {name: 1.0 for name in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier")}
+    ones |= {f"{part}_multiplier": 1.0 for part in ("attention_in", "attention_out", "ssm_in", "ssm_out")}
+    plain = FalconH1ForCausalLM(
+        dataclasses.replace(model.config, **ones, mlp_multipliers=[1.0, 1.0], ssm_multipliers=[1.0] * 5)
+    ).eval()
+    back = {"model.embed_tokens.weight": "token_embd.weight", "model.final_layernorm.weight": "output_norm.weight"}
+    back["lm_head.weight"] = "output.weight"
+    layer = {
+        "input_layernorm.weight": "attn_norm.weight", "pre_ff_layernorm.weight": "ffn_norm",
+        "mamba.in_proj.weight": "ssm_in.weight", "mamba.conv1d.bias": "ssm_conv1d.bias", "mamba.dt_bias": "ssm_dt.bias",
+        "mamba.out_proj.weight": "ssm_out.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        **{f"self_attn.{x}_proj.weight": f"attn_{x}.weight" for x in "qkv"},
+        **{f"feed_forward.{x}_proj.weight": f"ffn_{x}.weight" for x in ("gate", "up", "down")},
+    }  # fmt: skip
+    state = {}
+    for i in range(model.config.num_hidden_layers):
+        back |= {f"model.layers.{i}.{ours}": f"blk.{i}.{theirs}" for ours, theirs in layer.items()}
+        state[f"model.layers.{i}.mamba.conv1d.weight"] = written[f"blk.{i}.ssm_conv1d.weight"].unsqueeze(1)
+        state[f"model.layers.{i}.mamba.A_log"] = torch.log(-written[f"blk.{i}.ssm_a"]).flatten()
+        state[f"model.layers.{i}.mamba.D"] = written[f"blk.{i}.ssm_d"].flatten()
+        state[f"model.layers.{i}.mamba.norm.weight"] = written[f"blk.{i}.ssm_norm.weight"].flatten()
+    state |= {ours: written[theirs] for ours, theirs in back.items()}
+    plain.load_state_dict(state, strict=True)
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_types_follow_llama_cpps_converter(tmp_path):
+    """q8_0: the Mamba conv, ssm_a, ssm_d and every norm stay f32; a row q8_0 cannot split into blocks of 32
+    (Falcon3's down projection here, at an intermediate width of 80) falls back to f16, as the converter does."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path / "h1.gguf"
+    gguf.write(tiny_model("falcon-h1"), AutoTokenizer.from_pretrained(TINY_FAMILIES["falcon-h1"]), path, "q8_0", "h1")
+    types = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
+    kept = ["ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d", "ssm_norm.weight", "ssm_dt.bias", "ffn_norm"]
+    assert {types[f"blk.1.{name}"] for name in [*kept, "attn_norm.weight"]} == {Q.F32}
+    assert {types[f"blk.1.{name}"] for name in ("ssm_in.weight", "attn_k.weight", "ffn_down.weight")} == {Q.Q8_0}
+
+    config = dataclasses.replace(tiny_model("falcon3").config, intermediate_size=80)
+    path = tmp_path / "falcon3.gguf"
+    gguf.write(LlamaForCausalLM(config), AutoTokenizer.from_pretrained(TINY_FAMILIES["falcon3"]), path, "q8_0", "f3")
+    types = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.0.ffn_up.weight"]) == (Q.F16, Q.Q8_0)
+
+
+def test_what_llama_cpps_llama_and_falcon_h1_cannot_compute_is_refused_with_the_reason():
+    falcon3 = read_model_config("asset:tiny-falcon3", False)
+    assert gguf.problems(falcon3) == []
+    falcon3.mlp_bias, falcon3.rope_parameters = True, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    found = gguf.problems(falcon3)
+    assert len(found) == 2 and "biases" in found[0] and "rotary positions (linear)" in found[1]
+    h1 = read_model_config("asset:tiny-falcon-h1", False)
+    assert gguf.problems(h1) == []
+    h1.mamba_norm_before_gate, h1.time_step_limit = True, (0.001, 0.1)
+    found = gguf.problems(h1)
+    assert len(found) == 2 and "norm comes before its gate" in found[0] and "time step" in found[1]
+
+
+def test_export_refuses_gguf_for_a_family_the_table_gives_none_in_one_line_before_loading(tmp_path, monkeypatch):
+    from lightning_falcon.export import run
+
+    row = dataclasses.replace(architectures.FALCON_H1, gguf=None, no_gguf="its Mamba state has no llama.cpp form")
+    monkeypatch.setitem(architectures.ARCHITECTURES, "falcon_h1", row)
+    monkeypatch.setattr(run, "_merge", lambda *a, **k: pytest.fail("weights loaded before the refusal"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
+    meta = {"base": TINY_FAMILIES["falcon-h1"], "quantization": "nf4", "prompt": {"format": "chat"}}
+    (adapter / "lightning_falcon.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError) as refused:
+        run.export(str(adapter), str(tmp_path / "out"), format="gguf")
+    assert str(refused.value) == (
+        f"GGUF cannot hold {row.family} as transformers runs it: its Mamba state has no llama.cpp form. "
+        "Fix: export without --format gguf"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- llama.cpp itself
@@ -278,3 +402,164 @@ def test_llama_cpp_splits_text_as_falcons_own_pre_tokenizer_does(tmp_path, llama
     got = llama({"model": str(path), "texts": texts})
     assert got["metadata"]["tokenizer.ggml.pre"] == "falcon"
     assert got["tokens"] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def family_exports(tmp_path_factory):
+    """family -> configs/tiny.yaml on that family's tiny model (and its tokenizer), trained 30 steps in this process,
+    exported as GGUF f32 and q8_0 and merged as a transformers fp32 model: the directories by name."""
+    from lightning_falcon.export.run import export
+
+    done = {}
+
+    def get(family: str) -> dict[str, Path]:
+        if family not in done:
+            root, path = tmp_path_factory.mktemp(f"gguf-{family}"), TINY_FAMILIES[family]
+            steps = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30"]
+            steps += ["--generation.max_new_tokens", "8"]  # the validation sample, kept short
+            run = fit_in_process(root, "--model.model_name_or_path", path, "--data.tokenizer", path, *steps)
+            adapter = str(run / "adapter")
+            done[family] = {t: export(adapter, str(root / t), format="gguf", gguf_type=t) for t in ("f32", "q8_0")}
+            done[family]["merged"] = export(adapter, str(root / "merged"), merge=True, dtype="fp32")
+        return done[family]
+
+    return get
+
+
+def expected_metadata(config) -> dict[str, str]:
+    """The hyperparameters llama.cpp must read for the model's architecture, as its metadata prints them."""
+    row = architectures.architecture(config)
+    shape = {
+        "block_count": config.num_hidden_layers, "embedding_length": config.hidden_size,
+        "attention.head_count": config.num_attention_heads, "attention.head_count_kv": row.kv_heads(config),
+        "attention.key_length": row.head_dim(config), "attention.value_length": row.head_dim(config),
+    }  # fmt: skip
+    if row.mamba:
+        width = config.mamba_d_ssm
+        shape |= {
+            "ssm.inner_size": width,
+            "ssm.state_size": config.mamba_d_state,
+            "ssm.conv_kernel": config.mamba_d_conv,
+        }
+        shape |= {"ssm.group_count": config.mamba_n_groups, "ssm.time_step_rank": width // config.mamba_d_head}
+    return {"general.architecture": row.gguf} | {f"{row.gguf}.{key}": str(value) for key, value in shape.items()}
+
+
+def departures(
+    model, eos: int, prompts: list[list[int]], ours: list[list[int]], theirs: list[list[int]]
+) -> list[float]:
+    """For each pair of greedy continuations (EOS left off), by how much transformers' logit for its own token led
+    its logit for llama.cpp's token where the two first differ (0 where they never do): the near-tie a rounding
+    flipped."""
+    gaps = []
+    for prompt, x, y in zip(prompts, ours, theirs, strict=True):
+        if x == y:
+            gaps.append(0.0)
+            continue
+        x, y = [*x, eos], [*y, eos]  # where one stopped and the other did not, the one chose EOS
+        at = next(i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + x[:at]])).logits[0, -1]
+        gaps.append(float(logits[x[at]] - logits[y[at]]))
+    return gaps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_falcon3_and_falcon_h1_exports_generate_in_llama_cpp_as_in_transformers(family_exports, llama, family):
+    """The real path: fit on the family's tiny model, `export --format gguf`, and llama.cpp's `llama` (Falcon3) or
+    `falcon-h1` computes what the merged transformers model computes, μP multipliers and all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    done = family_exports(family)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
+    texts, prompts = training_prompts(tokenizer, 8)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    merged = AutoModelForCausalLM.from_pretrained(done["merged"], dtype=torch.float32)
+    ours = [o.ids for o in generate(merged, tokenizer, prompts, GenerationSettings(max_new_tokens=32), 1)]
+    got = llama({"model": gguf_file(done["f32"]), "texts": texts, "prompts": prompts, "new_tokens": 32, "score": ids})
+
+    expected = expected_metadata(merged.config)
+    assert {key: got["metadata"][key] for key in expected} == expected
+    assert got["n_vocab"] == merged.config.vocab_size
+    assert got["tokens"] == ids  # llama.cpp's tokenizer splits the training inputs as ours does
+    difference = logit_difference(merged, ids, got)
+    equal = sum(x == y for x, y in zip(ours, got["continuations"], strict=True))
+    gaps = departures(merged, got["eos"], prompts, ours, got["continuations"])
+    tokens = sum(map(len, ours))
+    print(
+        f"{family} f32: relative logit difference {difference:.2e}; greedy continuations equal: {equal} of {len(ours)}"
+    )
+    print(f"{family} f32: {tokens} tokens generated; largest logit gap where a continuation differs: {max(gaps):.1e}")
+    # llama.cpp keeps its KV cache in f16 (its default): about 5e-4 here, 1e-6 with an f32 cache
+    assert difference <= 2e-3
+    # logits here span about ±5: llama.cpp departs only where transformers' top two are within its error
+    assert max(gaps) <= 5e-3 and equal >= len(ours) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_q8_0_exports_of_falcon3_and_falcon_h1_load_and_follow_transformers(family_exports, llama, family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    done = family_exports(family)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES[family])
+    texts, prompts = training_prompts(tokenizer, 6)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    merged = AutoModelForCausalLM.from_pretrained(done["merged"], dtype=torch.float32)
+    ours = [o.ids for o in generate(merged, tokenizer, prompts, GenerationSettings(max_new_tokens=32), 1)]
+    got = llama({"model": gguf_file(done["q8_0"]), "prompts": prompts, "new_tokens": 32, "score": ids})
+    difference = logit_difference(merged, ids, got)
+    gaps = departures(merged, got["eos"], prompts, ours, got["continuations"])
+    agree = agreement(got["continuations"], ours)
+    print(f"{family} q8_0: relative logit difference {difference:.2e}; tokens equal before a difference: {agree}")
+    print(f"{family} q8_0: largest logit gap where a continuation differs: {max(gaps):.1e}")
+    # q8_0 rounds each weight to 1/127 of its block's largest: about 2% of the logits, single ones by up to 0.3
+    assert difference <= 0.04 and max(gaps) <= 0.3
+
+
+def random_family_model(family: str):
+    """A small random model of the family in the layouts the shipped tiny ones leave out: a head width apart from
+    hidden_size / heads, a tied output layer; for Falcon-H1 also two Mamba groups, no Mamba norm, other multipliers."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    shape = {
+        "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "head_dim": 48, "max_position_embeddings": 512, "initializer_range": 0.15,
+        "tie_word_embeddings": True,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    if family == "falcon3":
+        config = LlamaConfig(
+            **shape, num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+        )
+        return LlamaForCausalLM(config).eval()
+    config = FalconH1Config(
+        **shape, num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        mamba_d_ssm=192, mamba_n_heads=6, mamba_d_head=32, mamba_n_groups=2, mamba_d_state=16, mamba_rms_norm=False,
+        mamba_chunk_size=16, embedding_multiplier=3.0, lm_head_multiplier=0.1, key_multiplier=0.5,
+        attention_in_multiplier=1.3, attention_out_multiplier=0.8, ssm_in_multiplier=1.2, ssm_out_multiplier=0.4,
+        mlp_multipliers=[0.9, 0.6], ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3],
+    )  # fmt: skip
+    return FalconH1ForCausalLM(config).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_wider_heads_tied_output_and_mamba_groups_generate_in_llama_cpp_as_in_transformers(
+    tmp_path, tokenizer, llama, family
+):
+    model = random_family_model(family)
+    path = tmp_path / f"{family}.gguf"
+    gguf.write(model, tokenizer, path, "f32", family)
+    texts, prompts = training_prompts(tokenizer, 4)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ours = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=16), 1)
+    got = llama({"model": str(path), "prompts": prompts, "new_tokens": 16, "score": ids})
+    expected = expected_metadata(model.config)
+    assert {key: got["metadata"][key] for key in expected} == expected
+    difference = logit_difference(model, ids, got)
+    agree = agreement(got["continuations"], [o.ids for o in ours])
+    print(f"{family} layout: relative logit difference {difference:.2e}; greedy tokens equal for {agree}")
+    # A wrong rotary order, head width or Mamba group layout would give unrelated logits, not a difference this small.
+    assert difference <= 2e-3 and min(agree) >= 8

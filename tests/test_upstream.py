@@ -643,6 +643,7 @@ def test_falcon_attention_computes_with_the_kv_heads_plan_and_gguf_count():
     from transformers import AutoConfig
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
+    from lightning_falcon.architectures import FALCON
     from lightning_falcon.assets import resolve
 
     # the tiny model's config says 4 key/value heads beside multi_query, as a Falcon-7B config saved by transformers 5
@@ -650,13 +651,15 @@ def test_falcon_attention_computes_with_the_kv_heads_plan_and_gguf_count():
         ("asset:tiny-falcon", 4, 1),
         ("asset:falcon-7b", 71, 1),
         ("asset:falcon-40b", 128, 8),
+        ("asset:falcon-180b", 232, 8),
+        ("asset:falcon-11b", 32, 8),
     ):
         config = AutoConfig.from_pretrained(resolve(name))
         with torch.device("meta"):
             attention = FalconAttention(config, layer_idx=0)
-        restated = config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
+        restated = FALCON.kv_heads(config)
         assert (attention.num_heads, attention.num_kv_heads, restated) == (heads, kv_heads, kv_heads), (
-            f"memory.count_model, gguf.kv_heads: FalconAttention of {name} has {attention.num_heads} heads and "
+            f"architectures._falcon_kv_heads: FalconAttention of {name} has {attention.num_heads} heads and "
             f"{attention.num_kv_heads} key/value heads"
         )
 
@@ -1086,7 +1089,7 @@ def test_gguf_still_names_falcons_tensors_as_the_writer_does():
 
     theirs = {TENSOR_NAMES[tensor] for tensor in MODEL_TENSORS[MODEL_ARCH.FALCON]}
     assert theirs >= GGUF_FALCON_NAMES, (
-        f"export/gguf.tensors: llama.cpp's Falcon no longer has {sorted(GGUF_FALCON_NAMES - theirs)}"
+        f"export/gguf_falcon.tensors: llama.cpp's Falcon no longer has {sorted(GGUF_FALCON_NAMES - theirs)}"
     )
 
 

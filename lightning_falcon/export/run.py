@@ -164,8 +164,9 @@ def _base_of(source: Path, metadata: dict, base: str | None) -> str:
 
 
 def _gguf_problems(source: Path, metadata: dict, base: str | None, trust: bool) -> list[str]:
-    """What would stop a GGUF after the merge: a model llama.cpp's Falcon cannot compute, or a tokenizer it
-    cannot split as ours does. Read from config.json and the tokenizer alone, before any weights load."""
+    """What would stop a GGUF after the merge: a family the table refuses GGUF for, a model its llama.cpp
+    architecture cannot compute, or a tokenizer llama.cpp cannot split as ours does. Read from config.json and the
+    tokenizer alone, before any weights load."""
     from transformers import AutoTokenizer
 
     found = gguf.problems(read_model_config(_base_of(source, metadata, base), trust))
