@@ -23,13 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lightning_falcon.architectures import architecture
-
-NOT_CARRIED = "Fix: export it without --format gguf"
-
-
-def _rope(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
+from lightning_falcon.export.gguf_llama import NOT_CARRIED, decoder_metadata, rope_problems
 
 
 def _ssm_width(config) -> int:
@@ -55,28 +49,15 @@ def problems(config) -> list[str]:
     low, high = config.time_step_limit or (0.0, math.inf)
     if low > 0.0 or high != math.inf:  # the time step is a softplus, never below 0: (0, inf) clamps nothing
         found.append(f"the model clamps its Mamba time step to {low, high}; llama.cpp's does not. {NOT_CARRIED}")
-    if (kind := _rope(config).get("rope_type", "default")) != "default":
-        found.append(f"the model scales its rotary positions ({kind}), which this GGUF writer does not. {NOT_CARRIED}")
-    return found
+    return found + rope_problems(config)
 
 
 def metadata(writer, model: torch.nn.Module) -> None:
     """The hyperparameters llama.cpp's falcon-h1 loader reads, with the values `FalconH1Model.set_gguf_parameters`
     leaves (it overrides some of `Mamba2Model`'s)."""
     config = model.config
-    head_dim = architecture(config).head_dim(config)
     width = _ssm_width(config)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(architecture(config).kv_heads(config))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    decoder_metadata(writer, config)
     writer.add_ssm_conv_kernel(config.mamba_d_conv)
     writer.add_ssm_inner_size(width)
     writer.add_ssm_state_size(config.mamba_d_state)

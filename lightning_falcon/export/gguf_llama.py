@@ -20,8 +20,12 @@ from lightning_falcon.architectures import architecture
 NOT_CARRIED = "Fix: export it without --format gguf"
 
 
-def _rope(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
+def rope_problems(config) -> list[str]:
+    """Scaled rotary positions, which these writers do not carry (Falcon-H1's writer asks too)."""
+    kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if kind == "default":
+        return []
+    return [f"the model scales its rotary positions ({kind}), which this GGUF writer does not. {NOT_CARRIED}"]
 
 
 def problems(config) -> list[str]:
@@ -34,27 +38,31 @@ def problems(config) -> list[str]:
         found.append(
             f"the model's MLP activation is {config.hidden_act!r}; llama.cpp's llama computes SiLU. {NOT_CARRIED}"
         )
-    if (kind := _rope(config).get("rope_type", "default")) != "default":
-        found.append(f"the model scales its rotary positions ({kind}), which this GGUF writer does not. {NOT_CARRIED}")
-    return found
+    return found + rope_problems(config)
 
 
-def metadata(writer, model: torch.nn.Module) -> None:
-    """The hyperparameters llama.cpp's llama loader reads, as `LlamaModel.set_gguf_parameters` writes them."""
-    config = model.config
-    head_dim = architecture(config).head_dim(config)
+def decoder_metadata(writer, config) -> None:
+    """The sizes, heads, rotary base and RMS-norm epsilon `TextModel.set_gguf_parameters` writes for a decoder of
+    grouped-query attention with its own head width (Falcon-H1's writer writes them too)."""
+    row = architecture(config)
+    rope = getattr(config, "rope_parameters", None) or {}
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(architecture(config).kv_heads(config))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_head_count_kv(row.kv_heads(config))
+    writer.add_key_length(row.head_dim(config))
+    writer.add_value_length(row.head_dim(config))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def metadata(writer, model: torch.nn.Module) -> None:
+    """The hyperparameters llama.cpp's llama loader reads, as `LlamaModel.set_gguf_parameters` writes them."""
+    decoder_metadata(writer, model.config)
+    writer.add_rope_dimension_count(architecture(model.config).head_dim(model.config))
 
 
 def _rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
