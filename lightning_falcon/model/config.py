@@ -12,7 +12,8 @@ def warn_remote_code(model_name_or_path: str) -> None:
     """Say, once per process, that trust_remote_code lets a repository's Python code run here."""
     rank_zero_warn(
         f"trust_remote_code is on: Python code shipped with {model_name_or_path} will run on this machine with "
-        "your permissions. Turn it on only for repositories you trust; Falcon needs none (native in transformers)"
+        "your permissions. Turn it on only for repositories you trust; no supported Falcon needs it (all are native "
+        "in transformers)"
     )
 
 

@@ -83,14 +83,15 @@ class FalconQLoRA(L.LightningModule):
         adapter: str | None = None,
         generation: GenerationSettings | None = None,
     ) -> None:
-        """QLoRA fine-tuning of a Falcon causal LM.
+        """QLoRA fine-tuning of a causal LM of a supported family (`lightning_falcon/architectures.py`).
 
         Args:
             model_name_or_path: Hub id (`tiiuae/falcon-7b-instruct`) or local directory, loaded with `from_pretrained`.
                 `asset:NAME` names a model shipped with the package (e.g. `asset:tiny-falcon`).
             random_init: Build the same architecture from its config.json with random weights instead of
                 downloading them (dry runs, benchmarks). The weights still go through the real quantized loader.
-            trust_remote_code: Allow custom modelling code from the Hub. Off: Falcon is native in transformers.
+            trust_remote_code: Allow custom modelling code from the Hub. Off: every supported family is native in
+                transformers.
             quantization: Base weights as bitsandbytes `nf4` or `fp4` (4-bit), `int8`, or `none` (plain LoRA).
             double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight).
             compute_dtype: Dtype of matmuls and unquantized weights. `auto`: bf16 on a GPU with native bf16
@@ -100,9 +101,10 @@ class FalconQLoRA(L.LightningModule):
                 `flash_attention_2` on a CUDA GPU of compute capability 8.0 or later where flash-attn is installed
                 (the `flash` extra) and the compute dtype is 16-bit, so that packed batches need no mask; else `sdpa`.
             fused_attention: With `sdpa`, Falcon's keys and values stay at their own head count (one for Falcon-7B,
-                8 groups for 40B) and reach SDPA's fused kernels (`model/attention.py`). False: transformers' own
-                Falcon attention, which on Falcon-7B runs SDPA's math kernel (the whole score matrix, in fp32)
-                and copies 40B's keys and values to every query head.
+                8 groups for 40B, 180B and Falcon2-11B) and reach SDPA's fused kernels (`model/attention.py`). False:
+                transformers' own Falcon attention, which on Falcon-7B runs SDPA's math kernel (the whole score
+                matrix, in fp32) and copies 40B's keys and values to every query head. Falcon3 and Falcon-H1 always
+                run transformers' own attention.
             lora_r: LoRA rank.
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
             lora_dropout: Dropout on the LoRA input.
