@@ -1,7 +1,7 @@
 """What differs between the model families this package fine-tunes, in one table keyed by config.json's `model_type`.
 
 The rest of the package asks `architecture(config)` and reads the answer; it never branches on `model_type`
-itself. Adding a family is adding a row here (docs/models.md walks through it), and the tests over
+itself. Adding a family is adding a row here (docs/how-to/add-a-falcon.md walks through it), and the tests over
 `ARCHITECTURES` then hold the new row to the same whole path as the others.
 """
 
@@ -53,6 +53,9 @@ class Architecture:
             state runs on from one packed row into the next, where attention is masked per row.
         routes_attention: Whether `model.fused_attention` routes the attention (`model/attention.py`); the other
             families run transformers' own.
+        shards_under_zero3: Whether DeepSpeed ZeRO-3 can shard the base. DeepSpeed gathers a module's weights only
+            when that module runs, and Falcon-H1's fused Mamba kernels read `conv1d`'s, `norm`'s and `out_proj`'s
+            weights without running them: under ZeRO-3 they would get an empty partition.
         mamba: Whether the blocks hold Mamba-2 mixers (the planner counts their activations).
         build: A context the model is built inside, so that transformers' quantizer sees its linear layers.
         kv_heads: The key/value heads the attention computes with, from the config.
@@ -69,6 +72,7 @@ class Architecture:
     logit_scale: str | None = None
     packs_exactly: bool = True
     routes_attention: bool = False
+    shards_under_zero3: bool = True
     mamba: bool = False
     build: Callable[[], AbstractContextManager] = contextlib.nullcontext
     kv_heads: Callable[[object], int] = _key_value_heads
@@ -110,6 +114,7 @@ FALCON_H1 = Architecture(
     gguf="falcon-h1",
     logit_scale="lm_head_multiplier",
     packs_exactly=False,
+    shards_under_zero3=False,
     mamba=True,
 )
 

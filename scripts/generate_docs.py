@@ -269,7 +269,7 @@ TESTED_SHAPES = {
     "falcon-180b": "1 layer at real width, ZeRO-3 over 2 processes (scale tier)",
     "falcon-11b": "2 layers at real width (scale tier); the whole path at toy width (test_families)",
     "falcon3-7b": "2 layers at real width (scale tier); the whole path on tiny-falcon3",
-    "falcon-h1-0.5b": "its config plans offline (test_architectures); the whole path on tiny-falcon-h1",
+    "falcon-h1-0.5b": "planned offline from its Hub id (test_architectures); the whole path on tiny-falcon-h1",
     "falcon-h1-7b": "1 layer at real width, trained on CPU (scale tier); the whole path on tiny-falcon-h1",
 }
 
@@ -297,19 +297,27 @@ def models_page() -> str:
         ),
         "",
         "| family | `model_type` | LoRA targets (`model.target_modules: null`) | kept out of 4 bits | template for "
-        "a tokenizer without one (`data.chat_template: auto`) | packed batches | GGUF |",
-        "|---|---|---|---|---|---|---|",
+        "a tokenizer without one (`data.chat_template: auto`) | packed batches | DeepSpeed ZeRO-3 | GGUF "
+        "(llama.cpp architecture) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for a in ARCHITECTURES.values():
         kept = ", ".join(f"`{n}`" for n in (*a.keep_unquantized, "lm_head"))
         no_lora = f" (never {', '.join(f'`{n}`' for n in a.not_lora)})" if a.not_lora else ""
         gguf = f"yes (`{a.gguf}`)" if a.gguf else f"no: {cell(a.no_gguf)}"
         packed = "yes" if a.packs_exactly else "refused (Mamba state crosses rows)"
+        zero3 = "yes" if a.shards_under_zero3 else "refused (fused kernels read unsharded weights): ZeRO-2 or DDP"
         lines.append(
             f"| {cell(a.family)} | `{a.model_type}` | {', '.join(f'`{t}`' for t in a.lora_targets)}{no_lora} | {kept} "
-            f"| `{a.chat_template}` | {packed} | {gguf} |"
+            f"| `{a.chat_template}` | {packed} | {zero3} | {gguf} |"
         )
     lines += [
+        "",
+        (
+            "A GGUF also needs the tokenizer's pre-tokenizer to be one `export` names for llama.cpp: GPT-2's byte-level "
+            "split or Falcon-7B's (the Falcon tokenizers' and the tiny models'). Another, Falcon3's and Falcon-H1's own "
+            "among them, is refused in one line before anything loads ([export](../how-to/export.md))."
+        ),
         "",
         "## Shipped configs",
         "",

@@ -1,16 +1,22 @@
 """The architecture table's claims against each family's real config.json, built on the meta device (no weights).
 
 What each row says (LoRA targets, layers kept out of quantization or LoRA, KV heads, template, GGUF) is what
-docs/models.md tells users; these tests hold the two together. The whole path per family is tests/test_families.py.
+docs/reference/models.md tells users; these tests hold the two together. The whole path per family is
+tests/test_families.py.
 """
+
+import os
+import sys
 
 import pytest
 import torch
 from helpers import REPO, cli_error
+from processes import run_process
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_falcon.architectures import ARCHITECTURES, architecture
 from lightning_falcon.assets import resolve
+from lightning_falcon.commands.plan import SHIPPED_CONFIGS
 from lightning_falcon.data.chat_templates import NAMED
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model.lora import check_target_modules, linear_module_names
@@ -88,3 +94,21 @@ def test_packed_batches_are_refused_for_falcon_h1_by_fit_and_plan(tmp_path):
     for subcommand in ("fit", "plan"):
         err = cli_error(tmp_path, subcommand, *args)
         assert "data.batching packed: Falcon-H1" in err and "Mamba state" in err and "--data.batching padded" in err
+
+
+def test_zero3_is_refused_for_falcon_h1_whose_kernels_read_weights_directly(tmp_path):
+    args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model.model_name_or_path", "asset:tiny-falcon-h1"]
+    args += ["--config", str(REPO / "configs" / "strategy" / "deepspeed-zero3.yaml")]
+    err = cli_error(tmp_path, "plan", *args)
+    assert "DeepSpeed ZeRO-3: Falcon-H1" in err and "empty partition" in err and "deepspeed-zero2.yaml" in err
+
+
+@pytest.mark.parametrize("hub_id", sorted({asset: hub_id for hub_id, asset in SHIPPED_CONFIGS.items()}.values()))
+def test_each_shipped_config_plans_offline_from_its_hub_id(tmp_path, hub_id):
+    proc = run_process(
+        [sys.executable, "-m", "lightning_falcon", "plan", "--config", str(REPO / "configs" / "tiny.yaml"),
+         "--model.model_name_or_path", hub_id, "--model.compute_dtype", "bf16", "--trainer.precision", "bf16-mixed"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{hub_id} (architecture from the shipped asset:" in proc.stdout and "verdict" in proc.stdout

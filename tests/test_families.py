@@ -122,7 +122,6 @@ def test_merge_keeps_the_outputs_of_the_4bit_base_plus_adapter(runs, models, fam
           f"{error:.2e}, into the original weights {original_error:.2e}")  # fmt: skip
     assert error <= 1e-3
     assert original_error > 100 * error  # the usual merge shifts every output by the quantization error
-    assert merged.config.tie_word_embeddings is False  # each family's output layer is its own, merged as it was
 
 
 @pytest.mark.slow
@@ -173,3 +172,24 @@ def test_predict_and_evaluate_run_on_the_trained_adapter(runs, models, family):
     assert all(q["input"] in report for q in queries) and "| # | query | base | fine-tuned |" in report
     result = json.loads((run / "evaluation.json").read_text())
     assert result["fine-tuned"]["val_loss"] < result["base"]["val_loss"]
+
+
+def test_generation_stops_at_falcon_h1s_end_of_turn_token_and_leaves_it_out():
+    """The tiny Falcon-H1 made to answer `<|im_end|>` first: the reply ends there, empty, as at EOS; without the
+    marker, generation runs past it."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_FAMILIES["falcon-h1"])
+    model = AutoModelForCausalLM.from_pretrained(TINY_FAMILIES["falcon-h1"], dtype=torch.float32)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=False
+    )
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([prompt])).last_hidden_state[0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end] = hidden / hidden.norm()  # only <|im_end|> scores above 0 at this position
+    settings = GenerationSettings(max_new_tokens=4)
+    rendering = rendering_of(tokenizer, resolve_template("auto", tokenizer))
+    (stopped,) = generate(model, tokenizer, [prompt], settings, 1, marker=rendering.marker)
+    assert (stopped.text, stopped.new_tokens, stopped.stopped_at_eos) == ("", 0, True)
+    (unstopped,) = generate(model, tokenizer, [prompt], settings, 1)
+    assert unstopped.ids[0] == end and not unstopped.stopped_at_eos

@@ -302,6 +302,12 @@ def check_config(
         check_target_modules(linear_modules, target_modules, family)
     except ConfigError as e:
         problems.insert(0, str(e))
+    if strategy.deepspeed and strategy.stage == 3 and not family.shards_under_zero3:
+        problems.append(
+            f"DeepSpeed ZeRO-3: {family.family}'s fused Mamba kernels read some weights without running their layers, "
+            "so ZeRO-3 would hand them an empty partition. Fix: --config configs/strategy/deepspeed-zero2.yaml (or "
+            "ddp.yaml)"
+        )
     if batching == "packed" and not family.packs_exactly:
         problems.append(
             f"data.batching packed: {family.family}'s Mamba state would run on from one packed row into the next. "

@@ -176,8 +176,9 @@ class ChatTemplate:
 
 
 def family_template(tokenizer) -> str:
-    """The named template of the model family whose config.json is beside the tokenizer (`Architecture.chat_template`);
-    `FALLBACK` where there is none, or it is of no supported family."""
+    """The named template of the model family whose config.json is beside the tokenizer (`Architecture.chat_template`):
+    the model's own directory where `data.tokenizer` defaults to `model.model_name_or_path`. `FALLBACK` where there is
+    none, or it is of no supported family."""
     from transformers import AutoConfig
 
     try:

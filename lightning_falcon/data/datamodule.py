@@ -84,9 +84,10 @@ class PromptDataModule(L.LightningDataModule):
                 Generation, chat and export render a request as the first source does.
             chat_template: How conversations are rendered (every format but `turns`), training and generation
                 alike, and what the adapter and exports carry: `auto` (the tokenizer's own template where it has
-                one, else `instruction`), `tokenizer` (its own, which must exist), a name (`falcon-instruct`,
-                `falcon-180b-chat`, `chatml`, `instruction`, `guanaco`, `plain`;
-                lightning_falcon/data/chat_templates.py) or a `.jinja` file.
+                one, else its model family's: `instruction` for Falcon, `falcon3`, `falcon-h1`), `tokenizer` (its
+                own, which must exist), a name (`falcon-instruct`, `falcon-180b-chat`, `falcon3`, `falcon-h1`,
+                `chatml`, `instruction`, `guanaco`, `plain`; lightning_falcon/data/chat_templates.py) or a `.jinja`
+                file.
             system_prompt: The system message of a conversation without one of its own, in training and at
                 generation; None: none.
             train_on: Which assistant replies of a conversation train: `all_assistant` or `last_assistant`

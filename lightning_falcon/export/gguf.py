@@ -56,9 +56,9 @@ def pre_tokenizer(tokenizer) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer: `gpt-2` (byte-level with GPT-2's split) or `falcon`
     (the same after punctuation, then groups of three digits), for a model of any architecture.
 
-    Falcon3's and Falcon-H1's own tokenizers split otherwise (llama.cpp's `falcon3` and `falcon-h1`, which it
-    runs as Llama 3's split); their tokenizer.json definitions were not at hand to recognise, so they are
-    refused, not guessed."""
+    Another split is refused rather than guessed: a wrong name makes llama.cpp split text otherwise than training
+    did, silently. Falcon3's and Falcon-H1's own tokenizers have names of their own in llama.cpp (`falcon3`,
+    `falcon-h1`), which this does not recognise."""
     definition = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = definition.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]

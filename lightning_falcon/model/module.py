@@ -251,7 +251,7 @@ class FalconQLoRA(L.LightningModule):
             attn_implementation=hp.attn_implementation or default_implementation(device, compute_dtype),
             quant_storage=quant_storage,
         )
-        if hp.fused_attention:
+        if hp.fused_attention and self.architecture().routes_attention:
             route_falcon_attention(base, attend)
         if device.type == "cuda":  # train/peak_mem_gib then reports training, not the load
             torch.cuda.reset_peak_memory_stats(device)
