@@ -121,6 +121,11 @@ FALCON_H1 = Architecture(
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (FALCON, FALCON3, FALCON_H1)}
 
 
+def mamba_width(config) -> int:
+    """A Falcon-H1 Mamba-2 mixer's inner width: `mamba_d_ssm`, else `mamba_expand` x hidden_size (as transformers)."""
+    return config.mamba_d_ssm or int(config.mamba_expand * config.hidden_size)
+
+
 def architecture(config) -> Architecture:
     """The table row of a model's config; a one-line error naming the supported families for any other."""
     model_type = getattr(config, "model_type", None)

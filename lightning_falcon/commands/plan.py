@@ -2,9 +2,11 @@
 
 python -m lightning_falcon plan --config configs/falcon-40b-qlora.yaml
 python -m lightning_falcon plan --config configs/falcon-7b-qlora.yaml --devices 4 --gpu_memory 24GB
+python -m lightning_falcon plan --config configs/falcon-180b-qlora.yaml --devices 8 --nodes 2 --gpu_memory 141GB
 
 This reads the config as fit would (and refuses what fit would refuse), counts with `model/memory.py`,
-whose docstring gives the formula, and prints the table.
+whose docstring gives the formula, and prints the table, then the fewest nodes of `--devices` GPUs at which
+the config's strategy fits `--gpu_memory`, or what stops every node count.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from lightning_falcon.model.memory import (
     activation_bytes,
     attention_kernel,
     count_model,
+    fewest_nodes,
+    peak,
     plan,
 )
 from lightning_falcon.training.strategy import StrategySettings
@@ -40,8 +44,11 @@ def parse_bytes(text: str) -> float:
     return value * (GiB if unit.startswith("g") else 2**20)
 
 
-def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu_memory: float, title: str) -> str:
-    """The table `plan` prints: components by strategy, in GiB, with a verdict per strategy."""
+def render(
+    count: ModelCount, setup: Setup, plans: list[Plan], current: str, devices: int, gpu_memory: float, title: str
+) -> str:
+    """The table `plan` prints: components by strategy, in GiB, with a verdict per strategy, then the fewest nodes
+    of `devices` GPUs at which the `current` strategy fits."""
     names = [p.strategy + ("*" if p.strategy == current else "") for p in plans]
     width = max(24, *(len(n) + 2 for n in names))
     lines = [title, f"{'per GPU, GiB':<26}" + "".join(f"{n:>{width}}" for n in names)]
@@ -52,11 +59,9 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
         f"{'load peak (ZeRO-3)':<26}"
         + "".join(f"{(p.load_peak / GiB if p.load_peak else 0):>{width}.2f}" for p in plans)
     )
-    verdicts = []
-    for p in plans:
-        peak = max(p.total, p.load_peak)
-        verdicts.append("fits" if peak <= gpu_memory else "does not fit")
+    verdicts = ["fits" if peak(p) <= gpu_memory else "does not fit" for p in plans]
     lines.append(f"{f'verdict ({gpu_memory / GiB:.0f} GiB GPU)':<26}" + "".join(f"{v:>{width}}" for v in verdicts))
+    lines.append(nodes_line(count, setup, current, devices, gpu_memory))
     lines.append(f"attention: {attention_kernel(count, setup).name}")
     lines.append(
         f"activations + attention + logits: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient "
@@ -66,6 +71,31 @@ def render(count: ModelCount, setup: Setup, plans: list[Plan], current: str, gpu
         "* = this config's strategy. Weights are exact counts; activations, attention and workspace are estimates."
     )
     return "\n".join(lines)
+
+
+def nodes_line(count: ModelCount, setup: Setup, strategy: str, devices: int, gpu_memory: float) -> str:
+    """One line: the fewest nodes of `devices` GPUs at which `strategy` fits `gpu_memory`, or what stops every count."""
+    found = fewest_nodes(count, setup, strategy, devices, gpu_memory)
+    gpus = f"{gpu_memory / GiB:.0f} GiB GPUs"
+    p = found.plan
+    if found.nodes is not None:
+        loading = f", {p.load_peak / GiB:.2f} GiB while loading" if p.load_peak else ""
+        return (
+            f"nodes: {p.strategy} fits {gpus} from {found.nodes} node(s) of {devices} GPU(s) "
+            f"({p.total / GiB:.2f} GiB per GPU{loading})"
+        )
+    if p.load_peak > gpu_memory:
+        base = plan(count, setup, "single").rows["quantized base weights"]
+        return (
+            f"nodes: no node count fits {gpus} with {p.strategy}: the load peak, {p.load_peak / GiB:.2f} GiB, is the "
+            f"same at any node count, since each GPU holds the whole 4-bit base ({base / GiB:.2f} GiB) while it "
+            "loads, before DeepSpeed shards it"
+        )
+    row, size = max(p.rows.items(), key=lambda item: item[1])
+    return (
+        f"nodes: no node count fits {gpus} with {p.strategy}: {row} ({size / GiB:.2f} GiB) and the other rows it does "
+        f"not divide stay {p.total / GiB:.2f} GiB per GPU at any node count"
+    )
 
 
 def setup_of(model, data, trainer, world_size: int) -> Setup:
@@ -109,7 +139,7 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
         f"{devices} GPU(s) x {nodes} node(s)"
     )
     current = strategy_name(strategy, devices * nodes)
-    return render(count, setup, plans, current, parse_bytes(gpu_memory), title)
+    return render(count, setup, plans, current, devices, parse_bytes(gpu_memory), title)
 
 
 def device_count(devices) -> int | None:
@@ -179,7 +209,9 @@ class PlanCLI(ParseOnlyCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--devices", type=int | None, default=None, help="GPUs per node (default: the config's)")
-        parser.add_argument("--num_nodes", type=int | None, default=None, help="Nodes (default: the config's)")
+        parser.add_argument(
+            "--num_nodes", "--nodes", type=int | None, default=None, help="Nodes (default: the config's)"
+        )
         parser.add_argument(
             "--gpu_memory", type=str, default="80GB", help="Memory of one GPU for the verdict, e.g. 24GB, 40GB, 80GB"
         )

@@ -23,12 +23,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lightning_falcon.architectures import mamba_width
 from lightning_falcon.export.gguf_llama import NOT_CARRIED, decoder_metadata, rope_problems
-
-
-def _ssm_width(config) -> int:
-    """The Mamba-2 mixer's inner width (`mamba_d_ssm`, else `mamba_expand` × hidden_size, as transformers)."""
-    return config.mamba_d_ssm or int(config.mamba_expand * config.hidden_size)
 
 
 def problems(config) -> list[str]:
@@ -56,7 +52,7 @@ def metadata(writer, model: torch.nn.Module) -> None:
     """The hyperparameters llama.cpp's falcon-h1 loader reads, with the values `FalconH1Model.set_gguf_parameters`
     leaves (it overrides some of `Mamba2Model`'s)."""
     config = model.config
-    width = _ssm_width(config)
+    width = mamba_width(config)
     decoder_metadata(writer, config)
     writer.add_ssm_conv_kernel(config.mamba_d_conv)
     writer.add_ssm_inner_size(width)
@@ -67,7 +63,7 @@ def metadata(writer, model: torch.nn.Module) -> None:
 
 def _ssm_in_scale(config) -> torch.Tensor:
     """`ssm_in_multiplier` × `ssm_multipliers` per output row of in_proj: z, x, B, C, then dt."""
-    width, groups_state = _ssm_width(config), config.mamba_n_groups * config.mamba_d_state
+    width, groups_state = mamba_width(config), config.mamba_n_groups * config.mamba_d_state
     z, x, b, c, dt = config.ssm_multipliers
     sections = ((width, z), (width, x), (groups_state, b), (groups_state, c), (config.mamba_n_heads, dt))
     scale = torch.cat([torch.full((rows, 1), float(m)) for rows, m in sections])

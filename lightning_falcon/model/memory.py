@@ -35,15 +35,23 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   builds at every head for keys and values it got as zero-stride views, are 2·b·s·h·c for the layer in
   flight. With checkpointing, one layer's; without, every layer keeps its part.
 * Mamba-2 (Falcon-H1), for d = the mixer's inner width, g groups of state size n, H heads of width P,
-  chunks of Q positions and a convolution of width k: what mamba_ssm's fused kernels keep for backward,
-  b·s·(in_proj's 2d + 2gn + H outputs, the convolution's d + 2gn, the scan's output and its gated norm, 2d)·c,
-  plus the states between chunks, b·ceil(s/Q)·H·P·n x 4 (fp32), and the step sizes, 2·b·H·s x 4. With
-  checkpointing, one layer's; without, every layer's. Plus the state and convolution caches of generation
-  (the samples during validation): L·b·(H·P·n + (d + 2gn)·k) x 4. Without mamba_ssm, transformers' PyTorch
-  path holds more (it builds b·s·Q·H·n products at once), which the plan does not count.
+  chunks of Q positions and a convolution of width k, from what mamba_ssm's fused kernel
+  (`mamba_split_conv1d_scan_combined`) saves and recomputes: each layer keeps for backward its in_proj
+  outputs and the scan's output, b·s·(2d + 2gn + H + d)·c; the layer in backward rebuilds the convolution's
+  output and the gated norm's, b·s·(d + 2gn + d)·c, with the states between chunks, b·ceil(s/Q)·H·P·n x 4
+  (fp32), and the step sizes, 2·b·H·s x 4. With checkpointing, one layer's of both; without, every layer's
+  kept part and one layer's rebuilt part. Plus the state and convolution caches of generation (the samples
+  during validation): L·b·(H·P·n + (d + 2gn)·k) x 4. Without mamba_ssm, transformers' PyTorch path holds
+  more (it builds b·s·Q·H·n products at once), which the plan does not count.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
+* load peak (ZeRO-3): each GPU first holds the whole model as fit builds it, before DeepSpeed partitions it
+  (transformers cannot load a quantized model already partitioned; `model/placement.py`): the packed base
+  and its constants, plus the larger of what the load holds beside them (the unquantized parameters and the
+  largest weight, which transformers materialises in c bytes on the GPU before bitsandbytes packs it) and
+  what the model holds once LoRA is added (the unquantized parameters as PEFT leaves them, 4 bytes or c with
+  `upcast_frozen: false`, and the fp32 LoRA weights), plus the 1 GiB. More GPUs or nodes do not lower it.
 
 Activations, attention, the Mamba-2 mixers and the 1 GiB are the approximate part; the weight terms are exact counts.
 """
@@ -57,7 +65,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lightning_falcon.architectures import architecture
+from lightning_falcon.architectures import architecture, mamba_width
 from lightning_falcon.model.attention import Kernel, gpu_kernel
 from lightning_falcon.model.lora import linear_module_names
 
@@ -129,7 +137,7 @@ def mamba_widths(config) -> dict[str, int]:
     """A Falcon-H1 block's Mamba-2 mixer, from its config: inner width, groups, state size, heads, head width,
     chunk and convolution widths (the planner's d, g, n, H, P, Q, k)."""
     return {
-        "d": config.mamba_d_ssm or config.mamba_expand * config.hidden_size,
+        "d": mamba_width(config),
         "g": config.mamba_n_groups,
         "n": config.mamba_d_state,
         "H": config.mamba_n_heads,
@@ -144,10 +152,11 @@ def mamba_bytes(count: ModelCount, setup: Setup) -> float:
     m = count.mamba
     b, s, c = setup.batch_size, setup.max_length, setup.compute_bytes
     d, gn = m["d"], m["g"] * m["n"]
-    per_layer = b * s * ((2 * d + 2 * gn + m["H"]) + (d + 2 * gn) + 2 * d) * c
-    per_layer += b * math.ceil(s / m["Q"]) * m["H"] * m["P"] * m["n"] * 4 + 2 * b * m["H"] * s * 4
+    kept = b * s * (2 * d + 2 * gn + m["H"] + d) * c  # in_proj's outputs and the scan's output, saved per layer
+    rebuilt = b * s * (d + 2 * gn + d) * c  # the convolution's and the gated norm's outputs, recomputed in backward
+    rebuilt += b * math.ceil(s / m["Q"]) * m["H"] * m["P"] * m["n"] * 4 + 2 * b * m["H"] * s * 4
     caches = count.layers * b * (m["H"] * m["P"] * m["n"] + (d + 2 * gn) * m["k"]) * 4
-    return (per_layer if setup.gradient_checkpointing else count.layers * per_layer) + caches
+    return (kept if setup.gradient_checkpointing else count.layers * kept) + rebuilt + caches
 
 
 def quantized_layer_bytes(n: int, out_features: int, quantization: str, double_quant: bool) -> tuple[int, int]:
@@ -241,8 +250,54 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
         per_block = weights / max(L, 1)
         workspace += 2 * per_block
     p.rows["workspace"] = workspace
-    p.load_peak = weights + constants + unquantized + WORKSPACE_RESERVE if zero == 3 else 0.0
+    # Under ZeRO-3 a quantized base loads whole onto every GPU (an unquantized one loads partitioned, under zero.Init)
+    if zero == 3 and setup.quantization != "none":
+        loading = count.unquantized * c + largest * c  # the last weight materialised in c bytes before it is packed
+        built = count.unquantized * (4 if setup.upcast_frozen else c) + 4 * count.lora  # before DeepSpeed casts it
+        p.load_peak = weights + constants + max(loading, built) + WORKSPACE_RESERVE
     return p
+
+
+def peak(p: Plan) -> float:
+    """The most a GPU holds at any time under plan `p`: training, or loading where that is more (ZeRO-3)."""
+    return max(p.total, p.load_peak)
+
+
+@dataclass
+class NodeCount:
+    """The fewest nodes at which a strategy fits a GPU, or why no node count does."""
+
+    nodes: int | None  # the fewest nodes of the given GPUs each; None: no node count fits
+    plan: Plan  # the plan at that node count; with no fit, the plan as the node count grows without bound
+
+
+UNBOUNDED = 2**40  # GPUs standing for "as many as you like": every row the strategy divides is then ~0
+
+
+def fewest_nodes(count: ModelCount, setup: Setup, strategy: str, devices: int, gpu_memory: float) -> NodeCount:
+    """The fewest nodes of `devices` GPUs each at which `strategy` fits `gpu_memory` bytes per GPU.
+
+    Beyond one node every row only shrinks as GPUs are added, so the rows a strategy does not divide (and the
+    ZeRO-3 load peak) are a floor no node count goes below: above `gpu_memory`, no node count fits.
+    """
+
+    def at(gpus: int) -> Plan:
+        name = "ddp" if strategy == "single" and gpus > 1 else strategy  # Lightning's choice for several devices
+        return plan(count, replace(setup, world_size=gpus), name)
+
+    one = at(devices)
+    if peak(one) <= gpu_memory:
+        return NodeCount(1, one)
+    floor = at(UNBOUNDED)
+    if peak(floor) > gpu_memory:
+        return NodeCount(None, floor)
+    low, high = 1, 2  # it does not fit at `low` nodes; the search doubles `high` until it does
+    while peak(at(devices * high)) > gpu_memory:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if peak(at(devices * middle)) <= gpu_memory else (middle, high)
+    return NodeCount(high, at(devices * high))
 
 
 def attention_kernel(count: ModelCount, setup: Setup) -> Kernel:
