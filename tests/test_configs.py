@@ -199,19 +199,26 @@ def test_a_setting_of_the_source_is_set_from_the_command_line():
     assert member.source == Source("asset:data/guanaco-sample.jsonl", format="turns")  # tiny's settings kept
 
 
-def header_figure(path: Path) -> tuple[float, int, list[str]] | None:
-    """(GiB, GPUs, the arguments of the header's first fit or plan command) of a `Per-GPU memory: X GiB` line."""
+def header_figure(path: Path) -> tuple[float, int, int | None, list[str]] | None:
+    """(GiB, GPUs per node, nodes where it names them, the arguments of the header's first fit or plan command) of
+    a `Per-GPU memory: X GiB` line."""
     header = " ".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
     found = re.search(r"Per-GPU memory: [^.]*?(\d+\.\d) GiB ([^(]*?)per `", header)
     if found is None:
         return None
     count = re.search(r"(\d+) GPUs", found.group(2))
+    nodes = re.search(r"x (\d+) nodes", found.group(2))
     model = re.search(r"for (falcon-[\w-]+)", found.group(2))  # an overlay names the model config it was planned on
     commands = [words for words in header_commands(path) if words[0] in ("fit", "plan")]
     if model:
         commands = [words for words in commands if f"configs/{model.group(1)}.yaml" in words]
     command = commands[0]
-    return float(found.group(1)), int(count.group(1)) if count else 1, command[1:]
+    return (
+        float(found.group(1)),
+        int(count.group(1)) if count else 1,
+        int(nodes.group(1)) if nodes else None,
+        command[1:],
+    )
 
 
 FIGURES = [(path, header_figure(path)) for path in CONFIGS + OVERLAYS if header_figure(path) is not None]
@@ -223,11 +230,77 @@ def test_a_headers_per_gpu_memory_is_what_plan_prints_for_its_command(path, figu
     from lightning_falcon.commands.cli import parse_only
     from lightning_falcon.commands.plan import PlanCLI, report
 
-    gib, gpus, args = figure
+    gib, gpus, nodes, args = figure
     monkeypatch.chdir(REPO)
-    config = parse_only(PlanCLI, [*args, "--devices", str(gpus)], "plan").config
+    shape = ["--devices", str(gpus), *(["--num_nodes", str(nodes)] if nodes else [])]
+    config = parse_only(PlanCLI, [*args, *shape], "plan").config
     lines = report(config.model, config.data, config.trainer, config.devices, config.num_nodes, "80GB").splitlines()
     names = next(line for line in lines if line.startswith("per GPU, GiB")).split()[3:]
     totals = next(line for line in lines if line.startswith("total")).split()[1:]
     (planned,) = [float(total) for name, total in zip(names, totals, strict=False) if name.endswith("*")]
     assert round(planned, 1) == gib, f"{path.name} says {gib} GiB on {gpus} GPU(s); plan prints {planned:.2f}"
+
+
+def test_every_model_config_plans_offline_from_a_shipped_architecture():
+    """`plan` needs no Hub: each config's model is a shipped asset or a Hub id whose config.json ships."""
+    from lightning_falcon.commands.plan import SHIPPED_CONFIGS
+
+    for path in CONFIGS:
+        name = yaml.safe_load(path.read_text())["model"]["model_name_or_path"]
+        assert name.startswith("asset:") or name in SHIPPED_CONFIGS, path.name
+
+
+def plan_lines(capsys, *args: str) -> list[str]:
+    main(["plan", *args])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_falcon_180b_config_is_zero3_across_nodes_and_plan_says_80gb_gpus_cannot_load_it(capsys, monkeypatch):
+    config = yaml.safe_load((REPO / "configs/falcon-180b-qlora.yaml").read_text())
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_falcon.training.strategy.QLoRADeepSpeedStrategy"
+    assert strategy["init_args"]["stage"] == 3 and config["trainer"]["devices"] == 8
+    assert ["fit", "--config", "configs/falcon-180b-qlora.yaml"] in header_commands(
+        REPO / "configs/falcon-180b-qlora.yaml"
+    )  # its sbatch line: slurm/fit-multinode.sbatch
+    assert (
+        "slurm/fit-multinode.sbatch configs/falcon-180b-qlora.yaml"
+        in (REPO / "configs/falcon-180b-qlora.yaml").read_text()
+    )
+    monkeypatch.chdir(REPO)
+    for nodes in ("1", "2", "16"):
+        lines = plan_lines(capsys, "--config", "configs/falcon-180b-qlora.yaml", "--nodes", nodes)
+        (verdict,) = [line for line in lines if line.startswith("nodes:")]
+        assert verdict.startswith("nodes: no node count fits 80 GiB GPUs with deepspeed-zero3: the load peak"), verdict
+        assert "the whole 4-bit base" in verdict
+    lines = plan_lines(capsys, "--config", "configs/falcon-180b-qlora.yaml", "--gpu_memory", "141GB")
+    (verdict,) = [line for line in lines if line.startswith("nodes:")]
+    assert verdict.startswith("nodes: deepspeed-zero3 fits 141 GiB GPUs from 1 node(s) of 8 GPU(s)"), verdict
+
+
+@pytest.mark.parametrize(
+    "name,template",
+    [
+        ("falcon3-7b-qlora.yaml", "tokenizer"),
+        ("falcon-h1-7b-qlora.yaml", "tokenizer"),
+        ("falcon-11b-qlora.yaml", "instruction"),
+    ],
+)
+def test_the_new_family_configs_train_every_default_target_with_their_template(name, template):
+    from lightning_falcon.architectures import architecture
+    from lightning_falcon.commands.plan import model_config
+
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    family = architecture(model_config(config["model"]["model_name_or_path"], False)[0])
+    assert config["model"]["target_modules"] == list(family.lora_targets)
+    assert config["data"]["chat_template"] == template
+
+
+def test_falcon_h1_config_does_not_pack_and_plan_refuses_packing_it(capsys, monkeypatch):
+    config = yaml.safe_load((REPO / "configs/falcon-h1-7b-qlora.yaml").read_text())
+    assert config["data"]["batching"] != "packed"
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--config", "configs/falcon-h1-7b-qlora.yaml", "--data.batching", "packed"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Mamba state would run on" in err and "Fix: --data.batching padded" in err
