@@ -1,9 +1,10 @@
 """Falcon-7B (all 32 layers) and Falcon-40B (N of its 60 layers, full width) at their real shapes on this CPU
-machine, random weights: each phase timed, with its peak anonymous memory and the bytes it wrote, the
+machine, and the other families (Falcon-180B, Falcon2-11B, Falcon3-7B, Falcon-H1-7B) at real width with one or
+two layers, random weights: each phase timed, with its peak anonymous memory and the bytes it wrote, the
 planner beside what was measured, and the checks that must hold at these sizes.
 
-    python benchmarks/scale.py                     # everything: about 80 minutes on 2 cores, ~40 GB of disk
-    python benchmarks/scale.py --only 7b           # or 40b; --workdir keeps the random checkpoints for a rerun
+    python benchmarks/scale.py                     # everything: about 90 minutes on 2 cores, ~50 GB of disk
+    python benchmarks/scale.py --only 7b           # or 40b, or families; --workdir keeps the random checkpoints
 
 Every run goes through the product's own commands (`fit`, `fit --ckpt_path last`, `export --merge`) with
 the shipped GPU configs and the CPU overrides of `shapes.fit_arguments`, in child processes. Memory is
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, device_line, table, versions
-from shapes import falcon_shape, fit_arguments, held_bytes, rss_anon_bytes
+from shapes import falcon_shape, fit_arguments, held_bytes, rss_anon_bytes, shape
 
 GiB = 2**30
 CONFIG_7B = str(REPO / "configs" / "falcon-7b-qlora.yaml")
@@ -35,6 +36,8 @@ CPU_DEEPSPEED = ["--trainer.strategy.class_path", "cpu_deepspeed.CPUDeepSpeedStr
 # whole-model gather per forward under ZeRO-3), which is not what these phases measure.
 NO_SANITY = ["--trainer.num_sanity_val_steps", "0"]
 TOKENS = list(range(3, 35))  # the tokens whose logits the merged model and the 4-bit base + adapter compare
+# The other families' shipped configs and the layers they keep here (a 180B layer is 2.2 billion weights)
+FAMILIES = {"falcon-180b": 1, "falcon-11b": 2, "falcon3-7b": 2, "falcon-h1-7b": 1}
 
 
 # ----------------------------------------------------------------- measuring a child process
@@ -158,12 +161,14 @@ def footprint_mib(output: str) -> float:
 
 
 def planner_rows(shape: Path, world_size: int, max_length: int, strategy: str = "single") -> dict[str, float]:
+    """The planner's rows for `shape` with LoRA r 64 on its family's default targets, fp32 compute (as on CPU)."""
     from transformers import AutoConfig
 
-    from lightning_falcon.architectures import FALCON
+    from lightning_falcon.architectures import architecture
     from lightning_falcon.model.memory import Setup, count_model, plan
 
-    count = count_model(AutoConfig.from_pretrained(shape), FALCON.lora_targets, 64)
+    config = AutoConfig.from_pretrained(shape)
+    count = count_model(config, architecture(config).lora_targets, 64)
     setup = Setup(compute_bytes=4, mixed_16bit=False, batch_size=1, max_length=max_length, world_size=world_size)
     return plan(count, setup, strategy).rows
 
@@ -320,6 +325,30 @@ def forty_b(work: Path, layers: int, steps: int, max_length: int) -> list[list]:
     ]  # fmt: skip
 
 
+# ----------------------------------------------------------------- the other families
+def families(work: Path) -> list[list]:
+    """Each family's real width and vocabulary with few layers: the random checkpoint, the nf4 load with LoRA r 64
+    on its default targets, and the bytes held against the planner's."""
+    print(f"## {', '.join(FAMILIES)}: real width, {'/'.join(str(n) for n in FAMILIES.values())} layers", flush=True)
+    planner = []
+    for asset, layers in FAMILIES.items():
+        config_dir = shape(asset, layers, work)
+        checkpoint = random_checkpoint_phase(f"{asset} x{layers}", config_dir, work / "random")
+        out = work / f"{asset}-held.json"
+        load = Run(python(__file__, "--worker", "held", str(checkpoint), str(out)))
+        held = json.loads(out.read_text())
+        row(f"{asset} x{layers}: nf4 load + LoRA r 64 on its default targets", load.end - load.start, load.peak(), None)
+        rows = planner_rows(config_dir, 1, 128)
+        planned = weight_bytes(rows)
+        check(held["total"] == planned, f"{asset} x{layers}: weights held = the planner's, {planned:,.0f} bytes")
+        unquantized = f"{rows['unquantized parameters'] / GiB:.3f} planned, {held['unquantized'] / GiB:.3f} held"
+        planner.append(
+            [f"{asset} x{layers} weights (nf4 + constants + fp32 rest + LoRA)", f"{planned / GiB:.3f}",
+             f"{held['total'] / GiB:.3f}", f"{held['quantized_layers']} nf4 layers; unquantized {unquantized}"]
+        )  # fmt: skip
+    return planner
+
+
 def zero3_checks(output: str, run: Path, layers: int) -> int:
     """Each rank holds half the 4-bit storage; the checkpoint's shards hold only LoRA and optimizer state."""
     import re
@@ -378,6 +407,19 @@ def worker_merged(merged: str, logits_path: str, out: str) -> None:
     Path(out).write_text(json.dumps({"relative": relative, "top1": top1}))
 
 
+def worker_held(checkpoint: str, out: str) -> None:
+    """Bytes a checkpoint's nf4 load with LoRA r 64 on its family's default targets holds, by the planner's rows."""
+    from lightning_falcon.architectures import architecture
+    from lightning_falcon.model.lora import apply_lora
+    from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
+
+    base = load_causal_lm(checkpoint, "nf4", True, torch.float32, torch.device("cpu"))
+    layers = len(quantized_layers(base))
+    model = apply_lora(base, 64, 16, 0.1, architecture(base.config).lora_targets, gradient_checkpointing=True)
+    held = held_bytes(model)
+    Path(out).write_text(json.dumps({**held, "total": sum(held.values()), "quantized_layers": layers}))
+
+
 def worker_layers(checkpoint: str, out: str) -> None:
     """Bytes each decoder layer holds after nf4 + LoRA r 64, and the rest (embeddings, final norm), counted."""
     from lightning_falcon.architectures import FALCON
@@ -395,18 +437,19 @@ def worker_layers(checkpoint: str, out: str) -> None:
 def main() -> None:
     global VERBOSE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["7b", "40b"])
+    parser.add_argument("--only", choices=["7b", "40b", "families"])
     parser.add_argument("--workdir", default="/tmp/lightning_falcon-scale")
     parser.add_argument("--steps", type=int, default=2, help="7B optimizer steps before the resumed one")
     parser.add_argument("--max_length", type=int, default=256, help="7B sequence length")
     parser.add_argument("--layers_40b", type=int, default=2)
     parser.add_argument("--layers_7b", type=int, default=None, help="fewer 7B layers, to try the script quickly")
     parser.add_argument("--verbose", action="store_true", help="echo the children's output")
-    parser.add_argument("--worker", choices=["reload", "merged", "layers"])
+    parser.add_argument("--worker", choices=["reload", "merged", "layers", "held"])
     parser.add_argument("args", nargs="*")
     args = parser.parse_args()
     if args.worker:
-        return {"reload": worker_reload, "merged": worker_merged, "layers": worker_layers}[args.worker](*args.args)
+        workers = {"reload": worker_reload, "merged": worker_merged, "layers": worker_layers, "held": worker_held}
+        return workers[args.worker](*args.args)
     VERBOSE = args.verbose
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -416,6 +459,8 @@ def main() -> None:
         planner += seven_b(work, args.steps, args.max_length, args.layers_7b)
     if args.only in (None, "40b"):
         planner += forty_b(work, args.layers_40b, 1, 128)
+    if args.only in (None, "families"):
+        planner += families(work)
     print(f"\n{device_line()}; {versions()}; {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min\n")
     print(table(["phase", "wall s", "peak RssAnon GiB", "written GiB", "note"], ROWS))
     print()

@@ -1,8 +1,8 @@
-"""Falcon's real shapes with fewer layers, and the bytes a loaded model really holds, for the scale tier and scale.py.
+"""Real model shapes with fewer layers, and the bytes a loaded model really holds, for the scale tier and scale.py.
 
-A shape is the shipped config.json of falcon-7b or falcon-40b (real width, heads, KV heads, vocabulary)
-with `num_hidden_layers` cut to N, written to a directory that `--model.model_name_or_path` takes with
-`--model.random_init true`: the real loader then builds, quantizes and trains that architecture.
+A shape is a shipped config.json (`lightning_falcon/assets/<name>/config.json`: real width, heads, KV heads,
+vocabulary) with `num_hidden_layers` cut to N, written to a directory that `--model.model_name_or_path` takes
+with `--model.random_init true`: the real loader then builds, quantizes and trains that architecture.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from torch import nn
 from lightning_falcon.assets import resolve
 from lightning_falcon.model.quantization import constant_bytes, quantized_layers
 
-FALCON = {"7b": "asset:falcon-7b", "40b": "asset:falcon-40b"}
 
-
-def falcon_shape(size: str, layers: int | None, root: Path, name: str = "", **changes) -> Path:
-    """A directory holding falcon-`size`'s config.json with `layers` decoder layers (None: all of them) and any
-    other config.json `changes` (a narrower width, say), named with `name` after the layer count."""
-    config = json.loads((Path(resolve(FALCON[size])) / "config.json").read_text())
+def shape(asset: str, layers: int | None, root: Path, name: str = "", **changes) -> Path:
+    """A directory holding the shipped `asset`'s config.json (`falcon-40b`, `falcon3-7b`, `falcon-h1-7b`, ...) with
+    `layers` decoder layers (None: all of them) and any other config.json `changes` (a narrower width, say), named
+    with `name` after the layer count."""
+    config = json.loads((Path(resolve(f"asset:{asset}")) / "config.json").read_text())
     if layers is not None:
         config["num_hidden_layers"] = layers
     config.update(changes)
-    out = Path(root) / f"falcon-{size}-{config['num_hidden_layers']}layers{name}"
+    out = Path(root) / f"{asset}-{config['num_hidden_layers']}layers{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def falcon_shape(size: str, layers: int | None, root: Path, name: str = "", **changes) -> Path:
+    """`shape` of falcon-`size` (`7b`, `40b`, `180b`, `11b`)."""
+    return shape(f"falcon-{size}", layers, root, name, **changes)
 
 
 def held_bytes(model: nn.Module) -> dict[str, int]:

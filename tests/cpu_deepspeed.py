@@ -53,3 +53,20 @@ class CPUDeepSpeedStrategy(QLoRADeepSpeedStrategy):
                 local += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
         print(f"[shards] rank {self.global_rank}: 4-bit storage {local} of {full} elements", flush=True)
         rank_zero_info(f"[shards] world size {self.world_size}")
+
+
+class OneLoadAtATime(CPUDeepSpeedStrategy):
+    """`CPUDeepSpeedStrategy` with the ranks loading the base one after another. bitsandbytes' CPU quantizer holds
+    about 14 bytes a weight of the matrix it quantizes (12 GiB for a 180B MLP matrix): two ranks quantizing at once
+    would not fit a 24 GB machine. Each rank still loads the whole base and DeepSpeed then shards it, as on GPUs.
+    Used by class path (`cpu_deepspeed.OneLoadAtATime`, with tests/ on PYTHONPATH)."""
+
+    def prepare_quantized_load(self):
+        for _ in range(self.global_rank):  # barrier k lets rank k load once ranks 0..k-1 have
+            self.barrier("one load at a time")
+        return super().prepare_quantized_load()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        for _ in range(self.world_size - 1 - self.global_rank):
+            self.barrier("one load at a time")
+        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)

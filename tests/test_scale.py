@@ -1,85 +1,149 @@
-"""The scale tier (`-m scale`): Falcon-7B and Falcon-40B at their real width, heads and vocabulary, with few layers.
+"""The scale tier (`-m scale`): each family at its real width, heads and vocabulary, with few layers.
 
-What the 2-layer, 128-wide toy cannot show: the real module names and shapes (multi-query attention
-against grouped KV heads and `new_decoder_architecture`), the 65,024-token vocabulary, the LoRA targets
-at r 64, what checkpoints hold, ZeRO-3 sharding of a full-width 40B layer over 2 processes, and the
-planner's weight bytes against a real load, to the byte. Random weights; the checkpoints are built once
-per session and shared. The whole 7B and several 40B layers run in `benchmarks/scale.py`.
+What the narrow models of the fast tier cannot show: the real module names and shapes (Falcon's multi-query
+attention against grouped KV heads and `new_decoder_architecture`, Falcon2-11B's untied output layer, Falcon3's
+256-wide heads, Falcon-H1's Mamba-2 mixer beside its attention), the real vocabularies (65,024 to 131,072
+tokens), the LoRA targets at r 64, what checkpoints hold, ZeRO-3 sharding of a full-width 40B and 180B layer over
+2 processes, a Falcon-H1 layer training through transformers' PyTorch Mamba-2 path, and the planner's weight
+bytes against a real load, to the byte. Random weights; the checkpoints are built once per session and shared.
+The whole 7B and several 40B layers run in `benchmarks/scale.py`.
 """
 
 import re
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 from helpers import REPO
 from processes import run_process
 from test_distributed import CPU_DEEPSPEED
+from torch import nn
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from shapes import falcon_shape, fit_arguments, held_bytes
+from shapes import fit_arguments, held_bytes, shape
 
-from lightning_falcon.architectures import FALCON
+from lightning_falcon.architectures import architecture
 from lightning_falcon.model.lora import apply_lora, parameter_report
 from lightning_falcon.model.memory import Setup, count_model, plan
 from lightning_falcon.model.quantization import load_causal_lm, quantized_layers
 from lightning_falcon.model.random_weights import random_checkpoint
 
 pytestmark = pytest.mark.scale
-VOCAB = 65_024
-# (size, layers): hidden, query_key_value's outputs, MLP width, new_decoder_architecture, layer norm names
-SHAPES = {
-    ("7b", 2): (4544, 4544 + 2 * 64, 18176, False, ["input_layernorm"]),  # multi-query: one K and one V head
-    ("40b", 1): (8192, (128 + 2 * 8) * 64, 32768, True, ["ln_attn", "ln_mlp"]),  # 8 KV heads for 128 queries
-}
 
 
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory):
-    """(size, layers) -> (the shape's config directory, its random checkpoint), each built once."""
-    root = tmp_path_factory.mktemp("shapes")
-    built = {}
+@dataclass(frozen=True)
+class Expected:
+    """What a shape loads as: its width and vocabulary, and each decoder block's linear layers and norms."""
 
-    def get(size: str, layers: int):
-        if (size, layers) not in built:
-            shape = falcon_shape(size, layers, root)
-            built[size, layers] = shape, random_checkpoint(str(shape), root / "random")
-        return built[size, layers]
-
-    get.random_dir = root / "random"
-    return get
+    hidden: int
+    vocab: int
+    tied: bool  # the output layer is the input embedding, stored once
+    blocks: str  # where the decoder blocks sit
+    quantized: dict[str, tuple[int, int]]  # every 4-bit linear layer of a block, by path: (in, out)
+    norms: tuple[str, ...]
+    kept: dict[str, tuple[int, int]] = field(default_factory=dict)  # linear layers of a block left unquantized
+    config: dict = field(default_factory=dict)  # config.json values the shape must keep
 
 
-@pytest.mark.parametrize("size,layers", list(SHAPES))
-def test_real_width_loads_every_projection_4bit_and_the_planner_counts_its_bytes_exactly(shapes, size, layers):
-    hidden, qkv, mlp, new_arch, norms = SHAPES[size, layers]
-    _, checkpoint = shapes(size, layers)
-    base = load_causal_lm(str(checkpoint), "nf4", True, torch.float32, torch.device("cpu"))
-    assert base.config.new_decoder_architecture is new_arch
-    assert base.get_input_embeddings().weight.shape == (VOCAB, hidden)
-    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied, so stored once
-    block = base.transformer.h[0]
-    assert all(hasattr(block, n) for n in norms)
-    expected = {
+def falcon(hidden: int, qkv: int, mlp: int) -> dict[str, tuple[int, int]]:
+    return {
         "self_attention.query_key_value": (hidden, qkv),
         "self_attention.dense": (hidden, hidden),
         "mlp.dense_h_to_4h": (hidden, mlp),
         "mlp.dense_4h_to_h": (mlp, hidden),
     }
+
+
+def llama(hidden: int, queries: int, keys: int, mlp: int, mlp_name: str = "mlp") -> dict[str, tuple[int, int]]:
+    """A Llama-style block: q/k/v/o (queries and keys: heads x head_dim) and a gated MLP."""
+    return {
+        "self_attn.q_proj": (hidden, queries),
+        "self_attn.k_proj": (hidden, keys),
+        "self_attn.v_proj": (hidden, keys),
+        "self_attn.o_proj": (queries, hidden),
+        f"{mlp_name}.gate_proj": (hidden, mlp),
+        f"{mlp_name}.up_proj": (hidden, mlp),
+        f"{mlp_name}.down_proj": (mlp, hidden),
+    }
+
+
+# (shipped config, layers) -> what it must load as
+SHAPES = {
+    # multi-query: one K and one V head beside 71 queries
+    ("falcon-7b", 2): Expected(4544, 65_024, True, "transformer.h", falcon(4544, 4544 + 2 * 64, 18176),
+                               ("input_layernorm",), config={"new_decoder_architecture": False}),
+    # 8 KV groups for 128 queries
+    ("falcon-40b", 1): Expected(8192, 65_024, True, "transformer.h", falcon(8192, (128 + 2 * 8) * 64, 32768),
+                                ("ln_attn", "ln_mlp"), config={"new_decoder_architecture": True}),
+    # 8 KV groups for 232 queries, 14,848 wide: one layer is 2.2 billion weights
+    ("falcon-180b", 1): Expected(14848, 65_024, True, "transformer.h", falcon(14848, (232 + 2 * 8) * 64, 59392),
+                                 ("ln_attn", "ln_mlp"), config={"new_decoder_architecture": True}),
+    # 128-wide heads, one norm before attention and MLP, and an output layer of its own
+    ("falcon-11b", 2): Expected(4096, 65_024, False, "transformer.h", falcon(4096, (32 + 2 * 8) * 128, 16384),
+                                ("input_layernorm",), config={"num_ln_in_parallel_attn": 1}),
+    # LlamaForCausalLM: 12 query heads and 4 KV heads of 256
+    ("falcon3-7b", 2): Expected(3072, 131_072, False, "model.layers", llama(3072, 12 * 256, 4 * 256, 23040),
+                                ("input_layernorm", "post_attention_layernorm")),
+    # attention (12 x 128: not the hidden width) beside a Mamba-2 mixer, whose in_proj makes the gate, the
+    # convolution's x, B and C and one step size per head; its out_proj stays whole for the fused kernel
+    ("falcon-h1-7b", 1): Expected(
+        3072, 130_049, False, "model.layers",
+        {**llama(3072, 12 * 128, 2 * 128, 12288, "feed_forward"), "mamba.in_proj": (3072, 2 * 3072 + 2 * 256 + 24)},
+        ("input_layernorm", "pre_ff_layernorm"), kept={"mamba.out_proj": (3072, 3072)},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """(shipped config, layers) -> (the shape's config directory, its random checkpoint), each built once."""
+    root = tmp_path_factory.mktemp("shapes")
+    built = {}
+
+    def get(asset: str, layers: int):
+        if (asset, layers) not in built:
+            config = shape(asset, layers, root)
+            built[asset, layers] = config, random_checkpoint(str(config), root / "random")
+        return built[asset, layers]
+
+    get.random_dir = root / "random"
+    return get
+
+
+@pytest.mark.parametrize("asset,layers", list(SHAPES), ids=[f"{a}-{n}" for a, n in SHAPES])
+def test_real_width_loads_every_projection_4bit_and_the_planner_counts_its_bytes_exactly(shapes, asset, layers):
+    expected = SHAPES[asset, layers]
+    _, checkpoint = shapes(asset, layers)
+    base = load_causal_lm(str(checkpoint), "nf4", True, torch.float32, torch.device("cpu"))
+    family = architecture(base.config)
+    assert {key: getattr(base.config, key) for key in expected.config} == expected.config
+    embeddings, output = base.get_input_embeddings(), base.get_output_embeddings()
+    assert embeddings.weight.shape == output.weight.shape == (expected.vocab, expected.hidden)
+    assert (output.weight is embeddings.weight) is expected.tied  # tied: stored once
+    assert type(output) is nn.Linear  # the output layer is never 4-bit
+    block = base.get_submodule(expected.blocks)[0]
+    assert all(hasattr(block, n) for n in expected.norms)
     quantized = quantized_layers(base)
-    assert sorted(quantized) == sorted(f"transformer.h.{i}.{n}" for i in range(layers) for n in expected)
+    assert sorted(quantized) == sorted(f"{expected.blocks}.{i}.{n}" for i in range(layers) for n in expected.quantized)
     for name, layer in quantized.items():
-        assert (layer.in_features, layer.out_features) == expected[name.split(".", 3)[3]], name
+        assert (layer.in_features, layer.out_features) == expected.quantized[name.split(".", 3)[3]], name
         assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
+    for path, (n_in, n_out) in expected.kept.items():
+        layer = block.get_submodule(path)
+        assert type(layer) is nn.Linear and (layer.in_features, layer.out_features) == (n_in, n_out), path
 
-    model = apply_lora(base, 64, 16, 0.1, FALCON.lora_targets, gradient_checkpointing=True)
+    # the family's default targets are exactly its quantized layers (the kept ones are not LoRA targets)
+    assert {path.rsplit(".", 1)[-1] for path in expected.quantized} == set(family.lora_targets)
+    model = apply_lora(base, 64, 16, 0.1, family.lora_targets, gradient_checkpointing=True)
     lora = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    assert len(lora) == 2 * 4 * layers
-    for name, (n_in, n_out) in expected.items():
-        assert lora[f"base_model.model.transformer.h.0.{name}.lora_A.default.weight"] == (64, n_in)
-        assert lora[f"base_model.model.transformer.h.0.{name}.lora_B.default.weight"] == (n_out, 64)
+    assert len(lora) == 2 * len(expected.quantized) * layers
+    prefix = f"base_model.model.{expected.blocks}.0"
+    for path, (n_in, n_out) in expected.quantized.items():
+        assert lora[f"{prefix}.{path}.lora_A.default.weight"] == (64, n_in)
+        assert lora[f"{prefix}.{path}.lora_B.default.weight"] == (n_out, 64)
 
-    count = count_model(base.config, FALCON.lora_targets, 64)
+    count = count_model(base.config, family.lora_targets, 64)
     rows = plan(count, Setup(compute_bytes=4, mixed_16bit=False), "single").rows
     held = held_bytes(model)
     assert held == {
@@ -93,20 +157,21 @@ def test_real_width_loads_every_projection_4bit_and_the_planner_counts_its_bytes
     assert parameter_report(model, quantized).footprint_bytes == sum(held.values()) + buffers
 
 
-def run_fit(args: list[str], root, env: dict | None = None):
+def run_fit(args: list[str], root, env: dict | None = None, timeout: float | None = None):
     import os
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    proc = run_process([sys.executable, "-m", "lightning_falcon", *args], cwd=root, env=environment)
+    limit = {"timeout": timeout} if timeout else {}
+    proc = run_process([sys.executable, "-m", "lightning_falcon", *args], cwd=root, env=environment, **limit)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
 def test_falcon_7b_real_width_trains_through_its_shipped_config_checkpoints_lora_and_resumes(shapes, tmp_path):
-    shape, _ = shapes("7b", 2)
+    config_dir, _ = shapes("falcon-7b", 2)
     config = str(REPO / "configs" / "falcon-7b-qlora.yaml")
     every = ("--checkpoint.every_n_train_steps", "2")
-    run_fit(fit_arguments(config, shape, shapes.random_dir, tmp_path, 64, 2, *every), tmp_path)
+    run_fit(fit_arguments(config, config_dir, shapes.random_dir, tmp_path, 64, 2, *every), tmp_path)
     run = tmp_path / "runs" / "falcon-7b-midjourney" / "version_0"
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     weights = state["state_dict"]
@@ -123,21 +188,23 @@ def test_falcon_7b_real_width_trains_through_its_shipped_config_checkpoints_lora
     lora_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     assert (run / "checkpoints" / "last.ckpt").stat().st_size < 3.1 * lora_bytes  # weights + 2 Adam moments
 
-    out = run_fit(fit_arguments(config, shape, shapes.random_dir, tmp_path, 64, 3, "--ckpt_path", "last"), tmp_path)
+    args = fit_arguments(config, config_dir, shapes.random_dir, tmp_path, 64, 3, "--ckpt_path", "last")
+    out = run_fit(args, tmp_path)
     assert "step 2 of 3" in out and (tmp_path / "runs" / "falcon-7b-midjourney" / "version_1" / "adapter").is_dir()
 
 
-def test_a_full_width_falcon_40b_layer_shards_under_zero3_on_two_processes(shapes, tmp_path):
-    shape, _ = shapes("40b", 1)
-    config = str(REPO / "configs" / "falcon-40b-qlora.yaml")
+def zero3_layer_run(shapes, tmp_path, asset: str, config_name: str, strategy: str, max_length: int, *extra: str) -> str:
+    """One full-width layer of `asset` trained one step by `configs/config_name` under ZeRO-3 on 2 CPU processes;
+    checks each rank holds half the 4-bit storage and the adapter and checkpoint hold only LoRA. The fit's output."""
+    config_dir, _ = shapes(asset, 1)
+    config = str(REPO / "configs" / config_name)
     overlay = ["--config", str(REPO / "configs" / "strategy" / "deepspeed-zero3.yaml")]
-    strategy = ["--trainer.strategy.class_path", "cpu_deepspeed.CPUDeepSpeedStrategy", "--trainer.devices", "2"]
+    two = ["--trainer.strategy.class_path", strategy, "--trainer.devices", "2"]
     # No validation before training: under ZeRO-3 each forward gathers the whole model over gloo, and the
     # sanity check's generated samples take minutes here (the tiny ZeRO-3 runs of the slow tier cover them).
-    strategy += ["--checkpoint.every_n_train_steps", "1", "--trainer.num_sanity_val_steps", "0"]
-    out = run_fit(
-        fit_arguments(config, shape, shapes.random_dir, tmp_path, 32, 1, *overlay, *strategy), tmp_path, CPU_DEEPSPEED
-    )
+    two += ["--checkpoint.every_n_train_steps", "1", "--trainer.num_sanity_val_steps", "0"]
+    args = fit_arguments(config, config_dir, shapes.random_dir, tmp_path, max_length, 1, *overlay, *two, *extra)
+    out = run_fit(args, tmp_path, CPU_DEEPSPEED, timeout=900)
     shards = re.findall(r"\[shards\] rank (\d): 4-bit storage (\d+) of (\d+) elements", out)
     assert len(shards) == 2, out[-3000:]
     full = int(shards[0][2])
@@ -153,6 +220,39 @@ def test_a_full_width_falcon_40b_layer_shards_under_zero3_on_two_processes(shape
     for shard in last.glob("checkpoint/*model_states.pt"):
         module = torch.load(shard, map_location="cpu", weights_only=False)["module"]
         assert module and all(".lora_A." in k or ".lora_B." in k for k in module), shard
+    return out
+
+
+def test_a_full_width_falcon_40b_layer_shards_under_zero3_on_two_processes(shapes, tmp_path):
+    zero3_layer_run(shapes, tmp_path, "falcon-40b", "falcon-40b-qlora.yaml", "cpu_deepspeed.CPUDeepSpeedStrategy", 32)
+
+
+def test_a_full_width_falcon_180b_layer_shards_under_zero3_on_two_processes(shapes, tmp_path):
+    # Its 14,848-wide layer: 2.2 billion weights. In bf16, as on GPUs, and with the frozen weights left in bf16, so
+    # that two ranks dequantizing its MLP at once fit this machine (fp32 would need 12 GiB a rank). 64 tokens: its
+    # base-model template (`instruction`) leaves no reply token within 32.
+    bf16 = ["--trainer.precision", "bf16-mixed", "--model.compute_dtype", "bf16", "--model.upcast_frozen", "false"]
+    strategy = "cpu_deepspeed.OneLoadAtATime"
+    out = zero3_layer_run(shapes, tmp_path, "falcon-180b", "falcon-180b-qlora.yaml", strategy, 64, *bf16)
+    (full,) = {int(n) for n in re.findall(r"\[shards\] rank \d: 4-bit storage \d+ of (\d+) elements", out)}
+    weights = sum(i * o for i, o in SHAPES["falcon-180b", 1].quantized.values())
+    assert full == weights // 4  # 4 packed weights (2 bytes) per bf16 storage element
+
+
+def test_a_falcon_h1_layer_trains_its_mamba_in_proj_on_cpu_through_its_shipped_config(shapes, tmp_path):
+    """transformers' PyTorch Mamba-2 path (no mamba_ssm here): LoRA on in_proj gets a gradient and moves."""
+    config_dir, _ = shapes("falcon-h1-7b", 1)
+    config = str(REPO / "configs" / "falcon-h1-7b-qlora.yaml")
+    run_fit(fit_arguments(config, config_dir, shapes.random_dir, tmp_path, 32, 2), tmp_path)
+    from safetensors.torch import load_file
+
+    (adapter,) = tmp_path.rglob("adapter_model.safetensors")
+    weights = load_file(adapter)
+    in_proj = {k.rsplit(".", 2)[-2]: t for k, t in weights.items() if ".mamba.in_proj." in k}
+    assert in_proj["lora_A"].shape == (64, 3072) and in_proj["lora_B"].shape == (2 * 3072 + 2 * 256 + 24, 64)
+    assert in_proj["lora_B"].abs().sum() > 0  # B starts at 0: a gradient reached it through the Mamba-2 scan
+    assert not any("out_proj" in k or "conv1d" in k for k in weights)  # the fused kernel would bypass these
+    assert len(weights) == 2 * 8  # q, k, v, o, in_proj, gate, up, down
 
 
 def test_a_falcon_7b_shaped_gguf_export_loads_and_generates_in_llama_cpp(shapes, tmp_path):
@@ -161,14 +261,15 @@ def test_a_falcon_7b_shaped_gguf_export_loads_and_generates_in_llama_cpp(shapes,
 
     from lightning_falcon.export.run import export
 
-    shape, _ = shapes("7b", 2)
+    config_dir, _ = shapes("falcon-7b", 2)
     config = str(REPO / "configs" / "falcon-7b-qlora.yaml")
-    run_fit(fit_arguments(config, shape, shapes.random_dir, tmp_path, 64, 1), tmp_path)
+    run_fit(fit_arguments(config, config_dir, shapes.random_dir, tmp_path, 64, 1), tmp_path)
     adapter = tmp_path / "runs" / "falcon-7b-midjourney" / "version_0" / "adapter"
     out = export(str(adapter), str(tmp_path / "gguf"), format="gguf", gguf_type="q8_0")
     (gguf_file,) = out.glob("*.gguf")
     got = llama_cpp_build.run({"model": str(gguf_file), "prompts": [[5, 6, 7, 8, 9]], "new_tokens": 8})
-    assert got["n_vocab"] == VOCAB and got["metadata"]["falcon.attention.head_count_kv"] == "1"
+    vocab = SHAPES["falcon-7b", 2].vocab
+    assert got["n_vocab"] == vocab and got["metadata"]["falcon.attention.head_count_kv"] == "1"
     assert got["metadata"]["falcon.embedding_length"] == "4544" and got["metadata"]["falcon.block_count"] == "2"
     (continuation,) = got["continuations"]
-    assert 0 < len(continuation) <= 8 and all(0 <= t < VOCAB for t in continuation)
+    assert 0 < len(continuation) <= 8 and all(0 <= t < vocab for t in continuation)
