@@ -296,9 +296,11 @@ def models_page() -> str:
             "whole path. Adding one: [add a Falcon](../how-to/add-a-falcon.md)."
         ),
         "",
-        "| family | `model_type` | LoRA targets (`model.target_modules: null`) | kept out of 4 bits | template for "
-        "a tokenizer without one (`data.chat_template: auto`) | packed batches | DeepSpeed ZeRO-3 | GGUF "
-        "(llama.cpp architecture) |",
+        (
+            "| family | `model_type` | LoRA targets (`model.target_modules: null`) | kept out of 4 bits | template for "
+            "a tokenizer without one (`data.chat_template: auto`) | packed batches | DeepSpeed ZeRO-3 | GGUF "
+            "(llama.cpp architecture) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in ARCHITECTURES.values():
@@ -314,9 +316,9 @@ def models_page() -> str:
     lines += [
         "",
         (
-            "A GGUF also needs the tokenizer's pre-tokenizer to be one `export` names for llama.cpp: GPT-2's byte-level "
-            "split or Falcon-7B's (the Falcon tokenizers' and the tiny models'). Another, Falcon3's and Falcon-H1's own "
-            "among them, is refused in one line before anything loads ([export](../how-to/export.md))."
+            "A GGUF also needs the tokenizer's pre-tokenizer to be one `export` names for llama.cpp: GPT-2's "
+            "byte-level split or Falcon-7B's (the Falcon tokenizers' and the tiny models'). Another, Falcon3's and "
+            "Falcon-H1's own among them, is refused in one line before anything loads ([export](../how-to/export.md))."
         ),
         "",
         "## Shipped configs",

@@ -18,9 +18,9 @@ embedded default (`configs/tiny.yaml`) and the tests run offline from them.
   rotary) at toy size.
 * `tiny-falcon3/`: the same trained BPE, with Falcon3's `<|pad|>` added as a special token beside its EOS
   `<|endoftext|>` (the role tags `<|system|>`, `<|user|>`, `<|assistant|>` stay plain text, as no public copy of
-  Falcon3's tokenizer lists them among its special tokens), carrying Falcon3-Instruct's chat template, and a random-initialised
-  `LlamaForCausalLM` of the Falcon3 family (grouped-query attention, an explicit head_dim, rope_theta 1000042,
-  untied embeddings) at toy size.
+  Falcon3's tokenizer lists them among its special tokens), carrying Falcon3-Instruct's chat template, and a
+  random-initialised `LlamaForCausalLM` of the Falcon3 family (grouped-query attention, an explicit head_dim,
+  rope_theta 1000042, untied embeddings) at toy size.
 * `tiny-falcon-h1/`: the same trained BPE, its special token at id 0 renamed `<|pad|>` (Falcon-H1's pad, at the
   same id) and `<|begin_of_text|>`, `<|end_of_text|>` (the EOS), `<|im_start|>`, `<|im_end|>` added, carrying
   Falcon-H1-Instruct's chat template, and a random-initialised `FalconH1ForCausalLM` (attention and Mamba-2 side by
