@@ -1,6 +1,7 @@
 """Generate the assets that ship inside the package: sample data, a tiny tokenizer and a tiny Falcon.
 
     python scripts/make_tiny_assets.py  # rewrites assets/{data,tiny-falcon,tiny-falcon3,tiny-falcon-h1}
+    python scripts/make_tiny_assets.py --preferences_only  # rewrites only data/midjourney-preferences*.jsonl
 
 Everything is seeded, so a re-run reproduces the same files. The outputs are committed: the
 embedded default (`configs/tiny.yaml`) and the tests run offline from them.
@@ -8,6 +9,11 @@ embedded default (`configs/tiny.yaml`) and the tests run offline from them.
 * `data/midjourney.jsonl`: request -> Midjourney prompt pairs written for this project, composed
   from hand-written subjects, styles, lighting and camera phrases. A request that names a style,
   an orientation or a version gets a prompt that honours it, so the mapping is learnable.
+* `data/midjourney-preferences.jsonl`: 300 `{"prompt", "chosen", "rejected"}` preference pairs (DPO/ORPO) for the
+  same task, drawn from the same grammar with their own seeded generator: `chosen` is the rich prompt the request
+  asks for; `rejected` is, about half the time, a bland restatement of the bare subject, otherwise a chatty reply
+  that is no prompt or a rich prompt for a different subject.
+* `data/midjourney-preferences-val.jsonl`: 40 held-out pairs of the same kind, no prompt of which occurs in the 300.
 * `data/guanaco-sample.jsonl`: a few conversations in the OpenAssistant guanaco `text` format.
 * `data/guanaco-chat.jsonl`: the same conversations as OpenAI-style `{"messages": [...]}` rows, a few
   of them carried on by hand to two and three exchanges, and every other row opened by a short
@@ -353,34 +359,82 @@ SYSTEM_PROMPTS = [
 ]
 
 
+def _midjourney_request(rng: random.Random) -> tuple[tuple[str, str], str, str | None, str, str]:
+    """Draw one request: ((short, rich) subject, style, orientation or None, version, request text)."""
+    short, rich = rng.choice(SUBJECTS)
+    style = rng.choice(list(STYLES))
+    orientation = rng.choice([None, None, *ORIENTATIONS])
+    version = rng.choice(VERSIONS)
+    # Requests name the style about half the time; the prompt then must use it.
+    subject = short
+    if rng.random() < 0.5:
+        subject += f" in {style} style" if rng.random() < 0.5 else f", {style}"
+    if orientation:
+        subject += f", {orientation}"
+    if rng.random() < 0.15:
+        subject += f", version {version}"
+    return (short, rich), style, orientation, version, rng.choice(REQUEST_FORMS).format(subject=subject)
+
+
+def _midjourney_prompt(rng: random.Random, rich: str, style: str, orientation: str | None, version: str) -> str:
+    """Compose the rich prompt for a drawn request: subject, mood, light, camera, medium and parameters."""
+    ratio = ORIENTATIONS[orientation] if orientation else rng.choice(DEFAULT_RATIOS)
+    stylize = rng.choice([50, 100, 150, 250, 400, 600, 750, 1000])
+    parts = [rich, rng.choice(MOODS) + " atmosphere", rng.choice(LIGHTING), rng.choice(CAMERA), STYLES[style]]
+    params = f"--ar {ratio} --v {version} --stylize {stylize}"
+    if rng.random() < 0.2:
+        params += f" --chaos {rng.choice([5, 10, 20, 35])}"
+    return ", ".join(parts) + " " + params
+
+
 def midjourney_pairs(rng: random.Random, n: int) -> list[dict[str, str]]:
     """Compose `n` distinct request -> prompt pairs."""
     pairs, seen = [], set()
     while len(pairs) < n:
-        short, rich = rng.choice(SUBJECTS)
-        style = rng.choice(list(STYLES))
-        orientation = rng.choice([None, None, *ORIENTATIONS])
-        version = rng.choice(VERSIONS)
-        # Requests name the style about half the time; the prompt then must use it.
-        subject = short
-        if rng.random() < 0.5:
-            subject += f" in {style} style" if rng.random() < 0.5 else f", {style}"
-        if orientation:
-            subject += f", {orientation}"
-        if rng.random() < 0.15:
-            subject += f", version {version}"
-        request = rng.choice(REQUEST_FORMS).format(subject=subject)
+        (_, rich), style, orientation, version, request = _midjourney_request(rng)
         if request in seen:
             continue
         seen.add(request)
-        ratio = ORIENTATIONS[orientation] if orientation else rng.choice(DEFAULT_RATIOS)
-        stylize = rng.choice([50, 100, 150, 250, 400, 600, 750, 1000])
-        parts = [rich, rng.choice(MOODS) + " atmosphere", rng.choice(LIGHTING), rng.choice(CAMERA), STYLES[style]]
-        params = f"--ar {ratio} --v {version} --stylize {stylize}"
-        if rng.random() < 0.2:
-            params += f" --chaos {rng.choice([5, 10, 20, 35])}"
-        pairs.append({"prompt": request, "response": ", ".join(parts) + " " + params})
+        pairs.append({"prompt": request, "response": _midjourney_prompt(rng, rich, style, orientation, version)})
     return pairs
+
+
+# midjourney-preferences*.jsonl only: rejected answers that restate the bare subject, with nothing added.
+BLAND_FORMS = ["{subject}", "{subject}", "a picture of {subject}", "an image of {subject}", "{subject}, nice"]
+# ... and chatty replies that are not a Midjourney prompt at all.
+CHATTY_FORMS = [
+    "Sure! I think {subject} sounds like a lovely idea for a picture. Let me know if you need anything else.",
+    "Great choice! I think {subject} would look really nice. Good luck with your image!",
+    "Midjourney is an AI tool that turns text into images. You could try asking it for {subject}.",
+    "I can't generate images myself, but {subject} sounds like a fun thing to draw.",
+    "Here you go: {subject}. Have fun creating!",
+    "That's a tough one. Maybe start with {subject} and see what happens?",
+]
+
+
+def midjourney_preferences(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """Compose `n` preference pairs with distinct prompts: a request, its rich prompt (`chosen`, composed as in
+    `midjourney_pairs`) and a worse answer (`rejected`). About half the rejected answers are bland (the bare subject,
+    no style, light or parameters), a quarter are chatty replies that are no prompt, and a quarter are a rich prompt
+    for a different subject than the one asked for."""
+    rows, seen = [], set()
+    while len(rows) < n:
+        (short, rich), style, orientation, version, request = _midjourney_request(rng)
+        if request in seen:
+            continue
+        seen.add(request)
+        chosen = _midjourney_prompt(rng, rich, style, orientation, version)
+        kind = rng.random()
+        if kind < 0.5:
+            rejected = rng.choice(BLAND_FORMS).format(subject=short)
+        elif kind < 0.75:
+            rejected = rng.choice(CHATTY_FORMS).format(subject=short)
+        else:  # right style and parameters, wrong subject
+            other = rng.choice([rich_other for short_other, rich_other in SUBJECTS if short_other != short])
+            rejected = _midjourney_prompt(rng, other, style, orientation, version)
+        assert rejected and rejected != chosen, (request, rejected)
+        rows.append({"prompt": request, "chosen": chosen, "rejected": rejected})
+    return rows
 
 
 def guanaco_rows() -> list[dict[str, str]]:
@@ -598,7 +652,20 @@ def main() -> None:
     parser.add_argument(
         "--falcon_h1_out", type=Path, default=ASSETS / "tiny-falcon-h1", help="tiny Falcon-H1 directory"
     )
+    parser.add_argument("--preference_pairs", type=int, default=300, help="number of Midjourney preference pairs")
+    parser.add_argument("--preference_val", type=int, default=40, help="number of held-out preference pairs")
+    parser.add_argument("--preferences_only", action="store_true", help="write only data/midjourney-preferences*.jsonl")
     args = parser.parse_args()
+
+    # A generator of their own, so adding them leaves every other asset's bytes as they were.
+    prefs = midjourney_preferences(random.Random(args.seed + 1), args.preference_pairs + args.preference_val)
+    prefs_train, prefs_val = prefs[: args.preference_pairs], prefs[args.preference_pairs :]
+    assert not {r["prompt"] for r in prefs_train} & {r["prompt"] for r in prefs_val}, "held-out prompts leak"
+    write_jsonl(ASSETS / "data" / "midjourney-preferences.jsonl", prefs_train)
+    write_jsonl(ASSETS / "data" / "midjourney-preferences-val.jsonl", prefs_val)
+    print(f"wrote {len(prefs_train)} Midjourney preference pairs and {len(prefs_val)} held-out ones")
+    if args.preferences_only:
+        return
 
     mj = midjourney_pairs(random.Random(args.seed), args.pairs)
     gu = guanaco_rows()

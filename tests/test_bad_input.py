@@ -94,7 +94,7 @@ def test_missing_columns_lists_those_that_exist(tmp_path, capsys):
     # format auto, the default: no format's columns are there
     err = run(tmp_path, capsys, "--data.dataset", str(DATA / "other_columns.jsonl"))
     assert "has none of the columns of a format: it has ['question', 'answer']" in err
-    assert "prompt_response (prompt, response), turns (text), or name yours (--data.dataset.prompt_column" in err
+    assert "turns (text), preference (prompt, chosen, rejected), or name yours (--data.dataset.prompt_column" in err
 
 
 def test_empty_file(tmp_path, capsys):
@@ -526,3 +526,48 @@ def test_a_config_written_before_sources_is_told_where_each_data_key_went(tmp_pa
     assert "data.dataset.template: the template is data.chat_template now" in err
     err = run(tmp_path, capsys, "--data.format", "turns")
     assert "data.format is a setting of a source now. Fix: data.dataset: {dataset: " in err
+
+
+# ---------------------------------------------------------------------------------- preference tuning
+def test_preference_objective_on_sft_rows_and_packed_pairs(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--model.objective", "dpo")
+    assert "model.objective dpo trains on preference pairs, but data source(s) ['midjourney'] hold" in err
+    err = run(
+        tmp_path, capsys, "--config", "configs/tiny-dpo.yaml", "--model.adapter", "null", "--data.batching", "packed"
+    )
+    assert "data.batching packed: a preference pair's two sequences are scored whole" in err
+    assert "Fix: --data.batching grouped" in err
+
+
+def test_preference_rows_under_sft_and_bad_settings(tmp_path, capsys):
+    err = run(
+        tmp_path, capsys, "--config", "configs/tiny-dpo.yaml", "--model.adapter", "null", "--model.objective", "sft"
+    )
+    assert "hold preference pairs (chosen and rejected answers), which model.objective sft does not train on" in err
+    err = run(tmp_path, capsys, "--model.objective", "orpo", "--model.beta", "0", "--model.label_smoothing", "0.1")
+    assert "model.beta must be > 0, got 0.0" in err and "applies to objective dpo only, not orpo" in err
+    err = run(tmp_path, capsys, "--model.objective", "orpo", "--model.precompute_reference", "true")
+    assert "model.precompute_reference: objective orpo has no reference model" in err
+
+
+def test_preference_file_without_rejected_answers(tmp_path, capsys):
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    err = run(
+        tmp_path,
+        capsys,
+        "--config",
+        "configs/tiny-dpo.yaml",
+        "--model.adapter",
+        "null",
+        "--data.dataset.dataset",
+        str(rows),
+        "--data.dataset.val_dataset",
+        "null",
+    )
+    assert "lacks column(s) ['rejected']; it has ['prompt', 'chosen']" in err
+
+
+def test_missing_adapter_to_start_from(tmp_path, capsys):
+    err = run(tmp_path, capsys, "--model.adapter", str(tmp_path / "runs" / "tiny" / "version_0" / "adapter"))
+    assert "version_0/adapter not found. Fix: train it first (fit writes runs/NAME/version_N/adapter)" in err

@@ -43,6 +43,8 @@ EMPTY = "an empty content"
 BLANK = "an empty or null field"  # a prompt, response, instruction or output column
 ORDER = "roles out of order"
 NO_ASSISTANT = "no assistant turn"
+IDENTICAL = "identical chosen and rejected answers"
+OTHER_PROMPTS = "chosen and rejected conversations with different requests"
 
 
 def _message(item: Any) -> dict[str, str] | str | None:
@@ -80,18 +82,60 @@ def messages_of(kind: str, values: tuple, system_prompt: str | None) -> list[dic
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     else:
         (items,) = values
-        if not isinstance(items, list):
-            return NO_ASSISTANT
-        messages = []
-        for item in items:
-            message = _message(item)
-            if isinstance(message, str):
-                return message
-            if message is not None:
-                messages.append(message)
+        messages = _messages(items)
+        if isinstance(messages, str):
+            return messages
         if not messages:
             return NO_ASSISTANT
     return _ordered(messages, system_prompt)
+
+
+def _messages(items: Any) -> list[dict[str, str]] | str:
+    """A list of messages (OpenAI's or ShareGPT's keys) as `{"role", "content"}`, or why it is unusable."""
+    if not isinstance(items, list):
+        return NO_ASSISTANT
+    messages = []
+    for item in items:
+        message = _message(item)
+        if isinstance(message, str):
+            return message
+        if message is not None:
+            messages.append(message)
+    return messages
+
+
+def _part(value: Any, role: str) -> list[dict[str, str]] | str:
+    """A preference row's request or answer as messages: a list of them as it is, text as one message of `role`."""
+    if isinstance(value, list):
+        return _messages(value)
+    text = _text(value)
+    return BLANK if text is None or not text.strip() else [{"role": role, "content": text}]
+
+
+def pair_of(prompt: Any, chosen: Any, rejected: Any, system_prompt: str | None) -> tuple[list, list] | str:
+    """A preference row as two conversations that differ in their last reply only (chosen, rejected), or why the
+    row is skipped. The request is text or a messages list; None (no prompt column) when each answer is a whole
+    conversation (TRL's implicit prompt)."""
+    request = [] if prompt is None and isinstance(chosen, list) else _part(prompt, "user")
+    if isinstance(request, str):
+        return request
+    sides = []
+    for answer in (chosen, rejected):
+        reply = _part(answer, "assistant")
+        if isinstance(reply, str):
+            return reply
+        if not reply:
+            return NO_ASSISTANT
+        conversation = _ordered(request + reply, system_prompt)
+        if isinstance(conversation, str):
+            return conversation
+        sides.append(conversation)
+    chosen_side, rejected_side = sides
+    if chosen_side[:-1] != rejected_side[:-1]:
+        return OTHER_PROMPTS
+    if chosen_side[-1]["content"].strip() == rejected_side[-1]["content"].strip():
+        return IDENTICAL
+    return chosen_side, rejected_side
 
 
 def _ordered(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]] | str:
@@ -215,15 +259,54 @@ def encode(
     """Each conversation's ids and labels, fitted to `max_length` (None: no trained token fits), with one
     batched tokenizer call for all that fit whole."""
     first = _tokenize(tokenizer, [layout(tokenizer, rendering, c) for c in conversations])
+    return [_fit(tokenizer, rendering, c, max_length, encoded) for c, encoded in zip(conversations, first, strict=True)]
+
+
+def _fit(
+    tokenizer,
+    rendering: Rendering,
+    messages: list[dict[str, str]],
+    max_length: int,
+    encoded: tuple[list[int], list[int]] | None = None,
+    drop: int = 0,
+) -> Encoded | None:
+    """A conversation fitted to `max_length`, its first `drop` exchanges left out whatever its length (`encoded`:
+    its ids and labels whole, when known)."""
+    system, exchanges = _exchanges(messages)
+    dropped = min(drop, len(exchanges) - 1)
+    if dropped or encoded is None:
+        exchanges = exchanges[dropped:]
+        messages = system + [m for exchange in exchanges for m in exchange]
+        encoded = _tokenize(tokenizer, [layout(tokenizer, rendering, messages)])[0]
+    ids, labels = encoded
+    while len(ids) > max_length and len(exchanges) > 1:
+        exchanges, dropped = exchanges[1:], dropped + 1
+        messages = system + [m for exchange in exchanges for m in exchange]
+        ((ids, labels),) = _tokenize(tokenizer, [layout(tokenizer, rendering, messages)])
+    return _assemble(ids, labels, max_length, dropped, _request(messages, rendering.train_on))
+
+
+def encode_pairs(
+    tokenizer, rendering: Rendering, pairs: list[tuple[list, list]], max_length: int
+) -> list[Encoded | None]:
+    """Each (chosen, rejected) pair of conversations as the chosen one's ids and labels with the rejected one's
+    beside them, both cut the same way: the same earlier exchanges left out, then each cut at `max_length` (the
+    request they share is cut alike). None where either answer keeps no trained token."""
+    encoded = encode(tokenizer, rendering, [c for pair in pairs for c in pair], max_length)
     out: list[Encoded | None] = []
-    for messages, (ids, labels) in zip(conversations, first, strict=True):
-        dropped = 0
-        system, exchanges = _exchanges(messages)
-        while len(ids) > max_length and len(exchanges) > 1:
-            exchanges, dropped = exchanges[1:], dropped + 1
-            messages = system + [m for exchange in exchanges for m in exchange]
-            ((ids, labels),) = _tokenize(tokenizer, [layout(tokenizer, rendering, messages)])
-        out.append(_assemble(ids, labels, max_length, dropped, _request(messages, rendering.train_on)))
+    for (chosen, rejected), first, second in zip(pairs, encoded[0::2], encoded[1::2], strict=True):
+        while first is not None and second is not None and first.dropped_turns != second.dropped_turns:
+            drop = max(first.dropped_turns, second.dropped_turns)
+            if first.dropped_turns < drop:
+                first = _fit(tokenizer, rendering, chosen, max_length, drop=drop)
+            else:
+                second = _fit(tokenizer, rendering, rejected, max_length, drop=drop)
+        if first is None or second is None:
+            out.append(None)
+            continue
+        first.truncated = first.truncated or second.truncated
+        first.rejected_ids, first.rejected_labels = second.input_ids, second.labels
+        out.append(first)
     return out
 
 

@@ -10,6 +10,7 @@ from them by weight (`mixing.py`), and each source is validated on its own (`val
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from lightning_falcon.data.batching import Batching, PackedRows
 from lightning_falcon.data.chat_templates import resolve_template, system_problems, template_problems
 from lightning_falcon.data.conversations import Rendering, TrainOn, rendering_of
-from lightning_falcon.data.formats import Chat, DataFormat, Turns, detect, expected_columns, row_columns
+from lightning_falcon.data.formats import Chat, DataFormat, Preference, Turns, detect, expected_columns, row_columns
 from lightning_falcon.data.inputs import read_inputs
 from lightning_falcon.data.loading import empty, line_of, load_source, local_file, peek_columns
 from lightning_falcon.data.mixing import Mix, quotas
@@ -42,6 +43,8 @@ from lightning_falcon.files import staged_directory
 # 3: rows with an empty or null field are skipped and counted, not trained on as "None"; 4: one cache per source;
 # 5: chat templates, and skips counted by reason).
 CACHE_FORMAT = 5
+# the reference model's log-probabilities of a pair's chosen and rejected sequences, when computed beforehand
+REFERENCE = ("reference_chosen", "reference_rejected")
 
 
 def _plain(source: Any) -> Any:
@@ -195,6 +198,9 @@ class PromptDataModule(L.LightningDataModule):
         source = member.source
         if kind == "turns":
             return Turns(source.text_column, source.human_marker, source.assistant_marker)
+        if kind == "preference":  # only the answer trains: the request is the same on both sides
+            rendering = dataclasses.replace(self.rendering, train_on="last_assistant")
+            return Preference(kind, columns, rendering, self.hparams.system_prompt)
         return Chat(kind, columns, self.rendering, self.hparams.system_prompt)
 
     @property
@@ -257,7 +263,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         # a template that cannot be found or render an exchange raises here (`rendering`): nothing below can be
         # checked without it
-        if any(self.format_of(m).name == "chat" for m in self.members) and hp.system_prompt:
+        if any(isinstance(self.format_of(m), Chat) for m in self.members) and hp.system_prompt:
             ConfigError.collect(system_problems(self.tokenizer, self.rendering.template))
         problems = []
         for member in self.members:
@@ -268,6 +274,30 @@ class PromptDataModule(L.LightningDataModule):
                     f"data.max_length={hp.max_length} is no longer than {what}{of}, which alone takes {scaffold} "
                     f"tokens, so no request or reply fits. Fix: raise --data.max_length well above {scaffold}"
                 )
+        ConfigError.collect(problems)
+
+    def check_objective(self, objective: str, paired: bool) -> None:
+        """Fail, listing each problem, when the sources' rows do not fit `model.objective` (`paired`: it trains on
+        preference pairs), or pairs would be packed."""
+        kinds = {m.name: getattr(self.format_of(m), "kind", "turns") for m in self.members}
+        wrong = sorted(name for name, kind in kinds.items() if (kind == "preference") != paired)
+        problems = []
+        if wrong and paired:
+            problems.append(
+                f"model.objective {objective} trains on preference pairs, but data source(s) {wrong} hold "
+                f"{sorted({kinds[n] for n in wrong})} rows. Fix: give rows with prompt, chosen and rejected columns, "
+                "or --model.objective sft"
+            )
+        elif wrong:
+            problems.append(
+                f"data source(s) {wrong} hold preference pairs (chosen and rejected answers), which model.objective "
+                f"{objective} does not train on. Fix: --model.objective dpo (or ipo, orpo)"
+            )
+        if paired and self.hparams.batching == "packed":
+            problems.append(
+                "data.batching packed: a preference pair's two sequences are scored whole, one against the other, "
+                "not packed. Fix: --data.batching grouped"
+            )
         ConfigError.collect(problems)
 
     def encode_input(self, text: str) -> list[int]:
@@ -427,8 +457,21 @@ class PromptDataModule(L.LightningDataModule):
         """Right-pad a batch to its longest row (dynamic padding); `attention_mask` marks the real tokens.
 
         Packed rows also carry `position_ids`; their padding gets positions of its own from 0, so it is a
-        segment of its own that no example attends to (`batching.segment_attention_mask`).
+        segment of its own that no example attends to (`batching.segment_attention_mask`). Preference pairs become
+        twice as many sequences, every chosen one first, then the rejected ones in the same order, with the
+        reference's log-probabilities of each when they were computed beforehand (`with_reference`).
         """
+        if "rejected_ids" not in rows[0]:
+            return self._padded(rows)
+        rejected = [{"input_ids": r["rejected_ids"], "labels": r["rejected_labels"]} for r in rows]
+        batch = self._padded(rows + rejected)
+        if REFERENCE[0] in rows[0]:
+            batch["reference_logps"] = torch.tensor(
+                [r[REFERENCE[0]] for r in rows] + [r[REFERENCE[1]] for r in rows], dtype=torch.float32
+            )
+        return batch
+
+    def _padded(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         width = max(lengths)
 
@@ -520,6 +563,20 @@ class PromptDataModule(L.LightningDataModule):
                 f"epoch's rows ({about}{share:.0f} of {sum(epoch_rows):.0f}), each of its {n} rows "
                 f"{share / n:.2f} times an epoch"
             )
+
+    def pair_parts(self) -> dict[str, list[Any]]:
+        """Each source's preference rows, by split (`train`, `val`), in the order of `members`."""
+        return {split: list(parts) for split, parts in self._parts.items()}
+
+    def with_reference(self, values: dict[str, list[tuple[list[float], list[float]]]]) -> None:
+        """Carry the reference's log-probabilities of each pair (`pair_parts`' rows, in order) in its batches."""
+        import datasets
+
+        for split, parts in self._parts.items():
+            for i, (part, (chosen, rejected)) in enumerate(zip(parts, values[split], strict=True)):
+                part = part.remove_columns([c for c in REFERENCE if c in part.column_names])
+                parts[i] = part.add_column(REFERENCE[0], chosen).add_column(REFERENCE[1], rejected)
+            self._splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     def train_dataloader(self) -> DataLoader:
         """Drawn and shuffled per epoch from (seed, epoch) and resumable mid-epoch (sampler.py); split across ranks."""

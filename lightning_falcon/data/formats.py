@@ -4,6 +4,8 @@
   prompt/response pairs), rendered through the run's chat template (`conversations.py`).
 - `Turns`: one text column holding a conversation with turn markers, trained on as written; only assistant
   turns train.
+- `Preference`: a chosen and a rejected answer to one request, each rendered as `Chat` renders a conversation,
+  for the preference objectives (`model/preference.py`).
 
 `detect` picks the format of a source set to `format: auto` from its columns. Each format knows its columns,
 why a row is skipped, how a batch of rows is tokenized, how a user's input is rendered for generation (the way
@@ -19,11 +21,13 @@ from lightning_falcon.data import conversations
 from lightning_falcon.data.conversations import BLANK, NO_ASSISTANT, Rendering
 from lightning_falcon.data.prompts import Encoded, encode_turns_batch, prompt_length, split_turns, turn_prompt_ids
 
-FormatName = Literal["auto", "messages", "alpaca", "prompt_response", "turns"]
+FormatName = Literal["auto", "messages", "alpaca", "prompt_response", "turns", "preference"]
 # the columns of alpaca rows: the input may be empty, or missing
 ALPACA = ("instruction", "input", "output")
 # the column of a messages list, by default: OpenAI's name, then ShareGPT's
 MESSAGES = ("messages", "conversations")
+# the answers of a preference row (TRL's names); its request is the source's prompt column, when it has one
+ANSWERS = ("chosen", "rejected")
 
 
 class DataFormat(Protocol):
@@ -116,6 +120,28 @@ class Chat:
 
 
 @dataclass(frozen=True)
+class Preference(Chat):
+    """Preference rows: a request (`row_columns` first, unless the answers hold whole conversations) and its chosen
+    and rejected answers, each pair rendered as two conversations that share everything but the last reply, which
+    alone trains (the rendering's `train_on` is `last_assistant`)."""
+
+    name: ClassVar[str] = "preference"
+
+    def pair(self, values: tuple, system_prompt: str | None) -> tuple[list, list] | str:
+        prompt = values[0] if len(values) == 3 else None
+        return conversations.pair_of(prompt, values[-2], values[-1], system_prompt)
+
+    def screen(self, values: tuple) -> tuple[str | None, bool]:
+        found = self.pair(values, None)
+        return (found, False) if isinstance(found, str) else (None, found[0][0]["role"] == "system")
+
+    def encode_batch(self, tokenizer, columns: dict[str, list], max_length: int) -> list[Encoded | None]:
+        rows = zip(*(columns[c] for c in self.row_columns), strict=True)
+        pairs = [self.pair(values, self.system_prompt) for values in rows]
+        return conversations.encode_pairs(tokenizer, self.rendering, pairs, max_length)
+
+
+@dataclass(frozen=True)
 class Turns:
     text_column: str
     human_marker: str
@@ -164,13 +190,19 @@ def row_columns(kind: str, source, columns: list[str] | None = None) -> tuple[st
         return ALPACA if columns is None or ALPACA[1] in columns else (ALPACA[0], ALPACA[2])
     if kind == "prompt_response":
         return (source.prompt_column, source.response_column)
+    if kind == "preference":  # the prompt column is optional: whole conversations need none
+        whole = columns is not None and source.prompt_column not in columns
+        return ANSWERS if whole else (source.prompt_column, *ANSWERS)
     return (source.text_column,)
 
 
 def detect(columns: list[str], source) -> str | None:
     """The format of a source set to `auto`, from its columns: a messages list (`messages`, ShareGPT's
     `conversations`, or `messages_column`), alpaca's instruction and output, the prompt and response columns,
-    or the text column with turn markers; None when none fits."""
+    or the text column with turn markers; preference rows by their chosen and rejected answers; None when none
+    fits."""
+    if all(c in columns for c in ANSWERS):
+        return "preference"
     if source.messages_column in columns or any(c in columns for c in MESSAGES):
         return "messages"
     if "instruction" in columns and "output" in columns:
@@ -193,5 +225,6 @@ def expected_columns(source) -> str:
     """Each format and the columns it reads, for the error when a source fits none."""
     return (
         f"messages ({source.messages_column or ' or '.join(MESSAGES)}), alpaca ({', '.join(ALPACA)}), "
-        f"prompt_response ({source.prompt_column}, {source.response_column}), turns ({source.text_column})"
+        f"prompt_response ({source.prompt_column}, {source.response_column}), turns ({source.text_column}), "
+        f"preference ({source.prompt_column}, {', '.join(ANSWERS)})"
     )

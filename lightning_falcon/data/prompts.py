@@ -21,6 +21,9 @@ class Encoded:
     truncated: bool  # cut at max_length
     dropped_turns: int = 0  # whole earlier exchanges left out to fit max_length
     input: str = ""  # what a user typed for the first trained reply
+    # a preference pair: the rejected answer's sequence (`input_ids` and `labels` hold the chosen one's)
+    rejected_ids: list[int] | None = None
+    rejected_labels: list[int] | None = None
 
 
 def prompt_length(labels: list[int]) -> int:

@@ -42,7 +42,9 @@ class Source:
             {role, content} per row (OpenAI's layout; ShareGPT's {from, value} reads alike). `alpaca`:
             instruction, input, output. `prompt_response`: two columns. These three render through
             `data.chat_template`. `turns`: one `text_column` with turn markers, trained on as written.
-            Only assistant turns train.
+            Only assistant turns train. `preference`: `chosen` and `rejected` answers to a `prompt_column` (strings,
+            or `messages` lists as TRL writes them; without a prompt column, two whole conversations that differ
+            in their last reply), for the preference objectives (`model.objective`).
         messages_column: Column holding the messages (format `messages`); None: `messages`, else `conversations`.
         prompt_column: Column holding the request (format `prompt_response`).
         response_column: Column holding the target response (format `prompt_response`).

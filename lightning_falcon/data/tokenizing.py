@@ -20,6 +20,8 @@ from lightning_falcon.errors import ConfigError
 # The cache's columns and the types `datasets` infers for them from lists of ints (int32 for a column named
 # `input_ids`), so that every cache under one key holds the same types, `Dataset.from_dict` wrote it or not.
 COLUMNS = {"input_ids": "int32", "labels": "int64", "input": "string"}
+# and those of a preference pair's rejected sequence (the chosen one's are `input_ids` and `labels`)
+REJECTED = {"rejected_ids": "int32", "rejected_labels": "int64"}
 
 # Rows of a split that each process must have to pay for itself: starting one (a fork, the tokenizer
 # pickled into it, its file merged) costs about what tokenizing a few thousand rows in parallel saves
@@ -40,14 +42,17 @@ def default_processes(rows: int) -> int:
     return max(1, min(cpus, rows // ROWS_PER_PROCESS))
 
 
-def _features():
-    """The cache's columns, and the `truncated` flag that is summed and dropped before the cache is saved."""
+def _features(pairs: bool):
+    """The cache's columns (with a pair's rejected sequence, for `pairs`), and the `truncated` flag and
+    `turns_dropped` count that are summed and dropped before the cache is saved."""
     from datasets import Features, List, Value
 
+    rejected = {k: List(Value(v)) for k, v in REJECTED.items()} if pairs else {}
     return Features(
         {
             "input_ids": List(Value(COLUMNS["input_ids"])),
             "labels": List(Value(COLUMNS["labels"])),
+            **rejected,
             "input": Value(COLUMNS["input"]),
             "truncated": Value("bool"),
             "turns_dropped": Value("int32"),
@@ -90,9 +95,15 @@ def _encode_rows(*columns: list, data_format: DataFormat, tokenizer, max_length:
     """A batch of rows (the format's columns, in order) -> the kept rows' cache columns and `truncated` flags."""
     batch = dict(zip(data_format.columns, columns, strict=True))
     out: dict[str, list] = {"input_ids": [], "labels": [], "input": [], "truncated": [], "turns_dropped": []}
+    pairs = data_format.name == "preference"
+    if pairs:
+        out.update({key: [] for key in REJECTED})
     for enc in data_format.encode_batch(tokenizer, batch, max_length):
         if enc is None:  # no reply token fits within max_length: dropped, counted from the row counts
             continue
+        if pairs:
+            out["rejected_ids"].append(enc.rejected_ids)
+            out["rejected_labels"].append(enc.rejected_labels)
         out["input_ids"].append(enc.input_ids)
         out["labels"].append(enc.labels)
         out["input"].append(enc.input)
@@ -139,7 +150,7 @@ def tokenize_split(
         batched=True,
         input_columns=data_format.columns,
         remove_columns=rows.column_names,
-        features=_features(),
+        features=_features(data_format.name == "preference"),
         num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=str(scratch / "tokenized.arrow"),
         load_from_cache_file=False,

@@ -19,6 +19,7 @@ from lightning_falcon.architectures import architecture
 from lightning_falcon.data.tokenizer import special_ids
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.files import load_weights_only, staged_directory
+from lightning_falcon.model.preference import REFERENCED
 from lightning_falcon.upstream import lora_weight_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -92,7 +93,12 @@ def check_matches(path: str | Path, lora_r: int, lora_alpha: float, target_modul
     weight against the layer it adapts in `skeleton` (the model built on the meta device), which
     catches an adapter trained on another base.
     """
-    saved, shapes = read_saved_lora(path)
+    if not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"checkpoint or adapter {path} not found. Fix: train it first (fit writes runs/NAME/version_N/adapter), "
+            "or give the path of an existing one"
+        )
+    saved, shapes = read_saved_lora(Path(path).expanduser())
     if saved is not None and not saved["target_modules"]:  # a run of `model.target_modules: null`: the family's own
         saved["target_modules"] = sorted(architecture(skeleton.config).lora_targets)
     configured = _lora_settings(lora_r, lora_alpha, target_modules)
@@ -134,6 +140,9 @@ def training_metadata(pl_module, datamodule, global_step: int) -> dict[str, Any]
         "double_quant": hp.double_quant,
         "compute_dtype": str(pl_module.compute_dtype).removeprefix("torch."),
         "prompt": datamodule.prompt_format() if hasattr(datamodule, "prompt_format") else None,
+        "objective": hp.objective,
+        # what a preference objective compared against: the adapter it started from, or the base (None)
+        "reference": hp.adapter if hp.objective in REFERENCED else None,
         "global_step": global_step,
     }
 
@@ -175,7 +184,8 @@ def save(
     from transformers import GenerationConfig
 
     with staged_directory(out) as staged:
-        peft_model.save_pretrained(staged, state_dict=state)
+        # the trained adapter only: a preference run's frozen reference is the adapter it started from
+        peft_model.save_pretrained(staged, state_dict=state, selected_adapters=["default"])
         if tokenizer is not None:
             # A copy: the run's tokenizer keeps its own template. A `turns` run has none: it was trained on its markers.
             saved = copy.copy(tokenizer)
