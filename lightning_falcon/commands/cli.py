@@ -29,6 +29,7 @@ from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA, adapter
 from lightning_falcon.model.generation import GenerationSettings
 from lightning_falcon.model.lora import check_target_modules
+from lightning_falcon.model.preference import PAIRED
 from lightning_falcon.model.quantization import (
     ComputeDtype,
     check_bf16_is_native,
@@ -250,6 +251,7 @@ class FalconCLI(LightningCLI):
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_rendering()
+        self.datamodule.check_objective(hp.objective, hp.objective in PAIRED)
         for path in {Path(p) for p in (self.source, hp.adapter) if p is not None}:
             self.model.check_checkpoint(path)
         if self.subcommand == "predict":

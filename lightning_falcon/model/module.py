@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
@@ -31,6 +33,15 @@ from lightning_falcon.model.lora import (
 )
 from lightning_falcon.model.loss import chunked_causal_lm_loss, output_layer
 from lightning_falcon.model.placement import base_placement, zero_stage
+from lightning_falcon.model.preference import (
+    METRICS,
+    PAIRED,
+    REFERENCED,
+    Objective,
+    PairLoss,
+    pair_loss,
+    sequence_logps,
+)
 from lightning_falcon.model.quantization import (
     ComputeDtype,
     Quantization,
@@ -81,6 +92,10 @@ class FalconQLoRA(L.LightningModule):
         min_lr_ratio: float = 0.0,
         random_init_dir: str = "~/.cache/lightning_falcon/random",
         adapter: str | None = None,
+        objective: Objective = "sft",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        precompute_reference: bool = False,
         generation: GenerationSettings | None = None,
     ) -> None:
         """QLoRA fine-tuning of a causal LM of a supported family (`lightning_falcon/architectures.py`).
@@ -131,7 +146,22 @@ class FalconQLoRA(L.LightningModule):
             random_init_dir: Where `random_init` checkpoints are written (once per architecture).
             adapter: LoRA weights to start from: an adapter directory or a `.ckpt` of this model's LoRA weights,
                 loaded right after LoRA is added. `fit` trains on from them (a new run: no optimizer or loop state,
-                which `--ckpt_path` resumes); the CLI's other subcommands take `--ckpt_path` here.
+                which `--ckpt_path` resumes); the CLI's other subcommands take `--ckpt_path` here. In fit with
+                `dpo` or `ipo` it is also the reference, kept frozen beside the trained copy; without it (and in the
+                other subcommands) the reference is the base (the adapter switched off). No second copy of the
+                base either way.
+            objective: What fit trains for. `sft`: the next-token loss of the replies. `dpo`: prefer each pair's
+                chosen answer over its rejected one, against the reference (sigmoid loss; conservative DPO with
+                `label_smoothing`). `ipo`: the same with IPO's squared loss of per-token log-ratios. `orpo`: the
+                chosen answer's NLL plus an odds-ratio term, with no reference. The preference objectives need
+                preference data (`prompt`, `chosen`, `rejected` columns; lightning_falcon/model/preference.py).
+            beta: DPO's and IPO's strength of the pull towards the reference (higher: stay closer); ORPO's weight of
+                the odds-ratio term.
+            label_smoothing: `dpo` only: the assumed share of pairs whose preference is flipped (conservative DPO),
+                in [0, 0.5).
+            precompute_reference: `dpo` and `ipo`: compute the reference's log-probabilities of every pair once,
+                before the first step, and cache them beside the tokenized data (keyed like it, and by the base and
+                adapter), so that training runs no reference forward (lightning_falcon/training/reference.py).
             generation: How `generate` and `predict` decode. The CLI passes its `generation:` section.
         """
         super().__init__()
@@ -153,6 +183,22 @@ class FalconQLoRA(L.LightningModule):
             problems.append(
                 f"model.loss_chunk_size must be >= 1 or null, got {loss_chunk_size}. Fix: --model.loss_chunk_size 256"
             )
+        if beta <= 0:
+            problems.append(f"model.beta must be > 0, got {beta}. Fix: --model.beta 0.1")
+        if not 0.0 <= label_smoothing < 0.5:
+            problems.append(
+                f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}. Fix: --model.label_smoothing 0.0"
+            )
+        elif label_smoothing and objective != "dpo":
+            problems.append(
+                f"model.label_smoothing={label_smoothing} applies to objective dpo only, not {objective}. "
+                "Fix: --model.label_smoothing 0.0, or --model.objective dpo"
+            )
+        if precompute_reference and objective not in REFERENCED:
+            problems.append(
+                f"model.precompute_reference: objective {objective} has no reference model. "
+                "Fix: --model.precompute_reference false, or --model.objective dpo"
+            )
         ConfigError.collect(problems)
         self.model: torch.nn.Module | None = None
         self.generation = generation or GenerationSettings()
@@ -162,6 +208,12 @@ class FalconQLoRA(L.LightningModule):
         # Checkpoints hold only trainable weights, so the frozen base is absent on load by design.
         self.strict_loading = False
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # a preference objective's metrics over an evaluation epoch, by stage and `METRICS` index
+        self.eval_pairs = torch.nn.ModuleDict(
+            {stage: torch.nn.ModuleList(MeanMetric() for _ in METRICS) for stage in ("val", "test")}
+            if objective in PAIRED
+            else {}
+        )
         # With several data sources, each validation dataloader's own loss (`setup`), logged as val/loss/<name>.
         self.source_names: list[str] = []
         self.source_loss = torch.nn.ModuleList()
@@ -177,6 +229,14 @@ class FalconQLoRA(L.LightningModule):
             return self.trainer.strategy
         except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
             return None
+
+    def _fitting(self) -> bool:
+        """Whether the module is built for fit (or on its own, as fit builds it), where `model.adapter` is what
+        training starts from; the other subcommands pass the trained adapter there."""
+        try:
+            return self.trainer.state.fn == TrainerFn.FITTING
+        except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
+            return True
 
     def architecture(self) -> Architecture:
         """The model family's row of `architectures.py`, from config.json alone; an unsupported one fails here."""
@@ -269,6 +329,8 @@ class FalconQLoRA(L.LightningModule):
         )
         if hp.adapter is not None:
             self._load_lora(Path(hp.adapter).expanduser())
+            if hp.objective in REFERENCED and self._fitting():
+                add_reference(self.model)
         # from_pretrained returns eval mode, and Lightning 2.6 keeps submodule modes as it finds them:
         # without this, dropout (LoRA's included) would be silently off for the whole fit.
         self.model.train()
@@ -317,6 +379,13 @@ class FalconQLoRA(L.LightningModule):
     def _adapter(self):
         return contextlib.nullcontext() if self._adapter_enabled else self.model.disable_adapter()
 
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Inside this context the model is the preference objectives' reference: the frozen copy of `model.adapter`
+        when fit started from one, else the base alone."""
+        if REFERENCE in self.model.peft_config:
+            return active_adapter(self.model, REFERENCE)
+        return self.model.disable_adapter()
+
     def _attention_mask(self, attention_mask, position_ids):
         """`position_ids` marks packed batches (`data.batching: packed`): examples restart at position 0."""
         if position_ids is None:
@@ -334,27 +403,59 @@ class FalconQLoRA(L.LightningModule):
                 use_cache=False,
             )
 
+    def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's final hidden states for the batch (the output layer not applied)."""
+        causal_lm = self.model.get_base_model()  # the transformers model, LoRA layers inside
+        return causal_lm.base_model(
+            input_ids=batch["input_ids"],
+            attention_mask=self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+
+    def _head(self) -> torch.nn.Module:
+        return output_layer(self.model.get_base_model(), self.architecture().logit_scale)
+
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean next-token loss over the batch's label tokens; chunked unless `loss_chunk_size` is None."""
         chunk = self.hparams.loss_chunk_size
         if chunk is None:
             return self(**batch).loss
-        causal_lm = self.model.get_base_model()  # the transformers model, LoRA layers inside
         with self._adapter():
-            hidden = causal_lm.base_model(
-                input_ids=batch["input_ids"],
-                attention_mask=self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")),
-                position_ids=batch.get("position_ids"),
-                use_cache=False,
-            ).last_hidden_state
-        head = output_layer(causal_lm, self.architecture().logit_scale)
-        return chunked_causal_lm_loss(hidden, head, batch["labels"], chunk)
+            hidden = self._hidden(batch)
+        return chunked_causal_lm_loss(hidden, self._head(), batch["labels"], chunk)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's summed answer log-probability of each sequence of a batch of pairs, without gradients."""
+        with torch.no_grad(), self.reference():
+            logps, _ = sequence_logps(self._hidden(batch), self._head(), batch["labels"], self.hparams.loss_chunk_size)
+        return logps
+
+    def pair_loss(self, batch: dict[str, torch.Tensor]) -> PairLoss:
+        """The preference objective on a batch of pairs (`input_ids` holds the chosen sequences, then the rejected
+        ones): one forward for both, and one of the reference unless the batch carries its `reference_logps`."""
+        hp = self.hparams
+        with self._adapter():
+            hidden = self._hidden(batch)
+        logps, counts = sequence_logps(hidden, self._head(), batch["labels"], hp.loss_chunk_size)
+        reference = None
+        if hp.objective in REFERENCED:
+            reference = batch.get("reference_logps")
+            if reference is None:
+                reference = self.reference_logps(batch)
+        return pair_loss(hp.objective, logps, counts, reference, hp.beta, hp.label_smoothing)
 
     def training_step(self, batch, batch_idx):
-        loss = self.batch_loss(batch)
+        paired = self.hparams.objective in PAIRED
+        result = self.pair_loss(batch) if paired else None
+        loss = result.loss if paired else self.batch_loss(batch)
         self._guard.add_loss(loss)  # checked with the gradient norm, before the optimizer step
         if logging_step(self.trainer):  # only on the steps Lightning writes: a log call is not free
-            self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+            rows = batch["input_ids"].shape[0] // (2 if paired else 1)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=rows)
+            if paired:
+                for name, value in result.metrics().items():
+                    self.log(f"train/{name}", value.mean(), on_step=True, batch_size=rows)
         return loss
 
     def setup(self, stage: str) -> None:
@@ -368,8 +469,14 @@ class FalconQLoRA(L.LightningModule):
             self.source_loss = torch.nn.ModuleList(MeanMetric() for _ in names)
 
     def _eval_step(self, batch, stage: str, source: int | None = None) -> torch.Tensor:
-        loss = self.batch_loss(batch)
-        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the tokens that mean is over (the loss is shifted by one)
+        if self.hparams.objective in PAIRED:
+            result = self.pair_loss(batch)
+            loss, n = result.loss, batch["input_ids"].shape[0] // 2  # a mean over the pairs
+            for metric, value in zip(self.eval_pairs[stage], result.metrics().values(), strict=True):
+                metric.update(value)
+        else:
+            loss = self.batch_loss(batch)
+            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the tokens that mean is over (shifted by one)
         self.eval_loss[stage].update(loss.detach(), weight=n)  # token-weighted mean over the epoch
         if source is not None and self.source_names:
             self.source_loss[source].update(loss.detach(), weight=n)
@@ -385,7 +492,12 @@ class FalconQLoRA(L.LightningModule):
         loss = self.eval_loss[stage].compute()  # synced across ranks by torchmetrics
         self.eval_loss[stage].reset()
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/perplexity", torch.exp(loss))
+        if self.hparams.objective not in PAIRED:
+            self.log(f"{stage}/perplexity", torch.exp(loss))
+            return
+        for name, metric in zip(METRICS, self.eval_pairs[stage], strict=True):
+            self.log(f"{stage}/{name}", metric.compute())
+            metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
@@ -482,3 +594,31 @@ class FalconQLoRA(L.LightningModule):
                 f"checkpoint does not match the model: {detail}. "
                 "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
+
+
+REFERENCE = "reference"  # the frozen adapter the preference objectives compare against, beside PEFT's "default"
+
+
+def add_reference(peft_model) -> None:
+    """Add a frozen copy of the trained adapter as the reference adapter (`REFERENCE`), without dropout, so that
+    the reference's log-probabilities are deterministic, as a reference model in eval mode gives them."""
+    config = copy.deepcopy(peft_model.peft_config["default"])  # every LoRA setting the trained one has
+    config.lora_dropout = 0.0
+    config.inference_mode = True  # frozen
+    peft_model.add_adapter(REFERENCE, config)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".default." in name:
+                params[name.replace(".default.", f".{REFERENCE}.")].copy_(param)
+    peft_model.set_adapter("default")  # add_adapter may leave the new one marked trainable
+
+
+@contextlib.contextmanager
+def active_adapter(peft_model, name: str) -> Iterator[None]:
+    """Run `peft_model` with its adapter `name` instead of the trained one inside the block."""
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter("default")  # marks the trained adapter trainable again, the other one frozen
