@@ -12,6 +12,7 @@ from lightning_falcon.model.generation import GenerationSettings
 from lightning_falcon.training.disk_space import DiskSpaceCheck
 from lightning_falcon.training.predictions import PredictionWriter
 from lightning_falcon.training.preemption import SlurmRequeue
+from lightning_falcon.training.reference import ReferenceLogps
 from lightning_falcon.training.rng import RNGState
 from lightning_falcon.training.samples import GenerationSamples
 from lightning_falcon.training.save_adapter import SaveAdapter
@@ -33,6 +34,7 @@ def default_callbacks(generation: GenerationSettings | None = None, lr_monitor: 
         PredictionWriter(generation.output),
         GenerationSamples(generation.samples),
         RNGState(),
+        ReferenceLogps(),
         SlurmRequeue(),
         DiskSpaceCheck(),
     ]

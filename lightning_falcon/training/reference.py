@@ -1,0 +1,88 @@
+"""`model.precompute_reference`: the reference's log-probabilities of every pair, computed once before training.
+
+DPO and IPO compare the policy against a reference (the base, or the adapter fit started from), which is one
+more forward of every batch, without gradients. With `model.precompute_reference` that forward runs once per
+pair before the first step, over the training and held-out pairs in order, and the results are cached beside the
+tokenized data, keyed by the tokenized data's own keys and by what the reference is (the base's files, how it
+was quantized, the adapter's weights): a later run or a resume reads them instead. Every rank computes every
+pair (under ZeRO-3 every rank must take part in each forward), and rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_falcon.files import atomic_write, load_weights_only
+from lightning_falcon.model.preference import REFERENCED
+
+
+class ReferenceLogps(Callback):
+    """Before fit's first step, hand the datamodule the reference's log-probabilities of every pair (computed or
+    read from the cache), so that no batch runs the reference forward."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        hp = pl_module.hparams
+        if not (hp.objective in REFERENCED and hp.precompute_reference):
+            return
+        datamodule = trainer.datamodule
+        path = cache_file(datamodule, pl_module)
+        if path.is_file():
+            values = load_weights_only(path)
+            rank_zero_info(f"[reference] log-probabilities of every pair read from {path}")
+        else:
+            values = {
+                split: [_compute(pl_module, datamodule, part) for part in parts]
+                for split, parts in datamodule.pair_parts().items()
+            }
+            if trainer.is_global_zero:
+                atomic_write(path, lambda f: torch.save(values, f))
+            pairs = sum(len(chosen) for parts in values.values() for chosen, _ in parts)
+            rank_zero_info(f"[reference] log-probabilities of {pairs} pairs computed once, cached in {path}")
+        datamodule.with_reference(values)
+
+
+def _compute(pl_module, datamodule, rows) -> tuple[list[float], list[float]]:
+    """The reference's summed answer log-probability of each pair of `rows` (chosen, rejected), in order."""
+    loader = DataLoader(rows, batch_size=datamodule.hparams.batch_size, collate_fn=datamodule.collate)
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for batch in loader:
+        batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+        first, second = pl_module.reference_logps(batch).cpu().chunk(2)
+        chosen += first.tolist()
+        rejected += second.tolist()
+    return chosen, rejected
+
+
+def cache_file(datamodule, pl_module) -> Path:
+    """Where the reference's log-probabilities of this run's pairs are cached: keyed by the tokenized data's keys
+    and by everything the reference's outputs depend on."""
+    hp = pl_module.hparams
+    digest = hashlib.sha256()
+    adapter = Path(hp.adapter).expanduser() if hp.adapter else None
+    reference = {
+        "data": [path.name for path in datamodule.cache_paths.values()],
+        "batch_size": datamodule.hparams.batch_size,  # the padding of each batch
+        "base": str(pl_module.base_path),
+        "quantization": [hp.quantization, hp.double_quant, str(pl_module.compute_dtype)],
+        "attention": [hp.attn_implementation, hp.fused_attention],
+        "loss_chunk_size": hp.loss_chunk_size,
+    }
+    digest.update(json.dumps(reference, sort_keys=True).encode())
+    base = Path(pl_module.base_path)
+    if base.is_dir():  # its weights' headers and sizes: a changed checkpoint gets a new key
+        for file in sorted(base.glob("*.safetensors")):
+            digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    if adapter is not None:
+        for file in sorted(adapter.glob("*") if adapter.is_dir() else [adapter]):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+    return Path(datamodule.hparams.cache_dir).expanduser() / "reference" / f"{digest.hexdigest()[:20]}.pt"
