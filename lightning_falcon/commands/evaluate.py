@@ -3,7 +3,9 @@
 One process, one device, one load of the base. The held-out split is validated and the query file
 (`generation.queries`) predicted twice, first with the adapter and then with it switched off (the base);
 both run in Lightning's loops, so generation runs on the model's own device. The Markdown report gives:
-- loss and perplexity, base against fine-tuned;
+- loss and perplexity, base against fine-tuned; for a preference objective (`model.objective` dpo, ipo, orpo) on
+  preference pairs, its loss (against the base as the reference) and the held-out preference accuracy and margin:
+  how often, and by how many nats, each model gives the chosen answer the higher log-probability;
 - the mean output length and the share of outputs that ended at EOS;
 - per level (easy / intermediate / advanced), each query's base output next to the fine-tuned one.
 """
@@ -23,6 +25,7 @@ from lightning_falcon.data.inputs import Query, read_queries
 from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import FalconQLoRA
 from lightning_falcon.model.generation import Generated, GenerationSettings
+from lightning_falcon.model.preference import PAIRED
 from lightning_falcon.runs import RunDir
 from lightning_falcon.training.samples import markdown_cell
 
@@ -79,6 +82,12 @@ def evaluate(args: list[str]) -> Path:
         outputs = [generated for batch in predicted for _, generated in batch]
         results[name] = {
             "loss": float(metrics["val/loss"]),
+            # pairs: how often, and by how much, the model itself prefers the chosen answer
+            **(
+                {key: float(metrics[f"val/preference/{key}"]) for key in ("accuracy", "margin")}
+                if model.hparams.objective in PAIRED
+                else {}
+            ),
             # several data sources: each one's loss, so the report shows whether one skill gained at another's cost
             "sources": {source: float(metrics[f"val/loss/{source}"]) for source in model.source_names},
             "outputs": outputs,
@@ -89,8 +98,13 @@ def evaluate(args: list[str]) -> Path:
     report.with_suffix(".json").write_text(json.dumps(as_json(queries, results), indent=2, ensure_ascii=False) + "\n")
     for name, r in results.items():
         stats = output_stats(r["outputs"])
+        scores = (
+            f"preference accuracy {r['accuracy']:.3f}, margin {r['margin']:.2f} nats"
+            if "accuracy" in r
+            else f"perplexity {math.exp(r['loss']):.2f}"
+        )
         rank_zero_info(
-            f"[evaluate] {name}: val loss {r['loss']:.4f}, perplexity {math.exp(r['loss']):.2f}, "
+            f"[evaluate] {name}: val loss {r['loss']:.4f}, {scores}, "
             f"mean output {stats['mean_tokens']:.1f} tokens, ended at EOS {stats['eos']}/{stats['n']}"
         )
     rank_zero_info(f"[evaluate] wrote {report} and {report.with_suffix('.json').name}")
@@ -111,7 +125,11 @@ def as_json(queries: list[Query], results: dict) -> dict:
     return {
         name: {
             "val_loss": r["loss"],
-            "val_perplexity": math.exp(r["loss"]),
+            **(
+                {"preference_accuracy": r["accuracy"], "preference_margin": r["margin"]}
+                if "accuracy" in r
+                else {"val_perplexity": math.exp(r["loss"])}
+            ),
             "val_loss_by_source": r["sources"],
             **output_stats(r["outputs"]),
             "outputs": [
@@ -148,7 +166,14 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
         "|---|---|---|",
         f"| validation loss | {base['loss']:.4f} | {tuned['loss']:.4f} |",
         *(f"| validation loss, {n} | {base['sources'][n]:.4f} | {tuned['sources'][n]:.4f} |" for n in tuned["sources"]),
-        f"| validation perplexity | {math.exp(base['loss']):.2f} | {math.exp(tuned['loss']):.2f} |",
+        *(
+            [
+                f"| preference accuracy (held-out pairs) | {base['accuracy']:.3f} | {tuned['accuracy']:.3f} |",
+                f"| preference margin (nats) | {base['margin']:.2f} | {tuned['margin']:.2f} |",
+            ]
+            if "accuracy" in tuned
+            else [f"| validation perplexity | {math.exp(base['loss']):.2f} | {math.exp(tuned['loss']):.2f} |"]
+        ),
         f"| mean output length (tokens) | {sb['mean_tokens']:.1f} | {st['mean_tokens']:.1f} |",
         f"| mean output length (words) | {sb['mean_words']:.1f} | {st['mean_words']:.1f} |",
         (
@@ -158,6 +183,15 @@ def render(queries: list[Query], results: dict, source: Path, model: FalconQLoRA
         "",
         f"An output that did not end at EOS was cut at {g.max_new_tokens} tokens: the model did not stop by itself.",
     ]
+    if "accuracy" in tuned:
+        lines += [
+            "",
+            (
+                f"The validation loss is `{model.hparams.objective}`'s, with the base as the reference. Preference "
+                "accuracy: the share of held-out pairs whose chosen answer the model gives the higher summed "
+                "log-probability; the margin is the mean difference."
+            ),
+        ]
     levels = list(dict.fromkeys(q.level for q in queries))
     for level in levels:
         lines += ["", f"## {level}", "", "| # | query | base | fine-tuned |", "|---|---|---|---|"]
