@@ -340,3 +340,95 @@ def test_plan_prints_the_fewest_nodes_and_takes_nodes_for_num_nodes(capsys):
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nodes:")]
     assert line.startswith("nodes: no node count fits 16 GiB GPUs with deepspeed-zero3: the load peak, ")
     assert line.endswith("while it loads, before DeepSpeed shards it")
+
+
+# The preference objectives (model/preference.py): pairs double the sequences of a forward; dpo and ipo add the
+# reference's forward without gradients, ORPO none; the reference is never a second base.
+BASE_ROWS = ("quantized base weights", "quantization constants", "unquantized parameters")
+
+
+def falcon_7b_plans(**changes) -> dict[str, dict[str, float]]:
+    """The single-GPU rows of Falcon-7B at batch 4 x 512 with the chunked loss, by objective."""
+    count = count_model(AutoConfig.from_pretrained(resolve("asset:falcon-7b")), FALCON.lora_targets, 64)
+    setup = Setup(**{"batch_size": 4, "max_length": 512, "loss_chunk_size": 256, **changes})
+    return {o: plan(count, replace(setup, objective=o), "single").rows for o in ("sft", "dpo", "ipo", "orpo")}
+
+
+def test_dpo_plans_pairs_and_a_reference_forward_without_gradients_but_no_second_base():
+    plans = falcon_7b_plans()
+    sft, dpo, orpo = (sum(plans[o].values()) for o in ("sft", "dpo", "orpo"))
+    second_base = sum(plans["sft"][row] for row in BASE_ROWS)
+    assert sft < orpo < dpo < 2 * sft + second_base
+    assert dpo < sft + second_base  # what the pairs and the reference add is less than the 4-bit base alone
+    assert plans["ipo"] == plans["dpo"]
+    # the pairs: twice the sequences' activations; the weights are the same model's
+    eight = falcon_7b_plans(batch_size=8)["sft"]
+    for row in ("activations", "attention", "logits"):
+        assert plans["dpo"][row] == plans["orpo"][row] == eight[row], row
+    for row in (*BASE_ROWS, "LoRA parameters", "LoRA gradients", "LoRA optimizer states", "workspace"):
+        assert plans["dpo"][row] == plans["sft"][row], row
+    # the reference saves nothing for backward: one layer's working set, the hidden states and one chunk of logits
+    b, s, h, c = 8, 512, 4544, 2
+    reference = 34 * b * s * h * c / 2 + b * 71 * s * 4 + b * s * h * c + 256 * 65_024 * (c + 8)
+    assert plans["dpo"]["reference forward"] == reference  # 0.78 GiB, against the pairs' 1.70 GiB of activations
+    assert reference < plans["dpo"]["activations"]
+    assert "reference forward" not in plans["orpo"] and "reference forward" not in plans["sft"]
+    assert not any(row.startswith("reference") for row in plans["orpo"])
+    # precomputed, the reference runs once before training: a step holds no more than ORPO's
+    assert falcon_7b_plans(precompute_reference=True)["dpo"] == plans["orpo"]
+
+
+def test_a_reference_adapter_is_a_frozen_copy_of_lora_not_a_second_base():
+    plans = falcon_7b_plans(reference_adapter=True)
+    assert plans["dpo"]["reference adapter"] == plans["dpo"]["LoRA parameters"]  # 0.49 GiB of fp32 LoRA weights
+    assert "reference adapter" not in plans["orpo"] and "reference adapter" not in plans["sft"]  # no reference
+
+
+def test_pairs_are_scored_from_the_hidden_states_even_without_a_loss_chunk():
+    """`loss_chunk_size: null`: SFT takes the model's own loss; the pairs still go through the hidden states, in one
+    chunk of the whole batch."""
+    plans = falcon_7b_plans(loss_chunk_size=None)
+    positions = 8 * 512
+    assert plans["sft"]["logits"] == 4 * 512 * 65_024 * (2 + 8)
+    assert plans["orpo"]["logits"] == positions * 65_024 * (2 + 8) + positions * 4544 * 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (
+            ["--model.objective", "dpo"],
+            (
+                "objective dpo: 2 sequences per pair (8 a forward for 4 pair(s)), reference forward without "
+                "gradients (the base, the adapter switched off; no second base)"
+            ),
+        ),
+        (
+            ["--model.objective", "orpo"],
+            "objective orpo: 2 sequences per pair (8 a forward for 4 pair(s)), no reference",
+        ),
+    ],
+)
+def test_plan_names_the_objective_it_counted(capsys, flags, line):
+    config = str(REPO / "configs/falcon-7b-qlora.yaml")
+    main(["plan", "--config", config])
+    sft = capsys.readouterr().out
+    main(["plan", "--config", config, *flags])
+    out = capsys.readouterr().out
+    assert line in out.splitlines() and "objective" not in sft
+    assert "batch 4 pairs x 512 tokens" in out and "batch 4 x 512 tokens" in sft
+    totals = [float(t) for t in next(x for x in out.splitlines() if x.startswith("total")).split()[1:]]
+    sft_totals = [float(t) for t in next(x for x in sft.splitlines() if x.startswith("total")).split()[1:]]
+    assert all(a > b for a, b in zip(totals, sft_totals, strict=True))
+    assert ("reference forward  " in out) is ("dpo" in flags)
+
+
+def test_plan_reads_the_objective_from_the_configs_model_section(capsys):
+    """configs/tiny-dpo.yaml sets `model.objective: dpo` and starts from an adapter, its frozen reference."""
+    main(["plan", "--config", str(REPO / "configs/tiny-dpo.yaml")])
+    out = capsys.readouterr().out
+    assert (
+        "objective dpo: 2 sequences per pair (16 a forward for 8 pair(s)), reference forward without gradients "
+        "(a frozen copy of model.adapter; no second base)" in out
+    )
+    assert "reference adapter  " in out and "reference forward  " in out

@@ -273,3 +273,33 @@ def test_a_falcon_7b_shaped_gguf_export_loads_and_generates_in_llama_cpp(shapes,
     assert got["metadata"]["falcon.embedding_length"] == "4544" and got["metadata"]["falcon.block_count"] == "2"
     (continuation,) = got["continuations"]
     assert 0 < len(continuation) <= 8 and all(0 <= t < vocab for t in continuation)
+
+
+def test_one_dpo_step_at_falcon_7b_width_starts_at_ln_2_with_zero_rewards_and_saves_the_adapter(shapes, tmp_path):
+    """DPO through the shipped 7B config (r 64 on the four projections, nf4, gradient checkpointing) on real-width
+    pairs: one forward of the chosen and rejected sequences and one of the reference (the base, the adapter off).
+    A fresh adapter's B is 0, so the policy is the reference: every pair's loss is -log sigmoid(0) = ln 2 and
+    every reward 0 at step 0."""
+    import math
+
+    from helpers import scalars
+
+    config_dir, _ = shapes("falcon-7b", 2)
+    config = str(REPO / "configs" / "falcon-7b-qlora.yaml")
+    pairs = ["--data.dataset.dataset", "asset:data/midjourney-preferences.jsonl", "--data.dataset.format", "preference"]
+    pairs += ["--data.dataset.val_dataset", "asset:data/midjourney-preferences-val.jsonl", "--data.max_samples", "8"]
+    dpo = ["--model.objective", "dpo", "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0"]
+    out = run_fit(fit_arguments(config, config_dir, shapes.random_dir, tmp_path, 64, 1, *pairs, *dpo), tmp_path)
+    run = tmp_path / "runs" / "falcon-7b-midjourney" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1, out[-3000:]
+    logged = scalars(run)
+    ((step, loss),) = logged["train/loss"]
+    assert step == 0 and math.isfinite(loss) and loss == pytest.approx(math.log(2), abs=1e-4)
+    for name in ("chosen", "rejected", "margins"):
+        assert logged[f"train/rewards/{name}"] == [(0, 0.0)], name
+    assert all(value < 0 for _, value in logged["train/logps/chosen"] + logged["train/logps/rejected"])
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 16 and all(".lora_A." in k or ".lora_B." in k for k in weights)  # no reference copy
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # the step moved B off 0

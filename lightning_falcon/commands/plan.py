@@ -32,6 +32,7 @@ from lightning_falcon.model.memory import (
     peak,
     plan,
 )
+from lightning_falcon.model.preference import PAIRED, REFERENCED
 from lightning_falcon.training.strategy import StrategySettings
 
 
@@ -63,14 +64,31 @@ def render(
     lines.append(f"{f'verdict ({gpu_memory / GiB:.0f} GiB GPU)':<26}" + "".join(f"{v:>{width}}" for v in verdicts))
     lines.append(nodes_line(count, setup, current, devices, gpu_memory))
     lines.append(f"attention: {attention_kernel(count, setup).name}")
+    if setup.objective in PAIRED:
+        lines.append(objective_line(setup))
+    forward = "activations + attention + logits" + (" + reference forward" if setup.reference_forward else "")
     lines.append(
-        f"activations + attention + logits: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient "
+        f"{forward}: {activation_bytes(count, setup, True) / GiB:.2f} GiB with gradient "
         f"checkpointing, {activation_bytes(count, setup, False) / GiB:.2f} GiB without"
     )
     lines.append(
         "* = this config's strategy. Weights are exact counts; activations, attention and workspace are estimates."
     )
     return "\n".join(lines)
+
+
+def objective_line(setup: Setup) -> str:
+    """One line: what a preference objective adds to the plan (none for sft, whose plan is the table alone)."""
+    line = (
+        f"objective {setup.objective}: 2 sequences per pair ({setup.sequences} a forward for "
+        f"{setup.batch_size} pair(s))"
+    )
+    if setup.objective not in REFERENCED:
+        return line + ", no reference"
+    reference = "a frozen copy of model.adapter" if setup.reference_adapter else "the base, the adapter switched off"
+    if setup.precompute_reference:
+        return line + f"; the reference's log-probabilities ({reference}) computed once before training, none a step"
+    return line + f", reference forward without gradients ({reference}; no second base)"
 
 
 def nodes_line(count: ModelCount, setup: Setup, strategy: str, devices: int, gpu_memory: float) -> str:
@@ -114,6 +132,9 @@ def setup_of(model, data, trainer, world_size: int) -> Setup:
         loss_chunk_size=model.loss_chunk_size,
         attn_implementation=model.attn_implementation,
         fused_attention=model.fused_attention,
+        objective=model.get("objective", "sft"),
+        reference_adapter=model.get("adapter") is not None,
+        precompute_reference=bool(model.get("precompute_reference", False)),
     )
 
 
@@ -133,9 +154,10 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
     check_config(strategy, model.quantization, model.optimizer, targets, count.linear_modules, family, data.batching)
     plans = [plan(count, setup, name) for name in STRATEGIES]
+    pairs = " pairs" if setup.objective in PAIRED else ""
     title = (
         f"{model.model_name_or_path}{source}: {len(count.quantized)} {model.quantization} layers, "
-        f"LoRA r={model.lora_r} ({count.lora:,} params), batch {data.batch_size} x {data.max_length} tokens, "
+        f"LoRA r={model.lora_r} ({count.lora:,} params), batch {data.batch_size}{pairs} x {data.max_length} tokens, "
         f"{devices} GPU(s) x {nodes} node(s)"
     )
     current = strategy_name(strategy, devices * nodes)

@@ -43,6 +43,23 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   kept part and one layer's rebuilt part. Plus the state and convolution caches of generation (the samples
   during validation): L·b·(H·P·n + (d + 2gn)·k) x 4. Without mamba_ssm, transformers' PyTorch path holds
   more (it builds b·s·Q·H·n products at once), which the plan does not count.
+* preference objectives (`model.objective`, model/preference.py): dpo, ipo and orpo train on pairs, each step one
+  forward of 2b sequences (every chosen answer, then every rejected one), so the activations, attention, Mamba-2
+  and logits rows count 2b sequences (the Mamba-2 generation caches stay at b: samples are generated b at a time).
+  The answers' log-probabilities always go through the final hidden states and checkpointed chunks of the output
+  layer (model/preference.py), so the logits row is the chunked loss's even with `loss_chunk_size: null` (then one
+  chunk is the whole batch). dpo and ipo also run the reference (the same model, its adapter switched off, or a
+  frozen copy of `model.adapter`: never a second base) forward without gradients, after the policy's forward and
+  before its backward: nothing is saved for backward, so the reference holds one layer's working set, counted as
+  the b'·s·h x 34 x c/2 a layer saves in training (an upper bound: without gradients a layer frees most of it
+  as it goes) with its attention in flight (the scores and probabilities of a score-matrix kernel, 2·b'·a·s² at
+  the kernel's bytes; copied keys and values, 2·b'·s·h·c; a fused kernel's log-sum-exp) and one Mamba-2 mixer's
+  kept and rebuilt parts, plus the batch's final hidden states b'·s·h·c and one chunk of logits p·V x (c + 8)
+  (bf16 logits, their fp32 copy and log-softmax), for b' = 2b. It is added to the rest like every other row,
+  though it is gone before the policy's backward rebuilds its own layer and chunk: an overestimate by at most
+  those. A frozen copy of `model.adapter` (dpo and ipo started from an adapter) adds 4 bytes per LoRA weight,
+  divided by N under ZeRO-3. With `model.precompute_reference` the reference runs once before training (holding
+  no gradients or optimizer state yet), and a step counts no reference forward. orpo has no reference.
 * workspace: the largest quantized layer dequantized to the compute dtype (bitsandbytes does this
   for every matmul in training), ZeRO-3's gathered layers (the one computing and the one prefetched),
   and 1 GiB for the CUDA context, cuBLAS workspace and allocator slack (an assumption, not derived).
@@ -53,7 +70,8 @@ L = layers, V = vocabulary, c = bytes of the compute dtype (2 for bf16/fp16, 4 f
   what the model holds once LoRA is added (the unquantized parameters as PEFT leaves them, 4 bytes or c with
   `upcast_frozen: false`, and the fp32 LoRA weights), plus the 1 GiB. More GPUs or nodes do not lower it.
 
-Activations, attention, the Mamba-2 mixers and the 1 GiB are the approximate part; the weight terms are exact counts.
+Activations, attention, the Mamba-2 mixers, the reference forward and the 1 GiB are the approximate part; the
+weight terms are exact counts.
 """
 
 from __future__ import annotations
@@ -68,6 +86,7 @@ from torch import nn
 from lightning_falcon.architectures import architecture, mamba_width
 from lightning_falcon.model.attention import Kernel, gpu_kernel
 from lightning_falcon.model.lora import linear_module_names
+from lightning_falcon.model.preference import PAIRED, REFERENCED
 
 GiB = 2**30
 STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
@@ -147,15 +166,16 @@ def mamba_widths(config) -> dict[str, int]:
     }
 
 
-def mamba_bytes(count: ModelCount, setup: Setup) -> float:
-    """What the Mamba-2 mixers hold for backward, and their generation caches: see the module docstring."""
+def mamba_bytes(count: ModelCount, setup: Setup, sequences: int | None = None) -> float:
+    """What the Mamba-2 mixers hold for backward, and their generation caches: see the module docstring.
+    `sequences`: those of a training forward (a preference objective's 2 per pair); None: the batch size."""
     m = count.mamba
-    b, s, c = setup.batch_size, setup.max_length, setup.compute_bytes
+    b, s, c = sequences or setup.batch_size, setup.max_length, setup.compute_bytes
     d, gn = m["d"], m["g"] * m["n"]
     kept = b * s * (2 * d + 2 * gn + m["H"] + d) * c  # in_proj's outputs and the scan's output, saved per layer
     rebuilt = b * s * (d + 2 * gn + d) * c  # the convolution's and the gated norm's outputs, recomputed in backward
     rebuilt += b * math.ceil(s / m["Q"]) * m["H"] * m["P"] * m["n"] * 4 + 2 * b * m["H"] * s * 4
-    caches = count.layers * b * (m["H"] * m["P"] * m["n"] + (d + 2 * gn) * m["k"]) * 4
+    caches = count.layers * setup.batch_size * (m["H"] * m["P"] * m["n"] + (d + 2 * gn) * m["k"]) * 4
     return (kept if setup.gradient_checkpointing else count.layers * kept) + rebuilt + caches
 
 
@@ -187,6 +207,19 @@ class Setup:
     loss_chunk_size: int | None = None  # positions per chunk of the loss; None: the whole batch's logits at once
     attn_implementation: str | None = None  # transformers' attention backend; None: sdpa
     fused_attention: bool = True  # model.fused_attention: keys and values at their own head count (model/attention.py)
+    objective: str = "sft"  # model.objective: dpo, ipo and orpo train on pairs (model/preference.py)
+    reference_adapter: bool = False  # dpo/ipo started from model.adapter: a frozen copy of it is the reference
+    precompute_reference: bool = False  # model.precompute_reference: the reference runs once, before training
+
+    @property
+    def sequences(self) -> int:
+        """The sequences of one training forward: a pair is two (chosen and rejected)."""
+        return self.batch_size * (2 if self.objective in PAIRED else 1)
+
+    @property
+    def reference_forward(self) -> bool:
+        """Each training step also runs the reference's forward (dpo and ipo, unless it was precomputed)."""
+        return self.objective in REFERENCED and not self.precompute_reference
 
 
 @dataclass
@@ -228,21 +261,29 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
     if strategy == "ddp":
         p.rows["LoRA gradients"] += lora_grad  # DDP's gradient buckets
     p.rows["LoRA optimizer states"] = 0 if offload else lora_optim / (n if zero >= 2 else 1)
+    reference_adapter = setup.reference_adapter and setup.objective in REFERENCED
+    if reference_adapter:  # the frozen copy of model.adapter, in fp32 as the trained one (no gradient, no state)
+        p.rows["reference adapter"] = lora_param / (n if zero == 3 else 1)
 
-    b, s, h, L = setup.batch_size, setup.max_length, count.hidden, count.layers
+    b, s, h, L = setup.sequences, setup.max_length, count.hidden, count.layers
     per_layer = 34 * b * s * h * c / 2
     if setup.gradient_checkpointing:
         p.rows["activations"] = L * b * s * h * c + per_layer
     else:
         p.rows["activations"] = L * per_layer
-    p.rows["attention"] = attention_bytes(count, setup)
+    p.rows["attention"] = attention_bytes(count, replace(setup, batch_size=b))
     if count.mamba:
-        p.rows["Mamba-2 mixers"] = mamba_bytes(count, setup)
+        p.rows["Mamba-2 mixers"] = mamba_bytes(count, setup, b)
     positions = b * s
-    if setup.loss_chunk_size is None:
+    chunk = setup.loss_chunk_size
+    if chunk is None and setup.objective in PAIRED:  # pairs are scored from the hidden states, one chunk of all
+        chunk = positions
+    if chunk is None:
         p.rows["logits"] = positions * count.vocab * (c + 8)
     else:
-        p.rows["logits"] = min(setup.loss_chunk_size, positions) * count.vocab * (c + 8) + positions * h * c
+        p.rows["logits"] = min(chunk, positions) * count.vocab * (c + 8) + positions * h * c
+    if setup.reference_forward:
+        p.rows["reference forward"] = reference_forward_bytes(count, setup)
 
     largest = max((i * o for i, o in count.quantized), default=0)
     workspace = largest * c + WORKSPACE_RESERVE
@@ -253,7 +294,8 @@ def plan(count: ModelCount, setup: Setup, strategy: str) -> Plan:
     # Under ZeRO-3 a quantized base loads whole onto every GPU (an unquantized one loads partitioned, under zero.Init)
     if zero == 3 and setup.quantization != "none":
         loading = count.unquantized * c + largest * c  # the last weight materialised in c bytes before it is packed
-        built = count.unquantized * (4 if setup.upcast_frozen else c) + 4 * count.lora  # before DeepSpeed casts it
+        lora_copies = 2 if reference_adapter else 1  # the trained adapter, and the reference's frozen copy
+        built = count.unquantized * (4 if setup.upcast_frozen else c) + 4 * count.lora * lora_copies  # before casts
         p.load_peak = weights + constants + max(loading, built) + WORKSPACE_RESERVE
     return p
 
@@ -323,7 +365,33 @@ def attention_bytes(count: ModelCount, setup: Setup) -> float:
     return kept + in_flight if setup.gradient_checkpointing else count.layers * kept + in_flight
 
 
+def reference_forward_bytes(count: ModelCount, setup: Setup) -> float:
+    """What the reference's forward without gradients holds at once, for a batch of pairs: one layer's working set
+    and its attention (and Mamba-2 mixer) in flight, the final hidden states, one chunk of logits. An estimate:
+    see the module docstring."""
+    kernel = attention_kernel(count, setup)
+    b, s, h, a, c = setup.sequences, setup.max_length, count.hidden, count.heads, setup.compute_bytes
+    layer = 34 * b * s * h * c / 2  # what a layer saves in training: more than it holds at once without gradients
+    # a score-matrix kernel's scores and the probabilities beside them; a fused kernel's log-sum-exp
+    attention = 2 * b * a * s * s * kernel.score_bytes if kernel.score_bytes else b * a * s * 4
+    if kernel.copied_kv:
+        attention += 2 * b * s * a * count.head_dim * c
+    mixer = 0.0
+    if count.mamba:  # one layer's kept and rebuilt parts, as mamba_bytes counts them with checkpointing; no caches
+        mixer = mamba_bytes(replace(count, layers=0), replace(setup, gradient_checkpointing=True), b)
+    positions = b * s
+    chunk = min(setup.loss_chunk_size or positions, positions)
+    return layer + attention + mixer + positions * h * c + chunk * count.vocab * (c + 8)
+
+
 def activation_bytes(count: ModelCount, setup: Setup, checkpointing: bool) -> float:
-    """Activations + attention + logits for the batch, with or without checkpointing (for the comparison line)."""
+    """Activations + attention + logits for the batch (+ the reference's forward where a step runs it), with or
+    without checkpointing (for the comparison line)."""
     p = plan(count, replace(setup, gradient_checkpointing=checkpointing), "single")
-    return p.rows["activations"] + p.rows["attention"] + p.rows.get("Mamba-2 mixers", 0) + p.rows["logits"]
+    return (
+        p.rows["activations"]
+        + p.rows["attention"]
+        + p.rows.get("Mamba-2 mixers", 0)
+        + p.rows["logits"]
+        + p.rows.get("reference forward", 0)
+    )
