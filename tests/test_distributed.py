@@ -4,6 +4,8 @@ DeepSpeed runs through `cpu_deepspeed.CPUDeepSpeedStrategy`: the shipped `QLoRAD
 only Lightning's CUDA gate removed (see that file). The GPU versions are in test_gpu.py.
 """
 
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -84,22 +86,17 @@ def assert_samples_logged(run: Path) -> None:
     assert table.count("| EOS |") + table.count("| cut |") == 3, table
 
 
+def deepspeed_arguments(stage: str) -> list[str]:
+    """The shipped DeepSpeed overlay on 2 CPU processes, as the GPU configs run it (8-bit AdamW, checkpointing)."""
+    return [
+        *overlay(stage), "--trainer.strategy.class_path", "cpu_deepspeed.CPUDeepSpeedStrategy", *TWO_RANKS,
+        *PAGED_8BIT_ADAMW, "--model.gradient_checkpointing", "true",
+    ]  # fmt: skip
+
+
 def deepspeed_fit(root: Path, stage: str, *args: str):
-    return cli(
-        root,
-        "fit",
-        *overlay(stage),
-        "--trainer.strategy.class_path",
-        "cpu_deepspeed.CPUDeepSpeedStrategy",
-        *TWO_RANKS,
-        "--checkpoint.every_n_train_steps",
-        "10",
-        *PAGED_8BIT_ADAMW,
-        "--model.gradient_checkpointing",
-        "true",
-        *args,
-        env=CPU_DEEPSPEED,
-    )
+    every = ["--checkpoint.every_n_train_steps", "10"]
+    return cli(root, "fit", *deepspeed_arguments(stage), *every, *args, env=CPU_DEEPSPEED)
 
 
 def test_zero3_shards_the_4bit_base_saves_a_full_adapter_and_resumes(tmp_path):
@@ -141,3 +138,82 @@ def test_zero2_two_processes_saves_one_adapter_and_resumes(tmp_path):
     assert_one_adapter_that_changes_the_model(tmp_path)
     proc = deepspeed_fit(tmp_path, "deepspeed-zero2", "--trainer.max_steps", "14", "--ckpt_path", "last")
     assert_resumed(proc, tmp_path / "runs" / "tiny", 10, 14)
+
+
+# ---------------------------------------------------------------------------------- DPO from an SFT adapter
+def checkpoint_weight_names(last: Path) -> set[str]:
+    """The weights a checkpoint holds: its state_dict's, or under DeepSpeed its model-states files' (ZeRO-2 writes
+    one, ZeRO-3 one per rank)."""
+    if last.is_file():
+        return set(torch.load(last, map_location="cpu", weights_only=True)["state_dict"])
+    shards = sorted(last.glob("checkpoint/*model_states.pt"))
+    assert shards, list(last.rglob("*"))
+    return {k for shard in shards for k in torch.load(shard, map_location="cpu", weights_only=False)["module"]}
+
+
+# (arguments, environment, whether the reference's log-probabilities are computed once before the first step)
+DPO_STRATEGIES = {
+    "ddp": ([*overlay("ddp"), *TWO_RANKS, *PAGED_8BIT_ADAMW], None, False),
+    "zero2": (deepspeed_arguments("deepspeed-zero2"), CPU_DEEPSPEED, False),
+    "zero3": (deepspeed_arguments("deepspeed-zero3"), CPU_DEEPSPEED, False),
+    "zero3, precomputed reference": (deepspeed_arguments("deepspeed-zero3"), CPU_DEEPSPEED, True),
+}
+
+
+@pytest.mark.parametrize("strategy", DPO_STRATEGIES)
+def test_dpo_from_an_sft_adapter_two_processes_one_identical_adapter_and_resume(tmp_path, quick_fit, strategy):
+    """configs/tiny-dpo.yaml on 2 processes, from the quick SFT run's adapter, which is also kept as the frozen
+    `reference` adapter: switching to it for the reference forward (which flips requires_grad on the LoRA weights,
+    partitioned under ZeRO-3) leaves one trained adapter, the same on every rank, that saves and resumes."""
+    from safetensors.torch import load_file
+
+    sft = quick_fit / "adapter"
+    arguments, env, precompute = DPO_STRATEGIES[strategy]
+    # 4 pairs a rank (8 sequences); a checkpoint at steps 3 and 6, and a validation of the 40 pairs at step 6.
+    # The reference forward runs on every batch, or once for every pair before the first step (every rank takes
+    # part: under ZeRO-3 each forward gathers the partitioned weights), and without dropout (the step-0 check below).
+    dpo = [
+        *arguments, "--model.adapter", str(sft), "--data.batch_size", "4", "--generation.samples", "[]",
+        "--checkpoint.every_n_train_steps", "3", "--trainer.val_check_interval", "6", "--model.lora_dropout", "0.0",
+        "--model.precompute_reference", str(precompute).lower(),
+    ]  # fmt: skip
+    proc = cli(tmp_path, "fit", *dpo, "--trainer.max_steps", "6", env=env, config="tiny-dpo.yaml")
+    out = output(proc)
+    assert "[adapter] LoRA weights identical on all 2 ranks" in out
+    assert "terminate called" not in out
+    assert out.count("[data] train:") == 1
+    assert ("[reference] log-probabilities of 340 pairs computed once" in out) == precompute
+    runs = tmp_path / "runs" / "tiny-dpo"
+    (run,) = runs.iterdir()
+    adapter = assert_one_adapter_that_changes_the_model(tmp_path)
+    assert adapter == run / "adapter"
+    # The trained adapter only: neither a `reference/` subdirectory nor a reference weight in it.
+    assert not (adapter / "reference").exists()
+    trained, started = load_file(adapter / "adapter_model.safetensors"), load_file(sft / "adapter_model.safetensors")
+    assert trained.keys() == started.keys()
+    assert any(not torch.equal(trained[k], started[k]) for k in trained)  # DPO moved it off the SFT adapter
+    metadata = json.loads((adapter / "lightning_falcon.json").read_text())
+    assert metadata["objective"] == "dpo" and metadata["reference"] == str(sft)
+
+    s = scalars(run)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert [step for step, _ in s[f"train/{name}"]] == list(range(6)), name
+        assert f"val/{name}" in s, name
+    assert "train/perplexity" not in s and "val/perplexity" not in s
+    # The checkpoint holds the trained LoRA weights only: the reference is rebuilt from model.adapter on resume.
+    names = checkpoint_weight_names(run / "checkpoints" / "last.ckpt")
+    assert names and all(".lora_A.default." in k or ".lora_B.default." in k for k in names), names
+    # At step 0 the policy is its reference (the same SFT weights, no dropout): every pair's log-ratio is 0, so
+    # the loss is log 2. Were the reference the base, or a copy lost to partitioning, it would not be.
+    assert s["train/loss"][0][1] == pytest.approx(math.log(2), abs=1e-4)
+    assert s["train/rewards/margins"][0][1] == pytest.approx(0.0, abs=1e-4)
+
+    proc = cli(
+        tmp_path, "fit", *dpo, "--trainer.max_steps", "8", "--ckpt_path", "last", env=env, config="tiny-dpo.yaml"
+    )
+    assert "[adapter] LoRA weights identical on all 2 ranks" in output(proc)
+    assert ("[reference] log-probabilities of every pair read from" in output(proc)) == precompute
+    assert_resumed(proc, runs, 6, 8)
+    resumed = runs / "version_1" / "adapter"
+    assert not (resumed / "reference").exists()
+    assert load_file(resumed / "adapter_model.safetensors").keys() == started.keys()

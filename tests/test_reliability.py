@@ -143,8 +143,6 @@ def test_a_run_that_blows_up_stops_with_its_step_and_keeps_the_last_good_checkpo
 def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
     tmp_path, accumulate, micro_batch, config, batching, optimizer, model
 ):
-    from safetensors.torch import load_file
-
     # 90 training rows in batches of 8: 12 batches an epoch, so the kill falls mid-epoch and the runs cross
     # epoch boundaries; dropout makes the generators matter; a validation falls between the kill and the end.
     # The mix (54 Midjourney rows and 24 guanaco rows, 3 : 1: 10 batches an epoch) draws another epoch after
@@ -164,6 +162,16 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
         sources.append({"name": "chat", "dataset": "asset:data/guanaco-chat.jsonl", "val_fraction": 0.25})
         overlay.write_text(yaml.safe_dump({"data": {"dataset": sources}}))
         common += ["--config", str(overlay)]
+    proc = killed_and_resumed(tmp_path, common, config, micro_batch)
+    assert not chat or "[data] chat: format messages, from its column(s) messages" in proc.stderr
+
+
+def killed_and_resumed(tmp_path: Path, common: list[str], config: str, micro_batch: int = 0):
+    """Fit `config` with `common` uninterrupted, and again SIGKILLed at the start of step 6 (micro-batch
+    `micro_batch`) and resumed from its last checkpoint (step 4): both must end with the same LoRA weights, to the
+    bit. The resumed run's process."""
+    from safetensors.torch import load_file
+
     env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     for root in (uninterrupted, interrupted):
@@ -179,13 +187,28 @@ def test_killed_mid_epoch_and_resumed_ends_exactly_where_the_uninterrupted_run_e
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
     proc = cli(interrupted, "fit", *common, "--ckpt_path", "last", config=config)
     assert "dataloader is not resumable" not in proc.stderr
-    assert not chat or "[data] chat: format messages, from its column(s) messages" in proc.stderr
 
     a = load_file(uninterrupted / "runs" / runs / "version_0" / "adapter" / "adapter_model.safetensors")
     b = load_file(interrupted / "runs" / runs / "version_1" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst == 0.0, f"largest difference of a LoRA weight, resumed vs uninterrupted: {worst:.3e}"
+    return proc
+
+
+@pytest.mark.slow
+def test_a_dpo_run_from_an_sft_adapter_killed_and_resumed_ends_exactly_where_the_uninterrupted_run_ends(
+    tmp_path, quick_fit
+):
+    # configs/tiny-dpo.yaml from the quick SFT run's adapter (also its frozen reference). 100 pairs in batches of
+    # 8: 13 batches an epoch, so the runs cross an epoch boundary after the kill; LoRA dropout on the trained
+    # adapter (none on the reference) makes the generators matter; a validation falls between kill and end.
+    common = [
+        "--model.adapter", str(quick_fit / "adapter"), "--data.max_samples", "100", "--model.lora_dropout", "0.1",
+        "--trainer.max_steps", "14", "--checkpoint.every_n_train_steps", "4", "--trainer.val_check_interval", "6",
+        "--generation.samples", "[]",
+    ]  # fmt: skip
+    killed_and_resumed(tmp_path, common, "tiny-dpo.yaml")
 
 
 def fit_process(root: Path, *args: str, env: dict, config: str = "tiny.yaml") -> subprocess.CompletedProcess:
