@@ -16,7 +16,7 @@ class Conversation:
     """The requests and replies so far, as the token ids the next reply is generated from.
 
     Args:
-        format: The data format the model was trained on; `messages` and `turns` keep a history.
+        format: The data format the model was trained on; `messages`, `preference` and `turns` keep a history.
         tokenizer: The training tokenizer.
         max_length: The longest prompt kept: the oldest exchanges are dropped to fit (training's `data.max_length`).
         history: False answers every request on its own, in any format.
@@ -24,7 +24,8 @@ class Conversation:
 
     def __init__(self, format: DataFormat, tokenizer, max_length: int, history: bool = True) -> None:
         self.format, self.tokenizer, self.max_length = format, tokenizer, max_length
-        multi_turn = isinstance(format, Turns) or (isinstance(format, Chat) and format.kind == "messages")
+        conversations = isinstance(format, Chat) and format.kind in ("messages", "preference")
+        multi_turn = isinstance(format, Turns) or conversations
         self.keeps_history = history and multi_turn
         # each: the request, the reply's text, and (for `turns`) the exchange's ids, the reply ending with EOS
         self.exchanges: list[tuple[str, str, list[int]]] = []

@@ -45,6 +45,7 @@ ORDER = "roles out of order"
 NO_ASSISTANT = "no assistant turn"
 IDENTICAL = "identical chosen and rejected answers"
 OTHER_PROMPTS = "chosen and rejected conversations with different requests"
+NO_PROMPT = "answers without a request (no prompt column, and not whole conversations)"
 
 
 def _message(item: Any) -> dict[str, str] | str | None:
@@ -114,11 +115,9 @@ def _part(value: Any, role: str) -> list[dict[str, str]] | str:
 
 def pair_of(prompt: Any, chosen: Any, rejected: Any, system_prompt: str | None) -> tuple[list, list] | str:
     """A preference row as two conversations that differ in their last reply only (chosen, rejected), or why the
-    row is skipped. The request is text or a messages list; None (no prompt column) when each answer is a whole
-    conversation (TRL's implicit prompt)."""
-    request = [] if prompt is None and isinstance(chosen, list) else _part(prompt, "user")
-    if isinstance(request, str):
-        return request
+    row is skipped. An answer is text or a messages list: the reply alone, after the request (`prompt`: text or a
+    messages list), or a whole conversation that opens with its request, whatever `prompt` holds (TRL's implicit
+    prompt; UltraFeedback's rows repeat it in `prompt`). `prompt` is None without a prompt column."""
     sides = []
     for answer in (chosen, rejected):
         reply = _part(answer, "assistant")
@@ -126,7 +125,14 @@ def pair_of(prompt: Any, chosen: Any, rejected: Any, system_prompt: str | None) 
             return reply
         if not reply:
             return NO_ASSISTANT
-        conversation = _ordered(request + reply, system_prompt)
+        if reply[0]["role"] == "assistant":  # the reply alone: after the request
+            if prompt is None:
+                return NO_PROMPT
+            request = _part(prompt, "user")
+            if isinstance(request, str):
+                return request
+            reply = request + reply
+        conversation = _ordered(reply, system_prompt)
         if isinstance(conversation, str):
             return conversation
         sides.append(conversation)

@@ -200,11 +200,12 @@ def detect(columns: list[str], source) -> str | None:
     """The format of a source set to `auto`, from its columns: a messages list (`messages`, ShareGPT's
     `conversations`, or `messages_column`), alpaca's instruction and output, the prompt and response columns,
     or the text column with turn markers; preference rows by their chosen and rejected answers; None when none
-    fits."""
-    if all(c in columns for c in ANSWERS):
-        return "preference"
+    fits. A messages list wins over chosen and rejected answers beside it (UltraFeedback's rows hold both): SFT
+    reads the messages, and a preference objective asks for `format: preference`."""
     if source.messages_column in columns or any(c in columns for c in MESSAGES):
         return "messages"
+    if all(c in columns for c in ANSWERS):
+        return "preference"
     if "instruction" in columns and "output" in columns:
         return "alpaca"
     if source.prompt_column in columns and source.response_column in columns:
