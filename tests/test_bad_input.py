@@ -246,8 +246,10 @@ def test_wrong_types_name_the_key_and_what_it_takes(tmp_path, capsys):
         "bad value for data.batch_size: Expected a <class 'int'>. Got value: four. Fix: correct data.batch_size" in err
     )
     err = run(tmp_path, capsys, "--data.dataset.format", "chat")
-    formats = "['auto', 'messages', 'alpaca', 'prompt_response', 'turns']"
-    assert f"data.dataset.format must be one of {formats}, got 'chat'. Fix: --data.dataset" in err
+    formats = "['auto', 'messages', 'alpaca', 'prompt_response', 'turns', 'preference']"
+    assert f"data.dataset.format must be one of {formats}, got 'chat'. Fix: --data.dataset.format auto" in err
+    err = run(tmp_path, capsys, "--data.dataset.format", "preferences")
+    assert "got 'preferences'. Fix: --data.dataset.format preference" in err
 
 
 def test_lora_rank_below_one(tmp_path, capsys):
@@ -476,7 +478,8 @@ def mix_error(tmp_path, capsys, broken: dict, *args, first: dict | None = None):
         (
             {"dataset": "x.jsonl", "format": "chat"},
             [],
-            "data.dataset[1].format must be one of ['auto', 'messages', 'alpaca', 'prompt_response', 'turns']",
+            ("data.dataset[1].format must be one of ['auto', 'messages', 'alpaca', 'prompt_response', 'turns', "
+            "'preference']"),
         ),
         ({"format": "turns"}, [], "data.dataset[1] has no dataset. Fix: data.dataset[1]: {dataset: "),
         (
@@ -537,6 +540,8 @@ def test_preference_objective_on_sft_rows_and_packed_pairs(tmp_path, capsys):
     )
     assert "data.batching packed: a preference pair's two sequences are scored whole" in err
     assert "Fix: --data.batching grouped" in err
+    # plan refuses what fit refuses, with the same line
+    assert fail(capsys, "plan", "--config", "configs/tiny-dpo.yaml", "--data.batching", "packed") == err
 
 
 def test_preference_rows_under_sft_and_bad_settings(tmp_path, capsys):

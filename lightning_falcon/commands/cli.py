@@ -248,10 +248,11 @@ class FalconCLI(LightningCLI):
             self.model.linear_modules(),
             self.model.architecture(),
             self.datamodule.hparams.batching,
+            hp.objective,
         )
         check_machine(strategy, hp.quantization, hp.compute_dtype, self.trainer.precision)
         self.datamodule.check_rendering()
-        self.datamodule.check_objective(hp.objective, hp.objective in PAIRED)
+        self.datamodule.check_objective(hp.objective, hp.objective in PAIRED)  # the rows: read from the data
         for path in {Path(p) for p in (self.source, hp.adapter) if p is not None}:
             self.model.check_checkpoint(path)
         if self.subcommand == "predict":
@@ -286,6 +287,7 @@ def check_config(
     linear_modules: list[str],
     family: Architecture,
     batching: str,
+    objective: str = "sft",
 ) -> None:
     """Refuse, listing every problem, a config that cannot run on any machine. fit and plan both call this, so
     plan refuses what fit refuses, with the same line.
@@ -298,6 +300,7 @@ def check_config(
         linear_modules: The leaf names of the model's linear layers, from its config.json alone.
         family: The model's row of `architectures.py`.
         batching: `data.batching`.
+        objective: `model.objective`.
     """
     problems = strategy_problems(strategy, quantization, optimizer)
     try:
@@ -309,6 +312,11 @@ def check_config(
             f"DeepSpeed ZeRO-3: {family.family}'s fused Mamba kernels read some weights without running their layers, "
             "so ZeRO-3 would hand them an empty partition. Fix: --config configs/strategy/deepspeed-zero2.yaml (or "
             "ddp.yaml)"
+        )
+    if batching == "packed" and objective in PAIRED:
+        problems.append(
+            "data.batching packed: a preference pair's two sequences are scored whole, one against the other, "
+            "not packed. Fix: --data.batching grouped"
         )
     if batching == "packed" and not family.packs_exactly:
         problems.append(

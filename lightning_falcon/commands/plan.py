@@ -152,7 +152,16 @@ def report(model, data, trainer, devices: int | None, num_nodes: int | None, gpu
     targets = model.target_modules if model.target_modules is not None else family.lora_targets
     strategy = StrategySettings.from_config(trainer.strategy)
     count = count_model(hf_config, targets, model.lora_r, quantized=model.quantization != "none")
-    check_config(strategy, model.quantization, model.optimizer, targets, count.linear_modules, family, data.batching)
+    check_config(
+        strategy,
+        model.quantization,
+        model.optimizer,
+        targets,
+        count.linear_modules,
+        family,
+        data.batching,
+        model.objective,
+    )
     plans = [plan(count, setup, name) for name in STRATEGIES]
     pairs = " pairs" if setup.objective in PAIRED else ""
     title = (

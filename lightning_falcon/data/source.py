@@ -200,9 +200,11 @@ def _field_problem(option: str, key: str, value: Any) -> str | None:
             return f"{option}.{key} must be a number, got {value!r}. Fix: {setting(option, key, DEFAULTS[key])}"
     elif get_origin(kind) is Literal:
         if value not in get_args(kind):
+            choices = [str(choice) for choice in get_args(kind)]
+            closest = difflib.get_close_matches(str(value), choices, n=1) or [DEFAULTS[key]]  # else the default
             return (
                 f"{option}.{key} must be one of {list(get_args(kind))}, got {value!r}. "
-                f"Fix: {setting(option, key, get_args(kind)[-1])}"
+                f"Fix: {setting(option, key, closest[0])}"
             )
     elif not isinstance(value, str):
         return f"{option}.{key} must be text, got {value!r}. Fix: quote it"
