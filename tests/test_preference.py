@@ -14,6 +14,7 @@ the whole chosen sequence, prompt included, where ours (as the ORPO paper) takes
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -484,3 +485,32 @@ def test_sequence_logps_chunked_equals_whole(pairs):
         with torch.no_grad():  # validation's path: no checkpointing
             unchecked, _ = sequence_logps(hidden, head, labels, chunk)
         torch.testing.assert_close(unchecked, logps.detach(), atol=0, rtol=0, msg=f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "max_epochs"])
+def test_a_precomputed_reference_replaces_the_reference_forward_of_every_step(tmp_path, monkeypatch, stop):
+    """With `model.precompute_reference` the reference runs once per pair before the first step, and no step runs it
+    again, whichever way the run is bounded (with `max_epochs` the optimizer's schedule builds the training loader
+    before fit starts); a second run reads the cache and trains alike."""
+    from helpers import fit_in_process, scalars
+
+    calls = []
+    original = FalconQLoRA.reference_logps
+    monkeypatch.setattr(FalconQLoRA, "reference_logps", lambda self, batch: calls.append(1) or original(self, batch))
+    bound = ["--trainer.max_steps", "6"] if stop == "max_steps" else ["--trainer.max_epochs", "1"]
+    args = [
+        "--model.adapter", "null", "--model.precompute_reference", "true", "--data.max_samples", "40",
+        "--trainer.max_steps", "-1", *bound, "--trainer.val_check_interval", "null", "--generation.samples", "[]",
+    ]  # fmt: skip
+    fit_in_process(tmp_path / "first", *args, config="tiny-dpo.yaml")
+    # 40 training pairs (the held-out ones are their own file) and 40 held-out ones, 8 a batch, once each; then never
+    assert len(calls) == 5 + 5
+    (cached,) = (tmp_path / "first" / "cache" / "reference").glob("*.pt")
+    assert torch.load(cached, weights_only=True).shape == (80, 2)
+    calls.clear()
+    (tmp_path / "second").mkdir()
+    shutil.copytree(tmp_path / "first" / "cache", tmp_path / "second" / "cache")
+    fit_in_process(tmp_path / "second", *args, config="tiny-dpo.yaml")
+    assert calls == []  # read from the cache
+    first, second = (scalars(tmp_path / name / "runs" / "tiny-dpo" / "version_0") for name in ("first", "second"))
+    assert first["train/loss"] == second["train/loss"] and len(first["train/loss"]) >= 1

@@ -32,7 +32,7 @@ PAIRS = [
 
 
 def pairs_of(dm, split: str = "train") -> list[dict]:
-    return [row for part in dm.pair_parts()[split] for row in part]
+    return [row for part in dm._parts[split] for row in part]
 
 
 def answer(tokenizer, ids: list[int], labels: list[int]) -> str:
@@ -68,7 +68,7 @@ def test_a_pair_renders_as_sft_renders_its_chosen_answer(tmp_path):
         pairs = prepared_datamodule(tmp_path / template / "p", dataset=data, chat_template=template)
         chosen = {(tuple(r["input_ids"]), tuple(r["labels"])) for r in pairs_of(pairs) + pairs_of(pairs, "val")}
         dm = prepared_datamodule(tmp_path / template / "s", dataset=sft, chat_template=template)
-        rows = [r for part in dm.pair_parts().values() for p in part for r in p]
+        rows = [r for split in ("train", "val") for r in pairs_of(dm, split)]
         assert chosen == {(tuple(r["input_ids"]), tuple(r["labels"])) for r in rows}
 
 
@@ -90,12 +90,40 @@ def test_messages_pairs_and_whole_conversations_read_alike(tmp_path):
         }
         for p in PAIRS * 3
     ]
+    ultrafeedback = [{"prompt": p["prompt"], **row} for p, row in zip(PAIRS * 3, implicit, strict=True)]
     seen = []
-    for name, rows in (("strings", PAIRS * 3), ("explicit", explicit), ("implicit", implicit)):
+    for name, rows in (
+        ("strings", PAIRS * 3),
+        ("explicit", explicit),
+        ("implicit", implicit),
+        ("ultrafeedback", ultrafeedback),  # the request in `prompt`, and again opening each whole conversation
+    ):
         dm = prepared_datamodule(tmp_path / name, dataset=write_jsonl(tmp_path / f"{name}.jsonl", rows))
         assert dm.format.name == "preference"
         seen.append(sorted((r["input_ids"], r["rejected_ids"]) for r in pairs_of(dm) + pairs_of(dm, "val")))
-    assert seen[0] == seen[1] == seen[2]
+    assert seen[0] == seen[1] == seen[2] == seen[3]
+
+
+def test_text_answers_without_a_request_and_messages_beside_answers(tmp_path):
+    """hh-rlhf's text pairs carry their request inside each answer: refused with the reason, not guessed at. Rows
+    holding a messages list beside their answers (UltraFeedback's) read as messages unless the source says
+    `format: preference`."""
+    from lightning_falcon.errors import ConfigError
+
+    rows = [{"chosen": p["prompt"] + " " + p["chosen"], "rejected": p["prompt"] + " " + p["rejected"]} for p in PAIRS]
+    with pytest.raises(ConfigError, match=r"12 answers without a request \(no prompt column"):
+        prepared_datamodule(tmp_path / "hh", dataset=write_jsonl(tmp_path / "hh.jsonl", rows * 3))
+    both = [
+        {
+            "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}],
+            **p,
+        }
+        for p in PAIRS * 3
+    ]
+    data = write_jsonl(tmp_path / "both.jsonl", both)
+    assert prepared_datamodule(tmp_path / "auto", dataset=data).format.kind == "messages"
+    chosen = prepared_datamodule(tmp_path / "pairs", dataset={"dataset": data, "format": "preference"})
+    assert chosen.format.name == "preference" and len(pairs_of(chosen)) + len(pairs_of(chosen, "val")) == 12
 
 
 def test_a_long_pair_is_cut_alike_on_both_sides(tmp_path):
@@ -135,20 +163,24 @@ def test_identical_and_empty_answers_are_skipped_and_counted(tmp_path):
 
 def test_a_batch_of_pairs_is_the_chosen_sequences_then_the_rejected(tmp_path):
     dm = prepared_datamodule(tmp_path, dataset=write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 3))
-    rows = pairs_of(dm)[:3]
+    rows = sorted(pairs_of(dm), key=lambda row: row["pair"])[:3]
     batch = dm.collate(rows)
     assert batch["input_ids"].shape[0] == 6 and "reference_logps" not in batch
     for i, row in enumerate(rows):
         assert batch["input_ids"][i, : len(row["input_ids"])].tolist() == row["input_ids"]
         assert batch["input_ids"][3 + i, : len(row["rejected_ids"])].tolist() == row["rejected_ids"]
         assert batch["attention_mask"][3 + i].sum() == len(row["rejected_ids"])
-    values = {
-        split: [([float(i) for i in range(len(p))], [-float(i) for i in range(len(p))]) for p in parts]
-        for split, parts in dm.pair_parts().items()
-    }
+    # the reference's log-probabilities computed beforehand, found by each pair's number: a loader made before
+    # they were handed over reads them too
+    loader = dm.train_dataloader()
+    pairs = len(pairs_of(dm)) + len(pairs_of(dm, "val"))
+    assert [row["pair"] for row in pairs_of(dm) + pairs_of(dm, "val")] == list(range(pairs))
+    values = torch.stack([torch.arange(pairs, dtype=torch.float32), -torch.arange(pairs, dtype=torch.float32)], 1)
     dm.with_reference(values)
-    batch = dm.collate(pairs_of(dm)[:3])
+    batch = dm.collate(rows)
     assert torch.equal(batch["reference_logps"], torch.tensor([0.0, 1.0, 2.0, -0.0, -1.0, -2.0]))
+    batch = next(iter(loader))
+    assert torch.equal(batch["reference_logps"][:4], -batch["reference_logps"][4:])
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])

@@ -43,8 +43,9 @@ from lightning_falcon.files import staged_directory
 # 3: rows with an empty or null field are skipped and counted, not trained on as "None"; 4: one cache per source;
 # 5: chat templates, and skips counted by reason).
 CACHE_FORMAT = 5
-# the reference model's log-probabilities of a pair's chosen and rejected sequences, when computed beforehand
-REFERENCE = ("reference_chosen", "reference_rejected")
+# A preference pair's place among every pair of the run (each source's training pairs, then each one's held-out
+# pairs: the order of `pair_parts`), by which a batch finds the reference's log-probabilities computed beforehand.
+PAIR = "pair"
 
 
 def _plain(source: Any) -> Any:
@@ -136,6 +137,9 @@ class PromptDataModule(L.LightningDataModule):
         self._splits: dict[str, Any] = {}  # `train` and `val`: every source's rows, end to end
         self._parts: dict[str, list[Any]] = {}  # `train` and `val`: each source's rows, in the order of `members`
         self._predict_texts: list[str] | None = None  # `predict_inputs`, read by `predict_texts`
+        # (pairs, 2): the reference's log-probabilities of each pair's chosen and rejected sequences, by `PAIR`, when
+        # computed before training (`with_reference`)
+        self._reference: torch.Tensor | None = None
 
     @property
     def format(self) -> DataFormat:
@@ -277,26 +281,20 @@ class PromptDataModule(L.LightningDataModule):
         ConfigError.collect(problems)
 
     def check_objective(self, objective: str, paired: bool) -> None:
-        """Fail, listing each problem, when the sources' rows do not fit `model.objective` (`paired`: it trains on
-        preference pairs), or pairs would be packed."""
+        """Fail when the sources' rows do not fit `model.objective` (`paired`: it trains on preference pairs)."""
         kinds = {m.name: getattr(self.format_of(m), "kind", "turns") for m in self.members}
         wrong = sorted(name for name, kind in kinds.items() if (kind == "preference") != paired)
         problems = []
         if wrong and paired:
             problems.append(
                 f"model.objective {objective} trains on preference pairs, but data source(s) {wrong} hold "
-                f"{sorted({kinds[n] for n in wrong})} rows. Fix: give rows with prompt, chosen and rejected columns, "
-                "or --model.objective sft"
+                f"{sorted({kinds[n] for n in wrong})} rows. Fix: give rows with prompt, chosen and rejected columns "
+                "(and set data.dataset.format preference where they also hold messages), or --model.objective sft"
             )
         elif wrong:
             problems.append(
                 f"data source(s) {wrong} hold preference pairs (chosen and rejected answers), which model.objective "
                 f"{objective} does not train on. Fix: --model.objective dpo (or ipo, orpo)"
-            )
-        if paired and self.hparams.batching == "packed":
-            problems.append(
-                "data.batching packed: a preference pair's two sequences are scored whole, one against the other, "
-                "not packed. Fix: --data.batching grouped"
             )
         ConfigError.collect(problems)
 
@@ -423,6 +421,12 @@ class PromptDataModule(L.LightningDataModule):
                             total[reason] = total.get(reason, 0) + n
                     else:
                         self.stats[name][key] = self.stats[name].get(key, 0) + value
+        offset = 0
+        for name in ("train", "val"):  # number the pairs, for `with_reference`
+            for i, part in enumerate(parts[name]):
+                if "rejected_ids" in part.column_names:
+                    parts[name][i] = part.add_column(PAIR, list(range(offset, offset + len(part))))
+                    offset += len(part)
         self._parts = parts
         for name, rows in parts.items():
             self._splits[name] = rows[0] if len(rows) == 1 else datasets.concatenate_datasets(rows)
@@ -465,10 +469,9 @@ class PromptDataModule(L.LightningDataModule):
             return self._padded(rows)
         rejected = [{"input_ids": r["rejected_ids"], "labels": r["rejected_labels"]} for r in rows]
         batch = self._padded(rows + rejected)
-        if REFERENCE[0] in rows[0]:
-            batch["reference_logps"] = torch.tensor(
-                [r[REFERENCE[0]] for r in rows] + [r[REFERENCE[1]] for r in rows], dtype=torch.float32
-            )
+        if self._reference is not None:
+            chosen_and_rejected = self._reference[[r[PAIR] for r in rows]]
+            batch["reference_logps"] = chosen_and_rejected.T.reshape(-1)  # every chosen one, then every rejected
         return batch
 
     def _padded(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -534,7 +537,7 @@ class PromptDataModule(L.LightningDataModule):
         (None for `padded`), and the mix that draws each epoch's items from them."""
         hp, parts = self.hparams, self._parts["train"]
         rows = [len(part) for part in parts]
-        lengths = [[len(ids) for ids in part["input_ids"]] for part in parts] if hp.batching != "padded" else None
+        lengths = [_lengths(part) for part in parts] if hp.batching != "padded" else None
         items: Any = self._splits["train"]
         if hp.batching == "packed":  # sequences of one or a few rows may still differ in length: grouped too
             packed = [PackedRows(part, hp.max_length, n) for part, n in zip(parts, lengths, strict=True)]
@@ -564,19 +567,18 @@ class PromptDataModule(L.LightningDataModule):
                 f"{share / n:.2f} times an epoch"
             )
 
-    def pair_parts(self) -> dict[str, list[Any]]:
-        """Each source's preference rows, by split (`train`, `val`), in the order of `members`."""
-        return {split: list(parts) for split, parts in self._parts.items()}
+    def pair_parts(self) -> list[Any]:
+        """Each source's training pairs, then each one's held-out pairs: every pair of the run, in `PAIR` order."""
+        return [part for split in ("train", "val") for part in self._parts[split] if PAIR in part.column_names]
 
-    def with_reference(self, values: dict[str, list[tuple[list[float], list[float]]]]) -> None:
-        """Carry the reference's log-probabilities of each pair (`pair_parts`' rows, in order) in its batches."""
-        import datasets
-
-        for split, parts in self._parts.items():
-            for i, (part, (chosen, rejected)) in enumerate(zip(parts, values[split], strict=True)):
-                part = part.remove_columns([c for c in REFERENCE if c in part.column_names])
-                parts[i] = part.add_column(REFERENCE[0], chosen).add_column(REFERENCE[1], rejected)
-            self._splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    def with_reference(self, values: torch.Tensor) -> None:
+        """From now on every batch of pairs carries the reference's log-probabilities of its sequences: `values`,
+        (pairs, 2), holds each pair's chosen and rejected ones in `pair_parts` order. Loaders made before read them
+        too: `collate` looks them up."""
+        pairs = sum(len(part) for part in self.pair_parts())
+        if tuple(values.shape) != (pairs, 2):
+            raise ValueError(f"reference log-probabilities of shape {tuple(values.shape)} for {pairs} pairs")
+        self._reference = values.float()
 
     def train_dataloader(self) -> DataLoader:
         """Drawn and shuffled per epoch from (seed, epoch) and resumable mid-epoch (sampler.py); split across ranks."""
@@ -600,3 +602,11 @@ class PromptDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """`predict_inputs`, else the prompts of the held-out split."""
         return self._loader(self._prediction_rows(), self.collate_prompts)
+
+
+def _lengths(rows: Any) -> list[int]:
+    """Each row's length; a preference pair's is its longer sequence's, which its batch is padded to."""
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    if "rejected_ids" in rows.column_names:
+        lengths = [max(n, len(ids)) for n, ids in zip(lengths, rows["rejected_ids"], strict=True)]
+    return lengths

@@ -4,8 +4,9 @@ DPO and IPO compare the policy against a reference (the base, or the adapter fit
 more forward of every batch, without gradients. With `model.precompute_reference` that forward runs once per
 pair before the first step, over the training and held-out pairs in order, and the results are cached beside the
 tokenized data, keyed by the tokenized data's own keys and by what the reference is (the base's files, how it
-was quantized, the adapter's weights): a later run or a resume reads them instead. Every rank computes every
-pair (under ZeRO-3 every rank must take part in each forward), and rank 0 writes the file.
+was quantized, the precision, the adapter's weights): a later run or a resume reads them instead. Every rank
+computes every pair (under ZeRO-3 every rank must take part in each forward), and rank 0 writes the file. The
+datamodule looks each batch's values up by its pairs' numbers, so loaders made before this read them too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_falcon.files import atomic_write, load_weights_only
 from lightning_falcon.model.preference import REFERENCED
+from lightning_falcon.upstream import attn_implementation
 
 
 class ReferenceLogps(Callback):
@@ -32,54 +34,70 @@ class ReferenceLogps(Callback):
         if not (hp.objective in REFERENCED and hp.precompute_reference):
             return
         datamodule = trainer.datamodule
-        path = cache_file(datamodule, pl_module)
-        if path.is_file():
+        path = cache_file(trainer, datamodule, pl_module)
+        # every rank or none computes: under ZeRO-3 each forward needs them all (a node-local cache may differ)
+        if trainer.strategy.reduce_boolean_decision(path.is_file(), all=True):
             values = load_weights_only(path)
             rank_zero_info(f"[reference] log-probabilities of every pair read from {path}")
         else:
-            values = {
-                split: [_compute(pl_module, datamodule, part) for part in parts]
-                for split, parts in datamodule.pair_parts().items()
-            }
+            # as the training step runs the reference: under the precision plugin's autocast
+            with trainer.precision_plugin.forward_context():
+                values = torch.cat([_compute(pl_module, datamodule, part) for part in datamodule.pair_parts()])
             if trainer.is_global_zero:
                 atomic_write(path, lambda f: torch.save(values, f))
-            pairs = sum(len(chosen) for parts in values.values() for chosen, _ in parts)
-            rank_zero_info(f"[reference] log-probabilities of {pairs} pairs computed once, cached in {path}")
+            rank_zero_info(f"[reference] log-probabilities of {len(values)} pairs computed once, cached in {path}")
         datamodule.with_reference(values)
 
 
-def _compute(pl_module, datamodule, rows) -> tuple[list[float], list[float]]:
-    """The reference's summed answer log-probability of each pair of `rows` (chosen, rejected), in order."""
-    loader = DataLoader(rows, batch_size=datamodule.hparams.batch_size, collate_fn=datamodule.collate)
-    chosen: list[float] = []
-    rejected: list[float] = []
+def _compute(pl_module, datamodule, rows) -> torch.Tensor:
+    """The reference's summed answer log-probabilities of each pair of `rows`, in order: (pairs, 2), chosen first."""
+    loader = DataLoader(
+        rows,
+        batch_size=datamodule.hparams.batch_size,
+        collate_fn=datamodule.collate,
+        generator=torch.Generator(),  # its own: a loader without one draws its seed from the global generator
+    )
+    values = []
     for batch in loader:
-        batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-        first, second = pl_module.reference_logps(batch).cpu().chunk(2)
-        chosen += first.tolist()
-        rejected += second.tolist()
-    return chosen, rejected
+        batch = {k: v.to(pl_module.device) for k, v in batch.items() if k != "reference_logps"}
+        chosen, rejected = pl_module.reference_logps(batch).float().cpu().chunk(2)
+        values.append(torch.stack([chosen, rejected], dim=1))
+    return torch.cat(values)
 
 
-def cache_file(datamodule, pl_module) -> Path:
+def _hub_snapshot(base: str) -> str | None:
+    """The cached snapshot (its path names the commit) a Hub model loaded from; None for a local directory."""
+    if Path(base).is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(base, "config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def cache_file(trainer, datamodule, pl_module) -> Path:
     """Where the reference's log-probabilities of this run's pairs are cached: keyed by the tokenized data's keys
     and by everything the reference's outputs depend on."""
     hp = pl_module.hparams
     digest = hashlib.sha256()
-    adapter = Path(hp.adapter).expanduser() if hp.adapter else None
+    config = pl_module.model.config
     reference = {
+        "layout": 2,  # raise when what the file holds changes
         "data": [path.name for path in datamodule.cache_paths.values()],
         "batch_size": datamodule.hparams.batch_size,  # the padding of each batch
         "base": str(pl_module.base_path),
-        "quantization": [hp.quantization, hp.double_quant, str(pl_module.compute_dtype)],
-        "attention": [hp.attn_implementation, hp.fused_attention],
+        "snapshot": _hub_snapshot(str(pl_module.base_path)),
+        "quantization": [hp.quantization, hp.double_quant, str(pl_module.compute_dtype), hp.upcast_frozen],
+        "precision": str(trainer.precision),
+        "attention": [attn_implementation(config), hp.fused_attention],
         "loss_chunk_size": hp.loss_chunk_size,
     }
     digest.update(json.dumps(reference, sort_keys=True).encode())
     base = Path(pl_module.base_path)
-    if base.is_dir():  # its weights' headers and sizes: a changed checkpoint gets a new key
+    if base.is_dir():  # its weight files' sizes and times: a rewritten checkpoint gets a new key
         for file in sorted(base.glob("*.safetensors")):
             digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    adapter = Path(hp.adapter).expanduser() if hp.adapter else None
     if adapter is not None:
         for file in sorted(adapter.glob("*") if adapter.is_dir() else [adapter]):
             if file.is_file():
