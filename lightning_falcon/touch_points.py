@@ -443,6 +443,14 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     ),
     TouchPoint(
         "peft",
+        "A second adapter added with `add_adapter` holds the same parameters as the first, named alike but for the "
+        "adapter's name (`.default.` -> `.reference.`), and `set_adapter` switches which one a forward runs.",
+        "lightning_falcon/model/lora.py:add_reference",
+        "PEFT has no call that copies one adapter's weights into another (TRL copies them by name the same way).",
+        "test_peft_keeps_a_second_adapter_beside_the_first_under_its_own_name",
+    ),
+    TouchPoint(
+        "peft",
         "`set_peft_model_state_dict` returns the load's result, whose `missing_keys` name the LoRA weights the state "
         "lacked.",
         "lightning_falcon/model/adapter.py:load_weights",

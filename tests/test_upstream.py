@@ -848,6 +848,28 @@ def test_peft_reports_the_lora_weights_a_state_dict_lacks():
     )
 
 
+def test_peft_keeps_a_second_adapter_beside_the_first_under_its_own_name():
+    from lightning_falcon.model.lora import REFERENCE, active_adapter, add_reference
+
+    model = with_lora(OneLinear())
+    layer = model.base_model.model.proj
+    nn.init.normal_(layer.lora_B["default"].weight)
+    add_reference(model)
+    names = {name for name, _ in model.named_parameters()}
+    assert {name.replace(".default.", f".{REFERENCE}.") for name in names if ".default." in name} <= names, (
+        "lora.add_reference: PEFT no longer names a second adapter's weights as the first's, but for its name"
+    )
+    x = torch.randn(2, 8)
+    trained = model(x)
+    nn.init.zeros_(layer.lora_B["default"].weight)  # the trained adapter moves; the reference keeps the copy
+    with active_adapter(model, REFERENCE):
+        assert torch.equal(model(x), trained), "lora.active_adapter: set_adapter no longer switches the forward"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == sorted(
+        n for n in names if ".default." in n and "lora_" in n
+    ), "lora.active_adapter: set_adapter no longer leaves only the trained adapter trainable"
+    assert model.peft_config[REFERENCE].inference_mode
+
+
 def test_peft_merge_adds_get_delta_weight_to_the_base_weight():
     from peft.tuners.lora import LoraLayer
 

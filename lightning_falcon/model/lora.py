@@ -1,12 +1,16 @@
-"""LoRA settings -> a PEFT model: the target check, the wrapping and the parameter report.
+"""LoRA settings -> a PEFT model: the target check, the wrapping, the parameter report, and the frozen copy of an
+adapter that the preference objectives compare against (`add_reference`).
 
 Each family's default targets are its row of `lightning_falcon/architectures.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_falcon.architectures import Architecture
@@ -105,3 +109,31 @@ def parameter_report(peft_model: nn.Module, quantized: dict[str, nn.Module]) -> 
     trainable, total = peft_model.get_nb_trainable_parameters()
     constants = sum(constant_bytes(m) for m in quantized.values())
     return ParameterReport(len(quantized), trainable, total, peft_model.get_memory_footprint() + constants)
+
+
+REFERENCE = "reference"  # the frozen adapter the preference objectives compare against, beside PEFT's "default"
+
+
+def add_reference(peft_model) -> None:
+    """Add a frozen copy of the trained adapter as the reference adapter (`REFERENCE`), without dropout, so that
+    the reference's log-probabilities are deterministic, as a reference model in eval mode gives them."""
+    config = copy.deepcopy(peft_model.peft_config["default"])  # every LoRA setting the trained one has
+    config.lora_dropout = 0.0
+    config.inference_mode = True  # frozen
+    peft_model.add_adapter(REFERENCE, config)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".default." in name:
+                params[name.replace(".default.", f".{REFERENCE}.")].copy_(param)
+    peft_model.set_adapter("default")  # add_adapter may leave the new one marked trainable
+
+
+@contextlib.contextmanager
+def active_adapter(peft_model, name: str) -> Iterator[None]:
+    """Run `peft_model` with its adapter `name` instead of the trained one inside the block."""
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter("default")  # marks the trained adapter trainable again, the other one frozen

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -26,6 +25,9 @@ from lightning_falcon.model.attention import attend, default_implementation
 from lightning_falcon.model.config import read_model_config
 from lightning_falcon.model.generation import Generated, GenerationSettings, generate
 from lightning_falcon.model.lora import (
+    REFERENCE,
+    active_adapter,
+    add_reference,
     apply_lora,
     check_target_modules,
     linear_module_names,
@@ -194,6 +196,8 @@ class FalconQLoRA(L.LightningModule):
                 f"model.label_smoothing={label_smoothing} applies to objective dpo only, not {objective}. "
                 "Fix: --model.label_smoothing 0.0, or --model.objective dpo"
             )
+        if objective not in get_args(Objective):
+            problems.append(f"model.objective must be one of {list(get_args(Objective))}, got {objective!r}. Fix: sft")
         if precompute_reference and objective not in REFERENCED:
             problems.append(
                 f"model.precompute_reference: objective {objective} has no reference model. "
@@ -347,6 +351,13 @@ class FalconQLoRA(L.LightningModule):
         rank_zero_info(f"[model] LoRA weights loaded from {path}")
 
     def on_fit_start(self) -> None:
+        hp = self.hparams
+        if hp.objective in REFERENCED and hp.adapter is not None and REFERENCE not in self.model.peft_config:
+            raise ConfigError(
+                f"model.objective {hp.objective} from model.adapter {hp.adapter}: this model was built outside fit "
+                "(by validate, test or predict), so its reference would be the base, not that adapter. "
+                "Fix: build a new FalconQLoRA for fit"
+            )
         rank_zero_info(f"[model] {self.report}")
         metrics = {
             "model/quantized_layers": self.report.quantized_layers,
@@ -594,31 +605,3 @@ class FalconQLoRA(L.LightningModule):
                 f"checkpoint does not match the model: {detail}. "
                 "Fix: use the lora_r/target_modules the checkpoint was trained with"
             )
-
-
-REFERENCE = "reference"  # the frozen adapter the preference objectives compare against, beside PEFT's "default"
-
-
-def add_reference(peft_model) -> None:
-    """Add a frozen copy of the trained adapter as the reference adapter (`REFERENCE`), without dropout, so that
-    the reference's log-probabilities are deterministic, as a reference model in eval mode gives them."""
-    config = copy.deepcopy(peft_model.peft_config["default"])  # every LoRA setting the trained one has
-    config.lora_dropout = 0.0
-    config.inference_mode = True  # frozen
-    peft_model.add_adapter(REFERENCE, config)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, param in params.items():
-            if ".default." in name:
-                params[name.replace(".default.", f".{REFERENCE}.")].copy_(param)
-    peft_model.set_adapter("default")  # add_adapter may leave the new one marked trainable
-
-
-@contextlib.contextmanager
-def active_adapter(peft_model, name: str) -> Iterator[None]:
-    """Run `peft_model` with its adapter `name` instead of the trained one inside the block."""
-    peft_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter("default")  # marks the trained adapter trainable again, the other one frozen
