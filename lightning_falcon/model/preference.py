@@ -2,8 +2,8 @@
 
 A batch of pairs is one batch of sequences, every chosen answer first, then every rejected one in the same order,
 so both go through one forward. Each sequence's log-probability is the sum over its answer's tokens (the labels
-that are not -100), computed from the final hidden states a chunk of positions at a time, as the chunked
-cross-entropy does (`loss.py`): the whole vocabulary's logits never exist at once.
+that are not -100), computed from the final hidden states of those positions alone, a chunk of them at a time, as
+the chunked cross-entropy does (`loss.py`): the whole vocabulary's logits never exist at once.
 
 - DPO (Rafailov et al. 2023): -(1 - e) log s(b D) - e log s(-b D), with D the policy's log-ratio of chosen over
   rejected minus the reference's, and e the assumed rate of flipped labels (conservative DPO; 0: plain DPO).
@@ -65,8 +65,12 @@ def sequence_logps(
     """
     batch, length = labels.shape
     targets = labels[:, 1:].reshape(-1)
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    rows = torch.arange(batch, device=labels.device).repeat_interleave(length - 1)
+    # Only the answers' positions go through the output layer: the requests and the padding score nothing, and at
+    # Falcon's 65,024-token vocabulary the output layer is most of what a position costs there.
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    targets = targets[scored]
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[scored]
+    rows = torch.arange(batch, device=labels.device).repeat_interleave(length - 1)[scored]
     chunk = chunk_size or max(targets.numel(), 1)
     # Summed in fp64, so that many chunks round no worse than one sum over the whole logits does.
     total = hidden.new_zeros(batch, dtype=torch.float64)
