@@ -47,8 +47,11 @@ def main() -> None:
         import trl  # noqa: F401
 
         part("CPU: fit vs TRL SFTTrainer", "peer.py", *steps, "--repeats", repeats)
+        dpo = ["--steps", "30", "--warmup", "5", "--repeats", "1"] if args.quick else []
+        part("CPU: fit --model.objective dpo vs TRL DPOTrainer", "preference.py", *dpo)
     except ImportError:
-        print("\n# CPU: fit vs TRL SFTTrainer\n\nnot measured: TRL is not installed (pip install -e '.[bench]')")
+        for title in ("CPU: fit vs TRL SFTTrainer", "CPU: fit --model.objective dpo vs TRL DPOTrainer"):
+            print(f"\n# {title}\n\nnot measured: TRL is not installed (pip install -e '.[bench]')")
     if torch.cuda.is_available():
         part("GPU: Falcon-7B shape, QLoRA; Falcon-40B memory per layer", "gpu.py", *(["--quick"] if args.quick else []))
     else:
