@@ -216,10 +216,15 @@ def per_pair_gathers(trainer) -> list[torch.Tensor]:
     return seen
 
 
+# CI's main tiers install `[bench]`; its lowest-versions tier does not (TRL's own floors are above ours)
+NO_TRL = "TRL is not installed (pip install -e '.[dev,bench]')"
+
+
 @pytest.mark.parametrize(("loss_type", "objective"), [("sigmoid", "dpo"), ("ipo", "ipo")])
 def test_dpo_equals_trl(loss_type, objective, sft_adapter, data, pairs, tmp_path):
     """DPO (no label smoothing) and IPO from an SFT adapter, after the policy moved away from it: TRL's loss, its
     per-pair rewards and log-probabilities as it logs them, and the gradient of every LoRA tensor."""
+    pytest.importorskip("trl", reason=NO_TRL)
     module = lora_module(adapter=str(sft_adapter), objective=objective)
     trainer = dpo_trainer(module.model, loss_type, tmp_path)
     assert {"default", REFERENCE, "ref"} <= set(module.model.peft_config)
@@ -307,6 +312,7 @@ def test_orpo_equals_trl(data, pairs, tmp_path):
     the odds-ratio term; ours (and the ORPO paper's) takes the NLL over the chosen answer's tokens. So the odds-ratio
     term, the rewards, the log-probabilities and the log-odds are compared as they are, and our loss (and its
     gradients) with TRL's loss less TRL's NLL plus the cross-entropy of the answer tokens under TRL's own logits."""
+    pytest.importorskip("trl", reason=NO_TRL)
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
