@@ -436,10 +436,24 @@ class FalconQLoRA(L.LightningModule):
             hidden = self._hidden(batch)
         return chunked_causal_lm_loss(hidden, self._head(), batch["labels"], chunk)
 
+    def _chunks(self, labels: torch.Tensor) -> int:
+        """How many times the output layer runs for a batch of pairs' answers: under ZeRO-3 each call gathers its
+        weight, a collective, so every rank calls it as often as the rank with the most answers needs; else 1 (at
+        least: as many as the answers need)."""
+        chunk, strategy = self.hparams.loss_chunk_size, self._strategy()
+        if chunk is None or strategy is None or zero_stage(strategy) != 3:
+            return 1
+        needed = ((labels[:, 1:] != IGNORE_INDEX).sum() + chunk - 1) // chunk
+        needed = needed.to(strategy.root_device)
+        torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
+        return int(needed)
+
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's summed answer log-probability of each sequence of a batch of pairs, without gradients."""
+        chunks = self._chunks(batch["labels"])
         with torch.no_grad(), self.reference():
-            logps, _ = sequence_logps(self._hidden(batch), self._head(), batch["labels"], self.hparams.loss_chunk_size)
+            hidden = self._hidden(batch)
+            logps, _ = sequence_logps(hidden, self._head(), batch["labels"], self.hparams.loss_chunk_size, chunks)
         return logps
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> PairLoss:
@@ -448,7 +462,8 @@ class FalconQLoRA(L.LightningModule):
         hp = self.hparams
         with self._adapter():
             hidden = self._hidden(batch)
-        logps, counts = sequence_logps(hidden, self._head(), batch["labels"], hp.loss_chunk_size)
+        chunks = self._chunks(batch["labels"])
+        logps, counts = sequence_logps(hidden, self._head(), batch["labels"], hp.loss_chunk_size, chunks)
         reference = None
         if hp.objective in REFERENCED:
             reference = batch.get("reference_logps")

@@ -20,6 +20,7 @@ difference (nats): no reference is involved, so base and tuned models compare di
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,7 +54,7 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
 
 
 def sequence_logps(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int | None
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int | None, chunks: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's summed log-probability of its labels, and how many labels it has.
 
@@ -62,6 +63,8 @@ def sequence_logps(
         head: The output layer (the module: under ZeRO-3 calling it gathers its weight).
         labels: (batch, sequence) token ids, -100 where nothing is scored; position t predicts labels[t + 1].
         chunk_size: Positions per chunk of the output layer; None: all at once.
+        chunks: Call the output layer at least this many times, the last ones on no position: under ZeRO-3 each call
+            gathers its weight, a collective, so every rank must make as many as the rank with the most answers.
     """
     batch, length = labels.shape
     targets = labels[:, 1:].reshape(-1)
@@ -74,7 +77,7 @@ def sequence_logps(
     chunk = chunk_size or max(targets.numel(), 1)
     # Summed in fp64, so that many chunks round no worse than one sum over the whole logits does.
     total = hidden.new_zeros(batch, dtype=torch.float64)
-    for start in range(0, targets.numel(), chunk):
+    for start in range(0, max(math.ceil(targets.numel() / chunk), chunks) * chunk, chunk):
         h, t = states[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled():
             logps = checkpoint(_chunk_logps, head, h, t, use_reentrant=False)
