@@ -13,6 +13,8 @@ over the trained tokens of the batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +50,7 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 
 def chunked_causal_lm_loss(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int, chunks: int = 1
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `labels` given final `hidden` states, `chunk_size` positions at a time.
 
@@ -57,6 +59,8 @@ def chunked_causal_lm_loss(
         head: The output layer (the module, not its weight: under ZeRO-3 calling it gathers its weight).
         labels: (batch, sequence) token ids, -100 where nothing trains; position t predicts labels[t + 1].
         chunk_size: Positions per chunk.
+        chunks: Call the output layer at least this many times, the last ones on no position: under ZeRO-3 each
+            call gathers its weight, so every rank calls it as often as the rank with the widest batch.
     """
     targets = labels[:, 1:].reshape(-1)
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -64,7 +68,7 @@ def chunked_causal_lm_loss(
     count = (targets != IGNORE_INDEX).sum()
     # Summed in fp64, so that many chunks round no worse than one mean over the whole logits does.
     total = hidden.new_zeros((), dtype=torch.float64)
-    for start in range(0, targets.numel(), chunk_size):
+    for start in range(0, max(math.ceil(targets.numel() / chunk_size), chunks) * chunk_size, chunk_size):
         h, t = states[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False).double()

@@ -434,23 +434,25 @@ class FalconQLoRA(L.LightningModule):
             return self(**batch).loss
         with self._adapter():
             hidden = self._hidden(batch)
-        return chunked_causal_lm_loss(hidden, self._head(), batch["labels"], chunk)
+        labels = batch["labels"]
+        chunks = self._chunks(labels[:, 1:].numel())
+        return chunked_causal_lm_loss(hidden, self._head(), labels, chunk, chunks)
 
-    def _chunks(self, labels: torch.Tensor) -> int:
-        """How many times the output layer runs for a batch of pairs' answers: under ZeRO-3 each call gathers its
-        weight, a collective, so every rank calls it as often as the rank with the most answers needs; else 1 (at
-        least: as many as the answers need)."""
+    def _chunks(self, positions: int | torch.Tensor) -> int:
+        """How many times the output layer runs for `positions` scored positions: under ZeRO-3 each call gathers its
+        weight, a collective, so every rank calls it as often as the rank with the most positions needs (ranks pad
+        their batches to different widths); else 1 (at least: as many as the positions need)."""
         chunk, strategy = self.hparams.loss_chunk_size, self._strategy()
         if chunk is None or strategy is None or zero_stage(strategy) != 3:
             return 1
-        needed = ((labels[:, 1:] != IGNORE_INDEX).sum() + chunk - 1) // chunk
+        needed = (torch.as_tensor(positions) + chunk - 1) // chunk
         needed = needed.to(strategy.root_device)
         torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
         return int(needed)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's summed answer log-probability of each sequence of a batch of pairs, without gradients."""
-        chunks = self._chunks(batch["labels"])
+        chunks = self._chunks((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         with torch.no_grad(), self.reference():
             hidden = self._hidden(batch)
             logps, _ = sequence_logps(hidden, self._head(), batch["labels"], self.hparams.loss_chunk_size, chunks)
@@ -462,7 +464,7 @@ class FalconQLoRA(L.LightningModule):
         hp = self.hparams
         with self._adapter():
             hidden = self._hidden(batch)
-        chunks = self._chunks(batch["labels"])
+        chunks = self._chunks((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         logps, counts = sequence_logps(hidden, self._head(), batch["labels"], hp.loss_chunk_size, chunks)
         reference = None
         if hp.objective in REFERENCED:
