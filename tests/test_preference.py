@@ -14,6 +14,7 @@ the whole chosen sequence, prompt included, where ours (as the ORPO paper) takes
 """
 
 import json
+import math
 import shutil
 
 import pytest
@@ -25,9 +26,12 @@ from safetensors import safe_open
 from lightning_falcon.assets import resolve
 from lightning_falcon.data.prompts import IGNORE_INDEX
 from lightning_falcon.data.source import Source
+from lightning_falcon.errors import ConfigError
 from lightning_falcon.model import adapter
+from lightning_falcon.model.loss import chunked_causal_lm_loss
 from lightning_falcon.model.module import REFERENCE, FalconQLoRA
 from lightning_falcon.model.preference import log1mexp, sequence_logps
+from lightning_falcon.training.reference import ReferenceLogps
 
 PREFERENCES = resolve("asset:data/midjourney-preferences.jsonl")
 PAIRS = 4
@@ -463,6 +467,77 @@ def test_reference_is_the_sft_adapter_not_the_base(sft_adapter, pairs, tmp_path)
     assert len(keys) == len(state) and not any(REFERENCE in k for k in keys)
 
 
+def few_pairs(tmp_path):
+    """Ten of the shipped pairs (nine to train on, one held out), four a batch, with their cache under `tmp_path`."""
+    return prepared_datamodule(
+        tmp_path,
+        dataset=Source(PREFERENCES, format="preference"),
+        chat_template="instruction",
+        max_length=MAX_LENGTH,
+        max_samples=10,
+        batch_size=4,
+    )
+
+
+def quiet_trainer(**kwargs):
+    """A CPU trainer with the `ReferenceLogps` callback that writes nothing (no logger, checkpoint or bar)."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ReferenceLogps()],
+        **kwargs,
+    )
+
+
+def test_a_model_built_outside_fit_is_refused_before_any_reference_is_computed(sft_adapter, tmp_path):
+    """A model built with a trainer but no fit running (as `chat` builds it; validate, test and predict alike) has no
+    frozen copy of `model.adapter`, so a fit of it would compare against the base: refused before `ReferenceLogps`
+    computes anything, so that no cache file holds the base's log-probabilities under the adapter's key."""
+    dm = few_pairs(tmp_path)
+    module = FalconQLoRA(
+        TINY,
+        quantization="none",
+        compute_dtype="fp32",
+        adapter=str(sft_adapter),
+        objective="dpo",
+        precompute_reference=True,
+    )
+    module.trainer = quiet_trainer()  # chat's way: the trainer's device and precision, no loop running
+    module.configure_model()
+    assert REFERENCE not in module.model.peft_config
+    with pytest.raises(ConfigError, match="built outside fit"):
+        quiet_trainer(max_steps=1).fit(module, datamodule=dm)
+    assert not (tmp_path / "cache" / "reference").exists()
+
+
+def test_precomputed_reference_logps_serve_only_the_fit_that_computed_them(tmp_path, monkeypatch):
+    """The values `ReferenceLogps` hands the datamodule belong to the model of that fit: a validate after it, and a
+    later fit of another model without precomputing, on the same datamodule, run their own reference."""
+    dm = few_pairs(tmp_path)
+    carried = []  # whether each batch of pairs came with reference log-probabilities
+    original = FalconQLoRA.pair_loss
+    monkeypatch.setattr(
+        FalconQLoRA,
+        "pair_loss",
+        lambda self, batch: carried.append("reference_logps" in batch) or original(self, batch),
+    )
+    one_step = {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    module = FalconQLoRA(TINY, quantization="none", compute_dtype="fp32", objective="dpo", precompute_reference=True)
+    quiet_trainer(**one_step).fit(module, datamodule=dm)
+    assert carried == [True, True]  # the training step and the validation one
+    carried.clear()
+    quiet_trainer(limit_val_batches=1).validate(module, datamodule=dm)
+    other = FalconQLoRA(TINY, quantization="none", compute_dtype="fp32", objective="dpo", lora_r=4)
+    quiet_trainer(**one_step).fit(other, datamodule=dm)
+    assert carried == [False, False, False]
+
+
 # ----------------------------------------------------------------- the chunked log-probabilities
 def test_sequence_logps_chunked_equals_whole(pairs):
     """`sequence_logps` runs the output layer a chunk of positions at a time: the same sums and the same gradient as
@@ -491,6 +566,64 @@ def test_sequence_logps_chunked_equals_whole(pairs):
         with torch.no_grad():  # validation's path: no checkpointing
             unchecked, _ = sequence_logps(hidden, head, labels, chunk)
         torch.testing.assert_close(unchecked, logps.detach(), atol=0, rtol=0, msg=f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("function", ["sequence_logps", "chunked_causal_lm_loss"])
+def test_padding_chunks_call_the_output_layer_as_often_as_asked_and_change_nothing(function, pairs):
+    """Under ZeRO-3 a rank with fewer positions than another calls the output layer on empty chunks until it has
+    called it `chunks` times (each call gathers its weight, a collective): every call is made, with gradients and
+    without, and the results and the gradient are exactly those without padding."""
+    module = lora_module(objective="dpo")
+    with torch.no_grad():
+        hidden = module._hidden(pairs)
+    head, labels, chunk = module._head(), pairs["labels"], 32
+    weights = torch.randn(len(labels), generator=torch.Generator().manual_seed(5))  # every row's gradient counts
+    positions = (labels[:, 1:] != IGNORE_INDEX).sum() if function == "sequence_logps" else labels[:, 1:].numel()
+    needed = math.ceil(int(positions) / chunk)
+    calls = []
+    hook = head.register_forward_hook(lambda *_: calls.append(1))
+
+    def result(states, chunks):
+        if function == "sequence_logps":
+            return (sequence_logps(states, head, labels, chunk, chunks)[0] * weights).sum()
+        return chunked_causal_lm_loss(states, head, labels, chunk, chunks)
+
+    outcomes = []
+    for chunks in (1, needed + 3):
+        leaf = hidden.clone().requires_grad_()
+        calls.clear()
+        value = result(leaf, chunks)
+        assert len(calls) == max(chunks, needed)  # before backward, which calls it again to recompute each chunk
+        value.backward()
+        calls.clear()
+        with torch.no_grad():  # validation's path: no checkpointing
+            unchecked = result(hidden, chunks)
+        assert len(calls) == max(chunks, needed)
+        outcomes.append((value.detach(), unchecked, leaf.grad))
+    hook.remove()
+    (plain, plain_unchecked, plain_grad), (padded, padded_unchecked, padded_grad) = outcomes
+    torch.testing.assert_close(padded, plain, atol=0, rtol=0)
+    torch.testing.assert_close(padded_unchecked, plain_unchecked, atol=0, rtol=0)
+    torch.testing.assert_close(padded_grad, plain_grad, atol=0, rtol=0)
+    assert plain_grad.abs().sum() > 0
+
+
+def test_log1mexp_has_a_finite_gradient_next_to_zero():
+    """Just below 0, where exp(x) rounds to 1 in fp32, log(1 - e^x) has the gradient -1 / expm1(-x) (about 1/x), not
+    NaN from the branch torch.where did not select; and its values are the two branches' as before."""
+    x = torch.tensor([-1e-8, -3e-8, -1e-6, -0.5], requires_grad=True)
+    log1mexp(x).sum().backward()
+    exact = -1 / torch.expm1(-x.detach().double())
+    torch.testing.assert_close(x.grad.double(), exact, atol=0, rtol=1e-5)
+
+    split = -math.log(2)
+    x = torch.cat([-torch.logspace(-8, 2, 2001), torch.tensor([split, math.nextafter(split, 0)])])
+    x = x.float().requires_grad_()
+    plain = torch.where(x < split, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    values = log1mexp(x)
+    torch.testing.assert_close(values, plain.detach(), atol=0, rtol=0)
+    values.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("stop", ["max_steps", "max_epochs"])

@@ -1,11 +1,14 @@
 """The README's preference path, end to end: SFT with `configs/tiny.yaml`, then DPO with `configs/tiny-dpo.yaml`
-from its adapter, then evaluate; and ORPO from the base. Real processes, the shipped data and configs."""
+from its adapter, then evaluate (real processes); and ORPO from the base (in this process). The shipped data and
+configs."""
 
 import json
 import math
 
 import pytest
-from helpers import cli, scalars
+from helpers import cli, fit_in_process, scalars
+
+from lightning_falcon.model.module import FalconQLoRA
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +35,24 @@ def test_sft_then_dpo_prefers_the_chosen_answers_it_never_saw(tmp_path):
     assert "| preference accuracy (held-out pairs) |" in (run / "evaluation.md").read_text()
 
 
-def test_orpo_from_the_base_needs_no_reference(tmp_path):
-    proc = cli(
+def test_orpo_from_the_base_needs_no_reference(tmp_path, monkeypatch):
+    """In this process, so that the reference is seen never to be made or run: neither a frozen copy of an adapter
+    nor a forward of the reference, at a step or beforehand."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("ORPO made or ran a reference model")
+
+    monkeypatch.setattr(FalconQLoRA, "reference_logps", refused)
+    monkeypatch.setattr("lightning_falcon.model.module.add_reference", refused)
+    run = fit_in_process(
         tmp_path,
-        "fit",
         "--model.adapter", "null", "--model.objective", "orpo", "--model.learning_rate", "5e-3",
         "--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
         config="tiny-dpo.yaml",
     )  # fmt: skip
-    assert "[reference]" not in proc.stdout + proc.stderr
-    logged = scalars(tmp_path / "runs" / "tiny-dpo" / "version_0")
+    saved = [path.name for path in (run / "adapter").iterdir()]
+    assert "adapter_model.safetensors" in saved and "reference" not in saved
+    logged = scalars(run)
     loss = [value for _, value in logged["train/loss"]]
     assert loss[-1] < 0.8 * loss[0]
     assert logged["val/preference/accuracy"][-1][1] > logged["val/preference/accuracy"][0][1]

@@ -571,10 +571,13 @@ class PromptDataModule(L.LightningDataModule):
         """Each source's training pairs, then each one's held-out pairs: every pair of the run, in `PAIR` order."""
         return [part for split in ("train", "val") for part in self._parts[split] if PAIR in part.column_names]
 
-    def with_reference(self, values: torch.Tensor) -> None:
+    def with_reference(self, values: torch.Tensor | None) -> None:
         """From now on every batch of pairs carries the reference's log-probabilities of its sequences: `values`,
-        (pairs, 2), holds each pair's chosen and rejected ones in `pair_parts` order. Loaders made before read them
-        too: `collate` looks them up."""
+        (pairs, 2), holds each pair's chosen and rejected ones in `pair_parts` order; None: no batch carries any.
+        Loaders made before read them too: `collate` looks them up."""
+        if values is None:
+            self._reference = None
+            return
         pairs = sum(len(part) for part in self.pair_parts())
         if tuple(values.shape) != (pairs, 2):
             raise ValueError(f"reference log-probabilities of shape {tuple(values.shape)} for {pairs} pairs")

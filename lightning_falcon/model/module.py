@@ -295,6 +295,7 @@ class FalconQLoRA(L.LightningModule):
     def configure_model(self) -> None:
         """Load the quantized base and add LoRA. Idempotent; runs inside the strategy's init context."""
         if self.model is not None:
+            self._check_reference()
             return
         hp = self.hparams
         self.check_targets()
@@ -350,14 +351,23 @@ class FalconQLoRA(L.LightningModule):
             self.load_state_dict(checkpoint["state_dict"], strict=False)  # LoRA weights only, by design
         rank_zero_info(f"[model] LoRA weights loaded from {path}")
 
-    def on_fit_start(self) -> None:
+    def _check_reference(self) -> None:
+        """Fail when fit gets a model built by another stage (which left out the frozen copy of `model.adapter`).
+        Checked in `configure_model`, before any callback's `on_fit_start` can compute the reference."""
         hp = self.hparams
-        if hp.objective in REFERENCED and hp.adapter is not None and REFERENCE not in self.model.peft_config:
+        if (
+            hp.objective in REFERENCED
+            and hp.adapter is not None
+            and self._fitting()
+            and REFERENCE not in self.model.peft_config
+        ):
             raise ConfigError(
                 f"model.objective {hp.objective} from model.adapter {hp.adapter}: this model was built outside fit "
                 "(by validate, test or predict), so its reference would be the base, not that adapter. "
                 "Fix: build a new FalconQLoRA for fit"
             )
+
+    def on_fit_start(self) -> None:
         rank_zero_info(f"[model] {self.report}")
         metrics = {
             "model/quantized_layers": self.report.quantized_layers,

@@ -89,7 +89,11 @@ def sequence_logps(
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, without cancellation on either side of -log 2."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    # Each branch gets only inputs from its own side: torch.where differentiates both, and log1p(-exp(x)) is -inf
+    # where exp(x) rounds to 1 (x in (-6e-8, 0) in fp32), which would make the selected branch's gradient NaN.
+    split = -math.log(2)
+    far, near = x.clamp(max=split), x.clamp(min=split)
+    return torch.where(x < split, torch.log1p(-torch.exp(far)), torch.log(-torch.expm1(near)))
 
 
 @dataclass

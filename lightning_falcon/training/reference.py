@@ -6,7 +6,9 @@ pair before the first step, over the training and held-out pairs in order, and t
 tokenized data, keyed by the tokenized data's own keys and by what the reference is (the base's files, how it
 was quantized, the precision, the adapter's weights): a later run or a resume reads them instead. Every rank
 computes every pair (under ZeRO-3 every rank must take part in each forward), and rank 0 writes the file. The
-datamodule looks each batch's values up by its pairs' numbers, so loaders made before this read them too.
+datamodule looks each batch's values up by its pairs' numbers, so loaders made before this read them too. They are
+this fit's alone: the datamodule forgets them when the fit ends or fails, and a fit without them starts by forgetting
+any it holds, so a later fit, validate or test of another model on the same datamodule runs its own reference.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from lightning_falcon.upstream import attn_implementation
 
 class ReferenceLogps(Callback):
     """Before fit's first step, hand the datamodule the reference's log-probabilities of every pair (computed or
-    read from the cache), so that no batch runs the reference forward."""
+    read from the cache), so that no batch runs the reference forward; take them back when the fit ends."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         hp = pl_module.hparams
         if not (hp.objective in REFERENCED and hp.precompute_reference):
+            _forget(trainer)
             return
         datamodule = trainer.datamodule
         path = cache_file(trainer, datamodule, pl_module)
@@ -47,6 +50,20 @@ class ReferenceLogps(Callback):
                 atomic_write(path, lambda f: torch.save(values, f))
             rank_zero_info(f"[reference] log-probabilities of {len(values)} pairs computed once, cached in {path}")
         datamodule.with_reference(values)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        _forget(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        _forget(trainer)
+
+
+def _forget(trainer) -> None:
+    """No batch of the trainer's datamodule carries reference log-probabilities from now on: they were computed for
+    one fit's model and reference, and would otherwise be trusted by whatever runs on the datamodule next."""
+    datamodule = trainer.datamodule
+    if datamodule is not None and hasattr(datamodule, "with_reference"):  # a library user's own datamodule has none
+        datamodule.with_reference(None)
 
 
 def _compute(pl_module, datamodule, rows) -> torch.Tensor:
