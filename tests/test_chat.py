@@ -1,8 +1,10 @@
 """`chat`: requests rendered as training rendered them, answered as `generate` answers them, on a terminal
 (a real pseudo-terminal, `pexpect`) and on a pipe; the conversation of a `turns` model."""
 
+import contextlib
 import io
 import os
+import signal
 import sys
 
 import pytest
@@ -232,6 +234,27 @@ def offline_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+@contextlib.contextmanager
+def on_a_terminal(command: list[str], cwd):
+    """`command` on a pseudo-terminal of its own (pexpect), with Ctrl-C delivered as a user's terminal delivers it,
+    and killed when the test ends, however it ends: a chat left streaming an answer runs on for hours.
+
+    A signal ignored is inherited through fork and exec, and a shell without job control starts a background
+    command (`.ci/run > log &`) with SIGINT ignored; Python then never raises KeyboardInterrupt, and Ctrl-C would
+    do nothing. The child restores SIGINT's default before exec, so Python installs its handler.
+    """
+    import pexpect
+
+    child = pexpect.spawn(
+        command[0], command[1:], cwd=str(cwd), env=offline_env(), encoding="utf-8", timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        yield child
+    finally:
+        child.close(force=True)  # nothing left to do once it has ended; else SIGHUP, SIGINT, then SIGKILL
+
+
 @pytest.mark.slow
 def test_chat_through_a_pipe_with_the_trained_model(fitted, tokenizer):
     root, run, _ = fitted
@@ -260,28 +283,28 @@ def test_chat_on_a_terminal_streams_and_takes_reset_exit_and_ctrl_d(fitted, toke
         1,
     )
     command = chat_command(root, "--ckpt_path", str(run / "adapter"))
-    child = pexpect.spawn(command[0], command[1:], cwd=str(root), env=offline_env(), encoding="utf-8", timeout=120)
-    child.expect_exact(">> ")
-    child.sendline(REQUESTS[0])
-    child.expect_exact(expected.text)
-    child.expect_exact(">> ")
-    child.sendline("/reset")
-    child.expect_exact("[chat] new conversation")
-    child.expect_exact(">> ")
-    child.sendintr()  # Ctrl-C at the prompt: a new prompt, not the end
-    child.expect_exact("/exit or Ctrl-D quits")
-    child.expect_exact(">> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    with on_a_terminal(command, root) as child:
+        child.expect_exact(">> ")
+        child.sendline(REQUESTS[0])
+        child.expect_exact(expected.text)
+        child.expect_exact(">> ")
+        child.sendline("/reset")
+        child.expect_exact("[chat] new conversation")
+        child.expect_exact(">> ")
+        child.sendintr()  # Ctrl-C at the prompt: a new prompt, not the end
+        child.expect_exact("/exit or Ctrl-D quits")
+        child.expect_exact(">> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
-    child = pexpect.spawn(command[0], command[1:], cwd=str(root), env=offline_env(), encoding="utf-8", timeout=120)
-    child.expect_exact(">> ")
-    child.sendeof()  # Ctrl-D
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    with on_a_terminal(command, root) as child:
+        child.expect_exact(">> ")
+        child.sendeof()  # Ctrl-D
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
 
 @pytest.mark.slow
@@ -311,16 +334,16 @@ def test_chat_on_a_terminal_streams_the_chat_models_answer_to_its_system_prompt(
         tmp_path, "--ckpt_path", str(chat_trained / "adapter"), "--system", system, "--generation.max_new_tokens", "24",
         config="tiny-chat.yaml",
     )  # fmt: skip
-    child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), env=offline_env(), encoding="utf-8", timeout=120)
-    child.expect_exact(f"system prompt {system!r}")
-    child.expect_exact(">> ")
-    child.sendline(request)
-    child.expect_exact(expected.text.splitlines()[0])  # a terminal writes a newline as \r\n
-    child.expect_exact(">> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    with on_a_terminal(command, tmp_path) as child:
+        child.expect_exact(f"system prompt {system!r}")
+        child.expect_exact(">> ")
+        child.sendline(request)
+        child.expect_exact(expected.text.splitlines()[0])  # a terminal writes a newline as \r\n
+        child.expect_exact(">> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
 
 @pytest.mark.slow
@@ -330,14 +353,14 @@ def test_ctrl_c_on_a_terminal_stops_a_streaming_answer(tmp_path):
     import pexpect
 
     command = chat_command(tmp_path, "--generation.max_new_tokens", "100000")
-    child = pexpect.spawn(command[0], command[1:], cwd=str(tmp_path), env=offline_env(), encoding="utf-8", timeout=120)
-    child.expect_exact(">> ")
-    child.sendline("tell me a long story")
-    child.expect(r"tell me a long story\r\n\S+")  # the echo, then the first streamed text
-    child.sendintr()
-    child.expect_exact("[stopped]")
-    child.expect_exact(">> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    with on_a_terminal(command, tmp_path) as child:
+        child.expect_exact(">> ")
+        child.sendline("tell me a long story")
+        child.expect(r"tell me a long story\r\n\S+")  # the echo, then the first streamed text
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact(">> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
