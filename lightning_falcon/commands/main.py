@@ -9,6 +9,7 @@ python -m lightning_falcon slurm-args --config configs/tiny.yaml    # inside a S
 python -m lightning_falcon prefetch --config configs/falcon-7b-qlora.yaml   # model + data cached for offline nodes
 python -m lightning_falcon predict --config configs/tiny.yaml --ckpt_path last --generation.inputs '["a boy in snow"]'
 python -m lightning_falcon chat --config configs/tiny.yaml --ckpt_path last         # talk to the trained model
+python -m lightning_falcon serve --config configs/tiny.yaml --ckpt_path last        # OpenAI API + chat page, :8000
 python -m lightning_falcon evaluate --config configs/tiny.yaml --ckpt_path last     # base vs fine-tuned report
 python -m lightning_falcon export --adapter runs/tiny/version_0/adapter --output out --merge
 """
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "test": ("the same as validate, logged as test/ scalars", None),
     "predict": ("generate for generation.inputs or .input_file: one JSON line per input", None),
     "chat": ("talk to a trained model: streamed on a terminal, one answer a line on a pipe", "chat:main"),
+    "serve": ("an OpenAI-compatible server and a chat page: the base and several adapters", "serve:main"),
     "evaluate": ("the base against the fine-tuned model on the same prompts: a Markdown report", "evaluate:evaluate"),
     "export": ("an adapter, the merged model (--merge), or one GGUF file for llama.cpp (--format gguf)", "export:main"),
     "plan": ("per-GPU memory of a config, for each strategy, before anything loads", "plan:main"),

@@ -53,12 +53,21 @@ class Conversation:
             reply = without_marker(
                 self.tokenizer.decode(reply_ids, skip_special_tokens=True).strip(), self.format.reply_marker
             )
-            if not reply:  # an empty answer tells the model nothing, and no training row holds one
-                return
-            ids = []
-            if isinstance(self.format, Turns):
-                ids = self.format.prompt_ids(self.tokenizer, message) + reply_ids + [self.tokenizer.eos_token_id]
-            self.exchanges.append((message, reply, ids))
+            self._keep(message, reply, reply_ids)
+
+    def replay(self, exchanges: list[tuple[str, str]]) -> None:
+        """Keep earlier (request, reply) exchanges given as text, as a client of `serve` sends them."""
+        if self.keeps_history:
+            for message, reply in exchanges:
+                self._keep(message, reply.strip(), self.tokenizer(reply.strip(), add_special_tokens=False).input_ids)
+
+    def _keep(self, message: str, reply: str, reply_ids: list[int]) -> None:
+        if not reply:  # an empty answer tells the model nothing, and no training row holds one
+            return
+        ids = []
+        if isinstance(self.format, Turns):
+            ids = self.format.prompt_ids(self.tokenizer, message) + reply_ids + [self.tokenizer.eos_token_id]
+        self.exchanges.append((message, reply, ids))
 
     def reset(self) -> None:
         self.exchanges, self.dropped = [], 0
