@@ -52,6 +52,7 @@ def main() -> None:
     except ImportError:
         for title in ("CPU: fit vs TRL SFTTrainer", "CPU: fit --model.objective dpo vs TRL DPOTrainer"):
             print(f"\n# {title}\n\nnot measured: TRL is not installed (pip install -e '.[bench]')")
+    part("CPU: serve under load, batched vs one at a time; the queue", "serve.py", *(["--quick"] if args.quick else []))
     if torch.cuda.is_available():
         part("GPU: Falcon-7B shape, QLoRA; Falcon-40B memory per layer", "gpu.py", *(["--quick"] if args.quick else []))
     else:

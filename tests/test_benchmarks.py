@@ -100,3 +100,25 @@ def test_attention_benchmark_runs_every_way_and_names_the_one_attend_takes():
     ways = [row[1] for row in rows]
     assert ways == ["transformers", "expand", "gqa", "attend (expand)", "transformers", "gqa", "groups", "attend (gqa)"]
     assert all(int(row[2].replace(",", "")) >= 0 and float(row[3]) > 0 for row in rows)  # MiB, and s a pass
+
+
+@pytest.mark.slow
+def test_serve_benchmark_drives_both_servers_and_the_queue_with_no_failures(tmp_path):
+    """`benchmarks/serve.py --quick --only tiny`: the real server, batched and one at a time, every request answered;
+    past the queue's limit, 503s with Retry-After and nothing else."""
+    import json
+    import subprocess
+
+    out = tmp_path / "serve.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--only", "tiny", "--json", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    tiny = json.loads(out.read_text())["tiny"]
+    for side in ("batched", "one at a time"):
+        s = tiny["sides"][side]
+        assert s["ok"] == s["asked"] == 8 and s["errors"] == 0 and s["usage"], (side, s)
+        assert s["tokens_per_sec"] > 0 and s["ttft"]["50"] <= s["end"]["50"], (side, s)
+    assert tiny["same_text"] == [8, 8]  # greedy: a batch answers as one request alone does
+    at_limit, past = tiny["queue"]
+    assert at_limit[1] == at_limit[2] == 16 and at_limit[-1] == "pass", at_limit  # Q at once: every one answered
+    assert past[4] == "none" and past[3] > 0 and past[-1] == "pass", past  # 503s, never a failure
