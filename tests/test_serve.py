@@ -18,6 +18,9 @@ from helpers.serving import FIXED_ANSWER, served, two_adapters
 
 pytestmark = pytest.mark.slow
 REQUEST = "Midjourney prompt for a fantasy village at night"
+CONTEXT = 512  # the servers' data.max_length: long enough that a 512-token answer takes seconds to generate
+# greedy, the base goes on to CONTEXT tokens without an EOS: a request that is still generating when its client goes
+LONG = {"model": "base", "max_tokens": CONTEXT, "messages": [{"role": "user", "content": REQUEST}]}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,8 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def server(adapters, tmp_path_factory):
     """`tuned` (the Midjourney adapter), `fixed` and `base` on one 4-bit base."""
     root = tmp_path_factory.mktemp("serve")
-    with served(root, "--ckpt_path", str(adapters["prompts"]), "--adapters", f"[fixed={adapters['fixed']}]") as url:
+    args = ["--ckpt_path", str(adapters["prompts"]), "--adapters", f"fixed={adapters['fixed']}"]
+    with served(root, *args, "--data.max_length", str(CONTEXT)) as url:
         yield url
 
 
@@ -87,6 +91,9 @@ def test_the_openai_client_gets_the_answers_predict_gives_streamed_or_whole(serv
 
     completion = c.completions.create(model="fixed", prompt=REQUEST, max_tokens=8)
     assert completion.choices[0].text == FIXED_ANSWER and completion.choices[0].finish_reason == "stop"
+    several = c.completions.create(model="fixed", prompt=[REQUEST, "mj prompt: a cat"], n=2, max_tokens=8)
+    assert [ch.index for ch in several.choices] == [0, 1, 2, 3]  # prompt i's j-th answer is choice i * n + j
+    assert {ch.text for ch in several.choices} == {FIXED_ANSWER}
     streamed_text = "".join(
         ch.choices[0].text for ch in c.completions.create(model="fixed", prompt=REQUEST, stream=True)
     )
@@ -115,11 +122,11 @@ def test_two_adapters_answer_concurrent_requests_each_as_it_alone_would(server):
 
 
 def test_sampling_n_stop_and_the_system_prompt(server):
-    two = ask(server, "tuned", max_tokens=12, n=2, temperature=1.5, top_p=0.95)
+    two = ask(server, "base", max_tokens=12, n=2, temperature=2.0, top_p=0.99)
     assert [c.index for c in two.choices] == [0, 1]
-    assert two.usage.completion_tokens == sum(12 if c.finish_reason == "length" else 0 for c in two.choices) or any(
-        c.finish_reason == "stop" for c in two.choices
-    )
+    # sampled from 1,024 tokens at temperature 2: two equal answers of 12 tokens would take a miracle
+    assert two.choices[0].message.content != two.choices[1].message.content
+    assert all(c.finish_reason == "length" for c in two.choices) and two.usage.completion_tokens == 24
     cut = ask(server, "fixed", max_tokens=8, stop=[" two"])
     assert cut.choices[0].message.content == "forty" and cut.choices[0].finish_reason == "stop"
     system = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": REQUEST}]
@@ -133,10 +140,10 @@ def test_sampling_n_stop_and_the_system_prompt(server):
         (b'{"messages": [', 400, "not valid JSON"),
         ({"model": "tuned"}, 400, "messages"),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "'nope' is not served here"),
-        ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "longer than this model's context of 128"),
+        ({"messages": [{"role": "user", "content": "word " * 900}]}, 400, "longer than this model's context of 512"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "between 1 and 8 (the batch size), got 9"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be between 1"),
-        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 129}, 400, "max_tokens must be between 1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 513}, 400, "max_tokens must be between 1"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "ending with the user's"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ],
@@ -149,9 +156,9 @@ def test_a_bad_request_gets_the_openai_error_and_the_server_goes_on(server, body
 
 
 def test_the_prompt_too_long_names_both_lengths(server):
-    _, _, answer = raw(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]})
+    _, _, answer = raw(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 900}]})
     message = answer["error"]["message"]
-    assert "the prompt is " in message and "tokens, longer than this model's context of 128 tokens" in message
+    assert "the prompt is " in message and "tokens, longer than this model's context of 512 tokens" in message
     assert answer["error"]["code"] == "context_length_exceeded"
 
 
@@ -173,40 +180,44 @@ def open_stream(url: str, body: dict, headers: dict | None = None, text: bool = 
     return connection
 
 
-def test_a_client_gone_mid_stream_stops_its_generation(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_gone_mid_answer_stops_its_generation(server, stream):
     before = health(server)
-    # base never ends early on this tiny model: left alone it would generate all 128 tokens
-    long = {"model": "base", "max_tokens": 128, "messages": [{"role": "user", "content": REQUEST}]}
-    open_stream(server, long, text=True).close()  # while its sequence is being generated
-    deadline = time.monotonic() + 60
-    while health(server)["abandoned_sequences"] == before["abandoned_sequences"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    if stream:
+        open_stream(server, LONG, text=True).close()  # while its sequence is being generated
+    else:
+        parts = urllib.parse.urlsplit(server)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        connection.request("POST", "/v1/chat/completions", json.dumps(LONG), {"Content-Type": "application/json"})
+        wait_for(lambda: health(server)["running"] == 1)
+        connection.close()  # no answer read: the client gave up waiting
+    wait_for(lambda: health(server)["abandoned_sequences"] == before["abandoned_sequences"] + 1)
     after = health(server)
-    assert after["abandoned_sequences"] == before["abandoned_sequences"] + 1
-    assert after["abandoned_tokens"] - before["abandoned_tokens"] < 128
+    assert after["abandoned_tokens"] - before["abandoned_tokens"] < CONTEXT  # stopped early
+    assert after["admitted"] == 0
     assert ask(server, "fixed", max_tokens=8).choices[0].message.content == FIXED_ANSWER
 
 
 def test_a_full_queue_answers_503_a_gone_client_frees_its_place_and_the_key_is_required(adapters, tmp_path):
     env = {"LF_TEST_KEY": "sk-serve-test-4242"}
     args = ["--ckpt_path", str(adapters["fixed"]), "--max_batch_size", "1", "--max_queue", "2"]
-    with served(tmp_path, *args, "--api_key", "LF_TEST_KEY", env=env) as url:
-        long = {"model": "base", "max_tokens": 128, "messages": [{"role": "user", "content": REQUEST}]}
-        code, _, answer = raw(url, "/v1/chat/completions", long)
+    with served(tmp_path, *args, "--api_key", "LF_TEST_KEY", "--data.max_length", str(CONTEXT), env=env) as url:
+        code, _, answer = raw(url, "/v1/chat/completions", LONG)
         assert code == 401 and answer["error"]["code"] == "invalid_api_key"
         assert health(url)["status"] == "ok"  # needs no key
         key = {"Authorization": "Bearer sk-serve-test-4242"}
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(raw, url, "/v1/chat/completions", long, key)  # the one batch slot
+            running = pool.submit(raw, url, "/v1/chat/completions", LONG, key)  # the one batch slot
             wait_for(lambda: health(url)["running"] == 1)
-            waiting = open_stream(url, long, key)  # the second and last place
+            waiting = open_stream(url, LONG, key)  # the second and last place
             wait_for(lambda: health(url)["waiting"] == 1)
-            code, headers, answer = raw(url, "/v1/chat/completions", long, key)
+            code, headers, answer = raw(url, "/v1/chat/completions", LONG, key)
             assert code == 503 and int(headers["retry-after"]) >= 1 and "busy" in answer["error"]["message"]
             waiting.close()  # a client that goes while it waits leaves the queue at once
-            wait_for(lambda: health(url)["waiting"] == 0)
-            assert health(url)["running"] == 1  # before the running request is done
-            later = pool.submit(raw, url, "/v1/chat/completions", {**long, "max_tokens": 4}, key)
+            wait_for(lambda: health(url)["admitted"] == 1)
+            now = health(url)
+            assert now["waiting"] == 0 and now["running"] == 1 and now["batches"] == 0  # the first is still running
+            later = pool.submit(raw, url, "/v1/chat/completions", {**LONG, "max_tokens": 4}, key)
             assert running.result()[0] == 200 and later.result()[0] == 200
     assert "sk-serve-test-4242" not in (tmp_path / "serve.log").read_text()
 
@@ -219,7 +230,7 @@ def wait_for(condition, seconds: float = 60) -> None:
 
 
 def test_bad_serve_arguments_fail_in_one_line_before_loading(tmp_path):
-    args = ["--adapters", "[nope]", "--api_key", "LF_UNSET_VARIABLE", "--max_batch_size", "0"]
+    args = ["--adapters", "nope", "--api_key", "LF_UNSET_VARIABLE", "--max_batch_size", "0"]
     error = cli_error(tmp_path, "serve", "--config", str(REPO / "configs" / "tiny.yaml"), *args)
     assert "--adapters entry 'nope' is not NAME=DIR" in error
     assert "--api_key LF_UNSET_VARIABLE: that variable is unset" in error

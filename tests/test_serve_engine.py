@@ -29,6 +29,7 @@ def test_held_back_text_waits_for_what_may_start_a_stop_or_end_a_character():
     assert held_back("a cat ##", ("###",)) == 3  # " ##" may be the stop's start, and the space goes with it
     assert held_back("a cat #", ("###", "cat #!")) == 6  # the longer stop's start, " cat #", is held
     assert held_back("a cat", ("###",)) == 0
+    assert held_back("a cat\n", ("###",)) == held_back("a cat ", ()) == 1  # a cut would drop it
     assert held_back("caf\ufffd", ()) == 1  # a character whose bytes the next token completes
 
 
@@ -52,7 +53,7 @@ def test_the_streamer_cuts_at_a_stop_text_and_never_sends_its_start(tokenizer):
 
     loop = Loop()
     job = Job([[1]], 1, None, Sampling(max_tokens=50, stop=("###",)), loop)
-    ids = tokenizer("a quiet harbour ### and more", add_special_tokens=False).input_ids
+    ids = tokenizer("a quiet harbour\n### and more", add_special_tokens=False).input_ids
     streamer = RowStreamer(tokenizer, [Row(job, job.choices[0], ("###",))], [tokenizer.eos_token_id])
     streamer.put(torch.tensor([[1]]))  # the prompt
     for token in ids:

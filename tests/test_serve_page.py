@@ -36,7 +36,7 @@ def server(chat_trained, chat_fit, tmp_path):
     """`serve` on tiny-chat.yaml: "tuned" is the 200-step adapter (it answers in words), "early" the 10-step one.
 
     The chat config, not the two adapters of helpers.serving: a system prompt needs a chat template."""
-    early = f"[early={chat_fit / 'adapter'}]"
+    early = f"early={chat_fit / 'adapter'}"
     with served(
         tmp_path, "--ckpt_path", str(chat_trained / "adapter"), "--adapters", early, config="tiny-chat.yaml"
     ) as url:

@@ -39,9 +39,10 @@ class ServeCLI(FalconCLI):
         )
         parser.add_argument(
             "--adapters",
-            type=list[str],
+            nargs="+",
+            type=str,
             default=[],
-            help="More adapters on the same base, each NAME=DIR, served as model NAME: --adapters '[a=DIR, b=DIR]'",
+            help="More adapters on the same base, each NAME=DIR, served as model NAME: --adapters a=DIR b=DIR",
         )
         parser.add_argument("--host", type=str, default="127.0.0.1", help="The address to listen on")
         parser.add_argument("--port", type=int, default=8000, help="The port to listen on; 0 picks a free one")
@@ -70,7 +71,7 @@ def named_adapters(entries: list[str], has_tuned: bool) -> tuple[dict[str, Path]
         name, _, path = entry.partition("=")
         name = name.strip()
         if not name or not path:
-            problems.append(f"--adapters entry {entry!r} is not NAME=DIR. Fix: e.g. --adapters '[a=runs/a/adapter]'")
+            problems.append(f"--adapters entry {entry!r} is not NAME=DIR. Fix: e.g. --adapters a=runs/a/adapter")
         elif name in adapters or name == BASE or (name == TUNED and has_tuned):
             problems.append(f"--adapters name {name!r} is taken. Fix: a name of its own, not base or tuned")
         else:
@@ -154,7 +155,7 @@ def serve(cli: ServeCLI, source: Path | None, adapters: dict[str, Path], api_key
         tokenizer=datamodule.tokenizer,
         context=datamodule.hparams.max_length,
         defaults=Sampling(
-            max_tokens=g.max_new_tokens,
+            max_tokens=min(g.max_new_tokens, datamodule.hparams.max_length),
             temperature=g.temperature if g.do_sample else 0.0,
             top_p=g.top_p if g.do_sample else 1.0,
         ),
@@ -171,6 +172,8 @@ def serve(cli: ServeCLI, source: Path | None, adapters: dict[str, Path], api_key
         config["batch_wait_ms"] / 1000,
         trainer.precision_plugin.forward_context,
     )
+    if g.num_beams > 1:
+        rank_zero_warn(f"[serve] generation.num_beams {g.num_beams} is not used: serve decodes greedily or samples")
     host, port = sock.getsockname()[:2]
     if config["host"] not in LOCAL_HOSTS:
         rank_zero_warn(

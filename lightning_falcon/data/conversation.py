@@ -59,7 +59,9 @@ class Conversation:
         """Keep earlier (request, reply) exchanges given as text, as a client of `serve` sends them."""
         if self.keeps_history:
             for message, reply in exchanges:
-                self._keep(message, reply.strip(), self.tokenizer(reply.strip(), add_special_tokens=False).input_ids)
+                # a `turns` reply keeps the space after the assistant marker, as training tokenizes it
+                ids = self.tokenizer(" " + reply.strip(), add_special_tokens=False).input_ids
+                self._keep(message, reply.strip(), ids)
 
     def _keep(self, message: str, reply: str, reply_ids: list[int]) -> None:
         if not reply:  # an empty answer tells the model nothing, and no training row holds one

@@ -108,6 +108,13 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, attention_mask
 
 
+def stop_ids(tokenizer: PreTrainedTokenizerBase, marker: str = "") -> list[int]:
+    """The ids generation stops at: EOS, and the end `marker` of a reply where the tokenizer has it as one special
+    token (Falcon-H1's `<|im_end|>`; `Rendering.marker`)."""
+    marker_id = special_token_id(tokenizer, marker)
+    return [tokenizer.eos_token_id] if marker_id is None else [tokenizer.eos_token_id, marker_id]
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -129,9 +136,7 @@ def generate(
     (Falcon-H1's `<|im_end|>`), which generation stops at as at EOS, or text before an EOS (ChatML's `<|im_end|>`
     on Falcon's tokenizer), which the text is cut at.
     """
-    eos, pad = special_ids(tokenizer)
-    marker_id = special_token_id(tokenizer, marker)
-    stops = [eos] if marker_id is None else [eos, marker_id]
+    stops, pad = stop_ids(tokenizer, marker), special_ids(tokenizer)[1]
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off, LoRA's included

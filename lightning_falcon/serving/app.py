@@ -12,14 +12,16 @@ import dataclasses
 import hmac
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from lightning_falcon.data.conversation import Conversation
 from lightning_falcon.data.formats import Chat, DataFormat
@@ -34,9 +36,8 @@ from lightning_falcon.serving.openai import (
     usage,
 )
 
-DISCONNECT_CHECK_S = 0.25  # how often a request with no news looks whether its client is still there
-RETRY_AFTER_S = 1
-SSE = "text/event-stream"  # a batch of the tiny model lasts about this long; a client is told to come back after it
+DISCONNECT_CHECK_S = 0.25  # how often a request looks whether its client is still there
+RETRY_AFTER_S = 1  # a batch of the tiny model lasts about this long; a client is told to come back after it
 
 
 @dataclass
@@ -80,34 +81,39 @@ def create_app(served: Served, engine: Engine) -> FastAPI:
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(e.status_code, str(e.detail)))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if served.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    async def authenticate(request: Request) -> None:
+        # A dependency, not an HTTP middleware: Starlette's middleware wraps `receive`, and a request behind it
+        # would never see its client disconnect.
+        if served.api_key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            given = given.strip() if scheme.lower() == "bearer" else ""
             if not hmac.compare_digest(given.encode(), served.api_key.encode()):
                 message = "missing or wrong API key. Fix: send the header `Authorization: Bearer KEY`"
-                return JSONResponse(APIError(401, message, code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+                raise APIError(401, message, code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return resources.files("lightning_falcon.serving").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", **engine.stats()}
+    async def health() -> JSONResponse:
+        if not engine.alive:  # the generation thread has ended: no request would be answered
+            return JSONResponse({"status": "stopped", **engine.stats()}, status_code=503)
+        return JSONResponse({"status": "ok", **engine.stats()})
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return model_list(list(served.models))
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         name = model_id(served, body.model)
         prompt = chat_prompt(served, body.messages)
         job = submit(served, engine, body, [prompt], name, body.max_completion_tokens)
         if body.stream:
-            return StreamingResponse(chat_chunks(engine, job, name, body, request), media_type=SSE)
+            return JobStream(chat_chunks(engine, job, name, body, request), engine, job)
         await answered(engine, job, request)
         choices = [
             {
@@ -120,22 +126,37 @@ def create_app(served: Served, engine: Engine) -> FastAPI:
         ]
         return response(job, "chat.completion", name, choices)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         name = model_id(served, body.model)
         prompts = [rendered(served, served.format, [], text, "prompt") for text in body.prompts()]
         job = submit(served, engine, body, prompts, name)
         if body.stream:
-            return StreamingResponse(
-                completion_chunks(engine, job, name, body, request), media_type="text/event-stream"
-            )
+            return JobStream(completion_chunks(engine, job, name, body, request), engine, job)
         await answered(engine, job, request)
         choices = [
             {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in job.choices
         ]
         return response(job, "text_completion", name, choices)
 
+    app.include_router(v1)
     return app
+
+
+class JobStream(StreamingResponse):
+    """A job's answer as server-sent events; however the response ends (done, failed, or its client gone before or
+    while it streams), the job is withdrawn, so that it never runs on for nobody."""
+
+    def __init__(self, chunks: AsyncIterator[str], engine: Engine, job: Job) -> None:
+        # a proxy (nginx) would otherwise hold the events back until its buffer fills
+        super().__init__(chunks, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+        self.engine, self.job = engine, job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine.withdraw(self.job)
 
 
 def invalid_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -214,8 +235,9 @@ def submit(
     problems = []
     if not 1 <= max_tokens <= served.context:
         problems.append(f"max_tokens must be between 1 and {served.context}, got {max_tokens}")
-    if not 1 <= body.n * len(prompts) <= served.max_n:
-        rows = body.n * len(prompts)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n * len(prompts) <= served.max_n:
+        rows = n * len(prompts)
         problems.append(f"n times the prompts must be between 1 and {served.max_n} (the batch size), got {rows}")
     if problems:
         raise APIError(400, "; ".join(problems), "max_tokens" if "max_tokens" in problems[0] else "n")
@@ -225,7 +247,7 @@ def submit(
         top_p=defaults.top_p if body.top_p is None else body.top_p,
         stop=body.stops(),
     )
-    job = Job(prompts, body.n, served.models[name], sampling, asyncio.get_running_loop())
+    job = Job(prompts, n, served.models[name], sampling, asyncio.get_running_loop())
     try:
         engine.submit(job)
     except QueueFull:
@@ -235,15 +257,21 @@ def submit(
 
 async def events(engine: Engine, job: Job, request: Request) -> AsyncIterator[Event]:
     """The job's events until every choice has ended; the job is withdrawn if its client disconnects meanwhile
-    (looked for between events, so that a request still waiting in the queue leaves it) or its reader stops."""
+    (looked for every DISCONNECT_CHECK_S, whether events flow or the request still waits in the queue) or its
+    reader stops."""
     left = len(job.choices)
+    checked = time.monotonic()
     try:
         while left:
             try:
                 event = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
             except TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_S:
                 if await request.is_disconnected():
                     return
+                checked = time.monotonic()
+            if event is None:
                 continue
             if event.finish_reason == "error":
                 raise APIError(500, f"generation failed: {event.text}")

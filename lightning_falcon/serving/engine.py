@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -27,10 +28,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from lightning_falcon.data.tokenizer import special_ids, special_token_id
-from lightning_falcon.model.generation import left_pad
+from lightning_falcon.data.tokenizer import special_ids
+from lightning_falcon.model.generation import left_pad, stop_ids
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy: dividing the logits by it would overflow them
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -124,7 +127,7 @@ class RowSampling(LogitsProcessor):
         self.top_ps = torch.tensor(top_ps, device=device).unsqueeze(1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        greedy = self.temperatures == 0
+        greedy = self.temperatures < GREEDY_BELOW
         scores = scores / torch.where(greedy, 1.0, self.temperatures)
         # top_p, as transformers' TopPLogitsWarper does it, with a threshold per row; the most likely token stays
         ordered, order = torch.sort(scores, descending=False)
@@ -206,13 +209,12 @@ class RowStreamer(BaseStreamer):
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of `text` to hold back: the longest end that a stop text starts with (with
-    the spaces before it, which a cut drops), or an unfinished character."""
+    """How many characters at the end of `text` to hold back: the longest end that a stop text starts with, and the
+    whitespace before it (a cut drops it: the streamed text stays the start of the whole answer), or an unfinished
+    character."""
     if text.endswith("\ufffd"):  # a character whose bytes span tokens: the next token completes it
         return len(text) - len(text.rstrip("\ufffd"))
     keep = max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-    if keep == 0:
-        return 0
     return len(text) - len(text[: len(text) - keep].rstrip())
 
 
@@ -255,11 +257,10 @@ class Engine:
         self.model, self.tokenizer, self.marker = model, tokenizer, marker
         self.repetition_penalty, self.max_batch_size, self.max_queue = repetition_penalty, max_batch_size, max_queue
         self.forward_context, self.batch_wait_s = forward_context, batch_wait_s
-        eos, self.pad = special_ids(tokenizer)
-        marker_id = special_token_id(tokenizer, marker)
-        self.stop_ids = [eos] if marker_id is None else [eos, marker_id]
+        self.pad = special_ids(tokenizer)[1]
+        self.stop_ids = stop_ids(tokenizer, marker)
         # a marker that is plain text on this tokenizer (ChatML's on Falcon's) is cut at, as a stop text
-        self.stops = (marker,) if marker and marker_id is None else ()
+        self.stops = (marker,) if marker and len(self.stop_ids) == 1 else ()
         self.waiting: deque[Job] = deque()
         self.admitted: set[Job] = set()  # waiting or being answered
         self.wakeup = threading.Condition()
@@ -267,7 +268,7 @@ class Engine:
         self.closing = False
         self.batches = 0  # generate calls made
         self.running = 0  # sequences of the batch being generated
-        self.abandoned: list[int] = []  # tokens generated for each sequence whose client went away
+        self.abandoned_sequences = self.abandoned_tokens = 0  # sequences stopped because their client went
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="generation", daemon=True)
@@ -323,7 +324,8 @@ class Engine:
         while (jobs := self._next_batch()) is not None:
             try:
                 self._generate([job for job in jobs if not job.cancelled.is_set()])
-            except Exception as e:  # noqa: BLE001 (one failed batch answers its requests with the error; serving goes on)
+            except Exception as e:
+                log.exception("[serve] a batch of %d requests failed", len(jobs))
                 for job in jobs:
                     job.send(Event(-1, f"{type(e).__name__}: {e}", "error"))
             finally:
@@ -367,7 +369,12 @@ class Engine:
             )
         self.batches += 1
         self.running = 0
-        self.abandoned += streamer.abandoned
+        self.abandoned_sequences += len(streamer.abandoned)
+        self.abandoned_tokens += sum(streamer.abandoned)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     def stats(self) -> dict[str, int]:
         """What `/health` tells: requests waiting, batches run, and sequences stopped because their client went."""
@@ -376,6 +383,6 @@ class Engine:
             "waiting": len(self.waiting),
             "running": self.running,
             "batches": self.batches,
-            "abandoned_sequences": len(self.abandoned),
-            "abandoned_tokens": sum(self.abandoned),
+            "abandoned_sequences": self.abandoned_sequences,
+            "abandoned_tokens": self.abandoned_tokens,
         }

@@ -56,8 +56,8 @@ class Common(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = None  # None: 1
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
