@@ -59,8 +59,10 @@ class Conversation:
         """Keep earlier (request, reply) exchanges given as text, as a client of `serve` sends them."""
         if self.keeps_history:
             for message, reply in exchanges:
-                # a `turns` reply keeps the space after the assistant marker, as training tokenizes it
-                ids = self.tokenizer(" " + reply.strip(), add_special_tokens=False).input_ids
+                ids = []  # only a `turns` history is kept as ids: a chat template renders the text again
+                if isinstance(self.format, Turns):
+                    # the reply keeps the space after the assistant marker, as training tokenizes it
+                    ids = self.tokenizer(" " + reply.strip(), add_special_tokens=False).input_ids
                 self._keep(message, reply.strip(), ids)
 
     def _keep(self, message: str, reply: str, reply_ids: list[int]) -> None:

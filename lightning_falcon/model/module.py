@@ -460,9 +460,11 @@ class FalconQLoRA(L.LightningModule):
         torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
         return int(needed)
 
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The reference's summed answer log-probability of each sequence of a batch of pairs, without gradients."""
-        chunks = self._chunks((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    def reference_logps(self, batch: dict[str, torch.Tensor], chunks: int | None = None) -> torch.Tensor:
+        """The reference's summed answer log-probability of each sequence of a batch of pairs, without gradients
+        (`chunks`: the output-layer calls, when the caller has agreed them with the other ranks already)."""
+        if chunks is None:
+            chunks = self._chunks((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         with torch.no_grad(), self.reference():
             hidden = self._hidden(batch)
             logps, _ = sequence_logps(hidden, self._head(), batch["labels"], self.hparams.loss_chunk_size, chunks)
@@ -480,7 +482,7 @@ class FalconQLoRA(L.LightningModule):
         if hp.objective in REFERENCED:
             reference = batch.get("reference_logps")
             if reference is None:
-                reference = self.reference_logps(batch)
+                reference = self.reference_logps(batch, chunks)  # the same answers: the same calls
         return pair_loss(hp.objective, logps, counts, reference, hp.beta, hp.label_smoothing)
 
     def training_step(self, batch, batch_idx):
